@@ -1,0 +1,246 @@
+"""The token store: the on-disk format of prepared data (write, memory-map, read).
+
+A data folder holds, per split (train, val, optional test):
+
+- `{split}.bin`: all token ids concatenated, little-endian uint16 when the vocabulary fits
+  (vocab_size <= 65535), else uint32;
+- `{split}.idx`: int64 offsets, samples + 1 of them: sample i is bin[idx[i]:idx[i+1]];
+- `{split}.labels`: int64, one per sample, only when samples carry labels;
+
+and one `meta.json` (see `write_meta`). Writing streams through small buffers; reading
+memory-maps, so neither ever holds a whole split in memory. No pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_FLUSH_TOKENS = 1 << 20  # buffered token ids before a write
+
+
+def dtype_for(vocab_size: int) -> np.dtype:
+    """uint16 when every id of a `vocab_size` vocabulary fits, else uint32 (little-endian)."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    return np.dtype("<u2") if vocab_size <= 65535 else np.dtype("<u4")
+
+
+class TokenStoreWriter:
+    """Streams samples of one split into `{split}.bin/.idx(/.labels)` under `out_dir`.
+
+    `add(ids, label)` writes one sample. For a sample too long to hold at once, call
+    `write(ids)` for each part and then `end_sample(label)`.
+    """
+
+    def __init__(self, out_dir: Path, split: str, vocab_size: int) -> None:
+        self.out_dir = Path(out_dir)
+        self.split = split
+        self.vocab_size = vocab_size
+        self.dtype = dtype_for(vocab_size)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._bin = open(self.out_dir / f"{split}.bin", "wb")
+        self._idx = open(self.out_dir / f"{split}.idx", "wb")
+        self._labels_path = self.out_dir / f"{split}.labels"
+        self._labels_file = None  # opened at the first label
+        self._buf: list[np.ndarray] = []
+        self._buf_tokens = 0
+        self._offsets: list[int] = [0]
+        self._labels: list[int] = []
+        self._labelled: bool | None = None  # decided by the first sample
+        self._tokens = 0  # tokens written or buffered
+        self._samples = 0
+        self._open_tokens = 0  # tokens of the sample not yet ended
+        self._last_end = 0  # token position where the last ended sample ends
+        self._closed = False
+
+    def write(self, ids: Sequence[int] | np.ndarray) -> None:
+        """Append token ids to the current (not yet ended) sample."""
+        assert not self._closed, "writer already closed"
+        arr = np.asarray(ids)
+        if arr.size == 0:
+            return
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise ValueError(f"token ids must be a 1-D sequence of ints, got shape {arr.shape} "
+                             f"dtype {arr.dtype}")
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary "
+                             f"(size {self.vocab_size}) in split {self.split!r}")
+        self._buf.append(arr.astype(self.dtype))  # a copy: the caller may reuse `ids`
+        self._buf_tokens += arr.size
+        self._tokens += arr.size
+        self._open_tokens += arr.size
+        if self._buf_tokens >= _FLUSH_TOKENS:
+            self._flush()
+
+    def end_sample(self, label: int | None = None) -> None:
+        """End the current sample (it may be empty) with an optional integer label."""
+        assert not self._closed, "writer already closed"
+        self._check_label(label)
+        self._labelled = label is not None
+        if label is not None:
+            self._labels.append(int(label))
+        self._offsets.append(self._tokens)
+        self._last_end = self._tokens
+        self._samples += 1
+        self._open_tokens = 0
+        if len(self._offsets) >= 1 << 16:
+            self._flush()
+
+    def _check_label(self, label: int | None) -> None:
+        if self._labelled is not None and self._labelled != (label is not None):
+            raise ValueError(f"split {self.split!r}: sample {self._samples} "
+                             f"{'has no label' if label is None else 'has a label'} but earlier "
+                             f"samples {'do' if self._labelled else 'do not'}; label all or none")
+
+    def add(self, ids: Sequence[int] | np.ndarray, label: int | None = None) -> None:
+        """Write one whole sample."""
+        self._check_label(label)
+        self.write(ids)
+        self.end_sample(label)
+
+    def write_batch(self, ids: Sequence[int] | np.ndarray, ends: Sequence[int]) -> None:
+        """Write many unlabelled samples at once: `ids` concatenated, a sample ending after each
+        position in `ends` (relative to the start of `ids`, increasing). Tokens after the last
+        end stay in the open sample. The fast path for prepare."""
+        if len(ends):
+            self._check_label(None)
+        start = self._tokens
+        self.write(ids)
+        if not len(ends):
+            return
+        self._labelled = False
+        ends_abs = [start + int(e) for e in ends]
+        assert self._last_end <= ends_abs[0] and ends_abs[-1] <= self._tokens, "ends out of order"
+        self._offsets.extend(ends_abs)
+        self._last_end = ends_abs[-1]
+        self._samples += len(ends_abs)
+        self._open_tokens = self._tokens - ends_abs[-1]
+        if len(self._offsets) >= 1 << 16:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buf:
+            np.concatenate(self._buf).tofile(self._bin)
+            self._buf, self._buf_tokens = [], 0
+        if self._offsets:
+            np.asarray(self._offsets, dtype="<i8").tofile(self._idx)
+            self._offsets = []
+        if self._labels:
+            if self._labels_file is None:
+                self._labels_file = open(self._labels_path, "wb")
+            np.asarray(self._labels, dtype="<i8").tofile(self._labels_file)
+            self._labels = []
+
+    def close(self) -> dict[str, int]:
+        """Write out the buffers and close the files; returns {"samples": ..., "tokens": ...}.
+
+        No fsync: whoever makes the folder visible (prepare's rename) syncs it first."""
+        if self._closed:
+            return {"samples": self._samples, "tokens": self._tokens - self._open_tokens}
+        assert self._open_tokens == 0, f"split {self.split!r}: close() with an unended sample"
+        self._flush()
+        self._close_files()
+        return {"samples": self._samples, "tokens": self._tokens}
+
+    def _close_files(self) -> None:
+        for f in (self._bin, self._idx, self._labels_file):
+            if f is not None:
+                f.close()
+        self._closed = True
+
+    def __enter__(self) -> TokenStoreWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self._close_files()
+
+
+def write_meta(out_dir: Path, meta: dict) -> Path:
+    """Write `out_dir/meta.json` atomically; returns its path."""
+    path = Path(out_dir) / "meta.json"
+    tmp = path.with_name(f".meta.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_meta(data_dir: Path) -> dict:
+    """Read `data_dir/meta.json`; FileNotFoundError / ValueError naming the file."""
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {data_dir} is not a prepared data folder; "
+                                f"create one with `lmforge prepare`")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: damaged meta.json ({e}); prepare the data again") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: damaged meta.json (not a JSON object); prepare the data again")
+    return meta
+
+
+def _memmap(path: Path, dtype: np.dtype) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; prepare the data again with `lmforge prepare`")
+    size = path.stat().st_size
+    if size % dtype.itemsize:
+        raise ValueError(f"{path}: size {size} is not a multiple of {dtype.itemsize} bytes "
+                         f"(file damaged); prepare the data again")
+    if size == 0:  # numpy cannot memory-map an empty file
+        return np.empty(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+class TokenStore:
+    """Read-only, memory-mapped view of one split of a prepared data folder."""
+
+    def __init__(self, data_dir: Path, split: str) -> None:
+        self.data_dir = Path(data_dir)
+        self.split = split
+        self.meta = read_meta(self.data_dir)
+        if "dtype" not in self.meta:
+            raise ValueError(f"{self.data_dir / 'meta.json'}: no 'dtype' key; prepare the data again")
+        dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+        self.tokens: np.ndarray = _memmap(self.data_dir / f"{split}.bin", dtype)
+        self.offsets: np.ndarray = _memmap(self.data_dir / f"{split}.idx", np.dtype("<i8"))
+        labels_path = self.data_dir / f"{split}.labels"
+        self.labels: np.ndarray | None = (_memmap(labels_path, np.dtype("<i8"))
+                                          if labels_path.exists() else None)
+        n = len(self.offsets) - 1
+        if n < 0 or self.offsets[0] != 0 or int(self.offsets[-1]) != len(self.tokens):
+            raise ValueError(f"{self.data_dir / f'{split}.idx'} does not match {split}.bin "
+                             f"(file damaged); prepare the data again")
+        if self.labels is not None and len(self.labels) != n:
+            raise ValueError(f"{labels_path}: {len(self.labels)} labels for {n} samples "
+                             f"(file damaged); prepare the data again")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sample {i} out of range for split {self.split!r} with {n} samples")
+        i %= n
+        return self.tokens[int(self.offsets[i]):int(self.offsets[i + 1])]
+
+    # DataLoader workers started with "spawn" get the folder and re-open the memory maps.
+    def __getstate__(self) -> dict:
+        return {"data_dir": str(self.data_dir), "split": self.split}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(Path(state["data_dir"]), state["split"])
+
+    def __repr__(self) -> str:
+        return (f"TokenStore({str(self.data_dir)!r}, {self.split!r}: {len(self)} samples, "
+                f"{len(self.tokens)} tokens)")

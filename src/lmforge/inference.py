@@ -1,0 +1,96 @@
+"""Using a trained checkpoint: load model + tokenizer, and stream generated text."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, TextIO
+
+import torch
+from torch import nn
+
+from lmforge.generate import SamplingConfig, stream_generate
+from lmforge.models.registry import load_weights, model_from_architecture
+from lmforge.runtime import pick_device
+from lmforge.tokenizer import load_tokenizer, special_ids
+from lmforge.train.checkpoint import load_checkpoint
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    specials: object
+    device: torch.device
+    path: Path
+
+
+def load_for_inference(checkpoint: str | Path, device: str = "auto") -> LoadedModel:
+    """A checkpoint folder (or a run folder: its best, else last checkpoint) ready for inference."""
+    path = resolve_checkpoint(Path(checkpoint))
+    ckpt = load_checkpoint(path)
+    model = model_from_architecture(ckpt.model_config)
+    load_weights(model, ckpt.state_dict, path)
+    dev, _ = pick_device(device)
+    model.to(dev).eval()
+    tokenizer = load_tokenizer(ckpt.tokenizer_file)
+    vocab = tokenizer.get_vocab_size()
+    if vocab > ckpt.model_config["vocab_size"]:
+        raise ValueError(f"{path}: tokenizer.json has {vocab} tokens but the model only "
+                         f"{ckpt.model_config['vocab_size']}; the files do not belong together")
+    return LoadedModel(model=model, tokenizer=tokenizer, specials=special_ids(tokenizer), device=dev, path=path)
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    if (path / "manifest.json").exists() or (path / "config.json").exists():
+        return path
+    for name in ("best", "last"):
+        candidate = path / "checkpoints" / name
+        if (candidate / "manifest.json").exists():
+            return candidate
+    raise FileNotFoundError(f"{path}: not a checkpoint folder (no manifest.json) nor a run folder "
+                            "with checkpoints/best or checkpoints/last")
+
+
+def stream_text(loaded: LoadedModel, prompt: str, cfg: SamplingConfig,
+                generator: torch.Generator | None = None) -> Iterator[str]:
+    """Yield pieces of text as tokens are generated (whole characters only)."""
+    ids = loaded.tokenizer.encode(prompt).ids
+    new: list[int] = []
+    shown = ""
+    for token in stream_generate(loaded.model, ids, cfg, generator=generator):
+        new.append(token)
+        text = loaded.tokenizer.decode(new, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue  # a multi-byte character still incomplete
+        if text.startswith(shown):
+            piece, shown = text[len(shown):], text
+            if piece:
+                yield piece
+    final = loaded.tokenizer.decode(new, skip_special_tokens=True)
+    if final.startswith(shown) and final[len(shown):]:
+        yield final[len(shown):]
+
+
+def generate_to(out: TextIO, checkpoint: str | Path, prompt: str, cfg: SamplingConfig,
+                num_samples: int = 1, device: str = "auto") -> list[str]:
+    """The `lmforge generate` command: print `num_samples` continuations of `prompt` as they come."""
+    loaded = load_for_inference(checkpoint, device)
+    if cfg.stop_ids == () and loaded.specials.eos is not None:
+        cfg = dataclasses.replace(cfg, stop_ids=(loaded.specials.eos,))
+    generator = torch.Generator(device=loaded.device)
+    generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+    texts = []
+    for index in range(num_samples):
+        if num_samples > 1:
+            out.write(f"--- sample {index + 1} ---\n")
+        out.write(prompt)
+        pieces = []
+        for piece in stream_text(loaded, prompt, cfg, generator):
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        texts.append("".join(pieces))
+    return texts

@@ -1,0 +1,88 @@
+"""Where and how a run executes: device, precision, threads, seeds, rank; chosen once, logged once."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    device: torch.device
+    precision: str
+    """fp32, bf16 or fp16 (autocast dtype)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    notes: tuple[str, ...] = ()
+    """Why each choice was made, for the log."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed-precision context for forward passes (a no-op in fp32)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def describe(self) -> str:
+        parts = [f"device {self.device}", f"precision {self.precision}",
+                 f"threads {torch.get_num_threads()}", f"world size {self.world_size}"]
+        return " | ".join(parts) + "".join(f"\n  {n}" for n in self.notes)
+
+
+def pick_device(preference: str) -> tuple[torch.device, str]:
+    """The device for `preference` (auto|cpu|cuda|mps) and why it was chosen."""
+    if preference == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda"), "auto: CUDA is available"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps"), "auto: Apple MPS is available"
+        return torch.device("cpu"), "auto: no GPU found, using the CPU"
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but torch sees no CUDA device; use train.device=auto or cpu")
+    if preference == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("train.device=mps but MPS is not available; use train.device=auto or cpu")
+    return torch.device(preference), f"{preference}: as configured"
+
+
+def setup_runtime(device: str = "auto", precision: str = "fp32", seed: int = 1337) -> Runtime:
+    """Choose device and precision, set threads and seeds; refuse what this version cannot do."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        raise ValueError(
+            f"WORLD_SIZE={world_size}: multi-process training (torchrun) is not available in this "
+            "version yet; run `lmforge train` as a single process")
+    dev, why = pick_device(device)
+    notes = [why]
+    if dev.type == "cpu":
+        # Interop threads only add contention for one model on a small machine.
+        with contextlib.suppress(RuntimeError):
+            torch.set_num_interop_threads(1)
+        if precision != "fp32":
+            notes.append(f"{precision} autocast on CPU is usually slower than fp32 without native units")
+    if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("train.precision=bf16 but this GPU has no bf16 support; use fp16 or fp32")
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        notes.append("TF32 matmuls enabled")
+    seed_everything(seed)
+    return Runtime(device=dev, precision=precision, notes=tuple(notes))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,177 @@
+"""Tokenizers: train, save, load (Hugging Face `tokenizers`), special token ids, decoding.
+
+Two kinds, both saved as one `tokenizer.json`:
+
+- "bpe": byte-level BPE as in GPT-2 (ByteLevel pre-tokenizer without a prefix space,
+  ByteLevel decoder, no normalizer). Any text, newlines and Chinese included, round-trips
+  exactly through encode/decode. Specials: <|endoftext|> (eos, also bos), <|pad|>.
+- "wordpiece": as in BERT (BertNormalizer with Chinese characters split one per token,
+  lowercasing optional, BertPreTokenizer, WordPiece decoder with "##"). Specials: [PAD],
+  [UNK], [CLS], [SEP], [MASK]; [SEP] is the eos for generation.
+
+No post-processor template is added: callers put [CLS]/[SEP]/EOS in themselves, so
+`encode(text).ids` is exactly the text's tokens. Training streams the inputs (see
+`lmforge.data.readers`) through `train_from_iterator`, so a corpus larger than memory works.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from lmforge.data.readers import check_inputs, iter_texts
+
+BPE_SPECIALS = ["<|endoftext|>", "<|pad|>"]
+WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+KINDS = ("bpe", "wordpiece")
+_BATCH = 1000  # texts handed to the Rust trainer at a time
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """Ids of the special tokens a tokenizer has (None where it has no such token)."""
+
+    eos: int | None
+    pad: int | None
+    bos: int | None
+    cls: int | None
+    sep: int | None
+    mask: int | None
+    unk: int | None
+
+
+def _new_tokenizer(kind: str, lowercase: bool) -> Tokenizer:
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets only, as GPT-2
+        return tok
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                strip_accents=None, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
+
+
+def _specials_for(kind: str, special_tokens: Sequence[str] | None) -> list[str]:
+    """The kind's required specials first (in their fixed order), then any extra ones given."""
+    base = list(BPE_SPECIALS if kind == "bpe" else WORDPIECE_SPECIALS)
+    return base + [t for t in dict.fromkeys(special_tokens or []) if t not in base]
+
+
+def _batches(texts: Iterator[str], counter: dict) -> Iterator[list[str]]:
+    batch: list[str] = []
+    try:
+        for text in texts:
+            counter["texts"] += 1
+            batch.append(text)
+            if len(batch) >= _BATCH:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+    except Exception as e:  # the Rust trainer re-raises it as a plain Exception: keep the original
+        counter["error"] = e
+        raise
+
+
+def train_tokenizer(inputs: list[Path], *, kind: Literal["bpe", "wordpiece"], vocab_size: int,
+                    out_dir: Path, special_tokens: list[str] | None = None, min_frequency: int = 2,
+                    text_field: str = "text", text_column: str | int = "text",
+                    lowercase: bool = False, show_progress: bool = True) -> Path:
+    """Train a tokenizer on `inputs` and write `out_dir/tokenizer.json`; returns that path.
+
+    `special_tokens` adds to the kind's required specials (which always come first: ids 0, 1, ...).
+    `lowercase` applies to wordpiece only (byte-level BPE never normalizes, to round-trip exactly).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+    paths = check_inputs(inputs)
+    specials = _specials_for(kind, special_tokens)
+    smallest = len(specials) + (256 if kind == "bpe" else 1)
+    if vocab_size < smallest:
+        what = "256 bytes + " if kind == "bpe" else "1 + "
+        raise ValueError(f"vocab_size {vocab_size} is too small for {kind}: it needs at least "
+                         f"{smallest} ({what}{len(specials)} special tokens)")
+    if min_frequency < 1:
+        raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
+    if kind == "bpe":
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                      special_tokens=specials, show_progress=show_progress,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                            special_tokens=specials, show_progress=show_progress,
+                                            continuing_subword_prefix="##")
+    tok = _new_tokenizer(kind, lowercase)
+    counter: dict = {"texts": 0, "error": None}
+    texts = iter_texts(paths, text_field=text_field, text_column=text_column)
+    try:
+        tok.train_from_iterator(_batches(texts, counter), trainer=trainer)
+    except Exception:
+        if counter["error"] is not None:
+            raise counter["error"] from None
+        raise
+    if counter["texts"] == 0:
+        raise ValueError(f"no text found in {', '.join(str(p) for p in paths)}: the corpus is empty "
+                         f"(only blank lines, or no rows)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "tokenizer.json"
+    tmp = out_dir / f".tokenizer.json.tmp-{os.getpid()}"
+    tok.save(str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def tokenizer_file(path: Path) -> Path:
+    """The tokenizer.json that `path` names (the file itself or a folder holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer not found: {path} does not exist; train one with "
+                                f"`lmforge tokenizer train` or pass the folder holding tokenizer.json")
+    return path
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """Load a tokenizer from a tokenizer.json file or a folder holding one."""
+    file = tokenizer_file(path)
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # the Rust side raises a bare Exception for malformed files
+        raise ValueError(f"{file}: not a valid tokenizer.json ({e})") from None
+
+
+def special_ids(tok: Tokenizer) -> SpecialIds:
+    """Special token ids by name; works for our BPE and WordPiece and for GPT-2/BERT files."""
+
+    def find(*names: str) -> int | None:
+        for name in names:
+            i = tok.token_to_id(name)
+            if i is not None:
+                return i
+        return None
+
+    sep = find("[SEP]")
+    cls = find("[CLS]")
+    endoftext = find("<|endoftext|>")
+    return SpecialIds(
+        eos=endoftext if endoftext is not None else sep,
+        pad=find("<|pad|>", "[PAD]"),
+        bos=endoftext if endoftext is not None else cls,  # GPT-2: bos = eos; BERT-style: [CLS]
+        cls=cls, sep=sep, mask=find("[MASK]"), unk=find("[UNK]", "<|unk|>"),
+    )
+
+
+def decode(tok: Tokenizer, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+    """Ids -> text. Keeps special tokens by default, so BPE round-trips exactly."""
+    return tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

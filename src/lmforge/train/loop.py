@@ -1,0 +1,368 @@
+"""The one training loop every task uses.
+
+A task supplies datasets, a collate function and `loss_and_metrics(model, batch)`; this file
+owns everything else: the optimizer step over an accumulation window, clipping, the schedule,
+logging, evaluation, checkpoints, early stopping, out-of-memory and non-finite recovery, and
+exact resume.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lmforge.config import Config, save_config
+from lmforge.data.store import read_meta
+from lmforge.faults import fault_point
+from lmforge.models.gpt import flops_per_token
+from lmforge.models.registry import architecture, load_weights, model_from_architecture
+from lmforge.runtime import Runtime, setup_runtime
+from lmforge.train.checkpoint import (clean_stale_temp, ignore_sigxfsz, load_checkpoint,
+                                      prune_epochs, save_checkpoint)
+from lmforge.train.data_order import epoch_permutation, window_indices
+from lmforge.train.evaluate import evaluate
+from lmforge.train.flops import measured_peak_flops
+from lmforge.train.log import RunLogger, format_train_line, truncate_metrics
+from lmforge.train.optim import build_optimizer, lr_at, set_lr
+from lmforge.train.tasks import add_sums, make_task, sums_to_floats
+
+
+@dataclass
+class LoopState:
+    """Loop position and history; saved in every checkpoint so a resume continues exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0
+    tokens: int = 0
+    examples: int = 0
+    best_val_loss: float = math.inf
+    evals_since_best: int = 0
+    non_finite_in_row: int = 0
+    micro_split: int = 1
+    elapsed: float = 0.0
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    reason: str
+    best_val_loss: float
+    last_eval: dict = field(default_factory=dict)
+    elapsed: float = 0.0
+    exit_code: int = 0
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT finish the current step, save, and stop; a second signal changes nothing."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "_StopSignal":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:
+                pass  # not the main thread: no handlers
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = self.received or signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) -> TrainResult:
+    """Train as `cfg` says; with `resume_from` (a checkpoint folder) continue that run exactly."""
+    rt = setup_runtime(cfg.train.device, cfg.train.precision, cfg.train.seed)
+    ignore_sigxfsz()  # a full disk must surface as an error we can report, not kill the process
+    data_dir = Path(cfg.data.path)
+    meta = read_meta(data_dir)
+    run_dir = cfg.run_dir
+    ckpt_dir = run_dir / "checkpoints"
+    if resume_from is None and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        raise ValueError(f"{run_dir} already holds a run; continue it with `lmforge train --resume {run_dir}` "
+                         "or choose another run.name")
+
+    model, arch = _build_model(cfg, meta)
+    model.to(rt.device)
+    task = make_task(cfg, meta, model.config.context)
+    train_ds, val_ds = task.dataset("train"), task.dataset(cfg.data.val_split)
+    window = cfg.train.batch_size * cfg.train.grad_accum
+    steps_per_epoch = len(train_ds) // window
+    if steps_per_epoch == 0:
+        raise ValueError(f"{data_dir}: {len(train_ds)} training samples, fewer than one optimizer step "
+                         f"needs (batch_size {cfg.train.batch_size} x grad_accum {cfg.train.grad_accum}); "
+                         "lower them or add data")
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    optimizer = build_optimizer(model, cfg.train, rt.device)
+    scaler = torch.amp.GradScaler(rt.device.type) if rt.precision == "fp16" else None
+    if ckpt_dir.exists():
+        clean_stale_temp(ckpt_dir)
+    state = LoopState()
+    if resume_from is not None:
+        state = _restore(resume_from, model, optimizer, scaler, rt)
+        truncate_metrics(run_dir, state.step)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    log = RunLogger(run_dir, enabled=rt.is_main, quiet=quiet)
+    forward_model = torch.compile(model) if cfg.train.compile else model
+    tokenizer_file = data_dir / "tokenizer.json"
+
+    def save(name: str) -> None:
+        save_checkpoint(ckpt_dir / name, model_state=model.state_dict(), model_config=arch,
+                        tokenizer_file=tokenizer_file, run_config=cfg.to_dict(),
+                        training_state=_training_state(state, optimizer, scaler, rt),
+                        step=state.step, epoch=round(state.step / steps_per_epoch, 4))
+
+    def run_eval(kind: str) -> dict:
+        nonlocal last_eval_step
+        last_eval_step = state.step
+        result = evaluate(forward_model, task, val_ds, cfg.train.batch_size, cfg.train.eval_batches, rt)
+        if not result:
+            return result
+        log.event(kind, split=cfg.data.val_split, **_position(state, steps_per_epoch), **result)
+        log.line(f"{kind} step {state.step} | val loss {result['loss']:.4f} | ppl {result['perplexity']:.2f}"
+                 + (f" | acc {result['accuracy']:.1%}" if "accuracy" in result else ""))
+        if result["loss"] < state.best_val_loss:
+            state.best_val_loss, state.evals_since_best = result["loss"], 0
+            save("best")
+        else:
+            state.evals_since_best += 1
+        return result
+
+    peak = measured_peak_flops(rt.device)
+    flops_tok = flops_per_token(model.config)
+    log.line(f"lmforge train | {run_dir} | {rt.describe()}")
+    log.line(f"model {arch['model_type']} {sum(p.numel() for p in model.parameters()):,} parameters | "
+             f"train {len(train_ds):,} samples, {steps_per_epoch:,} steps/epoch | global batch {window} "
+             f"(micro {cfg.train.batch_size} x accum {cfg.train.grad_accum} x world {rt.world_size}) | "
+             f"{total_steps:,} steps" + (f" | resumed at step {state.step}" if state.step else ""))
+    if len(val_ds) == 0:
+        log.line(f"warning: split {cfg.data.val_split!r} has no samples of {model.config.context} tokens; "
+                 "evaluation and the best checkpoint are skipped")
+
+    model.train()
+    reason, last_eval, last_saved, last_eval_step = "max_steps", {}, state.step, -1
+    session_step, session_start = state.step, time.perf_counter()
+    window_sums: dict[str, float] = {}
+    interval_tokens, interval_start = 0, time.perf_counter()
+    start_time = time.perf_counter() - state.elapsed
+    bar = tqdm(total=total_steps, initial=state.step, disable=None if not quiet else True,
+               leave=False, dynamic_ncols=True, unit="step")
+    with _StopSignal() as stop:
+        while state.step < total_steps:
+            permutation = epoch_permutation(len(train_ds), cfg.train.seed, state.epoch)
+            micro_batches = [task.collate([train_ds[i] for i in indices]) for indices in
+                             window_indices(permutation, state.epoch_step, cfg.train.batch_size, cfg.train.grad_accum)]
+            micro_batches = [{k: v.to(rt.device, non_blocking=True) for k, v in b.items()} for b in micro_batches]
+            lr = lr_at(state.step, cfg.train, total_steps)
+            set_lr(optimizer, lr)
+            sums = _forward_backward(forward_model, task, micro_batches, state, rt, scaler, log)
+            loss = (sums["loss_sum"] / max(1.0, sums["targets"]))
+            grad_norm = _clip(model, optimizer, scaler, cfg.train.grad_clip)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                state.non_finite_in_row += 1
+                log.line(f"warning: step {state.step + 1}: loss {loss} / grad norm {grad_norm} is not finite; "
+                         f"update skipped ({state.non_finite_in_row} in a row)")
+                if state.non_finite_in_row >= cfg.train.max_non_finite:
+                    reason = "non_finite"
+                    break
+            else:
+                state.non_finite_in_row = 0
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.epoch_step += 1
+            tokens = sum(task.count_tokens(b) for b in micro_batches)
+            state.tokens += tokens
+            state.examples += window
+            interval_tokens += tokens
+            for key, value in sums.items():
+                window_sums[key] = window_sums.get(key, 0.0) + value
+            window_sums["grad_norm"] = grad_norm
+            bar.update(1)
+
+            if state.step % cfg.train.log_every == 0 or state.step == total_steps:
+                now = time.perf_counter()
+                rate = interval_tokens / max(1e-9, now - interval_start)
+                metrics = task.summarize(window_sums)
+                eta = (total_steps - state.step) * (now - session_start) / max(1, state.step - session_step)
+                mfu = flops_tok * rate / peak if peak else None
+                log.event("train", **_position(state, steps_per_epoch), **metrics, lr=lr,
+                          grad_norm=grad_norm, tokens_per_s=rate, mfu=mfu, time=now - start_time)
+                log.line(format_train_line(state.step, total_steps, state.step / steps_per_epoch,
+                                           metrics["loss"], metrics.get("accuracy"), lr, rate, mfu, eta,
+                                           task.console_extras(metrics)))
+                window_sums, interval_tokens, interval_start = {}, 0, time.perf_counter()
+
+            epoch_done = state.epoch_step == steps_per_epoch
+            if epoch_done:
+                state.epoch, state.epoch_step = state.epoch + 1, 0
+            if state.step % cfg.train.eval_every == 0 or epoch_done:
+                last_eval = run_eval("epoch" if epoch_done else "eval") or last_eval
+            state.elapsed = time.perf_counter() - start_time
+            if epoch_done:
+                save(f"epoch-{state.epoch}")
+                prune_epochs(ckpt_dir, cfg.train.keep_epochs)
+            if state.step % (cfg.train.save_every or cfg.train.eval_every) == 0 or epoch_done:
+                save("last")
+                last_saved = state.step
+            if cfg.train.patience is not None and state.evals_since_best >= cfg.train.patience:
+                reason = "early_stop"
+                break
+            if cfg.train.max_time is not None and state.elapsed >= cfg.train.max_time:
+                reason = "max_time"
+                break
+            if stop.received is not None:
+                reason = "signal"
+                break
+            fault_point(f"after_step_{state.step}")
+        bar.close()
+        if reason != "non_finite":
+            if last_eval_step != state.step and reason != "signal":
+                last_eval = run_eval("eval") or last_eval
+            state.elapsed = time.perf_counter() - start_time
+            if last_saved != state.step:
+                save("last")
+        if reason not in ("non_finite", "signal") and rt.is_main:
+            samples = task.samples(model, rt)
+            if samples:
+                log.event("samples", **_position(state, steps_per_epoch), samples=samples)
+                for sample in samples:
+                    log.line(f"--- sample ---\n{sample['prompt']}{sample['text']}")
+    elapsed = time.perf_counter() - start_time
+    log.event("end", **_position(state, steps_per_epoch), reason=reason,
+              best_val_loss=state.best_val_loss, time=elapsed)
+    log.line(f"done: {reason} at step {state.step} in {elapsed:.1f}s | best val loss {state.best_val_loss:.4f}")
+    log.close()
+    exit_code = 128 + stop.received if stop.received else (1 if reason == "non_finite" else 0)
+    return TrainResult(run_dir=run_dir, steps=state.step, reason=reason, best_val_loss=state.best_val_loss,
+                       last_eval=last_eval, elapsed=elapsed, exit_code=exit_code)
+
+
+def _build_model(cfg: Config, meta: dict) -> tuple[nn.Module, dict]:
+    vocab_size = int(meta["vocab_size"])
+    if cfg.model.init_from is None:
+        arch = architecture(cfg.model, vocab_size)
+        return model_from_architecture(arch), arch
+    ckpt = load_checkpoint(Path(cfg.model.init_from))
+    if ckpt.model_config.get("vocab_size") != vocab_size:
+        raise ValueError(f"model.init_from {cfg.model.init_from}: its vocabulary has "
+                         f"{ckpt.model_config.get('vocab_size')} tokens but the data in {cfg.data.path} "
+                         f"was tokenized with {vocab_size}; prepare the data with the checkpoint's tokenizer")
+    arch = dict(ckpt.model_config, dropout=cfg.model.dropout)
+    model = model_from_architecture(arch)
+    load_weights(model, ckpt.state_dict, ckpt.path)
+    return model, arch
+
+
+def _forward_backward(model, task, micro_batches, state: LoopState, rt: Runtime, scaler, log) -> dict:
+    """Forward and backward over one accumulation window, normalised by the window's targets.
+
+    Out of memory: drop the partial gradients, split every micro-batch in two and redo the
+    window; the effective batch and the result are unchanged.
+    """
+    total_targets = max(1, sum(task.count_targets(b) for b in micro_batches))
+    while True:
+        try:
+            sums: dict[str, torch.Tensor] = {}
+            for batch in micro_batches:
+                for piece in _split_batch(batch, state.micro_split):
+                    with rt.autocast():
+                        stats = task.loss_and_metrics(model, piece)
+                    loss = stats.loss_sum / total_targets
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                    add_sums(sums, stats)
+            return sums_to_floats(sums)  # the one host sync of the step
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not _is_out_of_memory(err):
+                raise
+            model.zero_grad(set_to_none=True)
+            _free_memory(rt)
+            rows = max(b["input_ids"].shape[0] for b in micro_batches)
+            if rows // state.micro_split <= 1:
+                raise RuntimeError(f"out of memory at step {state.step + 1} with a micro-batch of one sample; "
+                                   "lower model.context or the model size") from err
+            state.micro_split *= 2
+            log.line(f"warning: out of memory at step {state.step + 1}; retrying with micro-batches split "
+                     f"{state.micro_split} ways (same effective batch)")
+
+
+def _split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+    if parts == 1:
+        return [batch]
+    pieces = {k: torch.tensor_split(v, parts) for k, v in batch.items()}
+    return [{k: pieces[k][i] for k in batch} for i in range(parts) if pieces["input_ids"][i].shape[0]]
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err)
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+def _free_memory(rt: Runtime) -> None:
+    gc.collect()
+    if rt.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _clip(model: nn.Module, optimizer, scaler, max_norm: float | None) -> float:
+    """Global gradient norm, clipped once per optimizer step (after the last micro-batch)."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
+    return float(norm)
+
+
+def _position(state: LoopState, steps_per_epoch: int) -> dict:
+    return {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
+            "tokens": state.tokens, "examples": state.examples}
+
+
+def _training_state(state: LoopState, optimizer, scaler, rt: Runtime) -> dict:
+    training = {"loop": asdict(state), "optimizer": optimizer.state_dict(),
+                "rng_torch": torch.get_rng_state()}
+    if scaler is not None:
+        training["scaler"] = scaler.state_dict()
+    if rt.device.type == "cuda":
+        training["rng_cuda"] = torch.cuda.get_rng_state(rt.device)
+    return training
+
+
+def _restore(path: Path, model: nn.Module, optimizer, scaler, rt: Runtime) -> LoopState:
+    ckpt = load_checkpoint(path, with_training_state=True)
+    if not ckpt.training_state:
+        raise ValueError(f"{path}: this checkpoint has no training state (weights only); "
+                         "start a new run with model.init_from instead of --resume")
+    load_weights(model, ckpt.state_dict, ckpt.path)
+    model.to(rt.device)
+    training = ckpt.training_state
+    optimizer.load_state_dict(training["optimizer"])
+    if scaler is not None and "scaler" in training:
+        scaler.load_state_dict(training["scaler"])
+    torch.set_rng_state(training["rng_torch"])
+    if rt.device.type == "cuda" and "rng_cuda" in training:
+        torch.cuda.set_rng_state(training["rng_cuda"], rt.device)
+    return LoopState(**training["loop"])

@@ -1,0 +1,92 @@
+"""TokenStore format: write/read round trips (uint16, uint32), labels, pieces, clear errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lmforge.data.store import TokenStore, TokenStoreWriter, dtype_for, read_meta, write_meta
+
+
+def meta_for(vocab_size: int, **extra) -> dict:
+    return {"task": "lm", "vocab_size": vocab_size, "dtype": dtype_for(vocab_size).name, **extra}
+
+
+@pytest.mark.parametrize("vocab_size, dtype, itemsize", [(1000, np.uint16, 2), (65535, np.uint16, 2),
+                                                         (70000, np.uint32, 4)])
+def test_round_trip(tmp_path, vocab_size, dtype, itemsize):
+    samples = [[1, 2, 3], [vocab_size - 1], [], [0, 5]]
+    with TokenStoreWriter(tmp_path, "train", vocab_size) as w:
+        for s in samples:
+            w.add(s)
+    assert w.close() == {"samples": 4, "tokens": 6}
+    write_meta(tmp_path, meta_for(vocab_size))
+    assert (tmp_path / "train.bin").stat().st_size == 6 * itemsize
+    assert (tmp_path / "train.idx").stat().st_size == 5 * 8
+    assert not (tmp_path / "train.labels").exists()
+    store = TokenStore(tmp_path, "train")
+    assert len(store) == 4 and store.labels is None
+    assert store.tokens.dtype == dtype and isinstance(store.tokens, np.memmap)
+    assert [store[i].tolist() for i in range(4)] == samples
+    assert store[-1].tolist() == [0, 5]
+    assert store.offsets.tolist() == [0, 3, 4, 4, 6]
+    assert store.tokens.tolist() == [1, 2, 3, vocab_size - 1, 0, 5]
+    assert store.meta["vocab_size"] == vocab_size
+    with pytest.raises(IndexError):
+        store[4]
+
+
+def test_labels_pieces_and_batches(tmp_path):
+    w = TokenStoreWriter(tmp_path, "val", 50)
+    w.write([1, 2])
+    w.write(np.array([3], dtype=np.int32))
+    w.end_sample(label=1)
+    w.add([4], label=0)
+    assert w.close() == {"samples": 2, "tokens": 4}
+    u = TokenStoreWriter(tmp_path, "train", 50)
+    u.write_batch([7, 8, 9, 10, 11], ends=[2, 2, 4])  # samples [7, 8], [], [9, 10], then 11 open
+    u.write_batch([12], ends=[1])
+    assert u.close() == {"samples": 4, "tokens": 6}
+    write_meta(tmp_path, meta_for(50))
+    val, train = TokenStore(tmp_path, "val"), TokenStore(tmp_path, "train")
+    assert val.labels.tolist() == [1, 0] and val[0].tolist() == [1, 2, 3]
+    assert [train[i].tolist() for i in range(4)] == [[7, 8], [], [9, 10], [11, 12]]
+
+
+def test_empty_split_is_readable(tmp_path):
+    assert TokenStoreWriter(tmp_path, "test", 10).close() == {"samples": 0, "tokens": 0}
+    write_meta(tmp_path, meta_for(10))
+    store = TokenStore(tmp_path, "test")
+    assert len(store) == 0 and len(store.tokens) == 0
+
+
+def test_writer_errors(tmp_path):
+    w = TokenStoreWriter(tmp_path, "train", 100)
+    with pytest.raises(ValueError, match="token id 100 is outside the vocabulary"):
+        w.add([1, 100])
+    with pytest.raises(ValueError, match="token id -1"):
+        w.add([-1])
+    w.add([1], label=3)
+    with pytest.raises(ValueError, match="has no label but earlier samples do"):
+        w.add([2])
+    assert w.close() == {"samples": 1, "tokens": 1}
+
+
+def test_meta_round_trip_and_reader_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="meta.json not found"):
+        TokenStore(tmp_path, "train")
+    meta = meta_for(300, special_ids={"eos": 0}, label_names=["ham", "spam"])
+    write_meta(tmp_path, meta)
+    assert read_meta(tmp_path) == meta
+    assert json.loads((tmp_path / "meta.json").read_text()) == meta
+    with pytest.raises(FileNotFoundError, match="train.bin not found"):
+        TokenStore(tmp_path, "train")
+    with TokenStoreWriter(tmp_path, "train", 300) as w:
+        w.add([1, 2, 3])
+    with open(tmp_path / "train.bin", "r+b") as f:
+        f.truncate(4)  # one token lost
+    with pytest.raises(ValueError, match="train.idx does not match train.bin"):
+        TokenStore(tmp_path, "train")
+    (tmp_path / "meta.json").write_text("{broken")
+    with pytest.raises(ValueError, match="damaged meta.json"):
+        read_meta(tmp_path)
