@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-Task = Literal["lm"]
+Task = Literal["lm", "mlm", "classify", "dialogue"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Schedule = Literal["linear", "cosine", "constant"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
-    kind: Literal["gpt"] = "gpt"
+    kind: Literal["gpt", "bert"] = "gpt"
     """Architecture family."""
     preset: str | None = "mini"
     """Named size (see `lmforge.models.gpt.GPT_PRESETS`); fields below override it."""

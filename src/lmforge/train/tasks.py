@@ -1,21 +1,18 @@
-"""Per task: datasets, batching, and `loss_and_metrics(model, batch)`; the loop knows nothing else."""
+"""The contract between the loop and the tasks, and the task registry.
+
+A task object offers: `dataset(split)`, `collate(samples)`, `count_targets(batch)`,
+`count_tokens(batch)`, `loss_and_metrics(model, batch) -> StepStats`, `summarize(sums)`,
+`console_extras(metrics)` and `samples(model, runtime)`; the loop knows nothing else.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+import importlib
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from lmforge.config import Config
-from lmforge.data.collate import pad_collate
-from lmforge.data.datasets import PackedLMDataset
-from lmforge.data.store import TokenStore
-from lmforge.generate import SamplingConfig, generate
-from lmforge.metrics import IGNORE_INDEX, count_correct, shift_labels
-from lmforge.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -41,75 +38,19 @@ def sums_to_floats(sums: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(sums, values))
 
 
-class LMTask:
-    """Next-token prediction on a packed token stream (GPT pretraining)."""
-
-    name = "lm"
-    throughput_unit = "tok"
-
-    def __init__(self, cfg: Config, meta: dict, context: int):
-        self.cfg = cfg
-        self.meta = meta
-        self.context = context
-        self.pad_id = int(meta["special_ids"].get("pad") or 0)
-
-    def dataset(self, split: str) -> PackedLMDataset:
-        store = TokenStore(Path(self.cfg.data.path), split)
-        return PackedLMDataset(store, self.context)
-
-    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        return pad_collate(samples, self.pad_id)
-
-    def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
-        labels = batch.get("labels", batch["input_ids"])
-        return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-    def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["input_ids"].numel()
-
-    def loss_and_metrics(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepStats:
-        mask = batch.get("attention_mask")
-        if mask is not None and bool(mask.all()):
-            mask = None  # no padding: the fast causal kernel applies
-        logits = model(batch["input_ids"], attention_mask=mask)  # (B, T, V)
-        targets = shift_labels(batch.get("labels", batch["input_ids"]))  # (B, T)
-        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
-        correct, counted = count_correct(logits, targets)
-        return StepStats(loss_sum=loss_sum, targets=counted, correct=correct)
-
-    def summarize(self, sums: dict[str, float]) -> dict[str, float]:
-        """Means from summed statistics: loss per target token and token accuracy."""
-        targets = max(1.0, sums.get("targets", 0.0))
-        return {"loss": sums["loss_sum"] / targets, "accuracy": sums["correct"] / targets}
-
-    def console_extras(self, metrics: dict[str, float]) -> dict[str, float]:
-        return {}
-
-    def samples(self, model: nn.Module, runtime) -> list[dict]:
-        """A few generations from the configured prompts, for the log and the report."""
-        train = self.cfg.train
-        if train.sample_tokens == 0 or not train.sample_prompts:
-            return []
-        tokenizer = load_tokenizer(Path(self.cfg.data.path) / "tokenizer.json")
-        stop = [i for i in (self.meta["special_ids"].get("eos"),) if i is not None]
-        sampling = SamplingConfig(max_new_tokens=train.sample_tokens, temperature=0.8, top_k=50,
-                                  stop_ids=tuple(stop))
-        generator = torch.Generator(device=runtime.device).manual_seed(train.seed)
-        results = []
-        for prompt in train.sample_prompts:
-            ids = tokenizer.encode(prompt).ids
-            new = generate(model, ids, sampling, generator=generator)
-            results.append({"prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=False)})
-        return results
+# Each task lives in its own module and is imported only when used.
+TASKS = {"lm": "lmforge.train.task_lm:LMTask"}
 
 
-TASKS = {"lm": LMTask}
-
-
-def make_task(cfg: Config, meta: dict, context: int) -> LMTask:
-    if meta.get("task") != cfg.train.task:
+def make_task(cfg: Config, meta: dict, context: int):
+    """The task object for `cfg.train.task`, checked against the prepared data's task."""
+    name = cfg.train.task
+    if name not in TASKS:
+        raise ValueError(f"train.task={name!r}: not available in this version of lmforge "
+                         f"(available: {', '.join(TASKS)})")
+    if meta.get("task") != name:
         raise ValueError(f"{cfg.data.path}: the data was prepared for task {meta.get('task')!r}, "
-                         f"but train.task={cfg.train.task!r}; prepare it with --task {cfg.train.task} "
+                         f"but train.task={name!r}; prepare it with --task {name} "
                          "or set train.task to match")
-    return TASKS[cfg.train.task](cfg, meta, context)
+    module_name, _, class_name = TASKS[name].partition(":")
+    return getattr(importlib.import_module(module_name), class_name)(cfg, meta, context)

@@ -1,0 +1,81 @@
+"""The LM task: next-token prediction on a packed token stream (GPT pretraining)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import Config
+from lmforge.data.collate import pad_collate
+from lmforge.data.datasets import PackedLMDataset
+from lmforge.data.store import TokenStore
+from lmforge.generate import SamplingConfig, generate
+from lmforge.metrics import IGNORE_INDEX, count_correct, shift_labels
+from lmforge.tokenizer import load_tokenizer
+from lmforge.train.tasks import StepStats
+
+
+class LMTask:
+    """Next-token prediction on a packed token stream (GPT pretraining)."""
+
+    name = "lm"
+    throughput_unit = "tok"
+
+    def __init__(self, cfg: Config, meta: dict, context: int):
+        self.cfg = cfg
+        self.meta = meta
+        self.context = context
+        self.pad_id = int(meta["special_ids"].get("pad") or 0)
+
+    def dataset(self, split: str) -> PackedLMDataset:
+        store = TokenStore(Path(self.cfg.data.path), split)
+        return PackedLMDataset(store, self.context)
+
+    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        return pad_collate(samples, self.pad_id)
+
+    def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
+        labels = batch.get("labels", batch["input_ids"])
+        return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+    def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].numel()
+
+    def loss_and_metrics(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepStats:
+        mask = batch.get("attention_mask")
+        if mask is not None and bool(mask.all()):
+            mask = None  # no padding: the fast causal kernel applies
+        logits = model(batch["input_ids"], attention_mask=mask)  # (B, T, V)
+        targets = shift_labels(batch.get("labels", batch["input_ids"]))  # (B, T)
+        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        correct, counted = count_correct(logits, targets)
+        return StepStats(loss_sum=loss_sum, targets=counted, correct=correct)
+
+    def summarize(self, sums: dict[str, float]) -> dict[str, float]:
+        """Means from summed statistics: loss per target token and token accuracy."""
+        targets = max(1.0, sums.get("targets", 0.0))
+        return {"loss": sums["loss_sum"] / targets, "accuracy": sums["correct"] / targets}
+
+    def console_extras(self, metrics: dict[str, float]) -> dict[str, float]:
+        return {}
+
+    def samples(self, model: nn.Module, runtime) -> list[dict]:
+        """A few generations from the configured prompts, for the log and the report."""
+        train = self.cfg.train
+        if train.sample_tokens == 0 or not train.sample_prompts:
+            return []
+        tokenizer = load_tokenizer(Path(self.cfg.data.path) / "tokenizer.json")
+        stop = [i for i in (self.meta["special_ids"].get("eos"),) if i is not None]
+        sampling = SamplingConfig(max_new_tokens=train.sample_tokens, temperature=0.8, top_k=50,
+                                  stop_ids=tuple(stop))
+        generator = torch.Generator(device=runtime.device).manual_seed(train.seed)
+        results = []
+        for prompt in train.sample_prompts:
+            ids = tokenizer.encode(prompt).ids
+            new = generate(model, ids, sampling, generator=generator)
+            results.append({"prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=False)})
+        return results
