@@ -158,7 +158,7 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) 
     model.train()
     reason, last_eval, last_saved, last_eval_step = "max_steps", {}, state.step, -1
     session_step, session_start = state.step, time.perf_counter()
-    window_sums: dict[str, float] = {}
+    interval_sums: dict[str, float] = {}
     interval_tokens, interval_start = 0, time.perf_counter()
     start_time = time.perf_counter() - state.elapsed
     bar = tqdm(total=total_steps, initial=state.step, disable=None if not quiet else True,
@@ -181,7 +181,6 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) 
                          f"update skipped ({state.non_finite_in_row} in a row)")
                 if state.non_finite_in_row >= cfg.train.max_non_finite:
                     reason = "non_finite"
-                    break
             else:
                 state.non_finite_in_row = 0
                 if scaler is not None:
@@ -197,14 +196,15 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) 
             state.examples += window
             interval_tokens += tokens
             for key, value in sums.items():
-                window_sums[key] = window_sums.get(key, 0.0) + value
-            window_sums["grad_norm"] = grad_norm
+                interval_sums[key] = interval_sums.get(key, 0.0) + value
             bar.update(1)
+            if reason == "non_finite":
+                break  # stop with the last good checkpoint; the skipped updates left no NaN behind
 
             if state.step % cfg.train.log_every == 0 or state.step == total_steps:
                 now = time.perf_counter()
                 rate = interval_tokens / max(1e-9, now - interval_start)
-                metrics = task.summarize(window_sums)
+                metrics = task.summarize(interval_sums)
                 eta = (total_steps - state.step) * (now - session_start) / max(1, state.step - session_step)
                 mfu = flops_tok * rate / peak if peak else None
                 log.event("train", **_position(state, steps_per_epoch), **metrics, lr=lr,
@@ -212,8 +212,9 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) 
                 log.line(format_train_line(state.step, total_steps, state.step / steps_per_epoch,
                                            metrics["loss"], metrics.get("accuracy"), lr, rate, mfu, eta,
                                            task.console_extras(metrics)))
-                window_sums, interval_tokens, interval_start = {}, 0, time.perf_counter()
+                interval_sums, interval_tokens, interval_start = {}, 0, time.perf_counter()
 
+            housekeeping_start = time.perf_counter()
             epoch_done = state.epoch_step == steps_per_epoch
             if epoch_done:
                 state.epoch, state.epoch_step = state.epoch + 1, 0
@@ -226,6 +227,7 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) 
             if state.step % (cfg.train.save_every or cfg.train.eval_every) == 0 or epoch_done:
                 save("last")
                 last_saved = state.step
+            interval_start += time.perf_counter() - housekeeping_start  # tokens/s measures training only
             if cfg.train.patience is not None and state.evals_since_best >= cfg.train.patience:
                 reason = "early_stop"
                 break

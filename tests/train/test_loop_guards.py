@@ -1,0 +1,107 @@
+"""Loop safeguards: non-finite losses, early stopping, mixed precision on CPU, the time limit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_run
+from lmforge.config import load_config
+from lmforge.train import task_lm
+from lmforge.train.checkpoint import load_checkpoint
+from lmforge.train.loop import train
+
+
+def _events(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == kind]
+
+
+def _poison_from(monkeypatch, first_bad_call: int) -> None:
+    """Make every loss NaN from the n-th training forward on."""
+    real = task_lm.LMTask.loss_and_metrics
+    calls = {"n": 0}
+
+    def poisoned(self, model, batch):
+        stats = real(self, model, batch)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] >= first_bad_call:
+                stats.loss_sum = stats.loss_sum * float("nan")
+        return stats
+
+    monkeypatch.setattr(task_lm.LMTask, "loss_and_metrics", poisoned)
+
+
+def test_non_finite_losses_skip_updates_then_stop_keeping_the_last_good_checkpoint(
+        lm_data: Path, tmp_path: Path, monkeypatch):
+    cfg = load_config(None, base=tiny_run(lm_data, tmp_path, max_steps=30, save_every=4, eval_every=4,
+                                          max_non_finite=3))
+    _poison_from(monkeypatch, first_bad_call=10)
+    result = train(cfg, quiet=True)
+    assert result.reason == "non_finite" and result.exit_code == 1
+    assert result.steps == 12  # steps 10, 11, 12 were skipped: 3 in a row stops the run
+    last = load_checkpoint(result.run_dir / "checkpoints" / "last", with_training_state=True)
+    assert last.training_state["loop"]["step"] == 8  # the last good save, nothing with NaN
+    assert all(torch.isfinite(t).all() for t in last.state_dict.values())
+    log = (result.run_dir / "train.log").read_text()
+    assert "step 10: loss nan" in log and "update skipped (3 in a row)" in log
+
+
+def test_a_single_non_finite_step_is_skipped_and_training_goes_on(lm_data: Path, tmp_path: Path, monkeypatch):
+    real = task_lm.LMTask.loss_and_metrics
+    calls = {"n": 0}
+
+    def once(self, model, batch):
+        stats = real(self, model, batch)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 3:
+                stats.loss_sum = stats.loss_sum * float("inf")
+        return stats
+
+    monkeypatch.setattr(task_lm.LMTask, "loss_and_metrics", once)
+    cfg = load_config(None, base=tiny_run(lm_data, tmp_path, max_steps=6))
+    result = train(cfg, quiet=True)
+    assert result.reason == "max_steps" and result.steps == 6
+    weights = load_checkpoint(result.run_dir / "checkpoints" / "last").state_dict
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_early_stopping_after_patience_evaluations(lm_data: Path, tmp_path: Path):
+    # lr 0 after warmup: the validation loss cannot improve after the first evaluation
+    cfg = load_config(None, base=tiny_run(lm_data, tmp_path, max_steps=100, eval_every=2, patience=2,
+                                          lr=1e-9, warmup_steps=0, schedule="constant"))
+    result = train(cfg, quiet=True)
+    assert result.reason == "early_stop"
+    assert [e["step"] for e in _events(result.run_dir, "eval")] == [2, 4, 6]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu(lm_data: Path, tmp_path: Path, precision: str):
+    cfg = load_config(None, base=tiny_run(lm_data, tmp_path, max_steps=12, precision=precision, lr=1e-2))
+    result = train(cfg, quiet=True)
+    losses = [e["loss"] for e in _events(result.run_dir, "train")]
+    assert result.reason == "max_steps" and losses[-1] < losses[0]
+    state = load_checkpoint(result.run_dir / "checkpoints" / "last", with_training_state=True).training_state
+    assert ("scaler" in state) == (precision == "fp16")  # fp16 keeps its loss scale for resume
+    weights = load_checkpoint(result.run_dir / "checkpoints" / "last").state_dict
+    assert all(t.dtype == torch.float32 for t in weights.values())  # master weights stay fp32
+
+
+def test_time_limit_stops_with_a_checkpoint(lm_data: Path, tmp_path: Path):
+    cfg = load_config(None, base=tiny_run(lm_data, tmp_path, max_steps=100_000, max_time=1.0,
+                                          eval_every=10_000))
+    result = train(cfg, quiet=True)
+    assert result.reason == "max_time" and 0 < result.steps < 100_000
+    last = load_checkpoint(result.run_dir / "checkpoints" / "last", with_training_state=True)
+    assert last.training_state["loop"]["step"] == result.steps
+
+
+def test_data_for_another_task_is_refused(lm_data: Path, tmp_path: Path):
+    cfg = load_config(None, base=tiny_run(lm_data, tmp_path, task="mlm"))
+    with pytest.raises(ValueError, match="prepared for task 'lm'"):
+        train(cfg, quiet=True)
