@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ Task = Literal["lm", "mlm", "classify", "dialogue"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Schedule = Literal["linear", "cosine", "constant"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
+BestMetric = Literal["auto", "val_loss", "val_accuracy"]
 
 
 class ConfigError(ValueError):
@@ -124,10 +126,23 @@ class TrainConfig:
     """auto picks cuda, then mps, then cpu."""
     max_non_finite: int = 5
     """Stop after this many optimizer steps in a row with a NaN/inf loss."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """Several processes (torchrun): ddp replicates the model, fsdp shards it across ranks."""
+    collective_timeout: float = 600.0
+    """Seconds a rank waits for the others before the run fails naming the step (hung rank)."""
     sample_prompts: list[str] = field(default_factory=lambda: ["\n"])
     """Prompts for the sample generations written at the end of training (lm)."""
     sample_tokens: int = 200
     """New tokens per sample generation."""
+    trainable: str = "all"
+    """Which parameters a fine-tune trains (classify): all, head, or last_blocks:K (the head,
+    the last K blocks and the final norm; chapter 6 of the book uses last_blocks:1)."""
+    best_metric: BestMetric = "auto"
+    """Which validation metric picks the best checkpoint; auto: val_accuracy for classify,
+    val_loss otherwise."""
+    loss_on: Literal["responses", "all"] = "responses"
+    """dialogue: which tokens are learned: the replies only (user turns get -100), or all
+    tokens of the dialogue, user turns too (as GPT2-chitchat does)."""
 
     def __post_init__(self) -> None:
         errors: list[str] = []
@@ -144,7 +159,10 @@ class TrainConfig:
         _check(errors, self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         _check(errors, self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", "must be positive or null")
         _check(errors, self.max_time is None or self.max_time > 0, "train.max_time", "must be positive or null")
+        _check(errors, self.collective_timeout > 0, "train.collective_timeout", "must be positive")
         _check(errors, self.sample_tokens >= 0, "train.sample_tokens", "must be >= 0")
+        _check(errors, re.fullmatch(r"all|head|last_blocks:\d+", self.trainable) is not None,
+               "train.trainable", f"{self.trainable!r}: choose all, head or last_blocks:K (e.g. last_blocks:1)")
         _raise_if(errors)
 
 

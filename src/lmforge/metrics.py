@@ -35,3 +35,42 @@ def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def perplexity(loss: float) -> float:
     """exp(loss), capped so a diverged run reports a large finite number."""
     return math.exp(min(loss, 50.0))
+
+
+def confusion_matrix(targets: torch.Tensor, predictions: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """(num_labels, num_labels) int64 counts: row = true label, column = predicted label."""
+    flat = targets.long() * num_labels + predictions.long()
+    return torch.bincount(flat, minlength=num_labels * num_labels).reshape(num_labels, num_labels)
+
+
+def classification_metrics(confusion: torch.Tensor, label_names: list[str]) -> dict:
+    """Accuracy, per-class precision / recall / F1 / support and their macro means from a confusion
+    matrix (rows true, columns predicted). A class never predicted has precision 0 (as sklearn)."""
+    cm = confusion.double()
+    tp = cm.diag()
+    predicted, actual = cm.sum(dim=0), cm.sum(dim=1)
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(actual > 0, tp / actual.clamp(min=1), torch.zeros_like(tp))
+    denom = precision + recall
+    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(tp))
+    per_class = {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                        "support": int(actual[i])} for i, name in enumerate(label_names)}
+    return {"accuracy": float(tp.sum() / cm.sum().clamp(min=1)), "per_class": per_class,
+            "macro_f1": float(f1.mean()), "confusion": confusion.long().tolist(), "labels": list(label_names)}
+
+
+def format_classification(metrics: dict, split: str) -> str:
+    """Human lines: accuracy, per-class precision / recall / F1, and the confusion matrix."""
+    labels = metrics["labels"]
+    width = max(9, *(len(name) for name in labels))
+    lines = [f"{split}: accuracy {metrics['accuracy']:.2%} | loss {metrics['loss']:.4f} | "
+             f"macro F1 {metrics['macro_f1']:.4f} | {metrics.get('samples', '?')} texts",
+             f"  {'label':<{width}} precision    recall        f1   support"]
+    for name, m in metrics["per_class"].items():
+        lines.append(f"  {name:<{width}} {m['precision']:>9.4f} {m['recall']:>9.4f} {m['f1']:>9.4f} "
+                     f"{m['support']:>9}")
+    lines.append("  confusion matrix (rows: true label, columns: predicted)")
+    lines.append(f"  {'':<{width}}" + "".join(f" {name:>9}" for name in labels))
+    for name, row in zip(labels, metrics["confusion"]):
+        lines.append(f"  {name:<{width}}" + "".join(f" {count:>9}" for count in row))
+    return "\n".join(lines)

@@ -57,19 +57,25 @@ def pick_device(preference: str) -> tuple[torch.device, str]:
     return torch.device(preference), f"{preference}: as configured"
 
 
-def setup_runtime(device: str = "auto", precision: str = "fp32", seed: int = 1337) -> Runtime:
-    """Choose device and precision, set threads and seeds; refuse what this version cannot do."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1:
-        raise ValueError(
-            f"WORLD_SIZE={world_size}: multi-process training (torchrun) is not available in this "
-            "version yet; run `lmforge train` as a single process")
+def setup_runtime(device: str = "auto", precision: str = "fp32", seed: int = 1337,
+                  collective_timeout: float = 600.0) -> Runtime:
+    """Choose device and precision, join the torchrun job if there is one, set threads and seeds."""
+    from lmforge.train.distributed import init_process_group, world_from_env
+
+    world = world_from_env()
     dev, why = pick_device(device)
     notes = [why]
+    if dev.type == "cuda" and world.world_size > 1:
+        dev = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(dev)
+        notes.append(f"rank {world.rank} uses cuda:{world.local_rank}")
     if dev.type == "cpu":
         # Interop threads only add contention for one model on a small machine.
         with contextlib.suppress(RuntimeError):
             torch.set_num_interop_threads(1)
+        if world.world_size > 1:
+            per_rank = max(1, (os.cpu_count() or 1) // world.world_size)
+            torch.set_num_threads(per_rank)  # ranks on one machine share its cores
         if precision != "fp32":
             notes.append(f"{precision} autocast on CPU is usually slower than fp32 without native units")
     if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -78,8 +84,13 @@ def setup_runtime(device: str = "auto", precision: str = "fp32", seed: int = 133
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         notes.append("TF32 matmuls enabled")
+    if world.world_size > 1:
+        init_process_group(dev, collective_timeout)
+        notes.append(f"process group: {'nccl' if dev.type == 'cuda' else 'gloo'}, "
+                     f"collective timeout {collective_timeout:g}s")
     seed_everything(seed)
-    return Runtime(device=dev, precision=precision, notes=tuple(notes))
+    return Runtime(device=dev, precision=precision, rank=world.rank, world_size=world.world_size,
+                   local_rank=world.local_rank, notes=tuple(notes))
 
 
 def seed_everything(seed: int) -> None:

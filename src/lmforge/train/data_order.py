@@ -14,11 +14,16 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_samples, generator=generator)
 
 
-def window_indices(permutation: torch.Tensor, step_in_epoch: int, batch_size: int,
-                   grad_accum: int) -> list[list[int]]:
-    """Sample indices of the micro-batches of optimizer step `step_in_epoch` of an epoch."""
+def window_indices(permutation: torch.Tensor, sample_start: int, batch_size: int, grad_accum: int,
+                   rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """This rank's micro-batches of the optimizer step that starts at `sample_start` of an epoch.
+
+    The step consumes batch_size x grad_accum x world_size samples of the permutation; rank r
+    takes the r-th slice, so ranks never overlap and the position is counted in samples: a run
+    saved with N processes resumes with M at the same place.
+    """
     window = batch_size * grad_accum
-    start = step_in_epoch * window
+    start = sample_start + rank * window
     chunk = permutation[start:start + window].tolist()
     assert len(chunk) == window, "the loop never asks past the last full window"
     return [chunk[i:i + batch_size] for i in range(0, window, batch_size)]

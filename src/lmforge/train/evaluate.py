@@ -13,7 +13,11 @@ from lmforge.train.tasks import add_sums, sums_to_floats
 @torch.no_grad()
 def evaluate(model: nn.Module, task, dataset, batch_size: int, max_batches: int | None,
              rt: Runtime) -> dict[str, float]:
-    """Metrics over the first `max_batches` batches of `dataset` (all of it when None), in eval mode."""
+    """Metrics over the first `max_batches` batches of `dataset` (all of it when None), in eval mode.
+
+    With several processes every rank evaluates the same batches: the numbers agree without a
+    reduction, and FSDP ranks stay in step (each forward gathers shards from all of them).
+    """
     if len(dataset) == 0:
         return {}
     was_training = model.training
@@ -31,3 +35,4 @@ def evaluate(model: nn.Module, task, dataset, batch_size: int, max_batches: int 
     metrics = task.summarize(sums_to_floats(sums))
     metrics["perplexity"] = perplexity(metrics["loss"])
     return metrics
+

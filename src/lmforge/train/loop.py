@@ -22,17 +22,20 @@ from tqdm import tqdm
 from lmforge.config import Config, save_config
 from lmforge.data.store import read_meta
 from lmforge.faults import fault_point
-from lmforge.models.gpt import flops_per_token
+from lmforge.models.registry import flops_per_token  # GPT or BERT config
 from lmforge.models.registry import architecture, load_weights, model_from_architecture
 from lmforge.runtime import Runtime, setup_runtime
-from lmforge.train.checkpoint import (clean_stale_temp, ignore_sigxfsz, load_checkpoint,
+from lmforge.train.checkpoint import (Checkpoint, clean_stale_temp, ignore_sigxfsz, load_checkpoint,
                                       prune_epochs, save_checkpoint)
 from lmforge.train.data_order import epoch_permutation, window_indices
 from lmforge.train.evaluate import evaluate
 from lmforge.train.flops import measured_peak_flops
 from lmforge.train.log import RunLogger, format_train_line, truncate_metrics
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
-from lmforge.train.tasks import add_sums, make_task, sums_to_floats
+from lmforge.train.distributed import (all_reduce_sum, barrier, destroy_process_group, full_model_state,
+                                       full_optimizer_state, gradient_sync, load_optimizer_state, unwrap,
+                                       wrap_model)
+from lmforge.train.tasks import add_sums, best_score, make_task
 
 
 @dataclass
@@ -41,10 +44,12 @@ class LoopState:
 
     step: int = 0
     epoch: int = 0
-    epoch_step: int = 0
+    epoch_sample: int = 0
+    """Samples of this epoch's permutation already consumed (by all ranks together)."""
     tokens: int = 0
     examples: int = 0
     best_val_loss: float = math.inf
+    best_score: float = math.inf  # train.best_metric, lower is better (see tasks.best_score)
     evals_since_best: int = 0
     non_finite_in_row: int = 0
     micro_split: int = 1
@@ -87,46 +92,63 @@ class _StopSignal:
 
 def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) -> TrainResult:
     """Train as `cfg` says; with `resume_from` (a checkpoint folder) continue that run exactly."""
-    rt = setup_runtime(cfg.train.device, cfg.train.precision, cfg.train.seed)
+    rt = setup_runtime(cfg.train.device, cfg.train.precision, cfg.train.seed, cfg.train.collective_timeout)
     ignore_sigxfsz()  # a full disk must surface as an error we can report, not kill the process
     data_dir = Path(cfg.data.path)
     meta = read_meta(data_dir)
     run_dir = cfg.run_dir
     ckpt_dir = run_dir / "checkpoints"
-    if resume_from is None and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+    if resume_from is None and ckpt_dir.exists() and any(p.name[0] != "." for p in ckpt_dir.iterdir()):
         raise ValueError(f"{run_dir} already holds a run; continue it with `lmforge train --resume {run_dir}` "
                          "or choose another run.name")
 
     model, arch = _build_model(cfg, meta)
     model.to(rt.device)
     task = make_task(cfg, meta, model.config.context)
+    if hasattr(task, "prepare_model"):  # hook (classify): wrap the backbone in a head, freeze by train.trainable
+        model, arch = task.prepare_model(model, arch)
+        model.to(rt.device)
     train_ds, val_ds = task.dataset("train"), task.dataset(cfg.data.val_split)
-    window = cfg.train.batch_size * cfg.train.grad_accum
+    window = cfg.train.batch_size * cfg.train.grad_accum * rt.world_size  # samples per optimizer step
     steps_per_epoch = len(train_ds) // window
     if steps_per_epoch == 0:
         raise ValueError(f"{data_dir}: {len(train_ds)} training samples, fewer than one optimizer step "
-                         f"needs (batch_size {cfg.train.batch_size} x grad_accum {cfg.train.grad_accum}); "
-                         "lower them or add data")
+                         f"needs (batch_size {cfg.train.batch_size} x grad_accum {cfg.train.grad_accum} "
+                         f"x {rt.world_size} processes); lower them or add data")
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    if rt.is_main and ckpt_dir.exists():
+        clean_stale_temp(ckpt_dir)
+    barrier(0, "start")
+    resumed = _read_resume(resume_from) if resume_from is not None else None
+    if resumed is not None:
+        load_weights(model, resumed.state_dict, resumed.path)
+    model = wrap_model(model, cfg.train.strategy, rt.device, rt.world_size)
     optimizer = build_optimizer(model, cfg.train, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type) if rt.precision == "fp16" else None
-    if ckpt_dir.exists():
-        clean_stale_temp(ckpt_dir)
     state = LoopState()
-    if resume_from is not None:
-        state = _restore(resume_from, model, optimizer, scaler, rt)
-        truncate_metrics(run_dir, state.step)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if resumed is not None:
+        state = _restore_training(resumed.training_state, model, optimizer, scaler, rt)
+    if rt.is_main:
+        truncate_metrics(run_dir, state.step if resumed is not None else -1)  # no history past the restart point
+        if resumed is None:
+            (run_dir / "train.log").unlink(missing_ok=True)
+    if rt.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
     log = RunLogger(run_dir, enabled=rt.is_main, quiet=quiet)
     forward_model = torch.compile(model) if cfg.train.compile else model
     tokenizer_file = data_dir / "tokenizer.json"
 
     def save(name: str) -> None:
-        save_checkpoint(ckpt_dir / name, model_state=model.state_dict(), model_config=arch,
-                        tokenizer_file=tokenizer_file, run_config=cfg.to_dict(),
-                        training_state=_training_state(state, optimizer, scaler, rt),
-                        step=state.step, epoch=round(state.step / steps_per_epoch, 4))
+        # Every rank takes part (FSDP gathers the shards); rank 0 alone writes.
+        weights = full_model_state(model, rt.world_size)
+        training_state = _training_state(state, model, optimizer, scaler, rt)
+        if rt.is_main:
+            save_checkpoint(ckpt_dir / name, model_state=weights, model_config=arch,
+                            tokenizer_file=tokenizer_file, run_config=cfg.to_dict(),
+                            training_state=training_state,
+                            step=state.step, epoch=_position(state, len(train_ds))["epoch"])
+        barrier(state.step, f"saving checkpoint {name}")
 
     def run_eval(kind: str) -> dict:
         nonlocal last_eval_step
@@ -134,25 +156,32 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) 
         result = evaluate(forward_model, task, val_ds, cfg.train.batch_size, cfg.train.eval_batches, rt)
         if not result:
             return result
-        log.event(kind, split=cfg.data.val_split, **_position(state, steps_per_epoch), **result)
-        log.line(f"{kind} step {state.step} | val loss {result['loss']:.4f} | ppl {result['perplexity']:.2f}"
-                 + (f" | acc {result['accuracy']:.1%}" if "accuracy" in result else ""))
-        if result["loss"] < state.best_val_loss:
-            state.best_val_loss, state.evals_since_best = result["loss"], 0
+        log.event(kind, split=cfg.data.val_split, **_position(state, len(train_ds)), **result)
+        line = (f"{kind} step {state.step} | val loss {result['loss']:.4f} | ppl {result['perplexity']:.2f}"
+                + (f" | acc {result['accuracy']:.1%}" if "accuracy" in result else ""))
+        if getattr(task, "eval_train", False):  # hook (classify): the same metrics on a few train batches
+            on_train = evaluate(forward_model, task, train_ds, cfg.train.batch_size, cfg.train.eval_batches, rt)
+            log.event(kind, split="train", **_position(state, len(train_ds)), **on_train)
+            line += f" | train loss {on_train['loss']:.4f} | train acc {on_train['accuracy']:.1%}"
+        log.line(line)
+        state.best_val_loss = min(state.best_val_loss, result["loss"])
+        score = best_score(cfg, task, result)  # train.best_metric (classify: val accuracy)
+        if score < state.best_score:
+            state.best_score, state.evals_since_best = score, 0
             save("best")
         else:
             state.evals_since_best += 1
         return result
 
     peak = measured_peak_flops(rt.device)
-    flops_tok = flops_per_token(model.config)
+    flops_tok = flops_per_token(unwrap(model).config)
     log.line(f"lmforge train | {run_dir} | {rt.describe()}")
     log.line(f"model {arch['model_type']} {sum(p.numel() for p in model.parameters()):,} parameters | "
              f"train {len(train_ds):,} samples, {steps_per_epoch:,} steps/epoch | global batch {window} "
              f"(micro {cfg.train.batch_size} x accum {cfg.train.grad_accum} x world {rt.world_size}) | "
              f"{total_steps:,} steps" + (f" | resumed at step {state.step}" if state.step else ""))
     if len(val_ds) == 0:
-        log.line(f"warning: split {cfg.data.val_split!r} has no samples of {model.config.context} tokens; "
+        log.line(f"warning: split {cfg.data.val_split!r} has no samples of {unwrap(model).config.context} tokens; "
                  "evaluation and the best checkpoint are skipped")
 
     model.train()
@@ -160,18 +189,28 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) 
     session_step, session_start = state.step, time.perf_counter()
     interval_sums: dict[str, float] = {}
     interval_tokens, interval_start = 0, time.perf_counter()
+    interval_examples = state.examples  # hook (mlm): samples/s as "{task.throughput_unit}_per_s"
     start_time = time.perf_counter() - state.elapsed
     bar = tqdm(total=total_steps, initial=state.step, disable=None if not quiet else True,
                leave=False, dynamic_ncols=True, unit="step")
     with _StopSignal() as stop:
         while state.step < total_steps:
             permutation = epoch_permutation(len(train_ds), cfg.train.seed, state.epoch)
+            if hasattr(train_ds, "set_epoch"):  # hook (mlm): sentence pairs are drawn anew per epoch
+                train_ds.set_epoch(state.epoch)
             micro_batches = [task.collate([train_ds[i] for i in indices]) for indices in
-                             window_indices(permutation, state.epoch_step, cfg.train.batch_size, cfg.train.grad_accum)]
+                             window_indices(permutation, state.epoch_sample, cfg.train.batch_size,
+                                            cfg.train.grad_accum, rt.rank, rt.world_size)]
             micro_batches = [{k: v.to(rt.device, non_blocking=True) for k, v in b.items()} for b in micro_batches]
             lr = lr_at(state.step, cfg.train, total_steps)
             set_lr(optimizer, lr)
-            sums = _forward_backward(forward_model, task, micro_batches, state, rt, scaler, log)
+            elapsed = time.perf_counter() - start_time
+            flags = {"stop_signal": float(stop.received is not None),
+                     "time_up": float(cfg.train.max_time is not None and elapsed >= cfg.train.max_time)}
+            flags["tokens"] = float(sum(task.count_tokens(b) for b in micro_batches))
+            sums = _forward_backward(forward_model, task, micro_batches, state, rt, scaler, log, flags)
+            stop_requested, time_up = sums.pop("stop_signal") > 0, sums.pop("time_up") > 0
+            tokens = int(sums.pop("tokens"))
             loss = (sums["loss_sum"] / max(1.0, sums["targets"]))
             grad_norm = _clip(model, optimizer, scaler, cfg.train.grad_clip)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -190,8 +229,7 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) 
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            state.epoch_step += 1
-            tokens = sum(task.count_tokens(b) for b in micro_batches)
+            state.epoch_sample += window
             state.tokens += tokens
             state.examples += window
             interval_tokens += tokens
@@ -206,18 +244,22 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) 
                 rate = interval_tokens / max(1e-9, now - interval_start)
                 metrics = task.summarize(interval_sums)
                 eta = (total_steps - state.step) * (now - session_start) / max(1, state.step - session_step)
-                mfu = flops_tok * rate / peak if peak else None
-                log.event("train", **_position(state, steps_per_epoch), **metrics, lr=lr,
+                mfu = flops_tok * rate / (peak * rt.world_size) if peak else None
+                if getattr(task, "throughput_unit", "tok") != "tok":
+                    metrics[f"{task.throughput_unit}_per_s"] = ((state.examples - interval_examples)
+                                                                / max(1e-9, now - interval_start))
+                log.event("train", **_position(state, len(train_ds)), **metrics, lr=lr,
                           grad_norm=grad_norm, tokens_per_s=rate, mfu=mfu, time=now - start_time)
-                log.line(format_train_line(state.step, total_steps, state.step / steps_per_epoch,
+                log.line(format_train_line(state.step, total_steps, _position(state, len(train_ds))["epoch"],
                                            metrics["loss"], metrics.get("accuracy"), lr, rate, mfu, eta,
                                            task.console_extras(metrics)))
                 interval_sums, interval_tokens, interval_start = {}, 0, time.perf_counter()
+                interval_examples = state.examples
 
             housekeeping_start = time.perf_counter()
-            epoch_done = state.epoch_step == steps_per_epoch
+            epoch_done = state.epoch_sample + window > len(train_ds)
             if epoch_done:
-                state.epoch, state.epoch_step = state.epoch + 1, 0
+                state.epoch, state.epoch_sample = state.epoch + 1, 0
             if state.step % cfg.train.eval_every == 0 or epoch_done:
                 last_eval = run_eval("epoch" if epoch_done else "eval") or last_eval
             state.elapsed = time.perf_counter() - start_time
@@ -231,10 +273,11 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) 
             if cfg.train.patience is not None and state.evals_since_best >= cfg.train.patience:
                 reason = "early_stop"
                 break
-            if cfg.train.max_time is not None and state.elapsed >= cfg.train.max_time:
+            # Decided from flags summed over ranks, so every rank stops at the same step.
+            if time_up:
                 reason = "max_time"
                 break
-            if stop.received is not None:
+            if stop_requested:
                 reason = "signal"
                 break
             fault_point(f"after_step_{state.step}")
@@ -245,20 +288,37 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) 
             state.elapsed = time.perf_counter() - start_time
             if last_saved != state.step:
                 save("last")
-        if reason not in ("non_finite", "signal") and rt.is_main:
-            samples = task.samples(model, rt)
-            if samples:
-                log.event("samples", **_position(state, steps_per_epoch), samples=samples)
-                for sample in samples:
-                    log.line(f"--- sample ---\n{sample['prompt']}{sample['text']}")
+        if reason not in ("non_finite", "signal"):
+            plain = _plain_model(model, arch, rt)  # every rank takes part in gathering FSDP shards
+            if rt.is_main:
+                samples = task.samples(plain, rt)
+                if samples:
+                    log.event("samples", **_position(state, len(train_ds)), samples=samples)
+                    for sample in samples:
+                        log.line(f"--- sample ---\n{sample['prompt']}{sample['text']}")
+                if hasattr(task, "final_report"):  # hook (classify): full-split metrics of the best checkpoint
+                    task.final_report(plain, rt, log, _position(state, len(train_ds)))
+            barrier(state.step, "final samples and report")
     elapsed = time.perf_counter() - start_time
-    log.event("end", **_position(state, steps_per_epoch), reason=reason,
+    log.event("end", **_position(state, len(train_ds)), reason=reason,
               best_val_loss=state.best_val_loss, time=elapsed)
     log.line(f"done: {reason} at step {state.step} in {elapsed:.1f}s | best val loss {state.best_val_loss:.4f}")
     log.close()
+    destroy_process_group()
     exit_code = 128 + stop.received if stop.received else (1 if reason == "non_finite" else 0)
     return TrainResult(run_dir=run_dir, steps=state.step, reason=reason, best_val_loss=state.best_val_loss,
                        last_eval=last_eval, elapsed=elapsed, exit_code=exit_code)
+
+
+def _plain_model(model: nn.Module, arch: dict, rt: Runtime) -> nn.Module:
+    """The trained model as one ordinary module (for generation and reports on rank 0)."""
+    if rt.world_size == 1:
+        return unwrap(model)
+    weights = full_model_state(model, rt.world_size)
+    plain = model_from_architecture(arch)
+    if rt.is_main:
+        load_weights(plain, weights, "the trained model")
+    return plain.to(rt.device)
 
 
 def _build_model(cfg: Config, meta: dict) -> tuple[nn.Module, dict]:
@@ -277,27 +337,37 @@ def _build_model(cfg: Config, meta: dict) -> tuple[nn.Module, dict]:
     return model, arch
 
 
-def _forward_backward(model, task, micro_batches, state: LoopState, rt: Runtime, scaler, log) -> dict:
-    """Forward and backward over one accumulation window, normalised by the window's targets.
+def _forward_backward(model, task, micro_batches, state: LoopState, rt: Runtime, scaler, log,
+                      flags: dict[str, float] | None = None) -> dict[str, float]:
+    """Forward and backward over one accumulation window, normalised by the window's targets
+    on all ranks together; returns the window's sums (and `flags`) summed over ranks.
 
-    Out of memory: drop the partial gradients, split every micro-batch in two and redo the
-    window; the effective batch and the result are unchanged.
+    Gradients are synchronised only on the last micro-step. Out of memory (one process):
+    drop the partial gradients, split every micro-batch in two and redo the window; the
+    effective batch and the result are unchanged.
     """
-    total_targets = max(1, sum(task.count_targets(b) for b in micro_batches))
+    local_targets = float(sum(task.count_targets(b) for b in micro_batches))
+    total_targets = all_reduce_sum(torch.tensor([local_targets]), state.step + 1, "target count").item()
+    # DDP and FSDP average gradients over ranks: scale back up so the result is the global mean.
+    scale = rt.world_size / max(1.0, total_targets)
     while True:
         try:
             sums: dict[str, torch.Tensor] = {}
-            for batch in micro_batches:
-                for piece in _split_batch(batch, state.micro_split):
+            pieces = [p for batch in micro_batches for p in _split_batch(batch, state.micro_split)]
+            for index, piece in enumerate(pieces):
+                with gradient_sync(model, index == len(pieces) - 1):
                     with rt.autocast():
                         stats = task.loss_and_metrics(model, piece)
-                    loss = stats.loss_sum / total_targets
+                    loss = stats.loss_sum * scale
                     (scaler.scale(loss) if scaler is not None else loss).backward()
-                    add_sums(sums, stats)
-            return sums_to_floats(sums)  # the one host sync of the step
+                add_sums(sums, stats)
+            break
         except (torch.OutOfMemoryError, RuntimeError) as err:
             if not _is_out_of_memory(err):
                 raise
+            if rt.world_size > 1:
+                raise RuntimeError(f"out of memory at step {state.step + 1} on rank {rt.rank}; with several "
+                                   "processes lower train.batch_size (raise grad_accum to keep the batch)") from err
             model.zero_grad(set_to_none=True)
             _free_memory(rt)
             rows = max(b["input_ids"].shape[0] for b in micro_batches)
@@ -307,6 +377,12 @@ def _forward_backward(model, task, micro_batches, state: LoopState, rt: Runtime,
             state.micro_split *= 2
             log.line(f"warning: out of memory at step {state.step + 1}; retrying with micro-batches split "
                      f"{state.micro_split} ways (same effective batch)")
+    device = next(iter(sums.values())).device
+    for name, value in (flags or {}).items():
+        sums[name] = torch.tensor(value, dtype=torch.float64, device=device)
+    names = list(sums)
+    totals = torch.stack([sums[n].double().reshape(()) for n in names])
+    return dict(zip(names, all_reduce_sum(totals.cpu(), state.step + 1, "metrics").tolist()))  # one host sync
 
 
 def _split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
@@ -335,17 +411,22 @@ def _clip(model: nn.Module, optimizer, scaler, max_norm: float | None) -> float:
         scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP: a distributed tensor holding the global norm
+        norm = norm.full_tensor()
     return float(norm)
 
 
-def _position(state: LoopState, steps_per_epoch: int) -> dict:
-    return {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
+def _position(state: LoopState, train_samples: int) -> dict:
+    """Where the run is: steps, fractional epochs (by samples, whatever the world size), tokens, examples."""
+    return {"step": state.step, "epoch": round(state.epoch + state.epoch_sample / train_samples, 4),
             "tokens": state.tokens, "examples": state.examples}
 
 
-def _training_state(state: LoopState, optimizer, scaler, rt: Runtime) -> dict:
-    training = {"loop": asdict(state), "optimizer": optimizer.state_dict(),
-                "rng_torch": torch.get_rng_state()}
+def _training_state(state: LoopState, model: nn.Module, optimizer, scaler, rt: Runtime) -> dict:
+    """Everything besides the weights that an exact resume needs; the optimizer state is keyed
+    by parameter names, so it loads whatever the world size."""
+    training = {"loop": asdict(state), "optimizer": full_optimizer_state(model, optimizer),
+                "rng_torch": torch.get_rng_state(), "world_size": rt.world_size}
     if scaler is not None:
         training["scaler"] = scaler.state_dict()
     if rt.device.type == "cuda":
@@ -353,15 +434,16 @@ def _training_state(state: LoopState, optimizer, scaler, rt: Runtime) -> dict:
     return training
 
 
-def _restore(path: Path, model: nn.Module, optimizer, scaler, rt: Runtime) -> LoopState:
+def _read_resume(path: Path) -> Checkpoint:
     ckpt = load_checkpoint(path, with_training_state=True)
     if not ckpt.training_state:
         raise ValueError(f"{path}: this checkpoint has no training state (weights only); "
                          "start a new run with model.init_from instead of --resume")
-    load_weights(model, ckpt.state_dict, ckpt.path)
-    model.to(rt.device)
-    training = ckpt.training_state
-    optimizer.load_state_dict(training["optimizer"])
+    return ckpt
+
+
+def _restore_training(training: dict, model: nn.Module, optimizer, scaler, rt: Runtime) -> LoopState:
+    load_optimizer_state(model, optimizer, training["optimizer"])
     if scaler is not None and "scaler" in training:
         scaler.load_state_dict(training["scaler"])
     torch.set_rng_state(training["rng_torch"])

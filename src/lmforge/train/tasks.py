@@ -40,17 +40,31 @@ def sums_to_floats(sums: dict[str, torch.Tensor]) -> dict[str, float]:
 
 # Each task lives in its own module and is imported only when used.
 TASKS = {"lm": "lmforge.train.task_lm:LMTask"}
+TASKS["classify"] = "lmforge.train.task_classify:ClassifyTask"
+TASKS["dialogue"] = "lmforge.train.task_dialogue:DialogueTask"
+TASKS["mlm"] = "lmforge.train.task_mlm:MLMTask"
+
+
+def best_score(cfg: Config, task, result: dict[str, float]) -> float:
+    """The validation number that picks the best checkpoint, lower is better (accuracy negated).
+    `train.best_metric` auto: the task's `best_metric` attribute, else val_loss."""
+    name = cfg.train.best_metric if cfg.train.best_metric != "auto" else getattr(task, "best_metric", "val_loss")
+    key = name.removeprefix("val_")
+    if key not in result:
+        raise ValueError(f"train.best_metric={name}: the {task.name} task reports no {key!r} "
+                         f"(it reports {', '.join(sorted(result))})")
+    return -result[key] if key == "accuracy" else result[key]
 
 
 def make_task(cfg: Config, meta: dict, context: int):
     """The task object for `cfg.train.task`, checked against the prepared data's task."""
     name = cfg.train.task
-    if name not in TASKS:
-        raise ValueError(f"train.task={name!r}: not available in this version of lmforge "
-                         f"(available: {', '.join(TASKS)})")
     if meta.get("task") != name:
         raise ValueError(f"{cfg.data.path}: the data was prepared for task {meta.get('task')!r}, "
                          f"but train.task={name!r}; prepare it with --task {name} "
                          "or set train.task to match")
+    if name not in TASKS:
+        raise ValueError(f"train.task={name!r}: not available in this version of lmforge "
+                         f"(available: {', '.join(TASKS)})")
     module_name, _, class_name = TASKS[name].partition(":")
     return getattr(importlib.import_module(module_name), class_name)(cfg, meta, context)
