@@ -45,3 +45,9 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     if missing or result.unexpected_keys:
         raise ValueError(f"{source}: weights do not match the architecture "
                          f"(missing: {missing[:5]}, unexpected: {result.unexpected_keys[:5]})")
+
+
+def flops_per_token(config) -> int:
+    """Training FLOPs per token of a model config (for MFU)."""
+    from lmforge.models.gpt import flops_per_token as gpt_flops_per_token
+    return gpt_flops_per_token(config)
