@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch, pinned for the test environment; users get the range in pyproject.toml.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test test-slow install install-test clean
+.PHONY: demo test test-slow faults install install-test clean bench bench-train bench-generate bench-prepare bench-bert bench-startup
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +26,43 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(BIN)/lmforge quickstart
 
+# The fault suite (tests/faults) runs inside `make test` once, with its scoreboard lines.
+FAULTS_PLUGIN := PYTHONPATH=tests/faults$${PYTHONPATH:+:$$PYTHONPATH}
 test: $(VENV)/.installed-test
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(FAULTS_PLUGIN) $(BIN)/python -m pytest -q -p faults_scoreboard tests
+
+# Crashes, kills, signals, full disks, damaged checkpoints and bad inputs: one line per scenario.
+faults: $(VENV)/.installed-test
+	HF_HUB_OFFLINE=1 $(FAULTS_PLUGIN) $(BIN)/python -m pytest -q -p faults_scoreboard tests/faults
 
 test-slow: $(VENV)/.installed-test
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow tests/slow
+
+# Benchmarks against transformers on the issue's fixed workload, interleaved rounds (bench/*.py
+# say what each measures; BENCH_ROUNDS=3 by default). `make bench` runs all of them (~10 min on
+# 2 cores) and ends with the tables, also kept in runs/bench/*.md.
+BENCH_RUN := HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error $(BIN)/python
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[bench]' $(TORCH_PIN)
+	touch $@
+
+bench: bench-train bench-generate bench-prepare bench-bert bench-startup
+	@cat runs/bench/train.md runs/bench/generate.md runs/bench/prepare.md runs/bench/bert.md runs/bench/startup.md
+
+bench-train: $(VENV)/.installed-bench
+	$(BENCH_RUN) bench/train.py
+
+bench-generate: $(VENV)/.installed-bench
+	$(BENCH_RUN) bench/generate.py
+
+bench-prepare: $(VENV)/.installed-bench
+	$(BENCH_RUN) bench/prepare.py
+
+bench-bert: $(VENV)/.installed-bench
+	$(BENCH_RUN) bench/bert.py
+
+bench-startup: $(VENV)/.installed-bench
+	$(BENCH_RUN) bench/startup.py
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

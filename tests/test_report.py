@@ -129,14 +129,24 @@ def test_run_without_eval_nan_values_and_no_config(tmp_path: Path) -> None:
     assert "Samples" not in page
 
 
-def test_classify_run_uses_examples_axis(tmp_path: Path) -> None:
+def test_classify_run_plots_by_epoch_and_reports_final_metrics(tmp_path: Path) -> None:
     from lmforge.report import _unit_map
 
     events = _events()
+    for epoch in (1, 2):  # classify evaluates the train split too, once per epoch
+        events.insert(-2, {"event": "epoch", "split": "train", "step": 20 * epoch, "epoch": float(epoch),
+                           "examples": 80 * epoch, "loss": 0.5 / epoch, "accuracy": 0.8 + 0.05 * epoch})
+    events.append({"event": "final", "split": "test", "step": 40, "epoch": 2.0, "loss": 0.3,
+                   "accuracy": 0.875, "macro_f1": 0.8123, "confusion": [[3, 1], [0, 4]]})
     run = _write_run(tmp_path / "cls", events, "train:\n  task: classify\n")
-    write_report(run)
-    steps, counts = _unit_map(events, "examples")
-    assert list(counts[:3]) == [4, 8, 12] and list(steps[:3]) == [1, 2, 3]
+
+    page = write_report(run).read_text()
+
+    assert {p.stem for p in (run / "plots").glob("*.png")} == {"loss", "lr", "accuracy"}
+    assert "<td>final test accuracy</td><td>87.50%</td>" in page
+    assert "<td>final test macro F1</td><td>0.8123</td>" in page
+    epochs, examples = _unit_map(events, "examples", "epoch")
+    assert list(epochs[:3]) == [0.05, 0.1, 0.15] and list(examples[:3]) == [4, 8, 12]
 
 
 def test_malformed_line_is_skipped_with_warning(tmp_path: Path) -> None:

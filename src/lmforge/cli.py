@@ -29,14 +29,26 @@ def _add_prepare(sub) -> None:
     p.add_argument("--input", nargs="+", required=True, type=Path)
     p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer.json or its folder")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--test-fraction", type=float, default=0.0)
+    p.add_argument("--val-fraction", type=float, default=None, help="default 0.05 (classify: 0.1)")
+    p.add_argument("--test-fraction", type=float, default=None, help="default 0 (classify: 0.2)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--field", default="text", help="JSONL field holding the text")
     p.add_argument("--column", default="text", help="CSV/TSV column (name or 0-based index)")
     p.add_argument("--doc-split", choices=["blank_line", "line", "file"], default="blank_line",
                    help=".txt: one document per blank-line-separated block, per line, or per file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    c = p.add_argument_group("classify (labelled texts; the text column is --column, or --field for JSONL)")
+    c.add_argument("--format", choices=["auto", "csv", "tsv", "jsonl", "sms"], default="auto",
+                   help="auto: by extension; sms: the SMS Spam Collection as distributed (label<TAB>text, no header)")
+    c.add_argument("--label-column", default="label", help="CSV/TSV column or JSONL field of the label")
+    c.add_argument("--no-header", action="store_true", help="CSV/TSV without a header row (name columns with --columns)")
+    c.add_argument("--columns", default=None, help="names of the columns of a header-less file, e.g. label,text")
+    c.add_argument("--labels", default=None, help="the allowed labels in id order, e.g. ham,spam (default: sorted)")
+    c.add_argument("--balance", action="store_true", help="undersample every class to the smallest one")
+    c.add_argument("--max-tokens", type=int, default=None, help="truncate each text to this many tokens")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="dialogue: keep each dialogue's most recent whole turns within this many "
+                        "tokens (default: keep all; training trims to the model context anyway)")
 
 
 def _add_train(sub) -> None:
@@ -62,6 +74,27 @@ def _add_generate(sub) -> None:
     p.add_argument("--device", default="auto")
 
 
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="multi-turn chat with a dialogue GPT (keeps the history)",
+                       description="Interactive on a terminal (/reset /history /save FILE /quit; "
+                                   "Ctrl-C stops a reply, Ctrl-D leaves). With standard input not a "
+                                   "terminal, every line is a turn and gets one reply line; a blank "
+                                   "line starts a new conversation.")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (uses best, else last)")
+    p.add_argument("--max-history", type=int, default=3,
+                   help="turns in the context, the new one included (GPT2-chitchat: 3)")
+    p.add_argument("--max-reply-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.2,
+                   help="> 1 lowers tokens already in the context (1 = off)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--transcript", type=Path, default=None,
+                   help="save the conversation here when the chat ends (.txt, or .jsonl as messages)")
+    p.add_argument("--device", default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Train GPT and BERT models on your own text.")
     from lmforge import __version__
@@ -74,13 +107,62 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_train(sub)
     _add_generate(sub)
+    _add_classify(sub)
+    _add_eval(sub)
+    _add_chat(sub)
+    _add_interop(sub)
     r = sub.add_parser("report", help="plots and an HTML page from a run folder")
     r.add_argument("run_dir", type=Path)
     return parser
 
 
+def _add_interop(sub) -> None:
+    p = sub.add_parser("embed", help="token and sentence vectors from a BERT or GPT checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (uses best, else last)")
+    p.add_argument("text", nargs="?", help="the text (BERT: sentence A)")
+    p.add_argument("text_b", nargs="?", help="BERT: sentence B of a pair")
+    p.add_argument("--input", type=Path, help="many texts: one per line (.txt) or a \"text\" field (.jsonl)")
+    p.add_argument("--out", type=Path, help=".json (default: stdout) or .npy (sentence vectors only)")
+    p.add_argument("--pooling", choices=["mean", "cls"], default="mean", help="sentence vector for .npy")
+    p.add_argument("--per-token", action="store_true", help="JSON: add the per-token vectors")
+    p.add_argument("--device", default="auto")
+    p = sub.add_parser("import-hf", help="a transformers BERT or GPT-2 folder -> an lmforge checkpoint")
+    p.add_argument("src", type=Path, help="folder with config.json, model.safetensors, tokenizer files")
+    p.add_argument("--out", type=Path, required=True, help="the checkpoint folder to write")
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("export", help="an lmforge checkpoint -> a folder transformers loads")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (uses best, else last)")
+    p.add_argument("--format", choices=["hf"], default="hf")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true")
+
+
 def _column(value: str) -> str | int:
     return int(value) if value.isdigit() else value
+
+
+def _names(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",")]
+
+
+def _add_classify(sub) -> None:
+    p = sub.add_parser("classify", help="label texts with a fine-tuned classifier")
+    p.add_argument("checkpoint", help="a classifier checkpoint, or a run folder (uses best, else last)")
+    p.add_argument("texts", nargs="*", help="texts to classify (prints label and probability)")
+    p.add_argument("--input", type=Path, help="a file of texts (.txt: one per line; .csv/.tsv/.jsonl: --column)")
+    p.add_argument("--output", type=Path, help="CSV of text,label,probability for --input (default: stdout)")
+    p.add_argument("--column", default="text", help="CSV/TSV column or JSONL field of the text in --input")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="metrics of a checkpoint on a split of a prepared data folder")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (uses best, else last)")
+    p.add_argument("--data", required=True, type=Path, help="a folder written by `lmforge prepare`")
+    p.add_argument("--split", default="test")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,12 +176,23 @@ def run(args: argparse.Namespace) -> int:
                                text_field=args.field, text_column=_column(args.column),
                                lowercase=args.lowercase)
         print(f"tokenizer saved: {path}")
+    elif args.command == "prepare" and args.task == "classify":
+        from lmforge.data.prepare_classify import prepare_classify
+        prepare_classify(args.input, args.tokenizer, args.out, fmt=args.format,
+                         text_column=args.field if args.field != "text" else _column(args.column),
+                         label_column=_column(args.label_column), header=not args.no_header,
+                         columns=_names(args.columns), labels=_names(args.labels),
+                         val_fraction=0.1 if args.val_fraction is None else args.val_fraction,
+                         test_fraction=0.2 if args.test_fraction is None else args.test_fraction,
+                         seed=args.seed, balance=args.balance, max_tokens=args.max_tokens,
+                         overwrite=args.overwrite)
     elif args.command == "prepare":
         from lmforge.data.prepare import prepare
-        prepare(args.task, args.input, args.tokenizer, args.out, val_fraction=args.val_fraction,
-                test_fraction=args.test_fraction, seed=args.seed, text_field=args.field,
+        prepare(args.task, args.input, args.tokenizer, args.out,
+                val_fraction=0.05 if args.val_fraction is None else args.val_fraction,
+                test_fraction=args.test_fraction or 0.0, seed=args.seed, text_field=args.field,
                 text_column=_column(args.column), overwrite=args.overwrite,
-                doc_split=args.doc_split)
+                doc_split=args.doc_split, max_len=args.max_len)
     elif args.command == "train":
         from lmforge.train.entry import train_command
         return train_command(args.config, args.overrides, resume=args.resume, quiet=args.quiet)
@@ -111,6 +204,32 @@ def run(args: argparse.Namespace) -> int:
                              seed=args.seed)
         generate_to(sys.stdout, args.checkpoint, args.prompt, cfg, num_samples=args.num_samples,
                     device=args.device)
+    elif args.command == "chat":
+        from lmforge.chat import run_chat
+        from lmforge.generate import SamplingConfig
+        cfg = SamplingConfig(max_new_tokens=args.max_reply_tokens, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                             seed=args.seed)
+        return run_chat(args.checkpoint, cfg, max_history=args.max_history, device=args.device,
+                        transcript=args.transcript)
+    elif args.command == "classify":
+        from lmforge.classify import classify_command
+        classify_command(sys.stdout, args.checkpoint, args.texts, input_file=args.input, output=args.output,
+                         text_column=_column(args.column), batch_size=args.batch_size, device=args.device)
+    elif args.command == "eval":
+        from lmforge.classify import eval_command
+        eval_command(sys.stdout, args.checkpoint, args.data, args.split, args.batch_size, args.device)
+    elif args.command == "embed":
+        from lmforge.embed import embed_command
+        embed_command(args.checkpoint, [args.text] if args.text is not None else [], args.text_b,
+                      input_file=args.input, out=args.out, pooling=args.pooling, per_token=args.per_token,
+                      device=args.device)
+    elif args.command == "import-hf":
+        from lmforge.interop import import_hf
+        print(f"checkpoint written: {import_hf(args.src, args.out, overwrite=args.overwrite)}")
+    elif args.command == "export":
+        from lmforge.interop import export_hf
+        print(f"exported ({args.format}): {export_hf(args.checkpoint, args.out, overwrite=args.overwrite)}")
     elif args.command == "report":
         from lmforge.report import write_report
         print(f"report: {write_report(args.run_dir)}")
@@ -127,3 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the machine, not the user's input: disk full, I/O error, too many files
+        import errno
+        full = (err.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
+                or " requested and " in str(err))  # numpy's tofile: a short write, no errno
+        print(f"error: {'disk full: ' if full else ''}{err}"
+              + ("; free some space (or choose another output folder) and run it again" if full else ""),
+              file=sys.stderr)
+        return 1

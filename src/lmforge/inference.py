@@ -77,6 +77,10 @@ def generate_to(out: TextIO, checkpoint: str | Path, prompt: str, cfg: SamplingC
                 num_samples: int = 1, device: str = "auto") -> list[str]:
     """The `lmforge generate` command: print `num_samples` continuations of `prompt` as they come."""
     loaded = load_for_inference(checkpoint, device)
+    kind = type(loaded.model).__name__
+    if kind != "GPT":
+        raise ValueError(f"{loaded.path}: a {kind} checkpoint cannot generate text; generation needs a GPT "
+                         "(use `lmforge embed` for BERT, `lmforge classify` for classifiers)")
     if cfg.stop_ids == () and loaded.specials.eos is not None:
         cfg = dataclasses.replace(cfg, stop_ids=(loaded.specials.eos,))
     generator = torch.Generator(device=loaded.device)

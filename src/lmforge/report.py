@@ -17,9 +17,7 @@ import re
 import time
 import warnings
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from lmforge import __version__
 
@@ -37,6 +35,9 @@ _SUFFIX_GROUPS = (
     ("_per_s", "throughput_detail", "Throughput", "per second"),
 )
 _DPI = 110
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Series = tuple[list[float], list[float]]
 
@@ -135,20 +136,23 @@ def _num(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _series(events: list[dict[str, Any]], key: str) -> Series:
-    """(steps, values) sorted by step; the last event at a step wins (a resumed run repeats steps)."""
+def _series(events: list[dict[str, Any]], key: str, x: str = "step") -> Series:
+    """(steps, values) sorted by step (or by `x`, e.g. "epoch"); the last event at a step wins
+    (a resumed run repeats steps)."""
     by_step: dict[float, float] = {}
     for event in events:
-        step, value = _num(event.get("step")), _num(event.get(key))
+        step, value = _num(event.get(x)), _num(event.get(key))
         if step is not None and value is not None:
             by_step[step] = value
     steps = sorted(by_step)
     return steps, [by_step[s] for s in steps]
 
 
-def _unit_map(events: list[dict[str, Any]], unit: str) -> tuple[np.ndarray, np.ndarray] | None:
+def _unit_map(events: list[dict[str, Any]], unit: str, x: str = "step") -> tuple[np.ndarray, np.ndarray] | None:
     """Strictly increasing step -> tokens/examples points for the top axis, or None if too few."""
-    steps, counts = _series(events, unit)
+    import numpy as np
+
+    steps, counts = _series(events, unit, x)
     xs: list[float] = []
     ys: list[float] = []
     for s, c in zip(steps, counts):
@@ -160,6 +164,8 @@ def _unit_map(events: list[dict[str, Any]], unit: str) -> tuple[np.ndarray, np.n
 
 def _interp(x: Any, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
     """np.interp with linear extrapolation past both ends (axis ticks fall outside the data)."""
+    import numpy as np
+
     x = np.asarray(x, dtype=float)
     y = np.interp(x, xp, fp)
     lo = fp[0] + (x - xp[0]) * (fp[1] - fp[0]) / (xp[1] - xp[0])
@@ -200,12 +206,16 @@ def _extra_groups(events: list[dict[str, Any]]) -> dict[str, tuple[str, str, lis
 def _write_plots(events: list[dict[str, Any]], unit: str, plots_dir: Path) -> list[Path]:
     """Write every figure as PNG and PDF; return the PNG paths in page order."""
     train, val = _split_events(events)
-    axis = _unit_map(events, unit)
+    # classify (as chapter 6 of the book): x is epochs, train and val both from the evaluations
+    x = "epoch" if unit == "examples" else "step"
+    axis = _unit_map(events, unit, x)
+    on_train = [e for e in events if e.get("event") in ("eval", "epoch") and e.get("split") == "train"]
+    measured = on_train if on_train and unit == "examples" else train
     acc_title = "Accuracy" if unit == "examples" else "Token accuracy"
     specs = [
-        ("loss", "Loss", "cross-entropy loss", [("train", train, "loss"), ("val", val, "loss")]),
+        ("loss", "Loss", "cross-entropy loss", [("train", measured, "loss"), ("val", val, "loss")]),
         ("lr", "Learning rate", "learning rate", [("lr", train, "lr")]),
-        ("accuracy", acc_title, "accuracy", [("train", train, "accuracy"), ("val", val, "accuracy")]),
+        ("accuracy", acc_title, "accuracy", [("train", measured, "accuracy"), ("val", val, "accuracy")]),
     ]
     for stem, (title, ylabel, keys) in _extra_groups(train + val).items():
         lines = []
@@ -216,8 +226,8 @@ def _write_plots(events: list[dict[str, Any]], unit: str, plots_dir: Path) -> li
     plots_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for stem, title, ylabel, lines in specs:
-        fig = _figure(title, ylabel, [(label, *_series(evs, key)) for label, evs, key in lines],
-                      axis, unit, sci_y=(stem == "lr"))
+        fig = _figure(title, ylabel, [(label, *_series(evs, key, x)) for label, evs, key in lines],
+                      axis, unit, sci_y=(stem == "lr"), xlabel=x)
         png = plots_dir / f"{stem}.png"
         fig.savefig(png, dpi=_DPI)
         fig.savefig(plots_dir / f"{stem}.pdf")
@@ -226,9 +236,10 @@ def _write_plots(events: list[dict[str, Any]], unit: str, plots_dir: Path) -> li
 
 
 def _figure(title: str, ylabel: str, lines: list[tuple[str, list[float], list[float]]],
-            axis: tuple[np.ndarray, np.ndarray] | None, unit: str, sci_y: bool = False) -> Any:
+            axis: tuple[np.ndarray, np.ndarray] | None, unit: str, sci_y: bool = False,
+            xlabel: str = "step") -> Any:
     from matplotlib.figure import Figure
-    from matplotlib.ticker import EngFormatter
+    from matplotlib.ticker import EngFormatter, FuncFormatter
 
     fig = Figure(figsize=(8, 4.6), layout="constrained")
     ax = fig.add_subplot()
@@ -241,19 +252,20 @@ def _figure(title: str, ylabel: str, lines: list[tuple[str, list[float], list[fl
         is_val = label.startswith("val")
         ax.plot(xs, ys, label=label, color=color, linewidth=1.5,
                 linestyle="--" if is_val else "-",
-                marker="o" if is_val or len(xs) == 1 else None, markersize=4)
+                marker="o" if is_val or len(xs) <= 10 else None, markersize=4)
         drawn += 1
     ax.set_title(title)
-    ax.set_xlabel("step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     if not drawn:
         ax.text(0.5, 0.5, "no data logged", transform=ax.transAxes, ha="center", va="center",
                 color="0.5")
         return fig
-    ax.legend(loc="best")
-    if sci_y:
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    if drawn > 1:
+        ax.legend(loc="best")
+    if sci_y:  # explicit exponents: an offset label ("1e-4") would collide with the top axis
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:.1e}" if y else "0"))
     if axis is not None:
         xp, fp = axis
         top = ax.secondary_xaxis(
@@ -341,6 +353,11 @@ def _summary_rows(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
                 rows.append((f"last val {html.escape(key)}", _fmt(value, kind)))
     else:
         rows.append(("validation", "— (no eval events)"))
+    for e in events:  # classify: full-split metrics at the end of training
+        if e.get("event") == "final":
+            split = html.escape(str(e.get("split")))
+            rows += [(f"final {split} accuracy", _fmt(e.get("accuracy"), "pct")),
+                     (f"final {split} macro F1", _fmt(e.get("macro_f1"), "g"))]
     return rows
 
 

@@ -41,22 +41,41 @@ from lmforge.tokenizer import load_tokenizer, special_ids, tokenizer_file
 TASKS = ("lm", "mlm", "classify", "dialogue")
 _COPY_TOKENS = 1 << 24  # tokens per chunk when moving tokens between split files
 _RNG_BLOCK = 4096  # split draws are taken in fixed blocks: independent of batch_size
+_BATCH_CHARS = 2 << 20  # characters per tokenizer batch at most (bounds memory; ~2 pieces of a huge line)
 
 
 def prepare(task: str, inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
             val_fraction: float = 0.05, test_fraction: float = 0.0, seed: int = 1337,
             text_field: str = "text", text_column: str | int = "text", batch_size: int = 1000,
             workers: int | None = None, show_progress: bool = True, overwrite: bool = False,
-            doc_split: str = "blank_line") -> dict:
+            doc_split: str = "blank_line", max_len: int | None = None) -> dict:
     """Tokenize `inputs` into the data folder `out_dir`; returns the meta.json dict.
 
     `workers`: None = the tokenizer's Rust thread pool on all cores, 1 = single-threaded.
     `overwrite`: replace an existing non-empty `out_dir` (refused otherwise).
     `doc_split`: for .txt inputs, what one document is: a block between blank lines
     ("blank_line"), a line ("line"), or the whole file ("file").
+    `max_len`: dialogue only: keep the most recent whole turns that fit (None: keep all).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")
+    if task == "dialogue":  # its own module: turns, roles, [CLS]/[SEP]
+        from lmforge.data.prepare_dialogue import prepare_dialogue
+        return prepare_dialogue(inputs, tokenizer_path, out_dir, max_len=max_len,
+                                val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                                batch_size=batch_size, workers=workers,
+                                show_progress=show_progress, overwrite=overwrite)
+    if task == "classify":  # its own module: labels, stratified split (more options there)
+        from lmforge.data.prepare_classify import prepare_classify
+        return prepare_classify(inputs, tokenizer_path, out_dir, text_column=text_column,
+                                val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                                overwrite=overwrite, show_progress=show_progress)
+    if task == "mlm":  # its own module: paragraphs -> sentences (+ paragraph numbers)
+        from lmforge.data.prepare_mlm import prepare_mlm
+        return prepare_mlm(inputs, tokenizer_path, out_dir, val_fraction=val_fraction,
+                           test_fraction=test_fraction, seed=seed, text_field=text_field,
+                           text_column=text_column, batch_size=batch_size, workers=workers,
+                           show_progress=show_progress, overwrite=overwrite, doc_split=doc_split)
     if task != "lm":
         raise ValueError(f"task {task!r}: not available yet in this version of lmforge "
                          f"(only 'lm' can be prepared for now)")
@@ -250,7 +269,7 @@ def _tokenize_into(tok, paths: list[Path], writers: dict[str, TokenStoreWriter],
             bar.update(done_bytes - bar.n)
 
         try:
-            base = 0
+            base, batch_chars = 0, 0
             for path in paths:
                 for doc in iter_documents(path, **read_options):
                     if open_split is None:
@@ -261,8 +280,12 @@ def _tokenize_into(tok, paths: list[Path], writers: dict[str, TokenStoreWriter],
                     n_docs += doc.final
                     texts.append(doc.text)
                     where.append((split, doc.final))
-                    if len(texts) >= batch_size:
+                    batch_chars += len(doc.text)
+                    # A batch is also cut by characters: pieces of one huge line would otherwise
+                    # pile up in one batch and hold all their encodings at once.
+                    if len(texts) >= batch_size or batch_chars >= _BATCH_CHARS:
                         submit(base + doc.offset)
+                        batch_chars = 0
                 base += path.stat().st_size
             if texts:
                 submit(total)

@@ -118,6 +118,23 @@ def _utf8_error(path: Path, line_no: int, offset: int, bad: bytes) -> ValueError
                       f"`iconv -f latin1 -t utf-8 in.txt > out.txt`")
 
 
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def _check_start(path: Path, head: bytes) -> None:
+    """UTF-16 (Windows "Unicode") files: say so, instead of a UTF-8 error at byte 0."""
+    if head.startswith(_UTF16_BOMS):
+        raise ValueError(f"{path}: the file is UTF-16 (it starts with a UTF-16 byte-order mark), not "
+                         f"UTF-8; convert it, for example `iconv -f utf-16 -t utf-8 {path.name} > "
+                         f"{path.stem}-utf8{path.suffix}`")
+
+
+def _nul_error(path: Path, line_no: int) -> ValueError:
+    return ValueError(f"{path}: line {line_no}: NUL byte (\\x00) in the text; this looks like a binary "
+                      f"file or UTF-16 without a byte-order mark, not UTF-8 text; convert it to UTF-8 "
+                      f"(for example `iconv -f utf-16 -t utf-8`) or remove the NUL bytes")
+
+
 def _iter_lines(path: Path) -> Iterator[tuple[int, str, int]]:
     """Yield (line_no, text, offset) per line: strict UTF-8, CRLF -> "\\n", BOM dropped."""
     offset = 0  # bytes of the file consumed
@@ -125,6 +142,8 @@ def _iter_lines(path: Path) -> Iterator[tuple[int, str, int]]:
         for line_no, raw in enumerate(f, start=1):
             start = offset
             offset += len(raw)
+            if line_no == 1:
+                _check_start(path, raw)
             if line_no == 1 and raw.startswith(_BOM):
                 raw, start = raw[3:], 3
             if raw.endswith(b"\r\n"):
@@ -133,6 +152,8 @@ def _iter_lines(path: Path) -> Iterator[tuple[int, str, int]]:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise _utf8_error(path, line_no, start + e.start, raw[e.start:e.end]) from None
+            if "\x00" in text:
+                raise _nul_error(path, line_no)
             yield line_no, text, offset
 
 
@@ -147,6 +168,8 @@ def _iter_chunks(path: Path) -> Iterator[tuple[str, int]]:
         while True:
             raw = f.read(_CHUNK)
             final = not raw
+            if offset == 0:
+                _check_start(path, raw)
             if offset == 0 and raw.startswith(_BOM):
                 raw, offset = raw[3:], 3
             pending = decoder.getstate()[0]  # bytes of a cut character, held by the decoder
@@ -157,6 +180,8 @@ def _iter_chunks(path: Path) -> Iterator[tuple[str, int]]:
                 line = newlines + data[:e.start].count(b"\n") + 1
                 raise _utf8_error(path, line, offset - len(pending) + e.start,
                                   data[e.start:e.end]) from None
+            if (nul := text.find("\x00")) >= 0:
+                raise _nul_error(path, newlines + text.count("\n", 0, nul) + 1)
             offset += len(raw)
             newlines += raw.count(b"\n")
             if held:
@@ -298,7 +323,7 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
                              f"{type(record).__name__}")
         if text_field not in record:
             raise ValueError(f"{path}: line {line_no}: no field {text_field!r}; the keys on this line "
-                             f"are {sorted(record)}; choose one with text_field (--text-field)")
+                             f"are {sorted(record)}; choose one with text_field (--field)")
         value = record[text_field]
         if not isinstance(value, str):
             raise ValueError(f"{path}: line {line_no}: field {text_field!r} is "
@@ -313,7 +338,7 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
 def _column_index(path: Path, header: list[str], column: str) -> int:
     if column not in header:
         raise ValueError(f"{path}: line 1: no column {column!r} in the header; the columns are "
-                         f"{header}; choose one with text_column (--text-column), by name or by "
+                         f"{header}; choose one with text_column (--column), by name or by "
                          f"0-based index (an index means the file has no header)")
     return header.index(column)
 
@@ -333,7 +358,8 @@ def _table_documents(path: Path, column: str | int, delimiter: str) -> Iterator[
             yield text
 
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.reader(lines(), delimiter=delimiter, quoting=quoting)
+    # strict: a stray or unclosed quote is an error, not a field that swallows the next lines
+    reader = csv.reader(lines(), delimiter=delimiter, quoting=quoting, strict=True)
     index = column if isinstance(column, int) else None
     start = 1  # the line where the next row starts
     try:
@@ -346,10 +372,13 @@ def _table_documents(path: Path, column: str | int, delimiter: str) -> Iterator[
                 continue
             if index >= len(row):
                 raise ValueError(f"{path}: line {line}: {len(row)} column(s), no column at index "
-                                 f"{index}; check text_column (--text-column) and the delimiter "
+                                 f"{index}; check text_column (--column) and the delimiter "
                                  f"({delimiter!r})")
             if row[index].strip():
                 yield Document(row[index], path, line, True, state["offset"])
     except csv.Error as e:
         kind = "TSV" if delimiter == "\t" else "CSV"
-        raise ValueError(f"{path}: line {reader.line_num}: malformed {kind} ({e})") from None
+        where = f"line {start}" + (f" (to line {reader.line_num})" if reader.line_num > start else "")
+        raise ValueError(f"{path}: {where}: malformed {kind} ({e}); check the quotes on that row: a "
+                         f'field that holds a quote must be quoted as a whole, with the quote doubled ("")'
+                         ) from None

@@ -8,14 +8,18 @@ import torch
 from torch import nn
 
 from lmforge.config import ModelConfig
+from lmforge.models.bert import BERT_PRESETS, Bert, BertConfig
+from lmforge.models.bert import flops_per_token as bert_flops_per_token
 from lmforge.models.gpt import GPT, GPT_PRESETS, GPTConfig
+from lmforge.models.gpt import flops_per_token as gpt_flops_per_token
 
 
 def architecture(cfg: ModelConfig, vocab_size: int) -> dict:
     """The architecture dict (`config.json` of a checkpoint): preset, then explicit fields."""
-    if cfg.preset is not None and cfg.preset not in GPT_PRESETS:
-        raise ValueError(f"model.preset: unknown preset {cfg.preset!r} (valid: {', '.join(GPT_PRESETS)})")
-    arch = dict(GPT_PRESETS[cfg.preset]) if cfg.preset else {}
+    presets = BERT_PRESETS if cfg.kind == "bert" else GPT_PRESETS
+    if cfg.preset is not None and cfg.preset not in presets:
+        raise ValueError(f"model.preset: unknown {cfg.kind} preset {cfg.preset!r} (valid: {', '.join(presets)})")
+    arch = dict(presets[cfg.preset]) if cfg.preset else {}
     for name in ("n_layer", "n_head", "n_embd", "context"):
         value = getattr(cfg, name)
         if value is not None:
@@ -31,7 +35,12 @@ def model_from_architecture(arch: dict) -> nn.Module:
     kind = arch.get("model_type")
     if kind == "gpt":
         return GPT(GPTConfig.from_dict({k: v for k, v in arch.items() if k != "model_type"}))
-    raise ValueError(f"config.json: unknown model_type {kind!r} (valid: gpt)")
+    if kind == "bert":
+        return Bert(BertConfig.from_dict({k: v for k, v in arch.items() if k != "model_type"}))
+    if kind == "classifier":  # a GPT/BERT backbone + classification head (lmforge.models.heads)
+        from lmforge.models.heads import classifier_from_architecture
+        return classifier_from_architecture(arch)
+    raise ValueError(f"config.json: unknown model_type {kind!r} (valid: gpt, bert, classifier)")
 
 
 def model_context(model: nn.Module) -> int:
@@ -41,13 +50,15 @@ def model_context(model: nn.Module) -> int:
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: Path | str) -> None:
     """Load a state dict, reporting missing or unexpected names against `source`."""
     result = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in result.missing_keys if k != "lm_head.weight"]  # tied to the embeddings
+    missing = [k for k in result.missing_keys  # tied to the embeddings (also under "backbone.")
+               if k not in ("lm_head.weight", "backbone.lm_head.weight")]
     if missing or result.unexpected_keys:
         raise ValueError(f"{source}: weights do not match the architecture "
                          f"(missing: {missing[:5]}, unexpected: {result.unexpected_keys[:5]})")
 
 
 def flops_per_token(config) -> int:
-    """Training FLOPs per token of a model config (for MFU)."""
-    from lmforge.models.gpt import flops_per_token as gpt_flops_per_token
+    """Training FLOPs per token of a model config, GPT or BERT (for MFU)."""
+    if isinstance(config, BertConfig):
+        return bert_flops_per_token(config)
     return gpt_flops_per_token(config)

@@ -128,14 +128,14 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        fault_point("ckpt_before_write")
+        fault_point("ckpt_before_write", path.name)
         files = {}
         for name, write in writers:
             current = name
             write(tmp / name)
             files[name] = _fsync_and_hash(tmp / name)
             if name == "model.safetensors":
-                fault_point("ckpt_mid_write")
+                fault_point("ckpt_mid_write", path.name)
         current = MANIFEST
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         manifest = {"format": MANIFEST_FORMAT, "files": files, "step": step, "epoch": epoch,
@@ -143,7 +143,7 @@ def save_checkpoint(
         _write_bytes(tmp / MANIFEST, _json_bytes(manifest, MANIFEST))
         _fsync_and_hash(tmp / MANIFEST)
         _fsync_dir(tmp)
-        fault_point("ckpt_after_flush")
+        fault_point("ckpt_after_flush", path.name)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         code = _errno_of(e)
@@ -166,7 +166,7 @@ def _swap_in(tmp: Path, path: Path) -> None:
         if os.path.lexists(old):
             shutil.rmtree(old)
         os.rename(path, old)
-    fault_point("ckpt_after_rename")
+    fault_point("ckpt_after_rename", path.name)
     try:
         os.rename(tmp, path)
     except BaseException:
@@ -177,7 +177,7 @@ def _swap_in(tmp: Path, path: Path) -> None:
     _fsync_dir(path.parent)
     if moved:
         (old / MANIFEST).unlink(missing_ok=True)  # from here on nothing would restore it
-        fault_point("ckpt_during_cleanup")
+        fault_point("ckpt_during_cleanup", path.name)
         shutil.rmtree(old)
 
 

@@ -1,0 +1,142 @@
+"""BERT pretraining sentence pairs/s: `lmforge train` (task mlm) against `BertForPreTraining`.
+
+configs/bert-wikitext.yaml's model (4 layers, 4 heads, 256 wide, context 128, WordPiece 8000
+on WikiText-2 valid + test), batch 32 pairs, fp32, dropout 0.1, MLM + NSP.
+
+- lmforge: the real `lmforge.train.loop.train` (task mlm) with log_every=1; a step's rate is
+  the `pairs_per_s` the loop logs.
+- transformers: `BertForPreTraining` (the same architecture, via lmforge.models.hf) in a plain
+  loop (forward with labels, backward, clip 1.0, fused AdamW step) over the same batches
+  (lmforge's sentence pairs and masking); rate = 32 / step time.
+
+Each side in its own worker process, interleaved A B A B; the first WARMUP steps of every
+round are dropped.
+
+    python bench/bert.py           # BENCH_ROUNDS=3 BENCH_BERT_STEPS=10
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from common import (BENCH_DIR, ROOT, ROUNDS, SEED, Worker, interleave, log, machine, median, table,
+                    write_summary)
+
+STEPS = int(os.environ.get("BENCH_BERT_STEPS", "10"))
+WARMUP = 2
+BATCH = 32
+MODEL = {"kind": "bert", "preset": None, "n_layer": 4, "n_head": 4, "n_embd": 256, "context": 128, "dropout": 0.1}
+
+
+def wikitext_mlm() -> Path:
+    """WikiText-2 (valid + test) as sentence pairs, WordPiece 8000 lowercase (built once)."""
+    data = BENCH_DIR / "wikitext2-mlm"
+    if (data / "meta.json").exists():
+        return data
+    from lmforge.data.prepare import prepare
+    from lmforge.tokenizer import train_tokenizer
+
+    inputs = [ROOT / "datasets" / "wikitext2" / f"wiki.{s}.raw" for s in ("valid", "test")]
+    log(f"building the BERT benchmark data in {data} (once)")
+    tok = train_tokenizer(inputs, kind="wordpiece", vocab_size=8000, lowercase=True, out_dir=BENCH_DIR / "tok-wordpiece")
+    with contextlib.redirect_stdout(io.StringIO()):
+        prepare("mlm", inputs, tok, data, overwrite=True, show_progress=False, doc_split="line")
+    return data
+
+
+def _config(data: str, steps: int, name: str):
+    from lmforge.config import load_config
+
+    return load_config(None, base={
+        "model": dict(MODEL), "data": {"path": data},
+        "train": {"task": "mlm", "batch_size": BATCH, "grad_accum": 1, "lr": 5e-4, "weight_decay": 0.01,
+                  "beta2": 0.999, "warmup_steps": 0, "max_steps": steps, "grad_clip": 1.0, "log_every": 1,
+                  "eval_every": 10**9, "eval_batches": 1, "device": "cpu", "precision": "fp32", "seed": SEED},
+        "run": {"out_dir": str(BENCH_DIR / "bert-runs"), "name": name}})
+
+
+def lmforge_runner(data: str):
+    from lmforge.train.loop import train
+
+    rounds = iter(range(10**6))
+
+    def run(steps: int) -> list[float]:
+        name = f"lmforge-{os.getpid()}-{next(rounds)}"
+        shutil.rmtree(BENCH_DIR / "bert-runs" / name, ignore_errors=True)
+        result = train(_config(data, WARMUP + steps, name), quiet=True)
+        events = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        shutil.rmtree(result.run_dir, ignore_errors=True)
+        return [e["pairs_per_s"] for e in events if e["event"] == "train"][WARMUP:]
+
+    return run
+
+
+def hf_runner(data: str):
+    import torch
+    from transformers import BertConfig, BertForPreTraining
+
+    from lmforge.data.store import read_meta
+    from lmforge.models.hf import bert_config_to_hf
+    from lmforge.models.registry import architecture
+    from lmforge.train.tasks import make_task
+
+    cfg = _config(data, 1, "unused")
+    meta = read_meta(Path(data))
+    task = make_task(cfg, meta, MODEL["context"])
+    pairs = task.dataset("train")
+    hf_config = bert_config_to_hf(architecture(cfg.model, int(meta["vocab_size"])), meta["special_ids"]["pad"])
+    for key in ("architectures", "model_type"):
+        hf_config.pop(key)
+
+    def run(steps: int) -> list[float]:
+        torch.manual_seed(SEED)
+        model = BertForPreTraining(BertConfig(**hf_config)).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01, fused=True)
+        order = torch.randperm(len(pairs)).tolist()
+        rates = []
+        for step in range(WARMUP + steps):
+            start = time.perf_counter()
+            batch = task.collate([pairs[i] for i in order[step * BATCH:(step + 1) * BATCH]])
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        token_type_ids=batch["token_type_ids"], labels=batch["labels"],
+                        next_sentence_label=batch["next_sentence_label"])
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.item()  # the loss a plain loop logs
+            rates.append(BATCH / (time.perf_counter() - start))
+        return rates[WARMUP:]
+
+    return run
+
+
+def main() -> None:
+    data = str(wikitext_mlm())
+    log(f"bench bert | {machine()} | {ROUNDS} rounds x {STEPS} steps (+{WARMUP} warm-up) per side")
+    workers = {"lmforge": Worker("bert:lmforge_runner", data=data),
+               "transformers BertForPreTraining, plain loop": Worker("bert:hf_runner", data=data)}
+    try:
+        rates = interleave({n: (lambda w=w: w(steps=STEPS)) for n, w in workers.items()}, ROUNDS,
+                           "sentence pairs/s", label=lambda n: "lmforge bert" if n == "lmforge" else n)
+    finally:
+        for w in workers.values():
+            w.close()
+    medians = {name: median(values) for name, values in rates.items()}
+    ref = "transformers BertForPreTraining, plain loop"
+    lines = table("bert: 4 x 256, context 128, WordPiece 8000, batch 32 pairs, fp32, MLM + NSP",
+                  [(n, r, "") for n, r in medians.items()], "pairs/s", ref, extra={
+                      "lmforge / transformers": f"{medians['lmforge'] / medians[ref]:.2f}x",
+                      "machine": machine()})
+    write_summary("bert", lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

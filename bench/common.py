@@ -1,0 +1,172 @@
+"""What every benchmark shares: the fixed workload's data, interleaved rounds, worker
+processes, the measured matmul peak, and the table of medians and ratios.
+
+Rules the benchmarks keep (issue "faster than the peers"): lmforge and its peer run in the
+same `make bench` run, interleaved A B A B ... for at least 3 rounds, on the same data and
+seeds; a number is the median of per-step (or per-call) rates; only the ratio lmforge / peer
+is meant to be compared across machines. Training sides run in their own long-lived worker
+process each, so process-wide settings one side makes (allocator thresholds, threads) never
+leak into the other; a round is one message to the worker, so the rounds interleave in time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = Path(os.environ.get("LMFORGE_BENCH_DIR", ROOT / "runs" / "bench"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+
+# The issue's fixed workload.
+WORKLOAD = dict(n_layer=4, n_head=4, n_embd=256, context=256, vocab_size=8192, batch_size=8)
+SEED = 1337
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def shakespeare_data() -> Path:
+    """Tiny Shakespeare, byte-level BPE with 8192 tokens, prepared for `lm` (built once, cached)."""
+    data = BENCH_DIR / "shakespeare-8192"
+    if (data / "meta.json").exists():
+        return data
+    from lmforge.data.prepare import prepare
+    from lmforge.quickstart import bundled_corpus
+    from lmforge.tokenizer import train_tokenizer
+
+    log(f"building the benchmark data in {data} (once)")
+    tok = train_tokenizer([bundled_corpus()], kind="bpe", vocab_size=WORKLOAD["vocab_size"],
+                          out_dir=BENCH_DIR / "tok-8192")
+    with contextlib.redirect_stdout(io.StringIO()):
+        prepare("lm", [bundled_corpus()], tok, data, overwrite=True, show_progress=False)
+    return data
+
+
+def matmul_peak(size: int = 2048, seconds: float = 0.5) -> float:
+    """fp32 FLOP/s of a size^3 matmul now (not cached): the denominator of MFU in the tables."""
+    from lmforge.train.flops import time_matmul
+
+    return time_matmul(size, seconds)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# -- worker processes ----------------------------------------------------------------------------
+
+
+def _serve(conn, factory: str, kwargs: dict) -> None:
+    """Child side: build the runner once, then run rounds on request (JSON over the pipe)."""
+    try:
+        module, name = factory.split(":")
+        runner = getattr(importlib.import_module(module), name)(**kwargs)
+        conn.send_bytes(json.dumps({"ok": True}).encode())
+        while True:
+            request = json.loads(conn.recv_bytes())
+            if request is None:
+                return
+            conn.send_bytes(json.dumps({"ok": True, "result": runner(**request)}).encode())
+    except Exception as err:  # report to the parent instead of dying silently
+        import traceback
+        conn.send_bytes(json.dumps({"ok": False, "error": f"{err!r}\n{traceback.format_exc()}"}).encode())
+
+
+class Worker:
+    """A side of a comparison in its own process: `factory(**kwargs)` returns `runner(**request)`."""
+
+    def __init__(self, factory: str, **kwargs) -> None:
+        context = mp.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._proc = context.Process(target=_serve, args=(child, factory, kwargs), daemon=True)
+        self._proc.start()
+        self._receive()
+
+    def _receive(self):
+        reply = json.loads(self._conn.recv_bytes())
+        if not reply["ok"]:
+            raise RuntimeError(f"benchmark worker failed:\n{reply['error']}")
+        return reply.get("result")
+
+    def __call__(self, **request):
+        self._conn.send_bytes(json.dumps(request).encode())
+        return self._receive()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, BrokenPipeError):
+            self._conn.send_bytes(json.dumps(None).encode())
+        self._proc.join(timeout=30)
+        if self._proc.is_alive():
+            self._proc.terminate()
+
+
+# -- interleaving and reporting ------------------------------------------------------------------
+
+
+_LMFORGE_LINES: list[str] = []  # "lmforge <what>: N <unit>" per round, repeated at the end of the output
+
+
+def interleave(sides: dict[str, Callable[[], list[float]]], rounds: int, unit: str,
+               label: Callable[[str], str] = lambda name: name,
+               units: dict[str, str] | None = None) -> dict[str, list[float]]:
+    """Run the sides A B A B ... for `rounds` rounds; each call returns per-step rates.
+
+    Prints one line `<label>: N <unit>` per side per round (the round's median) and returns
+    every per-step rate of every round, per side."""
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    for r in range(1, rounds + 1):
+        for name, run in sides.items():
+            values = run()
+            rates[name].extend(values)
+            line = f"{label(name)}: {median(values):,.0f} {(units or {}).get(name, unit)}"
+            log(f"{line}   (round {r}/{rounds}, median of {len(values)})")
+            if line.startswith("lmforge"):
+                _LMFORGE_LINES.append(line)
+    return rates
+
+
+def table(title: str, rows: list[tuple[str, float, str]], unit: str, reference: str,
+          extra: dict[str, str] | None = None) -> list[str]:
+    """Rows (name, median rate, note) as a table with each row's ratio to `reference`."""
+    ref = dict((name, rate) for name, rate, _ in rows)[reference]
+    lines = [f"## {title}", f"| {'':<44} | {unit:>12} | {'ratio':>6} | note", f"|{'-' * 46}|{'-' * 14}|{'-' * 8}|-----"]
+    for name, rate, note in rows:
+        ratio = rate / ref if ref else float("nan")
+        lines.append(f"| {name:<44} | {rate:>12,.0f} | {ratio:>5.2f}x | {note}")
+    for key, value in (extra or {}).items():
+        lines.append(f"{key}: {value}")
+    return lines
+
+
+def write_summary(name: str, lines: list[str]) -> None:
+    """Print the table and keep it in runs/bench/<name>.md for `make bench`'s closing summary."""
+    text = "\n".join(lines)
+    log("\n" + text + "\n")
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    (BENCH_DIR / f"{name}.md").write_text(text + "\n", encoding="utf-8")
+    for line in _LMFORGE_LINES:  # the output ends with lmforge's number of every measured round
+        log(line)
+
+
+def machine() -> str:
+    import torch
+
+    return (f"{os.cpu_count()} CPUs visible, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.1f}")
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start

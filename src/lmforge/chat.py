@@ -1,0 +1,296 @@
+"""Multi-turn chat with a dialogue GPT: the session, streaming replies, the `lmforge chat` loops.
+
+Owns the conversation: the history is a list of turns kept as token ids; the context for a
+reply is `[CLS] t1 [SEP] ... [SEP] user [SEP]` (the format of `lmforge.data.prepare_dialogue`)
+over the last `max_history` turns (the new user turn included, as GPT2-chitchat counts),
+with older whole turns dropped until it fits the model context with room for the reply.
+The reply is streamed by `lmforge.generate.stream_generate`, stopping at [SEP].
+
+Two front ends: an interactive loop for a terminal (commands /reset, /history, /save FILE,
+/quit; Ctrl-C stops a reply, Ctrl-D leaves) and a scripted one for pipes: each input line
+is a user turn and gets exactly one output line (a blank input line starts a new
+conversation and gets an empty line back, as blank lines separate dialogues in the corpus).
+Text the vocabulary does not know becomes [UNK]; nothing typed can crash a session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import re
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from tokenizers import Tokenizer, models
+from torch import nn
+
+from lmforge.data.prepare_dialogue import RESPONSE, USER, build_sample, dialogue_specials
+from lmforge.generate import SamplingConfig, stream_generate
+from lmforge.tokenizer import special_ids
+
+COMMANDS = "/reset  /history  /save FILE  /quit"
+# Scripts written without spaces between words: no space is put next to these characters.
+_NO_SPACE = re.compile("[\u2e80-\u2fff\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+                       "\ufe30-\ufe4f\uff00-\uffef\U00020000-\U0002fa1f]")
+_NO_SPACE_BEFORE = set(".,!?;:%)]}'\u2019")
+_NO_SPACE_AFTER = set("([{$'\u2019")
+
+
+@dataclass
+class Turn:
+    role: int  # USER or RESPONSE
+    text: str
+    ids: list[int]
+
+
+class StreamDecoder:
+    """Token ids -> text pieces, one call per token, so a reply can be printed as it comes.
+
+    WordPiece: tokens are joined by rule ("##" glued, no space around CJK characters or
+    before punctuation), which never rewrites text already printed. Byte-level BPE: the
+    decoded text grows; a piece is given out once its characters are complete.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.wordpiece = isinstance(tokenizer.model, models.WordPiece)
+        self.special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        if token_id in self.special:
+            return ""
+        if self.wordpiece:
+            piece = _join_wordpiece(self.text, self.tokenizer.id_to_token(token_id) or "")
+            self.text += piece
+            return piece
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(self.text):
+            return ""  # a multi-byte character still incomplete
+        piece, self.text = text[len(self.text):], text
+        return piece
+
+
+def _join_wordpiece(before: str, token: str) -> str:
+    if token.startswith("##"):
+        return token[2:]
+    if not before or not token:
+        return token
+    prev, first = before[-1], token[0]
+    if (_NO_SPACE.match(prev) or _NO_SPACE.match(first) or first in _NO_SPACE_BEFORE
+            or prev in _NO_SPACE_AFTER):
+        return token
+    return " " + token
+
+
+def decode_text(tokenizer: Tokenizer, ids: list[int]) -> str:
+    decoder = StreamDecoder(tokenizer)
+    return "".join(decoder.push(i) for i in ids)
+
+
+class ChatSession:
+    """A conversation with a dialogue GPT; `reply(text)` streams the model's answer."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, sampling: SamplingConfig, *,
+                 max_history: int = 3, generator: torch.Generator | None = None) -> None:
+        if max_history < 1:
+            raise ValueError(f"max_history must be >= 1 (the new turn itself), got {max_history}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.specials = special_ids(tokenizer)
+        self.cls, self.sep = dialogue_specials(self.specials)
+        stops = tuple(dict.fromkeys((*sampling.stop_ids, self.sep)))
+        self.sampling = dataclasses.replace(sampling, stop_ids=stops)
+        self.max_history = max_history
+        self.generator = generator
+        self.history: list[Turn] = []
+        self.transcript: list[Turn | None] = []  # every turn since the start; None marks a /reset
+        tokenizer.encode_special_tokens = True  # typed "[SEP]" is text, not a turn boundary
+
+    def encode(self, text: str) -> list[int]:
+        """The turn's token ids; text that leaves no token (control characters) becomes [UNK]."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if not ids and text.strip():
+            unk = self.specials.unk
+            ids = [unk] if unk is not None else []
+        return ids
+
+    def context_ids(self, user_ids: list[int] | None = None) -> list[int]:
+        """The prompt for the next reply: the last max_history turns (with `user_ids` as the newest)."""
+        turns = [t.ids for t in self.history] + ([user_ids] if user_ids is not None else [])
+        roles = [t.role for t in self.history] + ([USER] if user_ids is not None else [])
+        turns, roles = turns[-self.max_history:], roles[-self.max_history:]
+        context = self.model.config.context
+        room = min(self.sampling.max_new_tokens, context // 2)  # for the reply
+        return build_sample(turns, roles, self.cls, self.sep, max(3, context - room))[0]
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Add the user's turn, stream the reply as text pieces, and add the reply to the history.
+
+        Stopped early (Ctrl-C, or the iterator closed), the reply so far still joins the history.
+        """
+        text = text.strip()
+        user = Turn(USER, text, self.encode(text))
+        if not user.ids:
+            return
+        prompt = self.context_ids(user.ids)
+        self._add(user)
+        decoder = StreamDecoder(self.tokenizer)
+        new: list[int] = []
+        try:
+            for token in stream_generate(self.model, prompt, self.sampling, generator=self.generator):
+                new.append(token)
+                piece = decoder.push(token)
+                if piece:
+                    yield piece
+        finally:
+            if new:
+                self._add(Turn(RESPONSE, decoder.text, new))
+
+    def _add(self, turn: Turn) -> None:
+        self.history.append(turn)
+        self.transcript.append(turn)
+
+    def reset(self) -> None:
+        self.history = []
+        if self.transcript and self.transcript[-1] is not None:
+            self.transcript.append(None)
+
+    def save(self, path: Path) -> Path:
+        """Write the transcript: `.jsonl` as {"messages": [...]} per conversation, else plain text."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conversations: list[list[Turn]] = [[]]
+        for turn in self.transcript:
+            if turn is None:
+                conversations.append([])
+            else:
+                conversations[-1].append(turn)
+        conversations = [c for c in conversations if c]
+        if path.suffix.lower() == ".jsonl":
+            lines = [json.dumps({"messages": [{"role": "user" if t.role == USER else "assistant",
+                                               "content": t.text} for t in c]}, ensure_ascii=False)
+                     for c in conversations]
+            text = "".join(line + "\n" for line in lines)
+        else:
+            text = "\n".join("".join(f"{_speaker(t)}: {t.text}\n" for t in c) for c in conversations)
+        path.write_text(text, encoding="utf-8")
+        return path
+
+
+def _speaker(turn: Turn) -> str:
+    return "you" if turn.role == USER else "bot"
+
+
+def _command(session: ChatSession, line: str, out: TextIO) -> bool:
+    """Run a /command; False when the chat should end."""
+    name, _, arg = line.partition(" ")
+    if name in ("/quit", "/exit"):
+        return False
+    if name == "/reset":
+        session.reset()
+        out.write("(history cleared)\n")
+    elif name == "/history":
+        first = max(0, len(session.history) - session.max_history + 1)  # what the next reply sees
+        for i, turn in enumerate(session.history):
+            mark = "*" if i >= first else " "
+            out.write(f"{mark} {_speaker(turn)}: {turn.text}\n")
+        out.write(f"({len(session.history)} turns; * = context of the next reply, "
+                  f"max_history {session.max_history})\n")
+    elif name == "/save":
+        if not arg.strip():
+            out.write("usage: /save FILE (.txt or .jsonl)\n")
+        else:
+            try:
+                out.write(f"(saved {session.save(Path(arg.strip()))})\n")
+            except OSError as err:
+                out.write(f"(could not save: {err})\n")
+    else:
+        out.write(f"unknown command {name}; commands: {COMMANDS}\n")
+    return True
+
+
+def chat_interactive(session: ChatSession, out: TextIO, read_line: Callable[[str], str] = input) -> None:
+    """The terminal loop: `read_line` raises EOFError on Ctrl-D and KeyboardInterrupt on Ctrl-C."""
+    out.write(f"commands: {COMMANDS} | Ctrl-C stops a reply, Ctrl-D leaves\n")
+    while True:
+        try:
+            line = read_line("you> ").strip()
+        except EOFError:
+            out.write("\n")
+            return
+        except KeyboardInterrupt:
+            out.write("\n(Ctrl-D or /quit to leave)\n")
+            continue
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not _command(session, line, out):
+                return
+            continue
+        out.write("bot> ")
+        out.flush()
+        stream = session.reply(line)
+        try:
+            for piece in stream:
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:
+            out.write(" [stopped]")
+        finally:
+            stream.close()
+        out.write("\n")
+        out.flush()
+
+
+def chat_scripted(session: ChatSession, lines: TextIO, out: TextIO) -> int:
+    """One reply line per input line; a blank line starts a new conversation. Returns replies made."""
+    replies = 0
+    for line in lines:
+        if not line.strip():
+            session.reset()
+            out.write("\n")
+        else:
+            reply = "".join(session.reply(line))
+            out.write(reply.replace("\r", " ").replace("\n", " ") + "\n")
+            replies += 1
+        out.flush()
+    return replies
+
+
+def run_chat(checkpoint: str | Path, sampling: SamplingConfig, *, max_history: int = 3,
+             device: str = "auto", transcript: Path | None = None, stdin: TextIO | None = None,
+             stdout: TextIO | None = None) -> int:
+    """The `lmforge chat` command: interactive on a terminal, scripted when stdin is a pipe."""
+    from lmforge.inference import load_for_inference
+
+    stdin = sys.stdin if stdin is None else stdin
+    stdout = sys.stdout if stdout is None else stdout
+    loaded = load_for_inference(checkpoint, device)
+    if not hasattr(loaded.model, "new_kv_cache"):
+        raise ValueError(f"{loaded.path}: chat needs a GPT checkpoint (a dialogue fine-tune)")
+    generator = None
+    if sampling.temperature > 0:
+        generator = torch.Generator(device=loaded.device)
+        generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+    session = ChatSession(loaded.model, loaded.tokenizer, sampling, max_history=max_history,
+                          generator=generator)
+    try:
+        if stdin.isatty():
+            with contextlib.suppress(ImportError):
+                import readline  # noqa: F401  (line editing and history for input())
+            print(f"chat with {loaded.path} (max_history {max_history})", file=stdout)
+            chat_interactive(session, stdout)
+        else:
+            chat_scripted(session, stdin, stdout)
+    finally:
+        if transcript is not None:
+            print(f"transcript saved: {session.save(transcript)}", file=sys.stderr)
+    return 0

@@ -1,0 +1,265 @@
+"""Prepare for `classify`: labelled texts (.csv, .tsv, .jsonl, SMS Spam Collection) -> a token store.
+
+Owns reading (text, label) records, the label vocabulary, class balancing, the seeded
+stratified train/val/test split, and writing one labelled sample per text.
+
+- `.csv` / `.tsv`: the text and label columns are named (`text_column`, `label_column`) by the
+  header row, or, with `header=False`, by `columns` (names for the positions, e.g.
+  ["label", "text"]) or by 0-based indices. `.tsv` is read without quote handling.
+- `.jsonl`: one object per line with the text and label fields.
+- `fmt="sms"`: the SMS Spam Collection as distributed (`label<TAB>text`, no header, any file
+  name); the same as a header-less `.tsv` with columns ["label", "text"].
+
+Label ids follow `labels` when given (a label outside it is an error naming the line), else the
+sorted label names. The split is stratified: each class is shuffled with the seed and cut by
+the fractions, so every split keeps the class proportions; each split is then shuffled, so the
+first batches of val hold every class. `balance=True` first undersamples every class to the
+size of the smallest (as chapter 6 of "Build a Large Language Model (From Scratch)" does).
+
+The records are held in memory (labelled sets are small next to pretraining corpora); the
+token store is written through a temp folder renamed into place, as `lmforge.data.prepare`.
+Texts are encoded without truncation or padding (a tokenizer.json from the Hub may carry
+both); a WordPiece tokenizer (one with [CLS] and [SEP]) gets `[CLS] text [SEP]`, a BPE one the
+text's tokens only (the GPT head reads the last real token). `max_tokens` truncates at prepare
+time; the task also truncates to the model context when it reads.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Iterator, Literal, NamedTuple
+
+import numpy as np
+
+from lmforge import __version__
+from lmforge.data.prepare import _check_out_dir, _fsync_dir, _move_into_place, _sha256
+from lmforge.data.readers import _iter_lines, check_inputs
+from lmforge.data.store import TokenStoreWriter, dtype_for, write_meta
+from lmforge.tokenizer import load_tokenizer, special_ids, tokenizer_file
+
+Format = Literal["auto", "csv", "tsv", "jsonl", "sms"]
+SPLITS = ("train", "val", "test")
+
+
+class Record(NamedTuple):
+    text: str
+    label: str
+    path: Path
+    line: int
+
+
+def prepare_classify(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
+                     fmt: Format = "auto", text_column: str | int = "text",
+                     label_column: str | int = "label", header: bool = True,
+                     columns: list[str] | None = None, labels: list[str] | None = None,
+                     val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 1337,
+                     balance: bool = False, max_tokens: int | None = None,
+                     overwrite: bool = False, show_progress: bool = True) -> dict:
+    """Read, split and tokenize labelled texts into `out_dir`; returns the meta.json dict."""
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must be < 1 (train needs data), got "
+                         f"{val_fraction} + {test_fraction}")
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"max_tokens must be >= 2 or None, got {max_tokens}")
+    if labels is not None and len(set(labels)) != len(labels):
+        raise ValueError(f"labels {labels}: each label name must appear once")
+    paths = check_inputs(inputs)
+    tok_file = tokenizer_file(tokenizer_path)
+    tok = load_tokenizer(tok_file)
+    tok.no_truncation()
+    tok.no_padding()
+    ids = special_ids(tok)
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, paths, overwrite)
+    t0 = time.perf_counter()
+
+    records: list[Record] = []
+    for path in paths:
+        records += read_records(path, fmt=fmt, text_column=text_column, label_column=label_column,
+                                header=header, columns=columns, allowed=labels)
+    if not records:
+        raise ValueError(f"no labelled rows found in {', '.join(map(str, paths))}")
+    label_names = list(labels) if labels is not None else sorted({r.label for r in records})
+    if len(label_names) < 2:
+        raise ValueError(f"{', '.join(map(str, paths))}: only one label ({label_names[0]!r}); "
+                         "classification needs at least two")
+    label_id = {name: i for i, name in enumerate(label_names)}
+    y = np.array([label_id[r.label] for r in records], dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    keep = balanced_indices(y, rng) if balance else np.arange(len(y))
+    parts = stratified_split(y, keep, val_fraction, test_fraction, rng)
+
+    wrap = "cls_sep" if ids.cls is not None and ids.sep is not None else "none"
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        counts = {}
+        for split, idx in parts.items():
+            if split == "test" and test_fraction == 0:
+                continue
+            texts = [records[i].text for i in idx]
+            encoded = tok.encode_batch(texts, add_special_tokens=False) if texts else []
+            with TokenStoreWriter(tmp, split, vocab_size) as writer:
+                for i, enc in zip(idx, encoded):
+                    writer.add(_wrap(enc.ids, ids, wrap, max_tokens), int(y[i]))
+            counts[split] = _split_counts(tmp, split)
+            counts[split]["labels"] = {label_names[k]: int(v) for k, v in
+                                       sorted(Counter(y[idx].tolist()).items())}
+        shutil.copyfile(tok_file, tmp / "tokenizer.json")
+        meta = {
+            "task": "classify", "tokenizer": str(tok_file.resolve()),
+            "tokenizer_sha256": _sha256(tok_file), "vocab_size": vocab_size,
+            "dtype": dtype_for(vocab_size).name, "special_ids": dataclasses.asdict(ids),
+            "label_names": label_names, "special_wrap": wrap, "splits": counts,
+            "lmforge_version": __version__, "inputs": [str(p.resolve()) for p in paths],
+            "records": len(records), "balanced": balance, "seed": seed,
+            "val_fraction": val_fraction, "test_fraction": test_fraction, "max_tokens": max_tokens,
+        }
+        write_meta(tmp, meta)
+        _fsync_dir(tmp)
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if show_progress:
+        per_split = " / ".join(f"{s} {c['samples']:,}" for s, c in counts.items())
+        print(f"prepared: {len(records):,} labelled texts ({per_split}), labels {label_names} "
+              f"in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
+    return meta
+
+
+def read_records(path: Path, *, fmt: Format = "auto", text_column: str | int = "text",
+                 label_column: str | int = "label", header: bool = True,
+                 columns: list[str] | None = None, allowed: list[str] | None = None) -> list[Record]:
+    """The (text, label) records of one file; ValueError naming the line for a bad one."""
+    path = Path(path)
+    if fmt == "auto":
+        fmt = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}.get(path.suffix.lower(), "")
+        if not fmt:
+            raise ValueError(f"{path}: cannot tell the format from the extension; name it .csv, .tsv "
+                             "or .jsonl, or pass --format (sms for the SMS Spam Collection)")
+    if fmt == "sms":
+        fmt, header, columns = "tsv", False, ["label", "text"]
+        text_column, label_column = "text", "label"
+    rows = _jsonl_rows(path, text_column, label_column) if fmt == "jsonl" else \
+        _table_rows(path, fmt, text_column, label_column, header, columns)
+    records = []
+    for line, text, label in rows:
+        if text is None or not str(text).strip():
+            raise ValueError(f"{path}: line {line}: missing text (column/field {text_column!r})")
+        if label is None or not str(label).strip():
+            raise ValueError(f"{path}: line {line}: missing label (column/field {label_column!r})")
+        label = str(label).strip()
+        if allowed is not None and label not in allowed:
+            raise ValueError(f"{path}: line {line}: label {label!r} is not one of --labels "
+                             f"{','.join(allowed)}")
+        records.append(Record(str(text), label, path, line))
+    return records
+
+
+def _table_rows(path: Path, fmt: str, text_column: str | int, label_column: str | int,
+                header: bool, columns: list[str] | None) -> Iterator[tuple[int, str | None, str | None]]:
+    delimiter = "\t" if fmt == "tsv" else ","
+    quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    reader = csv.reader((text for _, text, _ in _iter_lines(path)), delimiter=delimiter, quoting=quoting)
+    names = list(columns) if columns else None
+    positions: tuple[int, int] | None = None
+    start = 1
+    try:
+        for row in reader:
+            line, start = start, reader.line_num + 1
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            if positions is None:
+                if header:
+                    names = [c.strip() for c in row]
+                positions = (_position(path, names, text_column, "text", header),
+                             _position(path, names, label_column, "label", header))
+                if header:
+                    continue
+            text_at, label_at = positions
+            yield (line, row[text_at] if text_at < len(row) else None,
+                   row[label_at] if label_at < len(row) else None)
+    except csv.Error as e:
+        raise ValueError(f"{path}: line {reader.line_num}: malformed {fmt.upper()} ({e})") from None
+
+
+def _position(path: Path, names: list[str] | None, column: str | int, what: str, header: bool) -> int:
+    if isinstance(column, int) or (isinstance(column, str) and column.isdigit()):
+        return int(column)
+    if names is None:
+        raise ValueError(f"{path}: the file has no header, so the {what} column {column!r} cannot be "
+                         f"found by name; give --columns (e.g. --columns label,text) or a 0-based index")
+    if column not in names:
+        where = "header (line 1)" if header else "--columns"
+        raise ValueError(f"{path}: no {what} column {column!r} in the {where}; the columns are {names}")
+    return names.index(column)
+
+
+def _jsonl_rows(path: Path, text_field: str | int, label_field: str | int
+                ) -> Iterator[tuple[int, str | None, str | None]]:
+    for line, text, _ in _iter_lines(path):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {line}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {line}: expected a JSON object, got {type(record).__name__}")
+        label = record.get(str(label_field))
+        yield line, record.get(str(text_field)), None if label is None else str(label)
+
+
+def balanced_indices(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Indices keeping, for every class, a seeded random subset as large as the smallest class."""
+    classes = [np.flatnonzero(y == k) for k in np.unique(y)]
+    smallest = min(len(c) for c in classes)
+    kept = [np.sort(rng.permutation(c)[:smallest]) for c in classes]
+    return np.sort(np.concatenate(kept))
+
+
+def stratified_split(y: np.ndarray, keep: np.ndarray, val_fraction: float, test_fraction: float,
+                     rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Per class: shuffle, the first round(n*test) to test, the next round(n*val) to val, the rest
+    to train; then each split shuffled. A class of two or more keeps at least one train sample."""
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    for k in np.unique(y[keep]):
+        members = rng.permutation(keep[y[keep] == k])
+        n = len(members)
+        n_test = min(int(round(n * test_fraction)), max(0, n - 1))
+        n_val = min(int(round(n * val_fraction)), max(0, n - 1 - n_test))
+        parts["test"].append(members[:n_test])
+        parts["val"].append(members[n_test:n_test + n_val])
+        parts["train"].append(members[n_test + n_val:])
+    return {s: rng.permutation(np.concatenate(p)) for s, p in parts.items()}
+
+
+def _wrap(token_ids: list[int], ids, wrap: str, max_tokens: int | None) -> list[int]:
+    if wrap == "cls_sep":
+        body = token_ids if max_tokens is None else token_ids[:max_tokens - 2]
+        return [ids.cls, *body, ids.sep]
+    body = token_ids if max_tokens is None else token_ids[:max_tokens]
+    if not body:  # a text of only characters the tokenizer drops: keep one real token to read
+        body = [ids.eos if ids.eos is not None else 0]
+    return body
+
+
+def _split_counts(folder: Path, split: str) -> dict:
+    idx = np.fromfile(folder / f"{split}.idx", dtype="<i8")
+    return {"samples": len(idx) - 1, "tokens": int(idx[-1])}

@@ -1,0 +1,397 @@
+"""Prepare for the `dialogue` task: dialogue corpora -> token store with per-token roles.
+
+Owns the dialogue sample format (shared by training and `lmforge chat`) and the dialogue
+readers. One dialogue is one sample, as in GPT2-chitchat:
+
+    [CLS] u1 [SEP] u2 [SEP] u3 [SEP] ...
+
+Turns alternate between the user (role 0) and the model's replies (role 1), starting with
+the user, unless the input names the roles (JSONL "messages"). A prepared folder holds, per
+split, the usual `{split}.bin` / `{split}.idx` (see `lmforge.data.store`) and
+
+- `{split}.roles`: uint8, one per token of `{split}.bin` (same positions): 1 on the tokens of
+  a reply turn and on the [SEP] that closes it, 0 on [CLS] and on the user's turns with their
+  [SEP]. With `train.loss_on: responses` only role-1 tokens are learned.
+
+Every turn ends with exactly one [SEP] and [SEP] never occurs inside a turn (special-token
+text typed in a turn is tokenized as plain text), so turn boundaries are the [SEP]
+positions. meta.json repeats this under "dialogue" (ids, files, counts).
+
+Input formats (by extension; `.gz` of any of them is read directly):
+
+- text (GPT2-chitchat): one utterance per line, a blank line between dialogues. A file whose
+  first non-blank line holds `__eou__` is read as DailyDialog instead: one dialogue per line,
+  utterances separated by `__eou__`.
+- `.jsonl`: one dialogue per line, `{"turns": ["...", ...]}` or
+  `{"messages": [{"role": "user"|"assistant"|..., "content": "..."}, ...]}`.
+
+CRLF, a byte-order mark and whitespace around utterances are dropped. A dialogue whose
+turns are all empty is counted and skipped. With `max_len`, a dialogue longer than that
+keeps its most recent whole turns (`build_sample`); the task trims again to the model
+context when it reads, so the same folder serves models of any context.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from tqdm import tqdm
+
+from lmforge import __version__
+from lmforge.data.readers import _BOM, _utf8_error
+from lmforge.data.store import TokenStoreWriter, dtype_for, write_meta
+from lmforge.tokenizer import SpecialIds, load_tokenizer, special_ids, tokenizer_file
+
+USER, RESPONSE = 0, 1
+ROLE_NAMES = {"user": USER, "human": USER, "system": USER,
+              "assistant": RESPONSE, "bot": RESPONSE, "gpt": RESPONSE, "model": RESPONSE}
+_EOU = "__eou__"
+
+
+class Dialogue(NamedTuple):
+    """One dialogue as read: stripped, non-empty turns and their roles (0 user, 1 reply)."""
+
+    turns: list[str]
+    roles: list[int]
+    path: Path
+    line: int  # 1-based line where the dialogue starts
+
+
+# -- the sample format ---------------------------------------------------------------------------
+
+
+def dialogue_specials(ids: SpecialIds, where: str = "tokenizer") -> tuple[int, int]:
+    """(cls, sep) ids: [CLS]/[SEP] of a WordPiece tokenizer, or the end-of-text id for both."""
+    cls = ids.cls if ids.cls is not None else ids.bos
+    sep = ids.sep if ids.sep is not None else ids.eos
+    if cls is None or sep is None:
+        raise ValueError(f"{where}: no [CLS]/[SEP] (or <|endoftext|>) token; train a tokenizer with "
+                         f"`lmforge tokenizer train --kind wordpiece`")
+    return cls, sep
+
+
+def recent_turns_start(turn_lengths: Sequence[int], max_len: int) -> int:
+    """Index of the first turn kept so that [CLS] + turns (each + [SEP]) fit in max_len.
+
+    Whole turns are dropped from the front; the last turn is always kept (cut by build_sample
+    when it alone does not fit).
+    """
+    used, start = 1, len(turn_lengths)
+    while start > 0 and used + turn_lengths[start - 1] + 1 <= max_len:
+        used += turn_lengths[start - 1] + 1
+        start -= 1
+    return min(start, max(0, len(turn_lengths) - 1))
+
+
+def build_sample(turns: Sequence[Sequence[int]], roles: Sequence[int], cls: int, sep: int,
+                 max_len: int | None = None) -> tuple[list[int], list[int]]:
+    """`[CLS] t1 [SEP] t2 [SEP] ...` and its per-token roles, at most max_len tokens.
+
+    Longer dialogues keep their most recent whole turns; if the last turn alone is too long,
+    its last max_len - 2 tokens are kept (then [SEP]).
+    """
+    if max_len is not None and max_len < 3:
+        raise ValueError(f"max_len must be >= 3 ([CLS], one token, [SEP]), got {max_len}")
+    start = 0 if max_len is None else recent_turns_start([len(t) for t in turns], max_len)
+    ids, token_roles = [cls], [USER]
+    for turn, role in zip(turns[start:], roles[start:]):
+        turn = list(turn)
+        if max_len is not None and len(turn) + 2 > max_len:
+            turn = turn[len(turn) - (max_len - 2):]
+        ids += turn + [sep]
+        token_roles += [role] * (len(turn) + 1)
+    return ids, token_roles
+
+
+def split_turns(ids: Sequence[int], roles: Sequence[int], sep: int) -> tuple[list[list[int]], list[int]]:
+    """The inverse of build_sample: a stored sample -> (turns without [SEP], their roles)."""
+    turns, turn_roles, current = [], [], []
+    for token, role in zip(list(ids)[1:], list(roles)[1:]):
+        if token == sep:
+            turns.append(current)
+            turn_roles.append(int(role))
+            current = []
+        else:
+            current.append(int(token))
+    return turns, turn_roles
+
+
+# -- readers -------------------------------------------------------------------------------------
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line_no, text without its line ending): strict UTF-8 with file+line errors; .gz read directly."""
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    offset = 0
+    with opener(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            start = offset
+            offset += len(raw)
+            if line_no == 1 and raw.startswith(_BOM):
+                raw, start = raw[3:], start + 3
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _utf8_error(path, line_no, start + e.start, raw[e.start:e.end]) from None
+            yield line_no, text.rstrip("\r\n")
+
+
+def _dialogue(texts: list[str], roles: list[int], path: Path, line: int) -> Dialogue:
+    kept = [(t.strip(), r) for t, r in zip(texts, roles) if t.strip()]
+    return Dialogue([t for t, _ in kept], [r for _, r in kept], path, line)
+
+
+def _alternating(n: int) -> list[int]:
+    return [i % 2 for i in range(n)]
+
+
+def _text_dialogues(path: Path) -> Iterator[Dialogue]:
+    block: list[str] = []
+    start = 0
+    daily: bool | None = None
+    for line_no, text in _lines(path):
+        if daily is None and text.strip():
+            daily = _EOU in text
+        if daily:
+            if text.strip():
+                parts = text.split(_EOU)
+                yield _dialogue(parts, _alternating(len(parts)), path, line_no)
+            continue
+        if text.strip():
+            if not block:
+                start = line_no
+            block.append(text)
+        elif block:
+            yield _dialogue(block, _alternating(len(block)), path, start)
+            block = []
+    if block:
+        yield _dialogue(block, _alternating(len(block)), path, start)
+
+
+def _jsonl_dialogue(record: object, path: Path, line_no: int) -> Dialogue:
+    where = f"{path}: line {line_no}"
+    if isinstance(record, dict) and isinstance(record.get("turns"), list):
+        turns = record["turns"]
+        if not all(isinstance(t, str) for t in turns):
+            raise ValueError(f"{where}: every item of \"turns\" must be a string")
+        return _dialogue(turns, _alternating(len(turns)), path, line_no)
+    if isinstance(record, dict) and isinstance(record.get("messages"), list):
+        texts, roles = [], []
+        for i, message in enumerate(record["messages"]):
+            if not (isinstance(message, dict) and isinstance(message.get("content"), str)
+                    and isinstance(message.get("role"), str)):
+                raise ValueError(f"{where}: messages[{i}] must be an object with string "
+                                 f"\"role\" and \"content\"")
+            role = message["role"].strip().lower()
+            if role not in ROLE_NAMES:
+                raise ValueError(f"{where}: messages[{i}]: unknown role {message['role']!r} "
+                                 f"(valid: {', '.join(ROLE_NAMES)})")
+            texts.append(message["content"])
+            roles.append(ROLE_NAMES[role])
+        return _dialogue(texts, roles, path, line_no)
+    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise ValueError(f"{where}: expected {{\"turns\": [...]}} or {{\"messages\": [...]}}, got {keys}")
+
+
+def _jsonl_dialogues(path: Path) -> Iterator[Dialogue]:
+    for line_no, text in _lines(path):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {line_no}: not valid JSON ({e.msg} at column {e.colno}); "
+                             f"a .jsonl file holds one JSON object per line") from None
+        yield _jsonl_dialogue(record, path, line_no)
+
+
+def iter_dialogues(path: Path) -> Iterator[Dialogue]:
+    """Stream the dialogues of one file (format by extension, see the module docstring)."""
+    path = Path(path)
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes[-1:] == [".gz"]:
+        suffixes = suffixes[:-1]
+    if suffixes[-1:] == [".jsonl"]:
+        return _jsonl_dialogues(path)
+    if suffixes[-1:] in ([".csv"], [".tsv"], [".json"]):
+        raise ValueError(f"{path}: dialogues are read from text (GPT2-chitchat or DailyDialog "
+                         f"format) or .jsonl files; convert it to one of those")
+    return _text_dialogues(path)
+
+
+def check_dialogue_inputs(inputs: Sequence[Path]) -> list[Path]:
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise ValueError("no input files given; pass at least one dialogue file")
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
+    folders = [str(p) for p in paths if p.is_dir()]
+    if folders:
+        raise ValueError(f"input(s) {', '.join(folders)} are folders; pass the files inside them")
+    return paths
+
+
+# -- prepare -------------------------------------------------------------------------------------
+
+
+class _SplitWriter:
+    """A TokenStoreWriter plus the parallel `{split}.roles` file."""
+
+    def __init__(self, folder: Path, split: str, vocab_size: int) -> None:
+        self.tokens = TokenStoreWriter(folder, split, vocab_size)
+        self.roles = open(folder / f"{split}.roles", "wb")
+        self.samples = 0
+
+    def add(self, ids: list[int], roles: list[int]) -> None:
+        self.tokens.add(np.asarray(ids, dtype=np.int64))
+        np.asarray(roles, dtype=np.uint8).tofile(self.roles)
+        self.samples += 1
+
+    def close(self) -> dict[str, int]:
+        self.roles.close()
+        return self.tokens.close()
+
+
+def prepare_dialogue(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
+                     max_len: int | None = None, val_fraction: float = 0.05,
+                     test_fraction: float = 0.0, seed: int = 1337, batch_size: int = 1000,
+                     workers: int | None = None, show_progress: bool = True,
+                     overwrite: bool = False) -> dict:
+    """Tokenize dialogue files into the data folder `out_dir`; returns the meta.json dict.
+
+    Each dialogue goes to train, val or test by a seeded draw (as for `lm`); a wanted val/test
+    split is never left empty when there are at least two dialogues.
+    """
+    from lmforge.data.prepare import (_check_numbers, _check_out_dir, _fsync_dir, _move_into_place,
+                                      _parallelism, _sha256)
+
+    _check_numbers(val_fraction, test_fraction, batch_size, workers)
+    if max_len is not None and max_len < 3:
+        raise ValueError(f"max_len must be >= 3 ([CLS], one token, [SEP]), got {max_len}")
+    paths = check_dialogue_inputs(inputs)
+    tok_file = tokenizer_file(tokenizer_path)
+    tok = load_tokenizer(tok_file)
+    tok.encode_special_tokens = True  # "[SEP]" typed in a turn is text, not a turn boundary
+    ids = special_ids(tok)
+    cls, sep = dialogue_specials(ids, str(tok_file))
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, paths, overwrite)
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    splits = ["train", "val"] + (["test"] if test_fraction > 0 else [])
+    t0 = time.perf_counter()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        with _parallelism(workers):
+            counts, stats = _write_splits(tok, paths, tmp, splits, val_fraction, test_fraction, seed,
+                                          cls, sep, max_len, batch_size, show_progress, vocab_size)
+        if stats["dialogues"] == 0:
+            raise ValueError(f"no dialogue found in {', '.join(str(p) for p in paths)} "
+                             f"({stats['empty']} empty ones skipped)")
+        shutil.copyfile(tok_file, tmp / "tokenizer.json")
+        meta = {
+            "task": "dialogue",
+            "tokenizer": str(tok_file.resolve()),
+            "tokenizer_sha256": _sha256(tok_file),
+            "vocab_size": vocab_size,
+            "dtype": dtype_for(vocab_size).name,
+            "special_ids": dataclasses.asdict(ids),
+            "label_names": None,
+            "splits": counts,
+            "lmforge_version": __version__,
+            "inputs": [str(p.resolve()) for p in paths],
+            "documents": stats["dialogues"],
+            "split_by": "document",
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "test_fraction": test_fraction,
+            "dialogue": {
+                "format": "[CLS] u1 [SEP] u2 [SEP] ...; turns end at the sep id",
+                "roles_file": "{split}.roles",
+                "roles_dtype": "uint8",
+                "roles": {"0": "user ([CLS], user turns and their [SEP])",
+                          "1": "response (reply turns and their [SEP])"},
+                "cls_id": cls, "sep_id": sep, "max_len": max_len, **stats,
+            },
+        }
+        write_meta(tmp, meta)
+        _fsync_dir(tmp)
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - t0
+    total = sum(c["tokens"] for c in counts.values())
+    per_split = " / ".join(f"{s} {c['samples']:,}" for s, c in counts.items())
+    print(f"prepared: {stats['dialogues']:,} dialogues ({per_split}), {stats['turns']:,} turns, "
+          f"{total:,} tokens in {seconds:.2f}s | {stats['empty']:,} empty skipped, "
+          f"{stats['truncated']:,} truncated to max_len")
+    return meta
+
+
+def _write_splits(tok, paths, tmp, splits, val_fraction, test_fraction, seed, cls, sep, max_len,
+                  batch_size, show_progress, vocab_size) -> tuple[dict, dict]:
+    from lmforge.data.prepare import _Splitter
+
+    names = ["train", "val", "test"]
+    splitter = _Splitter(seed, val_fraction, test_fraction)
+    wanted = [s for s in splits[1:] if {"val": val_fraction, "test": test_fraction}[s] > 0]
+    stats = {"dialogues": 0, "empty": 0, "truncated": 0, "turns": 0}
+    held: tuple[list[int], list[int]] | None = None  # the latest train sample, not written yet
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    writers = {s: _SplitWriter(tmp, s, vocab_size) for s in splits}
+    try:
+        with tqdm(unit=" dialogues", desc="prepare", file=sys.stderr, disable=not show_progress,
+                  mininterval=0.5) as bar:
+            for batch in _batches((d for p in paths for d in iter_dialogues(p)), batch_size):
+                encoded = iter(encode([t for d in batch for t in d.turns], add_special_tokens=False))
+                for dialogue in batch:
+                    # roles first: zip then takes exactly len(roles) encodings, no more
+                    kept = [(e.ids, r) for r, e in zip(dialogue.roles, encoded) if e.ids]
+                    if not kept:
+                        stats["empty"] += 1
+                        continue
+                    turns, roles = [t for t, _ in kept], [r for _, r in kept]
+                    sample = build_sample(turns, roles, cls, sep, max_len)
+                    stats["dialogues"] += 1
+                    stats["turns"] += len(turns)
+                    stats["truncated"] += len(sample[0]) < sum(len(t) + 1 for t in turns) + 1
+                    split = names[splitter.next()]
+                    if split == "train":
+                        if held is not None:
+                            writers["train"].add(*held)
+                        held = sample
+                    else:
+                        writers[split].add(*sample)
+                bar.update(len(batch))
+        if held is not None:
+            empty = [s for s in wanted if writers[s].samples == 0]
+            target = empty[0] if empty and writers["train"].samples > 0 else "train"
+            writers[target].add(*held)
+    finally:
+        counts = {s: writers[s].close() for s in splits}
+    return counts, stats
+
+
+def _batches(dialogues: Iterator[Dialogue], size: int) -> Iterator[list[Dialogue]]:
+    batch: list[Dialogue] = []
+    for d in dialogues:
+        batch.append(d)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,147 @@
+"""Prepare for the task "mlm" (BERT pretraining): paragraphs -> sentences -> a token store.
+
+A paragraph is a document of `lmforge.data.readers` (.txt: a blank-line-separated block with
+doc_split="blank_line", one line with "line" — WikiText's layout; .jsonl: a field;
+.csv/.tsv: a column). Line breaks inside a paragraph are spaces. Paragraphs are cut into
+sentences after `. ! ?` followed by a space (closing quotes/brackets stay with the sentence;
+not after an initial such as "H." or "Mr.") and after `。！？` (Chinese needs no space), tokenized without special tokens, and written
+one sample per sentence; `{split}.labels` holds each sentence's paragraph number (counted
+per split), which is what `lmforge.data.mlm.SentencePairDataset` needs to draw pairs.
+
+Every paragraph goes to train, val or test by the same seeded draw as the "lm" task; the
+folder is written to a temp folder and renamed into place (helpers of `lmforge.data.prepare`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from lmforge import __version__
+from lmforge.data.prepare import (_check_numbers, _check_out_dir, _fsync_dir, _move_into_place,
+                                  _parallelism, _sha256, _split_counts, _Splitter)
+from lmforge.data.readers import check_inputs, iter_documents
+from lmforge.data.store import TokenStoreWriter, dtype_for, write_meta
+from lmforge.tokenizer import load_tokenizer, special_ids, tokenizer_file
+
+# Not after an initial ("H. gammarus") or a common title abbreviation ("Mr. Smith").
+_NOT_ABBREVIATION = r"(?<!\b[A-Z])(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bDr)(?<!\bSt)(?<!\bvs)(?<!\bNo)"
+_SENTENCE_END = re.compile(_NOT_ABBREVIATION + r"[.!?]+[\"'”’)\]»]*(?=\s)|[。！？]+[”’」』）)]*")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a paragraph (English and Chinese sentence ends), stripped, non-empty."""
+    text = " ".join(text.split())  # line breaks and runs of spaces -> one space
+    sentences, start = [], 0
+    for m in _SENTENCE_END.finditer(text):
+        sentences.append(text[start:m.end()].strip())
+        start = m.end()
+    sentences.append(text[start:].strip())
+    return [s for s in sentences if s]
+
+
+def prepare_mlm(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *, val_fraction: float = 0.05,
+                test_fraction: float = 0.0, seed: int = 1337, text_field: str = "text",
+                text_column: str | int = "text", batch_size: int = 1000, workers: int | None = None,
+                show_progress: bool = True, overwrite: bool = False, doc_split: str = "blank_line") -> dict:
+    """Tokenize the paragraphs of `inputs` into sentences in `out_dir`; returns the meta.json dict."""
+    _check_numbers(val_fraction, test_fraction, batch_size, workers)
+    paths = check_inputs(inputs)
+    tok_file = tokenizer_file(tokenizer_path)
+    tok = load_tokenizer(tok_file)
+    ids = special_ids(tok)
+    lacking = [n for n, i in (("[CLS]", ids.cls), ("[SEP]", ids.sep), ("[MASK]", ids.mask), ("[PAD]", ids.pad))
+               if i is None]
+    if lacking:
+        raise ValueError(f"{tok_file}: the tokenizer has no {', '.join(lacking)} token(s), which BERT "
+                         "pretraining needs; train one with `lmforge tokenizer train --kind wordpiece`")
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, paths, overwrite)
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    splits = ["train", "val"] + (["test"] if test_fraction > 0 else [])
+    t0 = time.perf_counter()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        with _parallelism(workers), contextlib.ExitStack() as stack:
+            writers = {s: stack.enter_context(TokenStoreWriter(tmp, s, vocab_size)) for s in splits}
+            paragraphs = _write_sentences(tok, paths, writers, _Splitter(seed, val_fraction, test_fraction),
+                                          batch_size, show_progress,
+                                          dict(text_field=text_field, text_column=text_column, doc_split=doc_split))
+        counts = {s: _split_counts(tmp, s) for s in splits}
+        if counts["train"]["samples"] < 2:
+            raise ValueError(f"{', '.join(str(p) for p in paths)}: fewer than two sentences for training; "
+                             "BERT pretraining needs paragraphs of several sentences")
+        shutil.copyfile(tok_file, tmp / "tokenizer.json")
+        meta = {"task": "mlm", "tokenizer": str(tok_file.resolve()), "tokenizer_sha256": _sha256(tok_file),
+                "vocab_size": vocab_size, "dtype": dtype_for(vocab_size).name,
+                "special_ids": dataclasses.asdict(ids), "label_names": None, "splits": counts,
+                "lmforge_version": __version__, "inputs": [str(p.resolve()) for p in paths],
+                "documents": sum(paragraphs.values()), "paragraphs": paragraphs, "split_by": "paragraph",
+                "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
+        write_meta(tmp, meta)
+        _fsync_dir(tmp)
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - t0
+    total = sum(c["tokens"] for c in counts.values())
+    per_split = " / ".join(f"{s} {c['samples']:,} sentences" for s, c in counts.items())
+    print(f"prepared: {sum(paragraphs.values()):,} paragraphs, {total:,} tokens ({per_split}) in {seconds:.2f}s")
+    return meta
+
+
+def _write_sentences(tok, paths: list[Path], writers: dict[str, TokenStoreWriter], splitter: _Splitter,
+                     batch_size: int, show_progress: bool, read_options: dict) -> dict[str, int]:
+    """Read, split and tokenize paragraphs in batches; returns paragraphs written per split."""
+    names = ["train", "val", "test"]
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    paragraphs = {s: 0 for s in writers}
+    batch: list[tuple[str, list[str]]] = []  # (split, sentences) per paragraph
+
+    def flush() -> None:
+        flat = [s for _, sentences in batch for s in sentences]
+        encodings = iter(encode(flat, add_special_tokens=False)) if flat else iter(())
+        for split, sentences in batch:
+            kept = [e.ids for e in (next(encodings) for _ in sentences) if e.ids]
+            if not kept:
+                continue
+            writer = writers[split]
+            for ids in kept:
+                writer.add(np.asarray(ids, dtype=np.int64), label=paragraphs[split])
+            paragraphs[split] += 1
+        batch.clear()
+
+    total = sum(p.stat().st_size for p in paths)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="prepare mlm", file=sys.stderr,
+              disable=not show_progress, mininterval=0.5) as bar:
+        base, pieces = 0, []
+        for path in paths:
+            for doc in iter_documents(path, **read_options):
+                pieces.append(doc.text)
+                if not doc.final:  # a very long paragraph comes in pieces
+                    continue
+                sentences = split_sentences("".join(pieces))
+                pieces = []
+                split = names[splitter.next()]
+                if split in writers and sentences:
+                    batch.append((split, sentences))
+                if len(batch) >= batch_size:
+                    flush()
+                    bar.update(base + doc.offset - bar.n)
+            base += path.stat().st_size
+        flush()
+        bar.update(total - bar.n)
+    return paragraphs

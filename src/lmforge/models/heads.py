@@ -1,0 +1,153 @@
+"""Sequence classification heads on either backbone, and which parameters a fine-tune trains.
+
+Owns `SequenceClassifier(backbone, num_labels, pooling)`: a GPT or BERT backbone, kept whole
+under the parameter prefix `backbone.` (strip it and the names are the backbone's own, so HF
+export of the backbone stays a key map), plus a linear `classifier` on one vector per text:
+
+- pooling "last" (GPT): the final hidden state (after ln_f) at the last real token. The batch is
+  right-padded and attention is causal, so that position never sees padding: the backbone runs
+  without a padding mask, on the fast causal kernel.
+- pooling "cls" (BERT): the pooler output (tanh(dense(h_[CLS]))), as BertForSequenceClassification.
+
+A classifier checkpoint's config.json is `{"model_type": "classifier", "vocab_size", "num_labels",
+"label_names", "pooling", "dropout", "backbone": {...the backbone's own config.json...}}`.
+
+`apply_trainable` freezes parameters for `train.trainable`: "all", "head" (the classifier only)
+or "last_blocks:K" (the head, the last K blocks and the final norm / pooler; the book's choice
+for GPT is K=1).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor, nn
+
+POOLING = {"gpt": "last", "bert": "cls"}
+_TRAINABLE = re.compile(r"^(all|head|last_blocks:(\d+))$")
+
+
+class SequenceClassifier(nn.Module):
+    """backbone -> one pooled vector per text -> dropout -> linear -> logits (B, num_labels)."""
+
+    def __init__(self, backbone: nn.Module, num_labels: int, pooling: str, dropout: float = 0.0) -> None:
+        super().__init__()
+        if pooling not in ("last", "cls"):
+            raise ValueError(f"pooling {pooling!r}: choose 'last' (GPT) or 'cls' (BERT)")
+        if num_labels < 2:
+            raise ValueError(f"num_labels={num_labels}: a classifier needs at least 2 labels")
+        self.backbone = backbone
+        self.pooling = pooling
+        self.num_labels = num_labels
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size(backbone), num_labels)
+        nn.init.normal_(self.classifier.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(self.classifier.bias)
+
+    @property
+    def config(self):
+        """The backbone's config (context, sizes): what the loop and FLOP counts read."""
+        return self.backbone.config
+
+    def pooled(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+               token_type_ids: Tensor | None = None) -> Tensor:
+        """One vector per text (B, C)."""
+        if self.pooling == "last":
+            hidden = self.backbone.hidden_states(input_ids)  # (B, T, C); causal: pads come after
+            B, T, _ = hidden.shape
+            last = (attention_mask.sum(dim=1) - 1).clamp(min=0) if attention_mask is not None \
+                else torch.full((B,), T - 1, device=hidden.device)  # (B,)
+            return hidden[torch.arange(B, device=hidden.device), last]  # (B, C)
+        return bert_pooled(self.backbone, input_ids, attention_mask, token_type_ids)  # (B, C)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None) -> Tensor:
+        """Logits (B, num_labels); attention_mask is (B, T) of 1 real / 0 right padding."""
+        x = self.dropout(self.pooled(input_ids, attention_mask, token_type_ids))  # (B, C)
+        return self.classifier(x)  # (B, num_labels)
+
+
+def bert_pooled(backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
+                token_type_ids: Tensor | None) -> Tensor:
+    """The BERT pooler output (B, C): tanh(dense(hidden at [CLS]))."""
+    return backbone.encode(input_ids, attention_mask, token_type_ids)[1]  # (B, C)
+
+
+def hidden_size(backbone: nn.Module) -> int:
+    cfg = backbone.config
+    for name in ("n_embd", "hidden_size"):
+        value = getattr(cfg, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"{type(backbone).__name__}: cannot tell its hidden size (no n_embd / hidden_size)")
+
+
+def blocks_and_final(backbone: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(transformer blocks in order, modules after the last block) of a GPT or BERT backbone."""
+    transformer = getattr(backbone, "transformer", None)
+    if transformer is not None and hasattr(transformer, "h"):  # GPT
+        return list(transformer.h), [transformer.ln_f]
+    body = getattr(backbone, "bert", None)
+    if body is not None and hasattr(body, "encoder"):  # BERT (post-LN: the pooler comes last)
+        return list(body.encoder.layer), [body.pooler]
+    raise ValueError(f"{type(backbone).__name__}: unknown backbone (expected GPT or BERT)")
+
+
+def apply_trainable(model: SequenceClassifier, spec: str) -> tuple[int, int]:
+    """Freeze what `spec` leaves out; returns (trainable, total) distinct parameter counts."""
+    match = _TRAINABLE.match(spec)
+    if match is None:
+        raise ValueError(f"train.trainable={spec!r}: choose all, head or last_blocks:K (e.g. last_blocks:1)")
+    model.requires_grad_(spec == "all")
+    if spec != "all":
+        train = [model.classifier]
+        if match.group(2) is not None:
+            blocks, final = blocks_and_final(model.backbone)
+            k = int(match.group(2))
+            if k > len(blocks):
+                raise ValueError(f"train.trainable={spec}: the backbone has only {len(blocks)} blocks")
+            train += blocks[len(blocks) - k:] + final
+        for module in train:
+            module.requires_grad_(True)
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# -------------------------------------------------------------------- architecture (config.json)
+
+
+def classifier_architecture(backbone_arch: dict, label_names: list[str], pooling: str | None = None,
+                            dropout: float = 0.0) -> dict:
+    """The config.json of a classifier on a backbone whose own config.json is `backbone_arch`."""
+    kind = backbone_arch.get("model_type")
+    if kind not in POOLING:
+        raise ValueError(f"model_type {kind!r} cannot be a classification backbone "
+                         f"(valid: {', '.join(POOLING)})")
+    return {"model_type": "classifier", "vocab_size": backbone_arch["vocab_size"],
+            "num_labels": len(label_names), "label_names": list(label_names),
+            "pooling": pooling or POOLING[kind], "dropout": dropout, "backbone": dict(backbone_arch)}
+
+
+def classifier_from_architecture(arch: dict) -> SequenceClassifier:
+    """Build a SequenceClassifier from its config.json (weights initialised, not loaded)."""
+    from lmforge.models.registry import model_from_architecture  # registry imports this module
+
+    missing = [k for k in ("backbone", "num_labels", "pooling") if k not in arch]
+    if missing:
+        raise ValueError(f"config.json: a classifier needs {', '.join(missing)}")
+    backbone_arch = dict(arch["backbone"])
+    dropout = float(arch.get("dropout", 0.0))
+    if "dropout" in backbone_arch:  # model.dropout of a fine-tune applies to the backbone too
+        backbone_arch["dropout"] = dropout
+    labels = arch.get("label_names")
+    if labels is not None and len(labels) != arch["num_labels"]:
+        raise ValueError(f"config.json: {len(labels)} label_names for num_labels={arch['num_labels']}")
+    return SequenceClassifier(model_from_architecture(backbone_arch), int(arch["num_labels"]),
+                              arch["pooling"], dropout)
+
+
+def label_names_of(arch: dict) -> list[str]:
+    """The label names a classifier checkpoint predicts (ids as names when none were saved)."""
+    names = arch.get("label_names")
+    return list(names) if names else [str(i) for i in range(int(arch["num_labels"]))]

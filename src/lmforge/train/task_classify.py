@@ -1,0 +1,176 @@
+"""The classify task: fine-tune a GPT or BERT backbone with a linear head on labelled texts.
+
+Owns the labelled-text Dataset, the cross-entropy loss and accuracy per batch, turning the loop's
+model into a `SequenceClassifier` (and freezing by `train.trainable`), and the end-of-training
+report: full train / val / test accuracy, per-class precision, recall and F1 and the confusion
+matrix, computed with the best checkpoint's weights (`final` events in metrics.jsonl).
+
+Beyond the contract of `lmforge.train.tasks` the loop uses: `prepare_model(model, arch)`,
+`eval_train` (evaluate a few train batches next to val), `best_metric` (the default of
+`train.best_metric`) and `final_report(model, rt, log, position)`.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from lmforge.config import Config
+from lmforge.data.collate import pad_collate
+from lmforge.data.store import TokenStore
+from lmforge.metrics import classification_metrics, confusion_matrix, format_classification
+from lmforge.models.heads import SequenceClassifier, apply_trainable, classifier_architecture
+from lmforge.train.tasks import StepStats
+
+
+class ClassifyDataset(Dataset):
+    """Item i = {"input_ids": LongTensor(n), "label": LongTensor()}, cut to `context` tokens.
+
+    A `[CLS] ... [SEP]` sample (wrap "cls_sep") that is too long keeps its final [SEP].
+    """
+
+    def __init__(self, store: TokenStore, context: int, wrap: str = "none", sep_id: int | None = None):
+        if store.labels is None:
+            raise ValueError(f"{store.data_dir}: split {store.split!r} has no labels; prepare the data "
+                             "with `lmforge prepare --task classify`")
+        self.store, self.context, self.wrap, self.sep_id = store, context, wrap, sep_id
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = np.asarray(self.store[i], dtype=np.int64)
+        if len(ids) > self.context:
+            ids = np.append(ids[:self.context - 1], self.sep_id) if self.wrap == "cls_sep" \
+                else ids[:self.context]
+        return {"input_ids": torch.from_numpy(ids), "label": torch.tensor(int(self.store.labels[i]))}
+
+
+class ClassifyTask:
+    """Sequence classification: one label per text, loss = mean cross-entropy over texts."""
+
+    name = "classify"
+    throughput_unit = "ex"
+    best_metric = "val_accuracy"
+    eval_train = True
+
+    def __init__(self, cfg: Config, meta: dict, context: int):
+        self.cfg = cfg
+        self.meta = meta
+        self.context = context
+        self.label_names = list(meta.get("label_names") or [])
+        if len(self.label_names) < 2:
+            raise ValueError(f"{cfg.data.path}/meta.json: no label_names; prepare the data again "
+                             "with `lmforge prepare --task classify`")
+        self.pad_id = int(meta["special_ids"].get("pad") or 0)
+        self.wrap = meta.get("special_wrap", "none")
+        self.sep_id = meta["special_ids"].get("sep")
+
+    def dataset(self, split: str) -> ClassifyDataset:
+        return ClassifyDataset(TokenStore(Path(self.cfg.data.path), split), self.context, self.wrap, self.sep_id)
+
+    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = pad_collate(samples, self.pad_id)
+        del batch["labels"]  # token labels: not used, the target is "label" (B,)
+        return batch
+
+    def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["label"].numel()
+
+    def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["attention_mask"].sum())
+
+    def loss_and_metrics(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepStats:
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])  # (B, L)
+        target = batch["label"]  # (B,)
+        loss_sum = F.cross_entropy(logits.float(), target, reduction="sum")
+        correct = (logits.detach().argmax(dim=-1) == target).sum()
+        return StepStats(loss_sum=loss_sum, targets=torch.tensor(target.numel(), device=target.device),
+                         correct=correct)
+
+    def summarize(self, sums: dict[str, float]) -> dict[str, float]:
+        """Mean loss per text and accuracy."""
+        n = max(1.0, sums.get("targets", 0.0))
+        return {"loss": sums["loss_sum"] / n, "accuracy": sums["correct"] / n}
+
+    def console_extras(self, metrics: dict[str, float]) -> dict[str, float]:
+        return {}
+
+    def samples(self, model: nn.Module, runtime) -> list[dict]:
+        return []
+
+    # -- hooks beyond the base contract ---------------------------------------------------------
+
+    def prepare_model(self, model: nn.Module, arch: dict) -> tuple[nn.Module, dict]:
+        """A backbone (from scratch or model.init_from) gets a fresh head; a classifier is checked."""
+        if arch.get("model_type") == "classifier":
+            if list(arch.get("label_names") or []) != self.label_names:
+                raise ValueError(f"model.init_from {self.cfg.model.init_from}: a classifier for labels "
+                                 f"{arch.get('label_names')}, but the data in {self.cfg.data.path} has "
+                                 f"{self.label_names}; start from its backbone instead")
+        else:
+            arch = classifier_architecture(arch, self.label_names, dropout=self.cfg.model.dropout)
+            model = SequenceClassifier(model, len(self.label_names), arch["pooling"], self.cfg.model.dropout)
+        apply_trainable(model, self.cfg.train.trainable)
+        return model, arch
+
+    def final_report(self, model: nn.Module, rt, log, position: dict) -> dict[str, dict]:
+        """Full-split metrics of the best checkpoint (else the final weights), logged as `final` events."""
+        best = self.cfg.run_dir / "checkpoints" / "best"
+        which = "final weights"
+        if (best / "manifest.json").exists():
+            from lmforge.models.registry import load_weights
+            from lmforge.train.checkpoint import load_checkpoint, read_manifest
+
+            ckpt = load_checkpoint(best)
+            model = copy.deepcopy(model)
+            load_weights(model, ckpt.state_dict, best)
+            which = f"best checkpoint (step {read_manifest(best).get('step')})"
+        log.line(f"final metrics of the {which}:")
+        results = {}
+        for split in dict.fromkeys(["train", self.cfg.data.val_split, "test"]):
+            if not (Path(self.cfg.data.path) / f"{split}.bin").exists():
+                continue
+            metrics = evaluate_split(model, self, self.dataset(split), self.cfg.train.batch_size, rt)
+            if metrics is None:
+                continue
+            results[split] = metrics
+            log.event("final", split=split, **position, **metrics)
+            log.line(format_classification(metrics, split))
+        return results
+
+
+@torch.no_grad()
+def predict(model: nn.Module, task, dataset, batch_size: int, rt) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(targets (N,), probabilities (N, L), summed loss) over a whole labelled dataset, in eval mode."""
+    was_training = model.training
+    model.eval()
+    targets, probs, loss_sum = [], [], 0.0
+    try:
+        for start in range(0, len(dataset), batch_size):
+            batch = task.collate([dataset[i] for i in range(start, min(len(dataset), start + batch_size))])
+            batch = {k: v.to(rt.device) for k, v in batch.items()}
+            with rt.autocast():
+                logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).float()  # (B, L)
+            loss_sum += float(F.cross_entropy(logits, batch["label"], reduction="sum"))
+            targets.append(batch["label"].cpu())
+            probs.append(logits.softmax(dim=-1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(targets), torch.cat(probs), loss_sum
+
+
+def evaluate_split(model: nn.Module, task, dataset, batch_size: int, rt) -> dict | None:
+    """Loss, accuracy, per-class precision/recall/F1 and the confusion matrix over all of `dataset`."""
+    if len(dataset) == 0:
+        return None
+    targets, probs, loss_sum = predict(model, task, dataset, batch_size, rt)
+    cm = confusion_matrix(targets, probs.argmax(dim=-1), len(task.label_names))
+    return {"loss": loss_sum / len(targets), "samples": len(targets),
+            **classification_metrics(cm, task.label_names)}

@@ -1,0 +1,150 @@
+"""The dialogue task: multi-turn chit-chat fine-tuning of a GPT (GPT2-chitchat, done properly).
+
+Samples are whole dialogues `[CLS] u1 [SEP] u2 [SEP] ...` from a folder written by
+`lmforge prepare --task dialogue` (format: `lmforge.data.prepare_dialogue`). A dialogue
+longer than the model context keeps its most recent whole turns. Batches are right-padded
+as GPT2-chitchat does (inputs with the pad id, labels with -100). `train.loss_on`:
+
+- "responses" (default): labels are -100 on [CLS] and on the user's turns (and their [SEP]),
+  so only the replies, and the [SEP] that ends each reply, are learned;
+- "all": every real token is learned (GPT2-chitchat).
+
+Loss and token accuracy follow GPT2-chitchat's `calculate_acc`: logits at t predict label
+t+1, labels equal to -100 are ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from lmforge.config import Config
+from lmforge.data.collate import pad_collate
+from lmforge.data.prepare_dialogue import RESPONSE, build_sample, split_turns
+from lmforge.data.store import TokenStore
+from lmforge.metrics import IGNORE_INDEX, count_correct, shift_labels
+from lmforge.train.tasks import StepStats
+
+
+def _roles_memmap(data_dir: Path, split: str, n_tokens: int) -> np.ndarray:
+    path = Path(data_dir) / f"{split}.roles"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; prepare the data again with "
+                                f"`lmforge prepare --task dialogue`")
+    if path.stat().st_size != n_tokens:
+        raise ValueError(f"{path}: {path.stat().st_size} roles for {n_tokens} tokens "
+                         f"(file damaged); prepare the data again")
+    return np.memmap(path, dtype=np.uint8, mode="r") if n_tokens else np.empty(0, np.uint8)
+
+
+class DialogueDataset(Dataset):
+    """Item i: {"input_ids", "labels"} of dialogue i, trimmed to `max_len` by whole turns."""
+
+    def __init__(self, store: TokenStore, max_len: int, loss_on: str = "responses") -> None:
+        if loss_on not in ("responses", "all"):
+            raise ValueError(f"loss_on must be 'responses' or 'all', got {loss_on!r}")
+        dialogue = store.meta.get("dialogue") or {}
+        if "sep_id" not in dialogue:
+            raise ValueError(f"{store.data_dir}/meta.json: no dialogue section; prepare the data "
+                             f"with `lmforge prepare --task dialogue`")
+        self.store = store
+        self.max_len = max_len
+        self.loss_on = loss_on
+        self.cls, self.sep = int(dialogue["cls_id"]), int(dialogue["sep_id"])
+        self.roles = _roles_memmap(store.data_dir, store.split, len(store.tokens))
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, roles) of dialogue i, at most max_len tokens."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"dialogue {i} out of range ({n} dialogues)")
+        i %= n
+        a, b = int(self.store.offsets[i]), int(self.store.offsets[i + 1])
+        ids = np.asarray(self.store.tokens[a:b], dtype=np.int64)
+        roles = np.asarray(self.roles[a:b], dtype=np.int64)
+        if len(ids) > self.max_len:
+            turns, turn_roles = split_turns(ids, roles, self.sep)
+            trimmed, trimmed_roles = build_sample(turns, turn_roles, self.cls, self.sep, self.max_len)
+            ids, roles = np.asarray(trimmed, np.int64), np.asarray(trimmed_roles, np.int64)
+        return ids, roles
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids, roles = self.sample(i)
+        input_ids = torch.from_numpy(ids)
+        labels = input_ids.clone()
+        if self.loss_on == "responses":
+            labels[torch.from_numpy(roles) != RESPONSE] = IGNORE_INDEX
+        return {"input_ids": input_ids, "labels": labels}
+
+
+class DialogueTask:
+    """Next-token prediction on dialogues; the loss on replies only, or on everything."""
+
+    name = "dialogue"
+    throughput_unit = "tok"
+
+    def __init__(self, cfg: Config, meta: dict, context: int):
+        self.cfg = cfg
+        self.meta = meta
+        self.context = context
+        pad = meta["special_ids"].get("pad")
+        self.pad_id = int(pad if pad is not None else 0)
+
+    def dataset(self, split: str) -> DialogueDataset:
+        store = TokenStore(Path(self.cfg.data.path), split)
+        return DialogueDataset(store, self.context, self.cfg.train.loss_on)
+
+    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        return pad_collate(samples, self.pad_id)
+
+    def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+    def loss_and_metrics(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepStats:
+        # Right padding under a causal mask: real tokens never see the pads after them and the
+        # pads' labels are -100, so the fast causal kernel (no mask) gives the same loss.
+        logits = model(batch["input_ids"])  # (B, T, V)
+        targets = shift_labels(batch["labels"])  # (B, T)
+        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        correct, counted = count_correct(logits, targets)
+        return StepStats(loss_sum=loss_sum, targets=counted, correct=correct)
+
+    def summarize(self, sums: dict[str, float]) -> dict[str, float]:
+        """Loss per target token and token accuracy (GPT2-chitchat's calculate_acc)."""
+        targets = max(1.0, sums.get("targets", 0.0))
+        return {"loss": sums["loss_sum"] / targets, "accuracy": sums["correct"] / targets}
+
+    def console_extras(self, metrics: dict[str, float]) -> dict[str, float]:
+        return {}
+
+    def samples(self, model: nn.Module, runtime) -> list[dict]:
+        """One reply to each configured prompt (taken as the user's first turn), for the log and report."""
+        from lmforge.chat import ChatSession
+        from lmforge.generate import SamplingConfig
+        from lmforge.tokenizer import load_tokenizer
+
+        train = self.cfg.train
+        prompts = [p for p in train.sample_prompts if p.strip()]
+        if train.sample_tokens == 0 or not prompts:
+            return []
+        tokenizer = load_tokenizer(Path(self.cfg.data.path) / "tokenizer.json")
+        sampling = SamplingConfig(max_new_tokens=min(train.sample_tokens, 64), temperature=0.7,
+                                  top_k=8, repetition_penalty=1.2)
+        generator = torch.Generator(device=runtime.device).manual_seed(train.seed)
+        results = []
+        for prompt in prompts:
+            session = ChatSession(model, tokenizer, sampling, generator=generator)
+            results.append({"prompt": prompt + "\n", "text": "".join(session.reply(prompt))})
+        return results
