@@ -136,3 +136,24 @@ def test_resume_of_a_wrong_path_is_an_error(tmp_path: Path):
     result = _cli(["train", "--resume", str(tmp_path / "missing")], tmp_path)
     assert result.returncode == 2
     assert "not a run folder" in result.stderr
+
+
+def test_logged_train_loss_and_accuracy_match_a_direct_computation(lm_data: Path, tmp_path: Path):
+    from lmforge.runtime import seed_everything
+    from lmforge.train.data_order import epoch_permutation
+
+    base = tiny_run(lm_data, tmp_path, max_steps=1, log_every=1, batch_size=4)
+    result = train(load_config(None, base=base), quiet=True)
+    logged = [e for e in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines())
+              if e["event"] == "train"][0]
+    cfg = load_config(None, base=base)
+    meta = json.loads((lm_data / "meta.json").read_text())
+    seed_everything(cfg.train.seed)  # the loop seeds, then builds the model
+    model = model_from_architecture(architecture(cfg.model, meta["vocab_size"]))
+    task = make_task(cfg, meta, cfg.model.context)
+    dataset = task.dataset("train")
+    first = epoch_permutation(len(dataset), cfg.train.seed, 0)[:4].tolist()
+    with torch.no_grad():
+        stats = task.loss_and_metrics(model, task.collate([dataset[i] for i in first]))
+    assert logged["loss"] == pytest.approx(stats.loss_sum.item() / stats.targets.item(), rel=1e-6)
+    assert logged["accuracy"] == pytest.approx(stats.correct.item() / stats.targets.item(), rel=1e-9)

@@ -157,8 +157,10 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) 
         if not result:
             return result
         log.event(kind, split=cfg.data.val_split, **_position(state, len(train_ds)), **result)
-        line = (f"{kind} step {state.step} | val loss {result['loss']:.4f} | ppl {result['perplexity']:.2f}"
-                + (f" | acc {result['accuracy']:.1%}" if "accuracy" in result else ""))
+        line = (f"{kind} step {state.step} | val loss {result['loss']:.4f}"
+                + (f" | ppl {result['perplexity']:.2f}" if task.name in ("lm", "dialogue") else "")
+                + (f" | acc {result['accuracy']:.1%}" if "accuracy" in result else "")
+                + "".join(f" | {k} {v:.4f}" for k, v in task.console_extras(result).items()))
         if getattr(task, "eval_train", False):  # hook (classify): the same metrics on a few train batches
             on_train = evaluate(forward_model, task, train_ds, cfg.train.batch_size, cfg.train.eval_batches, rt)
             log.event(kind, split="train", **_position(state, len(train_ds)), **on_train)
