@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 import shutil
 import sys
@@ -35,6 +34,7 @@ from tqdm import tqdm
 
 from lmforge import __version__
 from lmforge.data.readers import check_inputs, iter_documents
+from lmforge.data.staging import sha256_file, staged_folder
 from lmforge.data.store import TokenStoreWriter, dtype_for, write_meta
 from lmforge.tokenizer import load_tokenizer, special_ids, tokenizer_file
 
@@ -95,12 +95,8 @@ def prepare(task: str, inputs: list[Path], tokenizer_path: Path, out_dir: Path, 
     fractions = {"val": val_fraction, "test": test_fraction}
 
     t0 = time.perf_counter()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     read_options = dict(text_field=text_field, text_column=text_column, doc_split=doc_split)
-    try:
+    with staged_folder(out_dir) as tmp:
         with _parallelism(workers):
             n_docs = _tokenize_lm(tok, paths, tmp, splits, fractions, vocab_size, ids.eos, seed,
                                   batch_size, show_progress, read_options)
@@ -113,7 +109,7 @@ def prepare(task: str, inputs: list[Path], tokenizer_path: Path, out_dir: Path, 
         meta = {
             "task": task,
             "tokenizer": str(tok_file.resolve()),
-            "tokenizer_sha256": _sha256(tok_file),
+            "tokenizer_sha256": sha256_file(tok_file),
             "vocab_size": vocab_size,
             "dtype": dtype.name,
             "special_ids": dataclasses.asdict(ids),
@@ -128,11 +124,6 @@ def prepare(task: str, inputs: list[Path], tokenizer_path: Path, out_dir: Path, 
             "test_fraction": test_fraction,
         }
         write_meta(tmp, meta)
-        _fsync_dir(tmp)
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(_summary(n_docs, counts, time.perf_counter() - t0))
     return meta
 
@@ -363,33 +354,3 @@ def _rebalance(folder: Path, splits: list[str], fractions: dict, n_docs: int,
                 donor = "train" if "train" in donors else max(donors, key=counts.__getitem__)
                 _move_last_sample(folder, donor, dst, dtype)
     return "document"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    for p in folder.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)

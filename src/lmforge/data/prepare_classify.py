@@ -29,7 +29,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
 import shutil
 import sys
 import time
@@ -40,7 +39,8 @@ from typing import Iterator, Literal, NamedTuple
 import numpy as np
 
 from lmforge import __version__
-from lmforge.data.prepare import _check_out_dir, _fsync_dir, _move_into_place, _sha256
+from lmforge.data.prepare import _check_out_dir
+from lmforge.data.staging import sha256_file, staged_folder
 from lmforge.data.readers import _iter_lines, check_inputs
 from lmforge.data.store import TokenStoreWriter, dtype_for, write_meta
 from lmforge.tokenizer import load_tokenizer, special_ids, tokenizer_file
@@ -102,11 +102,7 @@ def prepare_classify(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
 
     wrap = "cls_sep" if ids.cls is not None and ids.sep is not None else "none"
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_folder(out_dir) as tmp:
         counts = {}
         for split, idx in parts.items():
             if split == "test" and test_fraction == 0:
@@ -122,7 +118,7 @@ def prepare_classify(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
         shutil.copyfile(tok_file, tmp / "tokenizer.json")
         meta = {
             "task": "classify", "tokenizer": str(tok_file.resolve()),
-            "tokenizer_sha256": _sha256(tok_file), "vocab_size": vocab_size,
+            "tokenizer_sha256": sha256_file(tok_file), "vocab_size": vocab_size,
             "dtype": dtype_for(vocab_size).name, "special_ids": dataclasses.asdict(ids),
             "label_names": label_names, "special_wrap": wrap, "splits": counts,
             "lmforge_version": __version__, "inputs": [str(p.resolve()) for p in paths],
@@ -130,11 +126,6 @@ def prepare_classify(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
             "val_fraction": val_fraction, "test_fraction": test_fraction, "max_tokens": max_tokens,
         }
         write_meta(tmp, meta)
-        _fsync_dir(tmp)
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if show_progress:
         per_split = " / ".join(f"{s} {c['samples']:,}" for s, c in counts.items())
         print(f"prepared: {len(records):,} labelled texts ({per_split}), labels {label_names} "

@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
-import os
 import shutil
 import sys
 import time
@@ -273,8 +272,8 @@ def prepare_dialogue(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
     Each dialogue goes to train, val or test by a seeded draw (as for `lm`); a wanted val/test
     split is never left empty when there are at least two dialogues.
     """
-    from lmforge.data.prepare import (_check_numbers, _check_out_dir, _fsync_dir, _move_into_place,
-                                      _parallelism, _sha256)
+    from lmforge.data.prepare import _check_numbers, _check_out_dir, _parallelism
+    from lmforge.data.staging import sha256_file, staged_folder
 
     _check_numbers(val_fraction, test_fraction, batch_size, workers)
     if max_len is not None and max_len < 3:
@@ -290,11 +289,7 @@ def prepare_dialogue(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     splits = ["train", "val"] + (["test"] if test_fraction > 0 else [])
     t0 = time.perf_counter()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_folder(out_dir) as tmp:
         with _parallelism(workers):
             counts, stats = _write_splits(tok, paths, tmp, splits, val_fraction, test_fraction, seed,
                                           cls, sep, max_len, batch_size, show_progress, vocab_size)
@@ -305,7 +300,7 @@ def prepare_dialogue(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
         meta = {
             "task": "dialogue",
             "tokenizer": str(tok_file.resolve()),
-            "tokenizer_sha256": _sha256(tok_file),
+            "tokenizer_sha256": sha256_file(tok_file),
             "vocab_size": vocab_size,
             "dtype": dtype_for(vocab_size).name,
             "special_ids": dataclasses.asdict(ids),
@@ -328,11 +323,6 @@ def prepare_dialogue(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
             },
         }
         write_meta(tmp, meta)
-        _fsync_dir(tmp)
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     seconds = time.perf_counter() - t0
     total = sum(c["tokens"] for c in counts.values())
     per_split = " / ".join(f"{s} {c['samples']:,}" for s, c in counts.items())

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-import os
 import shutil
 import sys
 import time
@@ -27,8 +26,8 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge import __version__
-from lmforge.data.prepare import (_check_numbers, _check_out_dir, _fsync_dir, _move_into_place,
-                                  _parallelism, _sha256, _split_counts, _Splitter)
+from lmforge.data.prepare import _check_numbers, _check_out_dir, _parallelism, _split_counts, _Splitter
+from lmforge.data.staging import sha256_file, staged_folder
 from lmforge.data.readers import check_inputs, iter_documents
 from lmforge.data.store import TokenStoreWriter, dtype_for, write_meta
 from lmforge.tokenizer import load_tokenizer, special_ids, tokenizer_file
@@ -69,11 +68,7 @@ def prepare_mlm(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *, val_
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     splits = ["train", "val"] + (["test"] if test_fraction > 0 else [])
     t0 = time.perf_counter()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_folder(out_dir) as tmp:
         with _parallelism(workers), contextlib.ExitStack() as stack:
             writers = {s: stack.enter_context(TokenStoreWriter(tmp, s, vocab_size)) for s in splits}
             paragraphs = _write_sentences(tok, paths, writers, _Splitter(seed, val_fraction, test_fraction),
@@ -84,18 +79,13 @@ def prepare_mlm(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *, val_
             raise ValueError(f"{', '.join(str(p) for p in paths)}: fewer than two sentences for training; "
                              "BERT pretraining needs paragraphs of several sentences")
         shutil.copyfile(tok_file, tmp / "tokenizer.json")
-        meta = {"task": "mlm", "tokenizer": str(tok_file.resolve()), "tokenizer_sha256": _sha256(tok_file),
+        meta = {"task": "mlm", "tokenizer": str(tok_file.resolve()), "tokenizer_sha256": sha256_file(tok_file),
                 "vocab_size": vocab_size, "dtype": dtype_for(vocab_size).name,
                 "special_ids": dataclasses.asdict(ids), "label_names": None, "splits": counts,
                 "lmforge_version": __version__, "inputs": [str(p.resolve()) for p in paths],
                 "documents": sum(paragraphs.values()), "paragraphs": paragraphs, "split_by": "paragraph",
                 "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
         write_meta(tmp, meta)
-        _fsync_dir(tmp)
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     seconds = time.perf_counter() - t0
     total = sum(c["tokens"] for c in counts.values())
     per_split = " / ".join(f"{s} {c['samples']:,} sentences" for s, c in counts.items())
