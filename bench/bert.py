@@ -26,8 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import (BENCH_DIR, ROOT, ROUNDS, SEED, Worker, interleave, log, machine, median, table,
-                    write_summary)
+from common import (BENCH_DIR, ROOT, ROUNDS, SEED, Worker, interleave, log, machine, median, paired_ratio,
+                    table, write_summary)
 
 STEPS = int(os.environ.get("BENCH_BERT_STEPS", "10"))
 WARMUP = 2
@@ -133,7 +133,7 @@ def main() -> None:
     ref = "transformers BertForPreTraining, plain loop"
     lines = table("bert: 4 x 256, context 128, WordPiece 8000, batch 32 pairs, fp32, MLM + NSP",
                   [(n, r, "") for n, r in medians.items()], "pairs/s", ref, extra={
-                      "lmforge / transformers": f"{medians['lmforge'] / medians[ref]:.2f}x",
+                      "lmforge / transformers": f"{paired_ratio('lmforge', ref):.2f}x",
                       "machine": machine()})
     write_summary("bert", lines)
 

@@ -115,6 +115,15 @@ class Worker:
 
 
 _LMFORGE_LINES: list[str] = []  # "lmforge <what>: N <unit>" per round, repeated at the end of the output
+ROUND_MEDIANS: dict[str, list[float]] = {}  # per side: the median of each round, for paired ratios
+
+
+def paired_ratio(a: str, b: str) -> float:
+    """Median over rounds of (a's round median / b's round median): each ratio compares two
+    measurements taken back to back, so a burst of load from other processes in one round
+    moves one ratio, not the result (pooled medians can swing by more than the effect)."""
+    pairs = list(zip(ROUND_MEDIANS.get(a, []), ROUND_MEDIANS.get(b, [])))
+    return median([x / y for x, y in pairs if y > 0])
 
 
 def interleave(sides: dict[str, Callable[[], list[float]]], rounds: int, unit: str,
@@ -129,6 +138,7 @@ def interleave(sides: dict[str, Callable[[], list[float]]], rounds: int, unit: s
         for name, run in sides.items():
             values = run()
             rates[name].extend(values)
+            ROUND_MEDIANS.setdefault(name, []).append(median(values))
             line = f"{label(name)}: {median(values):,.0f} {(units or {}).get(name, unit)}"
             log(f"{line}   (round {r}/{rounds}, median of {len(values)})")
             if line.startswith("lmforge"):
@@ -138,12 +148,15 @@ def interleave(sides: dict[str, Callable[[], list[float]]], rounds: int, unit: s
 
 def table(title: str, rows: list[tuple[str, float, str]], unit: str, reference: str,
           extra: dict[str, str] | None = None) -> list[str]:
-    """Rows (name, median rate, note) as a table with each row's ratio to `reference`."""
+    """Rows (name, median rate, note) as a table with each row's ratio to `reference`: the
+    paired ratio (`paired_ratio`) for sides measured in the rounds, else the ratio of medians."""
     ref = dict((name, rate) for name, rate, _ in rows)[reference]
-    lines = [f"## {title}", f"| {'':<44} | {unit:>12} | {'ratio':>6} | note", f"|{'-' * 46}|{'-' * 14}|{'-' * 8}|-----"]
+    lines = [f"## {title}", f"| {'':<44} | {unit + ' (median)':>19} | {'ratio':>6} | note",
+             f"|{'-' * 46}|{'-' * 21}|{'-' * 8}|-----"]
     for name, rate, note in rows:
-        ratio = rate / ref if ref else float("nan")
-        lines.append(f"| {name:<44} | {rate:>12,.0f} | {ratio:>5.2f}x | {note}")
+        measured = name in ROUND_MEDIANS and reference in ROUND_MEDIANS
+        ratio = paired_ratio(name, reference) if measured else (rate / ref if ref else float("nan"))
+        lines.append(f"| {name:<44} | {rate:>19,.0f} | {ratio:>5.2f}x | {note}")
     for key, value in (extra or {}).items():
         lines.append(f"{key}: {value}")
     return lines

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import sys
 
-from common import ROUNDS, SEED, WORKLOAD, interleave, log, machine, median, shakespeare_data, table, timed, write_summary
+from common import (ROUNDS, SEED, WORKLOAD, interleave, log, machine, median, paired_ratio, shakespeare_data,
+                    table, timed, write_summary)
 
 CALLS = int(os.environ.get("BENCH_GEN_CALLS", "3"))
 PROMPT, NEW, CONTEXT = 16, 256, 512
@@ -74,7 +75,7 @@ def main() -> None:
     ref = "transformers generate (KV cache)"
     lines = table(f"generate: {PROMPT}-token prompt, {NEW} new tokens, greedy, batch 1, fp32, KV cache", rows,
                   "tokens/s", ref, extra={
-                      "lmforge / transformers": f"{medians['lmforge'] / medians[ref]:.2f}x (target >= 2x)",
+                      "lmforge / transformers": f"{paired_ratio('lmforge', ref):.2f}x (target >= 2x)",
                       "same greedy tokens": f"{same} of {NEW} (same weights; float rounding may flip a near tie)",
                       "machine": machine()})
     write_summary("generate", lines)

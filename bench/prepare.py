@@ -22,7 +22,8 @@ import os
 import shutil
 import sys
 
-from common import BENCH_DIR, ROUNDS, interleave, log, machine, median, shakespeare_data, table, write_summary
+from common import (BENCH_DIR, ROUNDS, interleave, log, machine, median, paired_ratio, shakespeare_data,
+                    table, write_summary)
 
 COPIES = int(os.environ.get("BENCH_PREPARE_COPIES", "8"))
 
@@ -78,7 +79,7 @@ def main() -> None:
     ref = "transformers tokenizer + numpy"
     lines = table(f"prepare: byte-level BPE 8192 on {corpus.name} ({corpus.stat().st_size / 1e6:.1f} MB)",
                   [(n, r, "") for n, r in medians.items()], "tokens/s", ref, extra={
-                      "lmforge / transformers": f"{medians['lmforge'] / medians[ref]:.2f}x",
+                      "lmforge / transformers": f"{paired_ratio('lmforge', ref):.2f}x",
                       "lmforge prepare": f"{medians['lmforge'] / 1e6:.2f}M tokens/s (target >= 1M on 2 cores)",
                       "machine": machine()})
     write_summary("prepare", lines)
