@@ -14,8 +14,9 @@ MFU = model FLOPs per token x tokens/s / peak FLOP/s, where
 
 The peak is measured once (~1 s) and cached in ~/.cache/lmforge/peak_flops.json (or
 $LMFORGE_CACHE), keyed by device, thread count and matrix size. A measurement taken while
-other processes shared the cores reads low (and MFU high, even over 100%): delete the cache
-file to measure again, or set LMFORGE_PEAK_FLOPS (FLOP/s) to use a known peak.
+other processes shared the cores reads low; when a run then goes faster than that peak, the observed
+rate replaces it (MFU is capped at 100% for that log line). Delete the cache file to measure
+again, or set LMFORGE_PEAK_FLOPS (FLOP/s) to use a known peak.
 """
 
 from __future__ import annotations
@@ -66,13 +67,25 @@ def measured_peak_flops(device: torch.device, size: int = PEAK_SIZE, seconds: fl
     if key in cached:
         return cached[key]
     peak = time_matmul(size, seconds, device)
+    _write_cache(key, peak)
+    return peak
+
+
+def raise_peak(device: torch.device, observed: float, size: int = PEAK_SIZE) -> None:
+    """A run went faster than the cached peak (it was measured on busy cores): the observed
+    rate is a better lower bound, so MFU never reads over 100% twice."""
+    if not os.environ.get("LMFORGE_PEAK_FLOPS"):
+        _write_cache(_device_key(device, size), observed)
+
+
+def _write_cache(key: str, peak: float) -> None:
+    cached = _read_cache()
     cached[key] = peak
     try:
         CACHE.parent.mkdir(parents=True, exist_ok=True)
         CACHE.write_text(json.dumps(cached, indent=1))
     except OSError:
         pass  # a read-only home only costs a re-measure next time
-    return peak
 
 
 def _read_cache() -> dict[str, float]:

@@ -29,7 +29,7 @@ from lmforge.train.checkpoint import (Checkpoint, clean_stale_temp, ignore_sigxf
                                       prune_epochs, save_checkpoint)
 from lmforge.train.data_order import epoch_permutation, window_indices
 from lmforge.train.evaluate import evaluate
-from lmforge.train.flops import measured_peak_flops
+from lmforge.train.flops import measured_peak_flops, raise_peak
 from lmforge.train.log import RunLogger, format_train_line, truncate_metrics
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
 from lmforge.train.distributed import (all_reduce_sum, barrier, destroy_process_group, full_model_state,
@@ -247,6 +247,9 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) 
                 metrics = task.summarize(interval_sums)
                 eta = (total_steps - state.step) * (now - session_start) / max(1, state.step - session_step)
                 mfu = flops_tok * rate / (peak * rt.world_size) if peak else None
+                if mfu is not None and mfu > 1.0:  # the cached peak was measured on busy cores
+                    peak, mfu = flops_tok * rate / rt.world_size, 1.0
+                    raise_peak(rt.device, peak)
                 if getattr(task, "throughput_unit", "tok") != "tok":
                     metrics[f"{task.throughput_unit}_per_s"] = ((state.examples - interval_examples)
                                                                 / max(1e-9, now - interval_start))
