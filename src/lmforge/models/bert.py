@@ -20,14 +20,15 @@ Public calls (token ids in, tensors out; right padding, attention_mask 1 real / 
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from lmforge.models.arch_config import checked_fields
 
 # vocab_size comes from the tokenizer; intermediate_size defaults to 4 * n_embd.
 BERT_PRESETS: dict[str, dict[str, int]] = {
@@ -100,19 +101,7 @@ class BertConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BertConfig:
         """Build from a plain dict (config.json); a "model_type" key, if present, must be "bert"."""
-        d = dict(d)
-        model_type = d.pop("model_type", "bert")
-        if model_type != "bert":
-            raise ValueError(f"model_type={model_type!r}: BertConfig needs model_type 'bert'")
-        valid = [f.name for f in fields(cls)]
-        unknown = [k for k in d if k not in valid]
-        if unknown:
-            hints = []
-            for k in unknown:
-                near = difflib.get_close_matches(str(k), valid, n=1)
-                hints.append(f"{k!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
-            raise ValueError(f"unknown BERT config key(s): {', '.join(hints)}; valid keys: {', '.join(valid)}")
-        return cls(**d)
+        return cls(**checked_fields(cls, d, "bert", "BERT"))
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> BertConfig:

@@ -11,15 +11,16 @@ c_attn / c_proj / c_fc weights are transposed relative to HF. `lm_head.weight` i
 
 from __future__ import annotations
 
-import difflib
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from lmforge.models.arch_config import checked_fields
 
 # vocab_size comes from the tokenizer, except for "gpt2", which pins GPT-2's own vocabulary.
 GPT_PRESETS: dict[str, dict[str, int]] = {
@@ -83,19 +84,7 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
         """Build from a plain dict (config.json, YAML). A "model_type" key, if present, must be "gpt"."""
-        d = dict(d)
-        model_type = d.pop("model_type", "gpt")
-        if model_type != "gpt":
-            raise ValueError(f"model_type={model_type!r}: GPTConfig needs model_type 'gpt'")
-        valid = [f.name for f in fields(cls)]
-        unknown = [k for k in d if k not in valid]
-        if unknown:
-            hints = []
-            for k in unknown:
-                near = difflib.get_close_matches(str(k), valid, n=1)
-                hints.append(f"{k!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
-            raise ValueError(f"unknown GPT config key(s): {', '.join(hints)}; valid keys: {', '.join(valid)}")
-        return cls(**d)
+        return cls(**checked_fields(cls, d, "gpt", "GPT"))
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:

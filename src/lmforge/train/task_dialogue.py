@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -27,7 +26,8 @@ from lmforge.config import Config
 from lmforge.data.collate import pad_collate
 from lmforge.data.prepare_dialogue import RESPONSE, build_sample, split_turns
 from lmforge.data.store import TokenStore
-from lmforge.metrics import IGNORE_INDEX, count_correct, shift_labels
+from lmforge.metrics import IGNORE_INDEX
+from lmforge.train.task_lm import next_token_stats, token_means
 from lmforge.train.tasks import StepStats
 
 
@@ -115,16 +115,11 @@ class DialogueTask:
         # Right padding under a causal mask: real tokens never see the pads after them and the
         # pads' labels are -100, so the fast causal kernel (no mask) gives the same loss.
         logits = model(batch["input_ids"])  # (B, T, V)
-        targets = shift_labels(batch["labels"])  # (B, T)
-        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
-        correct, counted = count_correct(logits, targets)
-        return StepStats(loss_sum=loss_sum, targets=counted, correct=correct)
+        return next_token_stats(logits, batch["labels"])
 
     def summarize(self, sums: dict[str, float]) -> dict[str, float]:
         """Loss per target token and token accuracy (GPT2-chitchat's calculate_acc)."""
-        targets = max(1.0, sums.get("targets", 0.0))
-        return {"loss": sums["loss_sum"] / targets, "accuracy": sums["correct"] / targets}
+        return token_means(sums)
 
     def console_extras(self, metrics: dict[str, float]) -> dict[str, float]:
         return {}

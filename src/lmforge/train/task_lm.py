@@ -49,16 +49,10 @@ class LMTask:
         if mask is not None and bool(mask.all()):
             mask = None  # no padding: the fast causal kernel applies
         logits = model(batch["input_ids"], attention_mask=mask)  # (B, T, V)
-        targets = shift_labels(batch.get("labels", batch["input_ids"]))  # (B, T)
-        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
-        correct, counted = count_correct(logits, targets)
-        return StepStats(loss_sum=loss_sum, targets=counted, correct=correct)
+        return next_token_stats(logits, batch.get("labels", batch["input_ids"]))
 
     def summarize(self, sums: dict[str, float]) -> dict[str, float]:
-        """Means from summed statistics: loss per target token and token accuracy."""
-        targets = max(1.0, sums.get("targets", 0.0))
-        return {"loss": sums["loss_sum"] / targets, "accuracy": sums["correct"] / targets}
+        return token_means(sums)
 
     def console_extras(self, metrics: dict[str, float]) -> dict[str, float]:
         return {}
@@ -79,3 +73,18 @@ class LMTask:
             new = generate(model, ids, sampling, generator=generator)
             results.append({"prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=False)})
         return results
+
+
+def next_token_stats(logits: torch.Tensor, labels: torch.Tensor) -> StepStats:
+    """Summed next-token cross-entropy and accuracy over labels that are not -100 (with the shift)."""
+    targets = shift_labels(labels)  # (B, T)
+    loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    correct, counted = count_correct(logits, targets)
+    return StepStats(loss_sum=loss_sum, targets=counted, correct=correct)
+
+
+def token_means(sums: dict[str, float]) -> dict[str, float]:
+    """Means from summed statistics: loss per target token and token accuracy."""
+    targets = max(1.0, sums.get("targets", 0.0))
+    return {"loss": sums["loss_sum"] / targets, "accuracy": sums["correct"] / targets}
