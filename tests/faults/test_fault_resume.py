@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 import faultkit as fk
-from lmforge.train.checkpoint import find_latest, load_checkpoint
+from lmforge.train.checkpoint import load_checkpoint
+from lmforge.train.checkpoint_retention import find_latest
 from lmforge.train.entry import resolve_resume
 
 

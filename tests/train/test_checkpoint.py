@@ -18,15 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lmforge.train.checkpoint import (
-    CheckpointError,
-    clean_stale_temp,
-    find_latest,
-    load_checkpoint,
-    prune_epochs,
-    read_manifest,
-    save_checkpoint,
-)
+from lmforge.train.checkpoint import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
+from lmforge.train.checkpoint_retention import clean_stale_temp, find_latest, prune_epochs
 
 FAULT_POINTS = ["ckpt_before_write", "ckpt_mid_write", "ckpt_after_flush", "ckpt_after_rename", "ckpt_during_cleanup"]
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import yaml
 
 from lmforge.config import Config, config_diff, config_from_dict, load_config
-from lmforge.train.checkpoint import CheckpointError, clean_stale_temp, find_latest
+from lmforge.train.checkpoint import CheckpointError
+from lmforge.train.checkpoint_retention import clean_stale_temp, find_latest
 from lmforge.train.log import truncate_metrics
 
 

@@ -25,8 +25,8 @@ from lmforge.faults import fault_point
 from lmforge.models.registry import flops_per_token  # GPT or BERT config
 from lmforge.models.registry import architecture, load_weights, model_from_architecture
 from lmforge.runtime import Runtime, setup_runtime
-from lmforge.train.checkpoint import (Checkpoint, clean_stale_temp, ignore_sigxfsz, load_checkpoint,
-                                      prune_epochs, save_checkpoint)
+from lmforge.train.checkpoint import Checkpoint, ignore_sigxfsz, load_checkpoint, save_checkpoint
+from lmforge.train.checkpoint_retention import clean_stale_temp, prune_epochs
 from lmforge.train.data_order import epoch_permutation, window_indices
 from lmforge.train.evaluate import evaluate
 from lmforge.train.flops import measured_peak_flops, raise_peak
