@@ -47,7 +47,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge import __version__
-from lmforge.data.readers import _BOM, _utf8_error
+from lmforge.data.readers import _BOM, _utf8_error, check_inputs
 from lmforge.data.store import TokenStoreWriter, dtype_for, write_meta
 from lmforge.tokenizer import SpecialIds, load_tokenizer, special_ids, tokenizer_file
 
@@ -229,16 +229,7 @@ def iter_dialogues(path: Path) -> Iterator[Dialogue]:
 
 
 def check_dialogue_inputs(inputs: Sequence[Path]) -> list[Path]:
-    paths = [Path(p) for p in inputs]
-    if not paths:
-        raise ValueError("no input files given; pass at least one dialogue file")
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
-    folders = [str(p) for p in paths if p.is_dir()]
-    if folders:
-        raise ValueError(f"input(s) {', '.join(folders)} are folders; pass the files inside them")
-    return paths
+    return check_inputs(inputs, kinds="dialogue", check_format=False)  # formats: iter_dialogues
 
 
 # -- prepare -------------------------------------------------------------------------------------

@@ -67,18 +67,20 @@ def input_format(path: Path) -> str:
     return {".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv"}.get(suffix, "txt")
 
 
-def check_inputs(paths: Iterable[Path]) -> list[Path]:
-    """The inputs as Paths; FileNotFoundError listing every missing one, ValueError for folders."""
+def check_inputs(paths: Iterable[Path], *, kinds: str = ".txt/.jsonl/.csv/.tsv",
+                 check_format: bool = True) -> list[Path]:
+    """The inputs as Paths; FileNotFoundError listing every missing one, ValueError for folders
+    (and, with `check_format`, for formats these readers do not take)."""
     paths = [Path(p) for p in paths]
     if not paths:
-        raise ValueError("no input files given; pass at least one .txt/.jsonl/.csv/.tsv file")
+        raise ValueError(f"no input files given; pass at least one {kinds} file")
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
     folders = [str(p) for p in paths if p.is_dir()]
     if folders:
         raise ValueError(f"input(s) {', '.join(folders)} are folders; pass the files inside them")
-    for p in paths:
+    for p in paths if check_format else ():
         input_format(p)
     return paths
 
