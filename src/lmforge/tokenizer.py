@@ -17,6 +17,7 @@ No post-processor template is added: callers put [CLS]/[SEP]/EOS in themselves, 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,11 +105,11 @@ def train_tokenizer(inputs: list[Path], *, kind: Literal["bpe", "wordpiece"], vo
         raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
     if kind == "bpe":
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                      special_tokens=specials, show_progress=show_progress,
+                                      special_tokens=specials, show_progress=show_progress and sys.stderr.isatty(),
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     else:
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                            special_tokens=specials, show_progress=show_progress,
+                                            special_tokens=specials, show_progress=show_progress and sys.stderr.isatty(),
                                             continuing_subword_prefix="##")
     tok = _new_tokenizer(kind, lowercase)
     counter: dict = {"texts": 0, "error": None}
