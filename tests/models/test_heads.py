@@ -87,3 +87,20 @@ def test_trainable_subsets():
         apply_trainable(model, "last_blocks:3")
     with pytest.raises(ValueError, match="choose all, head or last_blocks:K"):
         apply_trainable(model, "some")
+
+
+def test_bert_pretraining_heads_are_frozen_but_the_tied_embeddings_train():
+    # DDP waits for a gradient of every trainable parameter: unused heads must not be trainable.
+    from lmforge.models.bert import BERT_PRESETS
+    from lmforge.models.heads import apply_trainable, classifier_architecture
+    from lmforge.models.registry import model_from_architecture
+
+    arch = classifier_architecture({"model_type": "bert", **BERT_PRESETS["tiny"], "vocab_size": 100}, ["a", "b"])
+    model = model_from_architecture(arch)
+    apply_trainable(model, "all")
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith("backbone.cls.") for n in frozen)
+    assert model.backbone.bert.embeddings.word_embeddings.weight.requires_grad
+    logits = model(torch.randint(0, 100, (2, 8)))
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

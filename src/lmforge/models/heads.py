@@ -110,8 +110,23 @@ def apply_trainable(model: SequenceClassifier, spec: str) -> tuple[int, int]:
             train += blocks[len(blocks) - k:] + final
         for module in train:
             module.requires_grad_(True)
+    _freeze_pretraining_heads(model)
     params = {id(p): p for p in model.parameters()}.values()
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def _freeze_pretraining_heads(model: SequenceClassifier) -> None:
+    """BERT's MLM / NSP heads take no part in classification: no gradients, no optimizer state,
+    and DDP does not wait for gradients that never come. Weights they share with the encoder
+    (the tied decoder) stay as they are."""
+    heads = getattr(model.backbone, "cls", None)
+    if heads is None:
+        return
+    # named_parameters lists a shared weight once, under its first (encoder) name
+    used = {id(p) for name, p in model.named_parameters() if not name.startswith("backbone.cls.")}
+    for param in heads.parameters():
+        if id(param) not in used:
+            param.requires_grad_(False)
 
 
 # -------------------------------------------------------------------- architecture (config.json)

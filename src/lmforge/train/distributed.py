@@ -51,8 +51,10 @@ def init_process_group(device: torch.device, timeout_s: float) -> None:
                             timeout=timeout)
 
 
-def destroy_process_group() -> None:
+def destroy_process_group(step: int = -1) -> None:
+    """Leave the job together: a barrier first, so no rank tears down while another has gone."""
     if dist.is_initialized():
+        barrier(step, "finishing")
         dist.destroy_process_group()
 
 

@@ -32,7 +32,7 @@ from lmforge.train.evaluate import evaluate
 from lmforge.train.flops import measured_peak_flops, raise_peak
 from lmforge.train.log import RunLogger, format_train_line, truncate_metrics
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
-from lmforge.train.distributed import (all_reduce_sum, barrier, destroy_process_group, full_model_state,
+from lmforge.train.distributed import (all_reduce_sum, barrier, full_model_state,
                                        full_optimizer_state, gradient_sync, load_optimizer_state, unwrap,
                                        wrap_model)
 from lmforge.train.tasks import add_sums, best_score, make_task
@@ -309,7 +309,6 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) 
               best_val_loss=state.best_val_loss, time=elapsed)
     log.line(f"done: {reason} at step {state.step} in {elapsed:.1f}s | best val loss {state.best_val_loss:.4f}")
     log.close()
-    destroy_process_group()
     exit_code = 128 + stop.received if stop.received else (1 if reason == "non_finite" else 0)
     return TrainResult(run_dir=run_dir, steps=state.step, reason=reason, best_val_loss=state.best_val_loss,
                        last_eval=last_eval, elapsed=elapsed, exit_code=exit_code)
