@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -51,11 +52,21 @@ def init_process_group(device: torch.device, timeout_s: float) -> None:
                             timeout=timeout)
 
 
-def destroy_process_group(step: int = -1) -> None:
-    """Leave the job together: a barrier first, so no rank tears down while another has gone."""
-    if dist.is_initialized():
-        barrier(step, "finishing")
-        dist.destroy_process_group()
+def leave_job(step: int, exit_code: int) -> None:
+    """End a torchrun worker: all ranks meet, tear the group down together, and exit at once.
+
+    The DDP / FSDP state of the finished run still holds the gloo group; if its destructor
+    runs during interpreter shutdown (or after a peer has gone) it can abort ("terminate
+    called without an active exception") or hang. Everything is written by now, so the
+    worker skips that shutdown. A single process returns and exits normally.
+    """
+    if not dist.is_initialized():
+        return
+    barrier(step, "finishing")
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
 def wrap_model(model: nn.Module, strategy: str, device: torch.device, world_size: int) -> nn.Module:

@@ -10,7 +10,7 @@ import yaml
 
 from lmforge.config import Config, config_diff, config_from_dict, load_config
 from lmforge.train.checkpoint import CheckpointError
-from lmforge.train.distributed import destroy_process_group
+from lmforge.train.distributed import leave_job
 from lmforge.train.checkpoint_retention import clean_stale_temp, find_latest
 from lmforge.train.log import truncate_metrics
 
@@ -106,11 +106,9 @@ def train_command(config_path: str | None, overrides: list[str], *, resume: Path
         check_tokenizer_match(Path(cfg.model.init_from) / "tokenizer.json", Path(cfg.data.path),
                               "model.init_from")
     result = train(cfg, resume_from=checkpoint, quiet=quiet)
-    # After train() returned (its DDP wrapper is gone) and with every rank still alive: tearing
-    # the gloo group down once a peer has exited can hang in its destructor.
-    destroy_process_group(result.steps)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
         report = write_report(result.run_dir)
         if not quiet:
             print(f"run folder: {result.run_dir}\nreport: {report}")
+    leave_job(result.steps, result.exit_code)  # returns only in a single process
     return result.exit_code
