@@ -39,7 +39,7 @@ def _events(extras: bool = False) -> list[dict]:
                            "perplexity": math.exp(5.6), "accuracy": 0.18})
     last = {"step": 40, "epoch": 2.0, "tokens": 40 * TOKENS_PER_STEP, "examples": 160, "time": 20.0}
     events.append({"event": "samples", **last, "samples": [
-        {"prompt": "ROMEO:", "text": "ROMEO: <b>bold</b> & more"},
+        {"prompt": "ROMEO:", "text": " <b>bold</b> & more"},
         {"prompt": "JULIET <i>", "text": "continuation only"},
     ]})
     events.append({"event": "end", **last, "reason": "max_steps", "best_val_loss": 3.5})
@@ -78,7 +78,8 @@ def test_report_writes_plots_and_self_contained_html(tmp_path: Path) -> None:
 
     page = out.read_text()
     assert "<h1>shakespeare &lt;test&gt;</h1>" in page
-    # Samples: prompt bold and escaped, the prompt not repeated, user text never raw HTML.
+    # Samples: prompt bold and escaped, then the continuation (the text after the prompt),
+    # user text never raw HTML.
     assert "<pre class=\"sample\"><b>ROMEO:</b> &lt;b&gt;bold&lt;/b&gt; &amp; more</pre>" in page
     assert "<b>JULIET &lt;i&gt;</b>continuation only" in page
     assert "<b>bold</b>" not in page

@@ -371,8 +371,6 @@ def _samples_html(events: list[dict[str, Any]]) -> str:
         if not isinstance(sample, dict):
             continue
         prompt, text = str(sample.get("prompt") or ""), str(sample.get("text") or "")
-        if prompt and text.startswith(prompt):  # text may carry the prompt; show it once, in bold
-            text = text[len(prompt):]
         items.append(f'<pre class="sample"><b>{html.escape(prompt)}</b>{html.escape(text)}</pre>')
     step = _fmt(latest.get("step"), "int")
     return f"<h2>Samples (step {step})</h2>\n" + "\n".join(items)
