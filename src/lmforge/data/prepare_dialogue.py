@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import json
 import shutil
 import sys
 import time
@@ -47,7 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge import __version__
-from lmforge.data.readers import _BOM, _utf8_error, check_inputs
+from lmforge.data.readers import _BOM, _utf8_error, check_inputs, parse_json_line
 from lmforge.data.store import TokenStoreWriter, dtype_for, write_meta
 from lmforge.tokenizer import SpecialIds, load_tokenizer, special_ids, tokenizer_file
 
@@ -206,12 +205,7 @@ def _jsonl_dialogues(path: Path) -> Iterator[Dialogue]:
     for line_no, text in _lines(path):
         if not text.strip():
             continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {line_no}: not valid JSON ({e.msg} at column {e.colno}); "
-                             f"a .jsonl file holds one JSON object per line") from None
-        yield _jsonl_dialogue(record, path, line_no)
+        yield _jsonl_dialogue(parse_json_line(path, line_no, text), path, line_no)
 
 
 def iter_dialogues(path: Path) -> Iterator[Dialogue]:

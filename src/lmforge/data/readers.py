@@ -311,15 +311,20 @@ def _txt_documents(path: Path, doc_split: str, max_chars: int) -> Iterator[Docum
 # -- .jsonl --------------------------------------------------------------------------------------
 
 
+def parse_json_line(path: Path, line_no: int, text: str):
+    """One line of a .jsonl file, or an error naming the file, line and column."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {line_no}: not valid JSON ({e.msg} at column {e.colno}); "
+                         f"a .jsonl file holds one JSON object per line") from None
+
+
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
     for line_no, text, offset in _iter_lines(path):
         if not text.strip():
             continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {line_no}: not valid JSON ({e.msg} at column {e.colno}); "
-                             f"a .jsonl file holds one JSON object per line") from None
+        record = parse_json_line(path, line_no, text)
         if not isinstance(record, dict):
             raise ValueError(f"{path}: line {line_no}: expected a JSON object, got "
                              f"{type(record).__name__}")
