@@ -137,14 +137,6 @@ def _add_interop(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
 
 
-def _warm_up_optimizer_imports() -> None:
-    """torch's optimizers import torch._dynamo (~0.8 s) on construction; importing it in a
-    background thread overlaps that with reading the data and building the model."""
-    import importlib
-    import threading
-    threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True).start()
-
-
 def _column(value: str) -> str | int:
     return int(value) if value.isdigit() else value
 
@@ -202,7 +194,6 @@ def run(args: argparse.Namespace) -> int:
                 text_column=_column(args.column), overwrite=args.overwrite,
                 doc_split=args.doc_split, max_len=args.max_len)
     elif args.command == "train":
-        _warm_up_optimizer_imports()
         from lmforge.train.entry import train_command
         return train_command(args.config, args.overrides, resume=args.resume, quiet=args.quiet)
     elif args.command == "generate":

@@ -1,8 +1,11 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from lmforge.config import TrainConfig
-from lmforge.train.optim import lr_at, parameter_groups
+from lmforge.train.optim import AdamW, lr_at, parameter_groups
 
 
 def test_linear_warmup_then_cosine_to_floor():
@@ -29,3 +32,44 @@ def test_weight_decay_only_on_matrices():
     assert [p.shape for p in decay["params"]] == [(10, 4), (4, 4)]
     assert sorted(p.numel() for p in no_decay["params"]) == [4, 4, 4]  # linear bias, norm weight and bias
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def _three_steps(optimizer_class, **kwargs):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+    optimizer = optimizer_class(parameter_groups(model, 0.1), lr=1e-2, **kwargs)
+    for step in range(3):
+        model(torch.randn(4, 6, generator=torch.Generator().manual_seed(step))).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model, optimizer
+
+
+@pytest.mark.parametrize("kind", [{"fused": True}, {"foreach": True}])
+def test_lean_adamw_updates_exactly_like_torch(kind):
+    ours, our_opt = _three_steps(AdamW, **kind)
+    theirs, their_opt = _three_steps(torch.optim.AdamW, **kind)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a, b)
+    ours_state, their_state = our_opt.state_dict(), their_opt.state_dict()
+    assert ours_state["param_groups"] == their_state["param_groups"]
+    for key in their_state["state"]:
+        for name, value in their_state["state"][key].items():
+            assert torch.equal(ours_state["state"][key][name], value)
+    our_opt.load_state_dict(their_state)  # and it loads torch's state dict
+    assert all(p.grad is None for p in ours.parameters())
+
+
+def test_training_never_imports_torch_dynamo():
+    """torch._dynamo costs 0.8 s of start-up; only torch.compile should pay for it."""
+    code = ("import sys, torch\n"
+            "from lmforge.config import TrainConfig\n"
+            "from lmforge.train.optim import build_optimizer\n"
+            "model = torch.nn.Linear(3, 2)\n"
+            "opt = build_optimizer(model, TrainConfig(), torch.device('cpu'))\n"
+            "model(torch.randn(2, 3)).sum().backward()\n"
+            "torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)\n"
+            "opt.step(); opt.zero_grad(); opt.load_state_dict(opt.state_dict())\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 from torch import nn
+from torch.optim import Optimizer
 
 from lmforge.config import TrainConfig
 
@@ -23,16 +25,48 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _plain(method):
+    """The method under torch's torch.compile guards (functools.wraps chains)."""
+    return inspect.unwrap(method)
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW, without the guards it wraps around its methods for torch.compile.
+
+    `step` runs inside a graph break and `zero_grad`, `add_param_group`, `state_dict` and
+    `load_state_dict` inside `torch._disable_dynamo`; both import torch._dynamo, 0.8 s of the
+    2 s from `lmforge train` to its first step on 2 cores, and do nothing outside a compiled
+    region. lmforge never compiles the optimizer (only the model), so it calls the plain
+    methods: the same update, the same state dict; step hooks and the profiler still see it.
+    """
+
+    def step(self, closure=None):
+        with torch.no_grad():  # what the guard does outside compilation (differentiable=False)
+            return _plain(torch.optim.AdamW.step)(self, closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        _plain(Optimizer.zero_grad)(self, set_to_none)
+
+    def add_param_group(self, param_group: dict) -> None:
+        _plain(Optimizer.add_param_group)(self, param_group)
+
+    def state_dict(self) -> dict:
+        return _plain(Optimizer.state_dict)(self)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        _plain(Optimizer.load_state_dict)(self, state_dict)
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW, fused into one kernel where torch supports it on this device."""
     groups = parameter_groups(model, cfg.weight_decay)
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if device.type in ("cuda", "cpu"):
         try:
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
+            return AdamW(groups, fused=True, **kwargs)
         except (RuntimeError, ValueError):
             pass  # an older torch without a fused kernel for this device
-    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+    return AdamW(groups, foreach=True, **kwargs)
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
