@@ -108,16 +108,18 @@ def _bpe_tokenizer(tmp_path: Path, corpus: Path) -> Path:
     return train_tokenizer([corpus], kind="bpe", vocab_size=300, out_dir=tmp_path / "tok", show_progress=False)
 
 
-def test_gpt2_from_transformers_imports_with_the_same_logits(tmp_path: Path, corpus: Path):
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu"])
+def test_gpt2_from_transformers_imports_with_the_same_logits(tmp_path: Path, corpus: Path, activation: str):
     tok = _bpe_tokenizer(tmp_path, corpus)
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=300, n_positions=40, n_embd=32, n_layer=2, n_head=4,
-                                     bos_token_id=0, eos_token_id=0)
+                                     bos_token_id=0, eos_token_id=0, activation_function=activation)
     reference = transformers.GPT2LMHeadModel(config).eval()
     reference.save_pretrained(tmp_path / "hf")
     (tmp_path / "hf" / "tokenizer.json").write_bytes(tok.read_bytes())
     import_hf(tmp_path / "hf", tmp_path / "ckpt")
     loaded = load_for_inference(tmp_path / "ckpt", device="cpu")
+    assert loaded.model.config.activation == activation
     ids = torch.randint(0, 300, (2, 17))
     with torch.no_grad():
         expected = reference(ids).logits
@@ -125,15 +127,17 @@ def test_gpt2_from_transformers_imports_with_the_same_logits(tmp_path: Path, cor
     assert float((expected - ours).abs().max()) < 1e-4
 
 
-def test_exported_gpt_gives_the_same_logits_and_tokens(tmp_path: Path, corpus: Path):
+@pytest.mark.parametrize("activation", ["gelu", "gelu_new"])
+def test_exported_gpt_gives_the_same_logits_and_tokens(tmp_path: Path, corpus: Path, activation: str):
     tok = _bpe_tokenizer(tmp_path, corpus)
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=300, context=40, n_layer=2, n_head=4, n_embd=32)
+    config = GPTConfig(vocab_size=300, context=40, n_layer=2, n_head=4, n_embd=32, activation=activation)
     model = GPT(config).eval()
     ckpt = save_checkpoint(tmp_path / "ckpt", model_state=model.state_dict(),
                            model_config={"model_type": "gpt", **config.to_dict()}, tokenizer_file=tok)
     out = export_hf(ckpt, tmp_path / "hf")
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    assert hf_model.config.activation_function == activation
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     text = "The lake is deep.\n这是中文"
     ours_tok = load_for_inference(ckpt, device="cpu").tokenizer

@@ -60,7 +60,7 @@ def test_too_long_input_and_bad_config_are_user_errors():
 
 def test_registry_builds_bert_from_a_run_config():
     arch = architecture(ModelConfig(kind="bert", preset="tiny"), vocab_size=120)
-    assert arch == {"model_type": "bert", **BERT_PRESETS["tiny"], "vocab_size": 120, "dropout": 0.0}
+    assert arch == {"model_type": "bert", **BERT_PRESETS["tiny"], "vocab_size": 120, "dropout": 0.0, "hidden_act": "gelu"}
     model = model_from_architecture(arch)
     assert isinstance(model, Bert) and model.config.context == 128
     assert flops_per_token(model.config) > 6 * sum(p.numel() for p in model.bert.encoder.parameters())

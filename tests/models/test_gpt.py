@@ -125,8 +125,19 @@ def test_config_validation_names_the_key():
         GPTConfig(dropout=1.5)
     with pytest.raises(ValueError, match="unknown GPT preset 'huge'"):
         GPTConfig.from_preset("huge")
+    with pytest.raises(ValueError, match="activation='swish': must be one of gelu, gelu_new"):
+        GPTConfig(activation="swish")
     cfg = GPTConfig.from_preset("small", vocab_size=1000)
     assert GPTConfig.from_dict({"model_type": "gpt", **cfg.to_dict()}) == cfg
+
+
+def test_activation_default_and_checkpoints_from_before_the_field():
+    assert GPTConfig().activation == "gelu"
+    legacy = {k: v for k, v in GPTConfig(activation="gelu").to_dict().items() if k != "activation"}
+    assert GPTConfig.from_dict(legacy).activation == "gelu_new"  # what every earlier GPT used
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=VOCAB, activation="gelu_new"))
+    x = torch.linspace(-3, 3, 7)
+    assert torch.equal(model.transformer.h[0].mlp.act(x), torch.nn.functional.gelu(x, approximate="tanh"))
     assert set(GPT_PRESETS) >= {"tiny", "mini", "small", "medium", "gpt2"}
 
 
@@ -154,3 +165,20 @@ def test_logits_equal_transformers_gpt2():
         mask[1, 13:] = 0
         ref = hf(ids, attention_mask=mask).logits
         torch.testing.assert_close(model(ids, attention_mask=mask)[1, :13], ref[1, :13], rtol=0, atol=1e-4)
+
+
+def test_forward_with_targets_is_the_summed_next_token_loss_with_the_same_gradients():
+    model = tiny_model()
+    ids = torch.randint(0, VOCAB, (2, 12))
+    targets = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+    loss_sum, correct, counted = model(ids, targets=targets)
+    loss_sum.backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(ids)
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    ref.backward()
+    assert loss_sum.item() == pytest.approx(ref.item(), rel=1e-6) and counted.item() == 22
+    assert correct.item() == int((logits.argmax(-1)[:, :-1] == ids[:, 1:]).sum())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(fused[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)

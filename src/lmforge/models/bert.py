@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmforge.models.activations import ACTIVATIONS
 from lmforge.models.arch_config import checked_fields
 
 # vocab_size comes from the tokenizer; intermediate_size defaults to 4 * n_embd.
@@ -38,8 +39,6 @@ BERT_PRESETS: dict[str, dict[str, int]] = {
     "medium": dict(n_layer=8, n_head=8, n_embd=512, context=512),
     "base": dict(n_layer=12, n_head=12, n_embd=768, context=512),
 }
-ACTIVATIONS = {"gelu": lambda x: F.gelu(x), "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-               "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
 
 @dataclass(kw_only=True, slots=True)

@@ -20,7 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmforge.models.activations import ACTIVATIONS
 from lmforge.models.arch_config import checked_fields
+from lmforge.models.lm_loss import lm_head_cross_entropy
 
 # vocab_size comes from the tokenizer, except for "gpt2", which pins GPT-2's own vocabulary.
 GPT_PRESETS: dict[str, dict[str, int]] = {
@@ -52,6 +54,8 @@ class GPTConfig:
     """LayerNorm epsilon (GPT-2 uses 1e-5)."""
     bias: bool = True
     """Biases in Linear and LayerNorm layers (GPT-2 has them)."""
+    activation: str = "gelu"
+    """MLP activation: gelu (exact, as nanoGPT), gelu_new (GPT-2's tanh approximation), relu."""
 
     def __post_init__(self) -> None:
         errors = []
@@ -71,6 +75,8 @@ class GPTConfig:
             errors.append(f"layer_norm_eps={self.layer_norm_eps!r}: must be a positive number")
         if not isinstance(self.bias, bool):
             errors.append(f"bias={self.bias!r}: must be true or false")
+        if self.activation not in ACTIVATIONS:
+            errors.append(f"activation={self.activation!r}: must be one of {', '.join(ACTIVATIONS)}")
         if errors:
             raise ValueError("invalid GPT config: " + "; ".join(errors))
 
@@ -83,8 +89,12 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
-        """Build from a plain dict (config.json, YAML). A "model_type" key, if present, must be "gpt"."""
-        return cls(**checked_fields(cls, d, "gpt", "GPT"))
+        """Build from a plain dict (config.json, YAML). A "model_type" key, if present, must be "gpt".
+
+        A dict without "activation" is a checkpoint from before the field existed: those GPTs
+        all used GPT-2's tanh GELU.
+        """
+        return cls(**checked_fields(cls, {"activation": "gelu_new", **d}, "gpt", "GPT"))
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:
@@ -150,9 +160,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.act = ACTIVATIONS[config.activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, 4C); GPT-2's "gelu_new"
+        x = self.act(self.c_fc(x))  # (B, T, 4C)
         return self.dropout(self.c_proj(x))  # (B, T, C)
 
 
@@ -266,14 +277,20 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)  # (B, T, C)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, kv_cache: KVCache | None = None,
-                return_hidden: bool = False, *, last_only: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                return_hidden: bool = False, *, last_only: bool = False,
+                targets: Tensor | None = None) -> Tensor | tuple[Tensor, ...]:
         """Logits (B, T, V), or (logits, hidden (B, T, C)) when return_hidden.
 
         attention_mask: (B, T) of 1/0 for right-padded batches (with kv_cache: (B, cached + T)).
         kv_cache: keys/values are appended at kv_cache.length and positions continue from it.
         last_only: logits for the last position only, (B, 1, V) (generation: skips the big matmul).
+        targets: (B, T) token ids aligned with the positions (already shifted; -100 = none):
+        returns (loss_sum, correct, counted) instead of logits, through the fused output
+        projection + cross-entropy of `lmforge.models.lm_loss` (training and evaluation).
         """
         hidden = self._run(input_ids, attention_mask, kv_cache)  # (B, T, C)
+        if targets is not None:
+            return lm_head_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten())
         logits = self.lm_head(hidden[:, -1:] if last_only else hidden)  # (B, T or 1, V)
         return (logits, hidden) if return_hidden else logits
 

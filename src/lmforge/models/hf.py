@@ -20,6 +20,8 @@ import re
 
 from torch import Tensor
 
+from lmforge.models.activations import ACTIVATIONS
+
 _GPT2_CONV1D = re.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 _GPT2_BUFFERS = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias)$")
 _BERT_TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
@@ -59,8 +61,9 @@ def gpt2_config_from_hf(hf: dict) -> dict:
     n_embd = hf.get("n_embd", 768)
     if hf.get("n_inner") not in (None, 4 * n_embd):
         problems.append(f"n_inner={hf['n_inner']} (lmforge's MLP is 4 x n_embd = {4 * n_embd})")
-    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        problems.append(f"activation_function={hf['activation_function']!r} (lmforge uses the tanh GELU, gelu_new)")
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in ACTIVATIONS:
+        problems.append(f"activation_function={activation!r} (lmforge: {', '.join(ACTIVATIONS)})")
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
         if hf.get(flag):
             problems.append(f"{flag}=true")
@@ -72,7 +75,8 @@ def gpt2_config_from_hf(hf: dict) -> dict:
         raise ValueError("this GPT-2 config uses features lmforge's GPT does not have: " + "; ".join(problems))
     return {"model_type": "gpt", "vocab_size": hf.get("vocab_size", 50257), "context": hf.get("n_positions", 1024),
             "n_layer": hf.get("n_layer", 12), "n_head": hf.get("n_head", 12), "n_embd": n_embd,
-            "dropout": 0.0, "layer_norm_eps": hf.get("layer_norm_epsilon", 1e-5), "bias": True}
+            "dropout": 0.0, "layer_norm_eps": hf.get("layer_norm_epsilon", 1e-5), "bias": True,
+            "activation": activation}
 
 
 def gpt2_config_to_hf(arch: dict, bos: int | None, eos: int | None, pad: int | None) -> dict:
@@ -83,7 +87,7 @@ def gpt2_config_to_hf(arch: dict, bos: int | None, eos: int | None, pad: int | N
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": arch["vocab_size"],
             "n_positions": arch["context"], "n_ctx": arch["context"], "n_embd": arch["n_embd"],
             "n_layer": arch["n_layer"], "n_head": arch["n_head"], "n_inner": None,
-            "activation_function": "gelu_new", "resid_pdrop": p, "embd_pdrop": p, "attn_pdrop": p,
+            "activation_function": arch.get("activation", "gelu_new"), "resid_pdrop": p, "embd_pdrop": p, "attn_pdrop": p,
             "layer_norm_epsilon": arch.get("layer_norm_eps", 1e-5), "initializer_range": 0.02,
             "scale_attn_weights": True, "tie_word_embeddings": True, "use_cache": True,
             "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
@@ -126,8 +130,8 @@ def bert_config_from_hf(hf: dict) -> dict:
     if hf.get("is_decoder") or hf.get("add_cross_attention"):
         problems.append("is_decoder / add_cross_attention (lmforge's BERT is an encoder only)")
     act = hf.get("hidden_act", "gelu")
-    if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu"):
-        problems.append(f"hidden_act={act!r} (lmforge: gelu, gelu_new, gelu_pytorch_tanh, relu)")
+    if act not in ACTIVATIONS:
+        problems.append(f"hidden_act={act!r} (lmforge: {', '.join(ACTIVATIONS)})")
     if problems:
         raise ValueError("this BERT config uses features lmforge's BERT does not have: " + "; ".join(problems))
     hidden = hf.get("hidden_size", 768)

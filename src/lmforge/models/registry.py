@@ -28,6 +28,7 @@ def architecture(cfg: ModelConfig, vocab_size: int) -> dict:
     if missing:
         raise ValueError(f"model: set a preset or all of n_layer, n_head, n_embd, context (missing: {', '.join(missing)})")
     arch.update(vocab_size=vocab_size, dropout=cfg.dropout)
+    arch["hidden_act" if cfg.kind == "bert" else "activation"] = cfg.activation
     return {"model_type": cfg.kind, **arch}
 
 

@@ -114,8 +114,7 @@ class DialogueTask:
     def loss_and_metrics(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepStats:
         # Right padding under a causal mask: real tokens never see the pads after them and the
         # pads' labels are -100, so the fast causal kernel (no mask) gives the same loss.
-        logits = model(batch["input_ids"])  # (B, T, V)
-        return next_token_stats(logits, batch["labels"])
+        return next_token_stats(model, batch["input_ids"], batch["labels"])
 
     def summarize(self, sums: dict[str, float]) -> dict[str, float]:
         """Loss per target token and token accuracy (GPT2-chitchat's calculate_acc)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import Config
@@ -13,7 +12,7 @@ from lmforge.data.collate import pad_collate
 from lmforge.data.datasets import PackedLMDataset
 from lmforge.data.store import TokenStore
 from lmforge.generate import SamplingConfig, generate
-from lmforge.metrics import IGNORE_INDEX, count_correct, shift_labels
+from lmforge.metrics import IGNORE_INDEX, shift_labels
 from lmforge.tokenizer import load_tokenizer
 from lmforge.train.tasks import StepStats
 
@@ -48,8 +47,7 @@ class LMTask:
         mask = batch.get("attention_mask")
         if mask is not None and bool(mask.all()):
             mask = None  # no padding: the fast causal kernel applies
-        logits = model(batch["input_ids"], attention_mask=mask)  # (B, T, V)
-        return next_token_stats(logits, batch.get("labels", batch["input_ids"]))
+        return next_token_stats(model, batch["input_ids"], batch.get("labels", batch["input_ids"]), mask)
 
     def summarize(self, sums: dict[str, float]) -> dict[str, float]:
         return token_means(sums)
@@ -75,12 +73,14 @@ class LMTask:
         return results
 
 
-def next_token_stats(logits: torch.Tensor, labels: torch.Tensor) -> StepStats:
-    """Summed next-token cross-entropy and accuracy over labels that are not -100 (with the shift)."""
-    targets = shift_labels(labels)  # (B, T)
-    loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
-    correct, counted = count_correct(logits, targets)
+def next_token_stats(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None) -> StepStats:
+    """Summed next-token cross-entropy and accuracy over labels that are not -100 (with the shift).
+
+    The model computes them itself (GPT.forward with targets: the fused output projection and
+    cross-entropy), so the (B, T, V) logits never leave it.
+    """
+    loss_sum, correct, counted = model(input_ids, attention_mask=attention_mask, targets=shift_labels(labels))
     return StepStats(loss_sum=loss_sum, targets=counted, correct=correct)
 
 

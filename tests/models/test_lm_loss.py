@@ -1,0 +1,65 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.metrics import IGNORE_INDEX
+from lmforge.models import lm_loss
+
+
+def _case(rows=300, width=24, vocab=97, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, width, generator=g)
+    weight = torch.randn(vocab, width, generator=g)
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    targets[::5] = IGNORE_INDEX
+    right = rows // 2 + 1
+    targets[right] = int((hidden[right] @ weight.t()).argmax())  # at least one right answer
+    return hidden, weight, targets
+
+
+def _reference(hidden, weight, targets):
+    logits = hidden @ weight.t()
+    loss_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    valid = targets != IGNORE_INDEX
+    return loss_sum, int(((logits.argmax(1) == targets) & valid).sum()), int(valid.sum())
+
+
+@pytest.mark.parametrize("block_bytes", [4 << 20, 1000])  # one block; many blocks with a short last one
+def test_fused_matches_projection_then_cross_entropy(monkeypatch, block_bytes):
+    monkeypatch.setattr(lm_loss, "_BLOCK_BYTES", block_bytes)
+    hidden, weight, targets = _case()
+    ours = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    theirs = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    loss_sum, correct, counted = lm_loss.lm_head_cross_entropy(*ours, targets)
+    (loss_sum * 0.5).backward()
+    ref_loss, ref_correct, ref_counted = _reference(*theirs, targets)
+    (ref_loss * 0.5).backward()
+    assert loss_sum.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    assert (correct.item(), counted.item()) == (ref_correct, ref_counted) and ref_correct >= 1
+    for mine, ref in zip(ours, theirs):
+        torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-5, atol=1e-6)
+    assert ours[0].grad[::5].abs().max() == 0  # ignored rows get no gradient
+
+
+def test_all_ignored_no_grad_and_one_input_frozen():
+    hidden, weight, _ = _case(rows=4)
+    targets = torch.full((4,), IGNORE_INDEX)
+    h = hidden.clone().requires_grad_()
+    loss_sum, correct, counted = lm_loss.lm_head_cross_entropy(h, weight, targets)  # weight frozen
+    loss_sum.backward()
+    assert (loss_sum.item(), correct.item(), counted.item()) == (0.0, 0, 0)
+    assert h.grad.abs().max() == 0
+    hidden, weight, targets = _case()
+    with torch.no_grad():
+        loss_sum, _, _ = lm_loss.lm_head_cross_entropy(hidden, weight, targets)
+    assert loss_sum.item() == pytest.approx(_reference(hidden, weight, targets)[0].item(), rel=1e-6)
+
+
+def test_autocast_takes_the_plain_path_with_the_same_counts():
+    hidden, weight, targets = _case()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_sum, correct, counted = lm_loss.lm_head_cross_entropy(hidden, weight, targets)
+    ref_loss, _, ref_counted = _reference(hidden, weight, targets)
+    assert loss_sum.dtype == torch.float32 and counted.item() == ref_counted
+    assert loss_sum.item() == pytest.approx(ref_loss.item(), rel=2e-2)  # bf16 logits
+    assert 0 < correct.item() <= counted.item()
