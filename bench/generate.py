@@ -37,7 +37,7 @@ def main() -> None:
     torch.manual_seed(SEED)
     arch = {k: WORKLOAD[k] for k in ("vocab_size", "n_layer", "n_head", "n_embd")}
     model = GPT(GPTConfig(context=CONTEXT, **arch)).eval()
-    hf_config = gpt2_config_to_hf({"model_type": "gpt", "context": CONTEXT, **arch}, None, None, None)
+    hf_config = gpt2_config_to_hf({"model_type": "gpt", **model.config.to_dict()}, None, None, None)
     hf_config.pop("architectures")
     hf_config.pop("model_type")
     hf = GPT2LMHeadModel(GPT2Config(**hf_config)).eval()

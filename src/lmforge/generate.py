@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from lmforge.models.gpt import GPT
+from lmforge.models.gpt_decode import Decoder
 
 
 @dataclass(kw_only=True, slots=True)
@@ -98,8 +99,8 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
 
 def _pick(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> Tensor:
     """logits (V,) float32 -> next token id, a (1,) long tensor."""
-    if cfg.temperature == 0:
-        return logits.argmax(-1, keepdim=True)
+    if cfg.temperature == 0:  # max's index is the first maximum, as argmax's, at half the cost on CPU
+        return logits.max(-1, keepdim=True).indices
     logits = logits / cfg.temperature
     candidates = None
     if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
@@ -137,6 +138,7 @@ def stream_generate(model: GPT, prompt_ids: Sequence[int], cfg: SamplingConfig,
             ids = torch.empty(n + cfg.max_new_tokens, dtype=torch.long, device=device)
             ids[:n] = torch.as_tensor(prompt_ids, dtype=torch.long)
             cache = model.new_kv_cache(1, context) if use_cache else None
+            decoder = Decoder(model) if use_cache and isinstance(model, GPT) else None  # else: modules
             logits = model(ids[None, max(0, n - context):n], kv_cache=cache, last_only=True)  # (1, 1, V)
         for step in range(1, cfg.max_new_tokens + 1):
             # no yield inside inference_mode: the caller's code between tokens must run in its own mode
@@ -148,13 +150,15 @@ def stream_generate(model: GPT, prompt_ids: Sequence[int], cfg: SamplingConfig,
                 token_id = int(token)
                 if token_id in stop:
                     return
-                ids[n] = token[0]
+                ids[n] = token_id
                 n += 1
             yield token_id
             if step == cfg.max_new_tokens:
                 return  # limit reached: skip the forward for a token nobody asks for
             with torch.inference_mode():
-                if cache is not None and cache.length < context:
+                if decoder is not None and cache.length < context:
+                    logits = decoder.step(token[None], cache)  # (1, 1, V)
+                elif cache is not None and cache.length < context:
                     logits = model(token[None], kv_cache=cache)  # (1, 1, V)
                 else:  # no cache, or cache full: run on the last `context` tokens
                     logits = model(ids[None, max(0, n - context):n], last_only=True)  # (1, 1, V)
