@@ -151,12 +151,13 @@ def table(title: str, rows: list[tuple[str, float, str]], unit: str, reference: 
     """Rows (name, median rate, note) as a table with each row's ratio to `reference`: the
     paired ratio (`paired_ratio`) for sides measured in the rounds, else the ratio of medians."""
     ref = dict((name, rate) for name, rate, _ in rows)[reference]
-    lines = [f"## {title}", f"| {'':<44} | {unit + ' (median)':>19} | {'ratio':>6} | note",
-             f"|{'-' * 46}|{'-' * 21}|{'-' * 8}|-----"]
+    width = max(44, *(len(name) for name, _, _ in rows))
+    lines = [f"## {title}", f"| {'':<{width}} | {unit + ' (median)':>19} | {'ratio':>6} | note",
+             f"|{'-' * (width + 2)}|{'-' * 21}|{'-' * 8}|-----"]
     for name, rate, note in rows:
         measured = name in ROUND_MEDIANS and reference in ROUND_MEDIANS
         ratio = paired_ratio(name, reference) if measured else (rate / ref if ref else float("nan"))
-        lines.append(f"| {name:<44} | {rate:>19,.0f} | {ratio:>5.2f}x | {note}")
+        lines.append(f"| {name:<{width}} | {rate:>19,.0f} | {ratio:>5.2f}x | {note}")
     for key, value in (extra or {}).items():
         lines.append(f"{key}: {value}")
     return lines

@@ -14,6 +14,8 @@ Each side trains its own default GPT-2: lmforge's uses the exact GELU (as nanoGP
 on CPU about 4x faster than the tanh form), transformers' GPT2Config the tanh GELU (gelu_new).
 The ablation rows (BENCH_ABLATIONS=1, the default) swap them: lmforge with gelu_new, and the
 Trainer with activation_function=gelu, so the table shows what the activation alone is worth.
+Two more rows leave the fp32 workload for bf16 autocast on both sides (BENCH_BF16=0 drops
+them): on a CPU with AMX units that is the faster setting.
 
 Each side runs in its own worker process (see bench/common.py); rounds interleave A B A B.
 The first WARMUP steps of every round are dropped. nanoGPT cannot be installed here: its line
@@ -47,7 +49,8 @@ NANOGPT_OVER_TRAINER = 1.31 / 1.06
 # -- the sides (run inside worker processes) ------------------------------------------------------
 
 
-def lmforge_runner(data: str, malloc_tuning: bool = True, compile: bool = False, activation: str = "gelu"):
+def lmforge_runner(data: str, malloc_tuning: bool = True, compile: bool = False, activation: str = "gelu",
+                   precision: str = "fp32"):
     """A function(steps) -> per-step tokens/s of `lmforge.train.loop.train` on the workload."""
     if not malloc_tuning:
         os.environ["LMFORGE_MALLOC_TUNING"] = "0"  # read by setup_runtime at the first run
@@ -67,7 +70,7 @@ def lmforge_runner(data: str, malloc_tuning: bool = True, compile: bool = False,
             "train": {"task": "lm", "batch_size": WORKLOAD["batch_size"], "grad_accum": 1, "lr": 6e-4,
                       "warmup_steps": 0, "max_steps": WARMUP + steps, "grad_clip": 1.0, "log_every": 1,
                       "eval_every": 10**9, "eval_batches": 1, "sample_tokens": 0, "device": "cpu",
-                      "precision": "fp32", "compile": compile, "seed": SEED},
+                      "precision": precision, "compile": compile, "seed": SEED},
             "run": {"out_dir": str(out), "name": name}})
         result = train(cfg, quiet=True)
         events = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -78,7 +81,7 @@ def lmforge_runner(data: str, malloc_tuning: bool = True, compile: bool = False,
     return run
 
 
-def trainer_runner(data: str, activation: str = "gelu_new"):
+def trainer_runner(data: str, activation: str = "gelu_new", bf16: bool = False):
     """A function(steps) -> per-step tokens/s of transformers' Trainer + GPT2LMHeadModel."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
@@ -116,7 +119,7 @@ def trainer_runner(data: str, activation: str = "gelu_new"):
             output_dir=str(BENCH_DIR / "hf-trainer"), per_device_train_batch_size=WORKLOAD["batch_size"],
             max_steps=WARMUP + steps, learning_rate=6e-4, weight_decay=0.1, adam_beta2=0.95, warmup_steps=0,
             max_grad_norm=1.0, logging_strategy="no", save_strategy="no", report_to="none", use_cpu=True,
-            dataloader_num_workers=0, seed=SEED, disable_tqdm=True)
+            dataloader_num_workers=0, seed=SEED, disable_tqdm=True, bf16=bf16)
         Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[Clock()]).train()
         rates = [TOKENS_PER_STEP / (b - a) for a, b in zip(ends, ends[1:])]
         return rates[WARMUP:]
@@ -145,6 +148,10 @@ def main() -> None:
                                                                activation="gelu_new")
         workers["transformers Trainer, activation_function=gelu"] = Worker("train:trainer_runner", data=data,
                                                                            activation="gelu")
+    if os.environ.get("BENCH_BF16", "1" if ablations else "0") == "1":
+        # Not the fp32 workload: what a CPU with bf16 units (AMX) gives each side under autocast.
+        workers["lmforge, train.precision=bf16"] = Worker("train:lmforge_runner", data=data, precision="bf16")
+        workers["transformers Trainer, bf16=True"] = Worker("train:trainer_runner", data=data, bf16=True)
     if os.environ.get("BENCH_COMPILE") == "1":
         workers["lmforge, train.compile=true"] = Worker("train:lmforge_runner", data=data, compile=True)
     try:
