@@ -11,7 +11,8 @@ def _add_tokenizer(sub) -> None:
     tok = sub.add_parser("tokenizer", help="train a tokenizer on your corpus")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True)
     p = tok_sub.add_parser("train", help="train a byte-level BPE or WordPiece tokenizer")
-    p.add_argument("--input", nargs="+", required=True, type=Path, help=".txt, .jsonl, .csv or .tsv files")
+    p.add_argument("--input", nargs="+", required=True, type=Path,
+                   help=".txt, .jsonl, .csv or .tsv files, or .gz of them (e.g. corpus.txt.gz, read directly)")
     p.add_argument("--kind", choices=["bpe", "wordpiece"], default="bpe",
                    help="bpe: byte-level, GPT-2 style; wordpiece: BERT style, CJK one character per token")
     p.add_argument("--vocab-size", type=int, default=8000)
@@ -26,7 +27,9 @@ def _add_tokenizer(sub) -> None:
 def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize a corpus into a memory-mapped token store")
     p.add_argument("--task", choices=["lm", "mlm", "classify", "dialogue"], default="lm")
-    p.add_argument("--input", nargs="+", required=True, type=Path)
+    p.add_argument("--input", nargs="+", required=True, type=Path,
+                   help=".txt, .jsonl, .csv or .tsv files (classify: .csv/.tsv/.jsonl; dialogue: text or "
+                        ".jsonl), or .gz of them (e.g. corpus.txt.gz, read directly)")
     p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer.json or its folder")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--val-fraction", type=float, default=None, help="default 0.05 (classify: 0.1)")

@@ -109,8 +109,8 @@ def test_non_utf8_names_file_line_and_offset(tmp_path):
 
 
 def test_unsupported_inputs(tmp_path):
-    with pytest.raises(ValueError, match="decompress it first"):
-        docs(write(tmp_path / "a.txt.gz", b"\x1f\x8b"))
+    with pytest.raises(ValueError, match="decompress it first"):  # .gz is read: tests/data/test_readers_gzip.py
+        docs(write(tmp_path / "a.txt.bz2", b"BZh9"))
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         readers.check_inputs([tmp_path / "nope.txt"])
     with pytest.raises(ValueError, match="are folders"):

@@ -4,6 +4,7 @@ names the file, the line and the fix, before any training step, and leaves no da
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import json
 import random
@@ -63,6 +64,11 @@ CORPORA = {
     "csv_unclosed_quote": ("quote.csv", b'text,id\n"fine",1\n"never closed,2\nnext,3\n', ["line 3", "malformed CSV"]),
     "csv_stray_quote": ("stray.csv", b'text,id\nfine,1\n"a"b,2\n', ["line 3", "malformed CSV"]),
     "csv_missing_column": ("cols.csv", b"body,id\nhello,1\n", ["line 1", "no column 'text'"]),
+    # .gz is read directly: a cut-short stream and bad bytes inside one are errors, not tracebacks
+    "truncated_gzip": ("cut.txt.gz", gzip.compress(b"some text\n" * 5000)[:60], ["damaged or truncated gzip"]),
+    "latin1_in_gzip": ("latin1.jsonl.gz", gzip.compress('{"text": "ok"}\n{"text": "caf\u00e9"}\n'.encode("latin-1")),
+                       ["line 2", "not valid UTF-8"]),
+    "bzip2": ("corpus.txt.bz2", b"BZh91AY&SY", ["not read directly", "decompress it first"]),
 }
 
 

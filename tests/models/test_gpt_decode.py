@@ -5,10 +5,11 @@ from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.gpt_decode import Decoder
 
 
-@pytest.mark.parametrize("activation", ["gelu", "gelu_new"])
-def test_decoder_logits_equal_the_module_forward_with_the_cache(activation):
+@pytest.mark.parametrize("activation, bias", [("gelu", True), ("gelu_new", True), ("gelu", False)])
+def test_decoder_logits_equal_the_module_forward_with_the_cache(activation, bias):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=61, context=16, n_layer=2, n_head=2, n_embd=32, activation=activation)).eval()
+    model = GPT(GPTConfig(vocab_size=61, context=16, n_layer=2, n_head=2, n_embd=32, activation=activation,
+                          bias=bias)).eval()
     prompt = torch.randint(0, 61, (2, 5))
     steps = torch.randint(0, 61, (2, 6))
     with torch.inference_mode():

@@ -58,9 +58,15 @@ def events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_classify_run_logs_train_and_val_evals_epochs_and_a_final_report(cls_data, tmp_path):
-    result = train(load_config(None, base=cls_run(cls_data, tmp_path)), quiet=True)
+def test_classify_run_logs_train_and_val_evals_epochs_and_a_final_report(cls_data, tmp_path, capsys):
+    result = train(load_config(None, base=cls_run(cls_data, tmp_path)))
+    console = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     ev = events(result.run_dir)
+    # the console and train.log show examples/s (metrics.jsonl keeps tokens_per_s and ex_per_s)
+    assert console and all(" ex/s | " in line and "tok/s" not in line for line in console), console
+    train_lines = [line for line in (result.run_dir / "train.log").read_text().splitlines() if line.startswith("step ")]
+    assert train_lines == console
+    assert all({"tokens_per_s", "ex_per_s", "mfu"} <= set(e) for e in ev if e["event"] == "train")
     evals = [e for e in ev if e["event"] in ("eval", "epoch")]
     assert {e["split"] for e in evals} == {"train", "val"}
     epochs = [e for e in ev if e["event"] == "epoch"]

@@ -75,7 +75,10 @@ def test_train_logs_mlm_metrics_and_resumes_exactly(mlm_data: Path, tmp_path: Pa
     whole = train(_config(mlm_data, tmp_path / "a", max_steps=12, batch_size=32), quiet=True)
     events = [json.loads(line) for line in (whole.run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = [e for e in events if e["event"] == "train"][-1]
-    assert {"mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy", "pairs_per_s"} <= set(logged)
+    assert {"mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy", "pairs_per_s", "tokens_per_s"} <= set(logged)
+    # the console / train.log line shows sentence pairs/s where lm shows tok/s
+    lines = [line for line in (whole.run_dir / "train.log").read_text().splitlines() if line.startswith("step ")]
+    assert lines and all(" pairs/s | " in line and "tok/s" not in line for line in lines), lines
     evals = [e for e in events if e["event"] == "eval"]
     assert evals and "nsp_accuracy" in evals[-1]
 

@@ -7,6 +7,7 @@ stratified train/val/test split, and writing one labelled sample per text.
   header row, or, with `header=False`, by `columns` (names for the positions, e.g.
   ["label", "text"]) or by 0-based indices. `.tsv` is read without quote handling.
 - `.jsonl`: one object per line with the text and label fields.
+- any of these gzip-compressed (`.csv.gz`, ...): decompressed while read.
 - `fmt="sms"`: the SMS Spam Collection as distributed (`label<TAB>text`, no header, any file
   name); the same as a header-less `.tsv` with columns ["label", "text"].
 
@@ -42,6 +43,7 @@ from lmforge import __version__
 from lmforge.data.prepare import _check_out_dir
 from lmforge.data.staging import sha256_file, staged_folder
 from lmforge.data.readers import _iter_lines, check_inputs
+from lmforge.data.sources import format_suffix
 from lmforge.data.store import TokenStoreWriter, dtype_for, write_meta
 from lmforge.tokenizer import load_tokenizer, special_ids, tokenizer_file
 
@@ -139,10 +141,12 @@ def read_records(path: Path, *, fmt: Format = "auto", text_column: str | int = "
     """The (text, label) records of one file; ValueError naming the line for a bad one."""
     path = Path(path)
     if fmt == "auto":
-        fmt = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}.get(path.suffix.lower(), "")
+        # format_suffix: the extension before .gz (a .gz is decompressed while read)
+        fmt = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}.get(format_suffix(path), "")
         if not fmt:
             raise ValueError(f"{path}: cannot tell the format from the extension; name it .csv, .tsv "
-                             "or .jsonl, or pass --format (sms for the SMS Spam Collection)")
+                             "or .jsonl (or .csv.gz, ...), or pass --format (sms for the SMS Spam "
+                             "Collection)")
     if fmt == "sms":
         fmt, header, columns = "tsv", False, ["label", "text"]
         text_column, label_column = "text", "label"

@@ -34,7 +34,6 @@ context when it reads, so the same folder serves models of any context.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import shutil
 import sys
 import time
@@ -46,7 +45,8 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge import __version__
-from lmforge.data.readers import _BOM, _utf8_error, check_inputs, parse_json_line
+from lmforge.data.readers import _iter_lines, check_inputs, parse_json_line
+from lmforge.data.sources import format_suffix
 from lmforge.data.store import TokenStoreWriter, dtype_for, write_meta
 from lmforge.tokenizer import SpecialIds, load_tokenizer, special_ids, tokenizer_file
 
@@ -128,20 +128,10 @@ def split_turns(ids: Sequence[int], roles: Sequence[int], sep: int) -> tuple[lis
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line_no, text without its line ending): strict UTF-8 with file+line errors; .gz read directly."""
-    opener = gzip.open if path.suffix.lower() == ".gz" else open
-    offset = 0
-    with opener(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            start = offset
-            offset += len(raw)
-            if line_no == 1 and raw.startswith(_BOM):
-                raw, start = raw[3:], start + 3
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise _utf8_error(path, line_no, start + e.start, raw[e.start:e.end]) from None
-            yield line_no, text.rstrip("\r\n")
+    """(line_no, text without its line ending): the shared line reader of lmforge.data.readers
+    (strict UTF-8, errors naming file and line, .gz decompressed while read)."""
+    for line_no, text, _ in _iter_lines(path):
+        yield line_no, text.rstrip("\r\n")
 
 
 def _dialogue(texts: list[str], roles: list[int], path: Path, line: int) -> Dialogue:
@@ -211,12 +201,10 @@ def _jsonl_dialogues(path: Path) -> Iterator[Dialogue]:
 def iter_dialogues(path: Path) -> Iterator[Dialogue]:
     """Stream the dialogues of one file (format by extension, see the module docstring)."""
     path = Path(path)
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes[-1:] == [".gz"]:
-        suffixes = suffixes[:-1]
-    if suffixes[-1:] == [".jsonl"]:
+    suffix = format_suffix(path)  # the one before .gz; refuses other compressed files
+    if suffix == ".jsonl":
         return _jsonl_dialogues(path)
-    if suffixes[-1:] in ([".csv"], [".tsv"], [".json"]):
+    if suffix in (".csv", ".tsv", ".json"):
         raise ValueError(f"{path}: dialogues are read from text (GPT2-chitchat or DailyDialog "
                          f"format) or .jsonl files; convert it to one of those")
     return _text_dialogues(path)

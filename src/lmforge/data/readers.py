@@ -5,7 +5,9 @@ Owns turning input files into text documents: read in 1 MiB chunks (.txt) or lin
 the file, the line and the byte offset. Used by `lmforge.tokenizer` (training) and
 `lmforge.data.prepare` (tokenizing into a TokenStore).
 
-The format comes from the file extension:
+The format comes from the file extension; a `.gz` file is decompressed while it is read (never
+whole) and its format comes from the extension before `.gz` (`a.jsonl.gz` is JSONL, a bare
+`x.gz` is text):
 
 - `.txt` and any other extension: a document is a block of lines separated by one or more
   blank (whitespace-only) lines. Lines keep their "\\n" and every document ends with "\\n".
@@ -17,7 +19,8 @@ The format comes from the file extension:
   `.tsv` is read without quote handling (tab-separated text often holds lone `"`).
 
 CRLF line endings read as "\\n" and a UTF-8 byte-order mark is dropped. Blank documents are
-skipped. Compressed files are refused with a hint.
+skipped. Other compressed files (.bz2, .xz, .zst, .zip, .7z, .tgz, .tar.gz) are refused with a
+hint; a damaged or cut-short .gz is an error naming the file (`lmforge.data.sources`).
 
 To bound memory, a `.txt` document longer than `max_chars` characters (1 Mi by default)
 comes out in pieces: every piece but the last has `final=False`. Pieces are cut where the
@@ -39,10 +42,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from lmforge.data.sources import format_suffix, input_position, is_gzip, open_input
+
 _CHUNK = 1 << 20  # bytes per read of a .txt file
 MAX_DOC_CHARS = 1 << 20
-_COMPRESSED = {".gz", ".bz2", ".xz", ".zst", ".zip", ".7z", ".tgz"}
 _BOM = b"\xef\xbb\xbf"
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 class Document(NamedTuple):
@@ -52,22 +57,22 @@ class Document(NamedTuple):
     path: Path
     line: int  # 1-based line where this document (piece) starts
     final: bool  # False: the next Document continues this one
-    offset: int  # bytes of the file consumed so far (for progress bars)
+    # bytes of the file on disk read so far, for progress bars against its size (of a .gz: the
+    # compressed position, so progress never passes 100%)
+    offset: int
 
 
 def input_format(path: Path) -> str:
-    """'txt', 'jsonl', 'csv' or 'tsv' for `path`, by extension; ValueError for unsupported ones."""
-    suffix = Path(path).suffix.lower()
-    if suffix in _COMPRESSED:
-        raise ValueError(f"{path}: compressed files are not read directly; decompress it first "
-                         f"(for example `gunzip -k {path}`)")
+    """'txt', 'jsonl', 'csv' or 'tsv' for `path`, by extension (the one before `.gz` for a gzip
+    file); ValueError for unsupported ones."""
+    suffix = format_suffix(path)
     if suffix == ".json":
         raise ValueError(f"{path}: .json is not supported; write one JSON object per line and "
                          f"name the file .jsonl")
     return {".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv"}.get(suffix, "txt")
 
 
-def check_inputs(paths: Iterable[Path], *, kinds: str = ".txt/.jsonl/.csv/.tsv",
+def check_inputs(paths: Iterable[Path], *, kinds: str = ".txt/.jsonl/.csv/.tsv (or .gz of them)",
                  check_format: bool = True) -> list[Path]:
     """The inputs as Paths; FileNotFoundError listing every missing one, ValueError for folders
     (and, with `check_format`, for formats these readers do not take)."""
@@ -115,8 +120,9 @@ def iter_texts(paths: Iterable[Path], **options) -> Iterator[str]:
 
 
 def _utf8_error(path: Path, line_no: int, offset: int, bad: bytes) -> ValueError:
+    where = "of the decompressed text" if is_gzip(path) else "of the file"
     return ValueError(f"{path}: line {line_no}: not valid UTF-8 (bytes {bad!r} at byte offset "
-                      f"{offset} of the file); save the file as UTF-8, for example "
+                      f"{offset} {where}); save the file as UTF-8, for example "
                       f"`iconv -f latin1 -t utf-8 in.txt > out.txt`")
 
 
@@ -129,6 +135,9 @@ def _check_start(path: Path, head: bytes) -> None:
         raise ValueError(f"{path}: the file is UTF-16 (it starts with a UTF-16 byte-order mark), not "
                          f"UTF-8; convert it, for example `iconv -f utf-16 -t utf-8 {path.name} > "
                          f"{path.stem}-utf8{path.suffix}`")
+    if head.startswith(_GZIP_MAGIC) and not is_gzip(path):
+        raise ValueError(f"{path}: the file is gzip-compressed (it starts with the gzip magic bytes); "
+                         f"name it {path.name}.gz and it is decompressed while read")
 
 
 def _nul_error(path: Path, line_no: int) -> ValueError:
@@ -138,9 +147,11 @@ def _nul_error(path: Path, line_no: int) -> ValueError:
 
 
 def _iter_lines(path: Path) -> Iterator[tuple[int, str, int]]:
-    """Yield (line_no, text, offset) per line: strict UTF-8, CRLF -> "\\n", BOM dropped."""
-    offset = 0  # bytes of the file consumed
-    with open(path, "rb") as f:
+    """Yield (line_no, text, position) per line: strict UTF-8, CRLF -> "\\n", BOM dropped; .gz
+    decompressed; position as `input_position` (for progress bars)."""
+    offset = 0  # bytes of the (decompressed) text consumed, for error messages
+    with open_input(path) as f:
+        gz = is_gzip(path)
         for line_no, raw in enumerate(f, start=1):
             start = offset
             offset += len(raw)
@@ -156,17 +167,19 @@ def _iter_lines(path: Path) -> Iterator[tuple[int, str, int]]:
                 raise _utf8_error(path, line_no, start + e.start, raw[e.start:e.end]) from None
             if "\x00" in text:
                 raise _nul_error(path, line_no)
-            yield line_no, text, offset
+            yield line_no, text, input_position(f) if gz else offset
 
 
 def _iter_chunks(path: Path) -> Iterator[tuple[str, int]]:
-    """Yield (text, offset) for ~1 MiB chunks of the file, decoded as strict UTF-8 (a character
-    cut by a chunk edge is completed by the next read), CRLF -> "\\n", BOM dropped."""
+    """Yield (text, position) for ~1 MiB chunks of the file, decoded as strict UTF-8 (a character
+    cut by a chunk edge is completed by the next read), CRLF -> "\\n", BOM dropped; .gz
+    decompressed; position as `input_position` (for progress bars)."""
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    offset = 0  # bytes consumed
+    offset = 0  # bytes of the (decompressed) text consumed, for error messages
     newlines = 0  # b"\n" in the bytes consumed (for the line of an error)
     held = ""  # a "\r" at a chunk end, until we know whether "\n" follows
-    with open(path, "rb") as f:
+    with open_input(path) as f:
+        gz = is_gzip(path)
         while True:
             raw = f.read(_CHUNK)
             final = not raw
@@ -193,7 +206,7 @@ def _iter_chunks(path: Path) -> Iterator[tuple[str, int]]:
             if "\r" in text:
                 text = text.replace("\r\n", "\n")
             if text:
-                yield text, offset
+                yield text, input_position(f) if gz else offset
             if final:
                 return
 

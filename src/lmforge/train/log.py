@@ -68,15 +68,33 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
 def format_train_line(step: int, total: int, epoch: float, loss: float, accuracy: float | None,
                       lr: float, tokens_per_s: float, mfu: float | None, eta_s: float,
                       extras: dict[str, float] | None = None) -> str:
+    """The console / train.log line of a train event. `extras` come from the task's
+    `console_extras`; one named "<unit>/s" (see `throughput_extra`) is the task's own throughput
+    and is shown in place of tok/s (classify: ex/s, mlm: pairs/s)."""
+    extras = dict(extras or {})
+    rates = {k: extras.pop(k) for k in [k for k in extras if k.endswith("/s")]}
     parts = [f"step {step}/{total}", f"epoch {epoch:.2f}", f"loss {loss:.4f}"]
     if accuracy is not None:
         parts.append(f"acc {accuracy:.1%}")
-    parts += [f"{k} {v:.4f}" for k, v in (extras or {}).items()]
-    parts += [f"lr {lr:.2e}", f"{tokens_per_s:,.0f} tok/s"]
+    parts += [f"{k} {v:.4f}" for k, v in extras.items()]
+    parts.append(f"lr {lr:.2e}")
+    parts += [f"{_rate(v)} {k}" for k, v in rates.items()] or [f"{tokens_per_s:,.0f} tok/s"]
     if mfu is not None:
         parts.append(f"MFU {mfu:.1%}")
     parts.append(f"ETA {format_duration(eta_s)}")
     return " | ".join(parts)
+
+
+def throughput_extra(unit: str, metrics: dict[str, float]) -> dict[str, float]:
+    """For a task's `console_extras`: {"<unit>/s": rate} when the loop logged "<unit>_per_s" for
+    this interval (the task's `throughput_unit`; in metrics.jsonl under that key), else {}
+    (eval lines, or the tok unit, whose rate is tokens_per_s)."""
+    key = f"{unit}_per_s"
+    return {f"{unit}/s": metrics[key]} if key in metrics else {}
+
+
+def _rate(per_s: float) -> str:
+    return f"{per_s:,.0f}" if per_s >= 100 else f"{per_s:.1f}"
 
 
 def format_duration(seconds: float) -> str:

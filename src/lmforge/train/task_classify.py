@@ -26,6 +26,7 @@ from lmforge.data.collate import pad_collate
 from lmforge.data.store import TokenStore
 from lmforge.metrics import classification_metrics, confusion_matrix, format_classification
 from lmforge.models.heads import SequenceClassifier, apply_trainable, classifier_architecture
+from lmforge.train.log import throughput_extra
 from lmforge.train.tasks import StepStats
 
 
@@ -100,7 +101,7 @@ class ClassifyTask:
         return {"loss": sums["loss_sum"] / n, "accuracy": sums["correct"] / n}
 
     def console_extras(self, metrics: dict[str, float]) -> dict[str, float]:
-        return {}
+        return throughput_extra(self.throughput_unit, metrics)  # ex/s on the console, not tok/s
 
     def samples(self, model: nn.Module, runtime) -> list[dict]:
         return []

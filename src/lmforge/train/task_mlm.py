@@ -21,6 +21,7 @@ from lmforge.config import Config
 from lmforge.data.collate import IGNORE_INDEX
 from lmforge.data.mlm import MLMCollator, SentencePairDataset
 from lmforge.data.store import TokenStore
+from lmforge.train.log import throughput_extra
 from lmforge.train.tasks import StepStats
 
 
@@ -81,7 +82,8 @@ class MLMTask:
                 "mlm_accuracy": mlm_accuracy, "nsp_accuracy": sums["nsp_correct"] / pairs}
 
     def console_extras(self, metrics: dict[str, float]) -> dict[str, float]:
-        return {"mlm": metrics["mlm_loss"], "nsp": metrics["nsp_loss"], "nsp_acc": metrics["nsp_accuracy"]}
+        return {"mlm": metrics["mlm_loss"], "nsp": metrics["nsp_loss"], "nsp_acc": metrics["nsp_accuracy"],
+                **throughput_extra(self.throughput_unit, metrics)}  # pairs/s on the console, not tok/s
 
     def samples(self, model: nn.Module, runtime) -> list[dict]:
         return []

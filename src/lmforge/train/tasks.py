@@ -3,6 +3,8 @@
 A task object offers: `dataset(split)`, `collate(samples)`, `count_targets(batch)`,
 `count_tokens(batch)`, `loss_and_metrics(model, batch) -> StepStats`, `summarize(sums)`,
 `console_extras(metrics)` and `samples(model, runtime)`; the loop knows nothing else.
+A `console_extras` entry named "<unit>/s" (`lmforge.train.log.throughput_extra`) is the task's
+own throughput: the console line shows it in place of tok/s.
 """
 
 from __future__ import annotations
