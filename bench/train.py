@@ -167,7 +167,8 @@ def main() -> None:
     peak = median(rates.pop("matmul peak")) * 1e9
     medians = {name: median(values) for name, values in rates.items()}
     trainer = medians["transformers Trainer"]
-    rows = [(name, rate, f"MFU {flops_tok * rate / peak:.1%}") for name, rate in medians.items()]
+    rows = [(name, rate, f"MFU {flops_tok * rate / peak:.1%}" + (" of the fp32 peak" if "bf16" in name else ""))
+            for name, rate in medians.items()]
     nanogpt = trainer * NANOGPT_OVER_TRAINER
     rows.append(("nanoGPT (QUOTED, estimated: Trainer x1.24)", nanogpt, f"not run here; {NANOGPT_QUOTED}"))
     lines = table("train: GPT-2 4x256, context 256, vocab 8192, batch 8, fp32, AdamW", rows, "tokens/s",
