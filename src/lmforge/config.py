@@ -129,6 +129,9 @@ class TrainConfig:
     """auto picks cuda, then mps, then cpu."""
     max_non_finite: int = 5
     """Stop after this many optimizer steps in a row with a NaN/inf loss."""
+    peak_flops: float | None = None
+    """The device's peak FLOP/s for MFU (e.g. 312e12 for an A100 in bf16); null measures it once
+    and caches it (see lmforge.train.flops)."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """Several processes (torchrun): ddp replicates the model, fsdp shards it across ranks."""
     collective_timeout: float = 600.0
@@ -162,6 +165,8 @@ class TrainConfig:
         _check(errors, self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         _check(errors, self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", "must be positive or null")
         _check(errors, self.max_time is None or self.max_time > 0, "train.max_time", "must be positive or null")
+        _check(errors, self.peak_flops is None or self.peak_flops > 0, "train.peak_flops",
+               "must be positive (FLOP/s) or null")
         _check(errors, self.collective_timeout > 0, "train.collective_timeout", "must be positive")
         _check(errors, self.sample_tokens >= 0, "train.sample_tokens", "must be >= 0")
         _check(errors, re.fullmatch(r"all|head|last_blocks:\d+", self.trainable) is not None,

@@ -175,7 +175,8 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) 
             state.evals_since_best += 1
         return result
 
-    peak = measured_peak_flops(rt.device)
+    compute_dtype = rt.autocast_dtype or torch.float32  # MFU is against the peak of the units in use
+    peak = cfg.train.peak_flops or measured_peak_flops(rt.device, compute_dtype)
     flops_tok = flops_per_token(unwrap(model).config)
     log.line(f"lmforge train | {run_dir} | {rt.describe()}")
     log.line(f"model {arch['model_type']} {sum(p.numel() for p in model.parameters()):,} parameters | "
@@ -247,9 +248,9 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) 
                 metrics = task.summarize(interval_sums)
                 eta = (total_steps - state.step) * (now - session_start) / max(1, state.step - session_step)
                 mfu = flops_tok * rate / (peak * rt.world_size) if peak else None
-                if mfu is not None and mfu > 1.0:  # the cached peak was measured on busy cores
+                if mfu is not None and mfu > 1.0 and not cfg.train.peak_flops:  # measured on busy cores
                     peak, mfu = flops_tok * rate / rt.world_size, 1.0
-                    raise_peak(rt.device, peak)
+                    raise_peak(rt.device, peak, compute_dtype)
                 if getattr(task, "throughput_unit", "tok") != "tok":
                     metrics[f"{task.throughput_unit}_per_s"] = ((state.examples - interval_examples)
                                                                 / max(1e-9, now - interval_start))
