@@ -63,3 +63,12 @@ def test_autocast_takes_the_plain_path_with_the_same_counts():
     assert loss_sum.dtype == torch.float32 and counted.item() == ref_counted
     assert loss_sum.item() == pytest.approx(ref_loss.item(), rel=2e-2)  # bf16 logits
     assert 0 < correct.item() <= counted.item()
+
+
+def test_a_second_backward_with_retain_graph_gives_the_same_gradient():
+    hidden, weight, targets = _case()
+    h = hidden.clone().requires_grad_()
+    loss_sum, _, _ = lm_loss.lm_head_cross_entropy(h, weight, targets)
+    first = torch.autograd.grad(loss_sum, h, retain_graph=True)[0]
+    second = torch.autograd.grad(loss_sum, h)[0]
+    assert torch.equal(first, second)
