@@ -55,14 +55,32 @@ def test_all_ignored_no_grad_and_one_input_frozen():
     assert loss_sum.item() == pytest.approx(_reference(hidden, weight, targets)[0].item(), rel=1e-6)
 
 
-def test_autocast_takes_the_plain_path_with_the_same_counts():
-    hidden, weight, targets = _case()
+def test_bf16_autocast_matches_autocast_projection_then_cross_entropy():
+    hidden, weight, targets = _case(vocab=389)
+    ours = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    theirs = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss_sum, correct, counted = lm_loss.lm_head_cross_entropy(hidden, weight, targets)
-    ref_loss, _, ref_counted = _reference(hidden, weight, targets)
-    assert loss_sum.dtype == torch.float32 and counted.item() == ref_counted
-    assert loss_sum.item() == pytest.approx(ref_loss.item(), rel=2e-2)  # bf16 logits
-    assert 0 < correct.item() <= counted.item()
+        loss_sum, correct, counted = lm_loss.lm_head_cross_entropy(*ours, targets)
+        logits = F.linear(*theirs)  # bf16, as autocast runs it
+        ref = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    loss_sum.backward()
+    ref.backward()
+    valid = targets != IGNORE_INDEX
+    assert logits.dtype == torch.bfloat16 and loss_sum.dtype == torch.float32
+    assert loss_sum.item() == pytest.approx(ref.item(), rel=1e-5)  # same bf16 logits, float32 softmax
+    assert correct.item() == int(((logits.float().argmax(1) == targets) & valid).sum())
+    assert counted.item() == int(valid.sum())
+    for mine, ref_param in zip(ours, theirs):
+        assert mine.grad.dtype == torch.float32
+        torch.testing.assert_close(mine.grad, ref_param.grad, rtol=0.05, atol=0.02 * float(ref_param.grad.abs().max()))
+
+
+def test_fp16_autocast_takes_the_plain_path():
+    hidden, weight, targets = _case()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss_sum, _, counted = lm_loss.lm_head_cross_entropy(hidden, weight, targets)
+    assert loss_sum.dtype == torch.float32 and counted.item() == int((targets != IGNORE_INDEX).sum())
+    assert loss_sum.item() == pytest.approx(_reference(hidden, weight, targets)[0].item(), rel=2e-2)
 
 
 def test_a_second_backward_with_retain_graph_gives_the_same_gradient():

@@ -105,7 +105,7 @@ def test_accuracy_is_calculate_acc_and_padding_is_ignored(dialogue_data: Path, t
 
 
 def test_a_tiny_dialogue_model_learns(dialogue_data: Path, tmp_path: Path):
-    base = tiny_run(dialogue_data, tmp_path, task="dialogue", max_steps=20, log_every=5, eval_every=10,
+    base = tiny_run(dialogue_data, tmp_path, task="dialogue", max_steps=40, log_every=5, eval_every=20,
                     lr=1e-2, sample_tokens=8, sample_prompts=["你好"])
     result = train(load_config(None, base=base), quiet=True)
     events = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]

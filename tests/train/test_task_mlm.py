@@ -55,7 +55,7 @@ def test_mlm_and_nsp_losses_go_down(mlm_data: Path, tmp_path: Path):
     pairs = [task.dataset("train")[i] for i in range(16)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     history = []
-    for _ in range(50):
+    for _ in range(80):
         stats = task.loss_and_metrics(model, task.collate(pairs))
         (stats.loss_sum / stats.targets).backward()
         optimizer.step()
