@@ -415,10 +415,15 @@ def _clip(model: nn.Module, optimizer, scaler, max_norm: float | None) -> float:
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
-    if hasattr(norm, "full_tensor"):  # FSDP: a distributed tensor holding the global norm
-        norm = norm.full_tensor()
-    return float(norm)
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch 2.6+
+    if total_norm is None:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    norm = total_norm([p.grad for p in params])
+    value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+    if max_norm is not None and value > max_norm:  # below the limit, skip a pass over every gradient
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return value
 
 
 def _position(state: LoopState, train_samples: int) -> dict:
