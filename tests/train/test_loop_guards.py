@@ -108,7 +108,6 @@ def test_data_for_another_task_is_refused(lm_data: Path, tmp_path: Path):
 
 
 def test_clip_scales_only_above_the_limit_and_returns_the_norm():
-
     model = torch.nn.Linear(3, 2, bias=False)
     model.weight.grad = torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]])  # norm 5
     assert _clip(model, None, None, 10.0) == pytest.approx(5.0)
