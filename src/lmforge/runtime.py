@@ -113,7 +113,7 @@ def setup_runtime(device: str = "auto", precision: str = "fp32", seed: int = 133
         notes.append("TF32 matmuls enabled")
     if world.world_size > 1:
         init_process_group(dev, collective_timeout)
-        notes.append(f"process group: {'nccl' if dev.type == 'cuda' else 'gloo'}, "
+        notes.append(f"process group: {'nccl (gloo for host-side counters)' if dev.type == 'cuda' else 'gloo'}, "
                      f"collective timeout {collective_timeout:g}s")
     seed_everything(seed)
     return Runtime(device=dev, precision=precision, rank=world.rank, world_size=world.world_size,

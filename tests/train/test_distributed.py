@@ -94,3 +94,12 @@ def test_a_hung_rank_fails_the_job_within_the_timeout_naming_the_step(lm_data, t
                   LMFORGE_FAULT="hang:after_step_2", LMFORGE_FAULT_RANK="1")
     assert result.returncode != 0
     assert "step 3: waiting for the other ranks" in result.stderr
+
+
+def test_gpu_jobs_reduce_host_counters_over_gloo_and_tensors_over_nccl():
+    from torch.distributed.distributed_c10d import BackendConfig
+
+    from lmforge.train.distributed import process_group_backend
+    assert process_group_backend(torch.device("cpu")) == "gloo"
+    gpu = BackendConfig(process_group_backend(torch.device("cuda"))).get_device_backend_map()
+    assert gpu == {"cpu": "gloo", "cuda": "nccl"}  # the loop all-reduces CPU tensors too

@@ -31,6 +31,12 @@ def world_from_env() -> WorldInfo:
                      local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def process_group_backend(device: torch.device) -> str:
+    """gloo on CPU; on GPUs nccl for the model's tensors and gloo for the loop's host-side
+    counters (target counts, metrics, stop flags), which nccl cannot reduce."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init_process_group(device: torch.device, timeout_s: float) -> None:
     """Join the torchrun job: nccl on GPUs, gloo on CPU, with a collective timeout.
 
@@ -39,7 +45,7 @@ def init_process_group(device: torch.device, timeout_s: float) -> None:
     """
     if dist.is_initialized():
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = process_group_backend(device)
     timeout = datetime.timedelta(seconds=timeout_s)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     # Under torchrun the agent hosts the store and every worker is a client.
