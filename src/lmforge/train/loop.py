@@ -204,14 +204,18 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) 
             micro_batches = [task.collate([train_ds[i] for i in indices]) for indices in
                              window_indices(permutation, state.epoch_sample, cfg.train.batch_size,
                                             cfg.train.grad_accum, rt.rank, rt.world_size)]
+            # counted on the host copies: on a GPU, counting the device copies would wait for it
+            window_tokens = float(sum(task.count_tokens(b) for b in micro_batches))
+            window_targets = float(sum(task.count_targets(b) for b in micro_batches))
             micro_batches = [{k: v.to(rt.device, non_blocking=True) for k, v in b.items()} for b in micro_batches]
             lr = lr_at(state.step, cfg.train, total_steps)
             set_lr(optimizer, lr)
             elapsed = time.perf_counter() - start_time
             flags = {"stop_signal": float(stop.received is not None),
                      "time_up": float(cfg.train.max_time is not None and elapsed >= cfg.train.max_time)}
-            flags["tokens"] = float(sum(task.count_tokens(b) for b in micro_batches))
-            sums = _forward_backward(forward_model, task, micro_batches, state, rt, scaler, log, flags)
+            flags["tokens"] = window_tokens
+            sums = _forward_backward(forward_model, task, micro_batches, state, rt, scaler, log, flags,
+                                     local_targets=window_targets)
             stop_requested, time_up = sums.pop("stop_signal") > 0, sums.pop("time_up") > 0
             tokens = int(sums.pop("tokens"))
             loss = (sums["loss_sum"] / max(1.0, sums["targets"]))
@@ -343,7 +347,7 @@ def _build_model(cfg: Config, meta: dict) -> tuple[nn.Module, dict]:
 
 
 def _forward_backward(model, task, micro_batches, state: LoopState, rt: Runtime, scaler, log,
-                      flags: dict[str, float] | None = None) -> dict[str, float]:
+                      flags: dict[str, float] | None = None, local_targets: float | None = None) -> dict[str, float]:
     """Forward and backward over one accumulation window, normalised by the window's targets
     on all ranks together; returns the window's sums (and `flags`) summed over ranks.
 
@@ -351,7 +355,8 @@ def _forward_backward(model, task, micro_batches, state: LoopState, rt: Runtime,
     drop the partial gradients, split every micro-batch in two and redo the window; the
     effective batch and the result are unchanged.
     """
-    local_targets = float(sum(task.count_targets(b) for b in micro_batches))
+    if local_targets is None:
+        local_targets = float(sum(task.count_targets(b) for b in micro_batches))
     total_targets = all_reduce_sum(torch.tensor([local_targets]), state.step + 1, "target count").item()
     # DDP and FSDP average gradients over ranks: scale back up so the result is the global mean.
     scale = rt.world_size / max(1.0, total_targets)
