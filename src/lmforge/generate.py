@@ -156,10 +156,8 @@ def stream_generate(model: GPT, prompt_ids: Sequence[int], cfg: SamplingConfig,
             if step == cfg.max_new_tokens:
                 return  # limit reached: skip the forward for a token nobody asks for
             with torch.inference_mode():
-                if decoder is not None and cache.length < context:
-                    logits = decoder.step(token[None], cache)  # (1, 1, V)
-                elif cache is not None and cache.length < context:
-                    logits = model(token[None], kv_cache=cache)  # (1, 1, V)
+                if cache is not None and cache.length < context:  # (1, 1, V)
+                    logits = decoder.step(token[None], cache) if decoder else model(token[None], kv_cache=cache)
                 else:  # no cache, or cache full: run on the last `context` tokens
                     logits = model(ids[None, max(0, n - context):n], last_only=True)  # (1, 1, V)
     finally:
