@@ -22,12 +22,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from lmforge.config import Config
-from lmforge.data.collate import pad_collate
 from lmforge.data.prepare_dialogue import RESPONSE, build_sample, split_turns
 from lmforge.data.store import TokenStore
 from lmforge.metrics import IGNORE_INDEX
-from lmforge.train.task_lm import next_token_stats, token_means
+from lmforge.train.task_lm import LMTask, next_token_stats
 from lmforge.train.tasks import StepStats
 
 
@@ -85,28 +83,17 @@ class DialogueDataset(Dataset):
         return {"input_ids": input_ids, "labels": labels}
 
 
-class DialogueTask:
-    """Next-token prediction on dialogues; the loss on replies only, or on everything."""
+class DialogueTask(LMTask):
+    """Next-token prediction on dialogues; the loss on replies only, or on everything.
+
+    An LM task (padding collate, target counts, loss and accuracy means) over dialogue samples.
+    """
 
     name = "dialogue"
-    throughput_unit = "tok"
-
-    def __init__(self, cfg: Config, meta: dict, context: int):
-        self.cfg = cfg
-        self.meta = meta
-        self.context = context
-        pad = meta["special_ids"].get("pad")
-        self.pad_id = int(pad if pad is not None else 0)
 
     def dataset(self, split: str) -> DialogueDataset:
         store = TokenStore(Path(self.cfg.data.path), split)
         return DialogueDataset(store, self.context, self.cfg.train.loss_on)
-
-    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        return pad_collate(samples, self.pad_id)
-
-    def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
-        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
@@ -115,13 +102,6 @@ class DialogueTask:
         # Right padding under a causal mask: real tokens never see the pads after them and the
         # pads' labels are -100, so the fast causal kernel (no mask) gives the same loss.
         return next_token_stats(model, batch["input_ids"], batch["labels"])
-
-    def summarize(self, sums: dict[str, float]) -> dict[str, float]:
-        """Loss per target token and token accuracy (GPT2-chitchat's calculate_acc)."""
-        return token_means(sums)
-
-    def console_extras(self, metrics: dict[str, float]) -> dict[str, float]:
-        return {}
 
     def samples(self, model: nn.Module, runtime) -> list[dict]:
         """One reply to each configured prompt (taken as the user's first turn), for the log and report."""
