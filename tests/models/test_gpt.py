@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lmforge.models.gpt import GPT, GPT_PRESETS, GPTConfig, flops_per_token, num_params
+from lmforge.models.gpt import GPT, GPT_PRESETS, GPTConfig, add_projection, flops_per_token, num_params
 
 VOCAB = 97
 
@@ -182,3 +182,19 @@ def test_forward_with_targets_is_the_summed_next_token_loss_with_the_same_gradie
     assert correct.item() == int((logits.argmax(-1)[:, :-1] == ids[:, 1:]).sum())
     for name, p in model.named_parameters():
         torch.testing.assert_close(fused[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_residual_projection_adds_in_place_with_the_same_values_and_gradients(bias):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(12, 8, bias=bias)
+    x, residual = torch.randn(2, 5, 12, requires_grad=True), torch.randn(2, 5, 8, requires_grad=True)
+    out = add_projection(residual, linear, x, torch.nn.Dropout(0.0))
+    grads = torch.autograd.grad(out.pow(2).sum(), [x, residual, *linear.parameters()])
+    ref = residual + linear(x)
+    ref_grads = torch.autograd.grad(ref.pow(2).sum(), [x, residual, *linear.parameters()])
+    torch.testing.assert_close(out, ref)
+    for mine, theirs in zip(grads, ref_grads):
+        torch.testing.assert_close(mine, theirs)
+    dropout = torch.nn.Dropout(0.5)  # training with dropout: dropped outputs, so the plain sum
+    assert (add_projection(residual, linear, x, dropout) - residual == 0).any()

@@ -24,9 +24,10 @@ def _reference(hidden, weight, targets):
     return loss_sum, int(((logits.argmax(1) == targets) & valid).sum()), int(valid.sum())
 
 
-@pytest.mark.parametrize("block_bytes", [4 << 20, 1000])  # one block; many blocks with a short last one
-def test_fused_matches_projection_then_cross_entropy(monkeypatch, block_bytes):
-    monkeypatch.setattr(lm_loss, "_BLOCK_BYTES", block_bytes)
+@pytest.mark.parametrize("block_rows", [512, 64])  # one block; many blocks with a short last one
+def test_fused_matches_projection_then_cross_entropy(monkeypatch, block_rows):
+    monkeypatch.setattr(lm_loss, "_MIN_BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(lm_loss, "_BLOCK_BYTES", 1000)
     hidden, weight, targets = _case()
     ours = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
     theirs = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
@@ -90,3 +91,17 @@ def test_a_second_backward_with_retain_graph_gives_the_same_gradient():
     first = torch.autograd.grad(loss_sum, h, retain_graph=True)[0]
     second = torch.autograd.grad(loss_sum, h)[0]
     assert torch.equal(first, second)
+
+
+def test_gradients_are_computed_only_when_autograd_will_ask_for_them(monkeypatch):
+    products = []
+    real = lm_loss._product_into
+    monkeypatch.setattr(lm_loss, "_product_into", lambda out, *args, **kw: products.append(out.shape) or
+                        real(out, *args, **kw))
+    hidden, weight, targets = _case()
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.no_grad():
+        lm_loss.lm_head_cross_entropy(h, w, targets)
+    assert products == []  # evaluation: the logits only
+    lm_loss.lm_head_cross_entropy(h, weight, targets)[0].backward()  # frozen weight: no weight gradient
+    assert products == [hidden.shape] and w.grad is None

@@ -104,6 +104,17 @@ class GPTConfig:
         return cls.from_dict({**GPT_PRESETS[name], **overrides})
 
 
+
+def add_projection(residual: Tensor, linear: nn.Linear, x: Tensor, dropout: nn.Dropout) -> Tensor:
+    """residual + dropout(linear(x)). Without dropout the matrix product adds itself onto
+    residual + bias in place: one pass over the output fewer than a product, then a sum."""
+    if (linear.bias is None or (dropout.training and dropout.p > 0)
+            or torch.is_autocast_enabled(x.device.type) or x.dtype != residual.dtype):
+        return residual + dropout(linear(x))
+    out = torch.add(residual.reshape(-1, residual.shape[-1]), linear.bias)  # a new (B*T, C) tensor
+    return out.addmm_(x.reshape(-1, x.shape[-1]), linear.weight.t()).view(residual.shape)
+
+
 class KVCache:
     """Preallocated keys/values of every layer, filled in place as tokens are processed.
 
@@ -137,7 +148,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool,
-                kv: tuple[Tensor, Tensor] | None, start: int) -> Tensor:
+                kv: tuple[Tensor, Tensor] | None, start: int, residual: Tensor) -> Tensor:
+        """residual + the attention output of x (B, T, C)."""
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
@@ -151,7 +163,7 @@ class CausalSelfAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y))  # (B, T, C)
+        return add_projection(residual, self.c_proj, y, self.resid_dropout)  # (B, T, C)
 
 
 class MLP(nn.Module):
@@ -162,9 +174,10 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.act = ACTIVATIONS[config.activation]
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.act(self.c_fc(x))  # (B, T, 4C)
-        return self.dropout(self.c_proj(x))  # (B, T, C)
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        """residual + the MLP output of x (B, T, C)."""
+        hidden = self.act(self.c_fc(x))  # (B, T, 4C)
+        return add_projection(residual, self.c_proj, hidden, self.dropout)  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -177,8 +190,8 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool,
                 kv: tuple[Tensor, Tensor] | None, start: int) -> Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, kv, start)  # (B, T, C)
-        return x + self.mlp(self.ln_2(x))  # (B, T, C)
+        x = self.attn(self.ln_1(x), attn_mask, is_causal, kv, start, residual=x)  # (B, T, C)
+        return self.mlp(self.ln_2(x), residual=x)  # (B, T, C)
 
 
 def _attention_mask(attention_mask: Tensor, start: int, T: int) -> Tensor:

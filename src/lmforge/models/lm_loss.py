@@ -2,18 +2,21 @@
 
 Unfused, the (N, V) logits of a step make many passes through memory: the projection writes
 them, `F.cross_entropy` writes a log-softmax as large, its backward allocates and zero-fills a
-gradient and writes it again, and accuracy reads them once more for the row maximum. On the
-GPT workload (2,048 x 8,192 logits, 64 MiB each) that was 10% of a CPU training step.
+gradient and writes it again, and accuracy reads them once more for the row maximum; and all
+N x V of them stay alive until the backward (1.6 GB for GPT-2's vocabulary at 8 x 1024 tokens).
 
-Fused, the forward turns the logits buffer into exp(logits - row max) a cache-sized block of
-rows at a time (row max, sum of exponentials, target logit; the max also decides accuracy),
-and the backward never forms the gradient of the logits: with G = diag(s) E - onehot * w,
-G @ W = s * (E @ W) - w * W[targets] and G^T @ H = E^T @ (s * H) - onehot^T (w * H), so the two
-backward matrix products read E directly and the rest is (N, C)-sized.
+Fused, the forward takes the rows in blocks: it projects a block, turns it in place into
+E = exp(logits - row max) (row max, sum of exponentials s, target logit; the max also decides
+accuracy), and while the block is still in cache multiplies it into both gradients, which
+never need the logits' gradient G = diag(w / s) E - onehot * w (w: d loss / d row):
+G @ W = (w / s) * (E @ W) - w * W[targets] and G^T @ H = E^T @ ((w / s) * H) - onehot^T (w * H).
+The forward computes them with w = 1 on the rows that have a target; the backward only scales
+them by d loss / d loss_sum. Only one block of logits ever exists, and the gradients are
+computed only when autograd will ask for them.
 
-Under bf16 autocast the three products run in bf16 (E is kept in bf16, as autocast would cast
-the logits' gradient for them) and every softmax sum in float32. On a CPU with AMX units that
-was 60% of the bf16 step when done the unfused way (log-softmax over float32 copies).
+Under bf16 autocast the three products run in bf16 (the block is kept in bf16, as autocast
+would cast the logits' gradient for them) and every softmax sum in float32. On a CPU with AMX
+units that was 60% of the bf16 step when done the unfused way (log-softmax over float32 copies).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from torch.autograd.function import once_differentiable
 
 from lmforge.metrics import IGNORE_INDEX, count_correct
 
-_BLOCK_BYTES = 4 << 20  # ~4 MiB of float32 logits per block stays in cache between its passes
+_BLOCK_BYTES = 16 << 20  # float32 logits per block: the block stays in cache between its passes
+_MIN_BLOCK_ROWS = 512  # the weight gradient is added to once per block: thin blocks make that slow
 _GPU_BLOCK_BYTES = 1 << 30  # on a GPU, blocks only bound the float32 copy of bf16 logits
 
 
@@ -43,7 +47,9 @@ def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor) -> tu
     fused = (dtype in (torch.float32, torch.bfloat16) and hidden.dtype == weight.dtype == torch.float32
              and not torch.compiler.is_compiling())
     if fused:
-        return _LMHeadCrossEntropy.apply(hidden, weight, targets, dtype)
+        grads = torch.is_grad_enabled()
+        return _LMHeadCrossEntropy.apply(hidden, weight, targets, dtype, grads and hidden.requires_grad,
+                                         grads and weight.requires_grad)
     logits = F.linear(hidden, weight).float()
     loss_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     correct, counted = count_correct(logits, targets)
@@ -52,46 +58,59 @@ def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor) -> tu
 
 class _LMHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor,
-                dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, dtype: torch.dtype,
+                grad_hidden_needed: bool, grad_weight_needed: bool) -> tuple[Tensor, Tensor, Tensor]:
         h, w = hidden.to(dtype), weight.to(dtype)  # the copies autocast would make for F.linear
-        with torch.autocast(hidden.device.type, enabled=False):
-            exp = h @ w.t()  # (N, V) logits, made exp(logits - row max) in place below
         valid = targets != IGNORE_INDEX
         index = targets.clamp(min=0)
-        target_logit = exp.gather(1, index[:, None]).squeeze(1).float()  # (N,)
-        row_max = torch.empty_like(target_logit)
-        sum_exp = torch.empty_like(target_logit)
-        rows = _block_rows(exp)
-        for start in range(0, exp.shape[0], rows):
-            block = exp[start:start + rows]
-            block32 = block.float()  # the block itself when the logits are float32
-            peak = block32.amax(dim=1)
-            row_max[start:start + rows] = peak
-            sum_exp[start:start + rows] = block32.sub_(peak[:, None]).exp_().sum(dim=1)
-            if block32.data_ptr() != block.data_ptr():
-                block.copy_(block32)
+        n = h.shape[0]
+        target_logit = torch.empty(n, device=h.device)
+        row_max, sum_exp = torch.empty_like(target_logit), torch.empty_like(target_logit)
+        # The gradients, less the factor d loss / d loss_sum that only the backward knows.
+        grad_h = torch.empty(n, h.shape[1], device=h.device) if grad_hidden_needed else None
+        grad_w = torch.empty(w.shape, device=w.device) if grad_weight_needed else None
+        rows = _block_rows(n, w.shape[0], h.device)
+        logits = torch.empty(min(n, rows), w.shape[0], device=h.device, dtype=dtype)  # reused by every block
+        for start in range(0, n, rows):
+            end = min(n, start + rows)
+            with torch.autocast(h.device.type, enabled=False):
+                block = torch.mm(h[start:end], w.t(), out=logits[:end - start])
+            target_logit[start:end] = block.gather(1, index[start:end, None]).squeeze(1)
+            exp = block.float()  # the block itself when the logits are float32
+            peak = exp.amax(dim=1)
+            row_max[start:end] = peak
+            sum_exp[start:end] = exp.sub_(peak[:, None]).exp_().sum(dim=1)
+            if exp.data_ptr() != block.data_ptr():
+                block.copy_(exp)  # E in the products' dtype, as autocast would cast the logits' gradient
+            scale = (valid[start:end] / sum_exp[start:end])[:, None]  # softmax = exp * scale
+            if grad_h is not None:
+                _product_into(grad_h[start:end], block, w, accumulate=False).mul_(scale)
+            if grad_w is not None:
+                _product_into(grad_w, block.t(), (h[start:end].float() * scale).to(dtype), accumulate=start > 0)
+        if grad_h is not None:
+            grad_h.sub_(valid[:, None] * w[index].float())
+        if grad_w is not None:
+            grad_w.index_add_(0, index, hidden.float() * valid[:, None], alpha=-1)
         loss_sum = torch.where(valid, sum_exp.log() + row_max - target_logit, 0.0).sum()
         correct = ((target_logit >= row_max) & valid).sum()
         counted = valid.sum()
-        ctx.save_for_backward(h, w, exp, sum_exp, index, valid)
+        ctx.save_for_backward(grad_h, grad_w)
         ctx.mark_non_differentiable(correct, counted)
         return loss_sum, correct, counted
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss: Tensor, _correct, _counted) -> tuple[Tensor | None, Tensor | None, None, None]:
-        h, w, exp, sum_exp, index, valid = ctx.saved_tensors
-        weight_of_row = torch.where(valid, grad_loss, 0.0)[:, None]  # (N, 1): d loss / d loss_sum
-        scale = weight_of_row / sum_exp[:, None]  # (N, 1): softmax = exp * scale / weight_of_row
-        grad_hidden = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_hidden = (exp @ w).float().mul_(scale).sub_(weight_of_row * w[index].float())  # (N, C)
-        if ctx.needs_input_grad[1]:
-            h32 = h.float()
-            grad_weight = (exp.t() @ (h32 * scale).to(exp.dtype)).float()  # (V, C), laid out like the weight
-            grad_weight.index_add_(0, index, h32 * -weight_of_row)
-        return grad_hidden, grad_weight, None, None
+    def backward(ctx, grad_loss: Tensor, _correct, _counted) -> tuple[Tensor | None, ...]:
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_loss, None if grad_w is None else grad_w * grad_loss,
+                None, None, None, None)
+
+
+def _product_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> Tensor:
+    """out (float32) = a @ b, or out += a @ b; a and b float32 or bf16 (accumulated in float32)."""
+    if a.dtype == torch.float32:
+        return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
+    return out.add_(a @ b) if accumulate else out.copy_(a @ b)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -106,6 +125,8 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
         return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
 
 
-def _block_rows(logits: Tensor) -> int:
-    budget = _BLOCK_BYTES if logits.device.type == "cpu" else _GPU_BLOCK_BYTES
-    return max(1, budget // (logits.shape[1] * 4))
+def _block_rows(n: int, vocab: int, device: torch.device) -> int:
+    """Rows of logits per block: a cache-sized block on a CPU, but never so few rows that the
+    weight-gradient product (accumulated once per block over the whole (V, C) gradient) runs thin."""
+    budget = _BLOCK_BYTES if device.type == "cpu" else _GPU_BLOCK_BYTES
+    return max(_MIN_BLOCK_ROWS, budget // (vocab * 4))
