@@ -92,6 +92,21 @@ def test_mixed_precision_trains_on_cpu(lm_data: Path, tmp_path: Path, precision:
     assert all(t.dtype == torch.float32 for t in weights.values())  # master weights stay fp32
 
 
+def test_fp16_overflows_lower_the_loss_scale_instead_of_stopping_the_run(lm_data: Path, tmp_path: Path,
+                                                                          monkeypatch):
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device: real(device, init_scale=2.0 ** 24))
+    cfg = load_config(None, base=tiny_run(lm_data, tmp_path, max_steps=12, precision="fp16", max_non_finite=2))
+    result = train(cfg, quiet=True)
+    assert result.reason == "max_steps" and result.steps == 12
+    log = (result.run_dir / "train.log").read_text()
+    assert "fp16: gradients overflowed at step 1; update skipped, loss scale lowered to 8.38861e+06" in log
+    state = load_checkpoint(result.run_dir / "checkpoints" / "last", with_training_state=True).training_state
+    assert state["scaler"]["scale"] < 2.0 ** 24
+    weights = load_checkpoint(result.run_dir / "checkpoints" / "last").state_dict
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
 def test_time_limit_stops_with_a_checkpoint(lm_data: Path, tmp_path: Path):
     cfg = load_config(None, base=tiny_run(lm_data, tmp_path, max_steps=100_000, max_time=1.0,
                                           eval_every=10_000))

@@ -220,7 +220,15 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) 
             tokens = int(sums.pop("tokens"))
             loss = (sums["loss_sum"] / max(1.0, sums["targets"]))
             grad_norm = _clip(model, optimizer, scaler, cfg.train.grad_clip)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            if scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm):
+                # fp16 gradients overflowed at this loss scale: the scaler skips the update and
+                # lowers the scale, as it is meant to; not a divergence (the loss is finite).
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                log.line(f"fp16: gradients overflowed at step {state.step + 1}; update skipped, "
+                         f"loss scale lowered to {scaler.get_scale():g}")
+            elif not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
                 state.non_finite_in_row += 1
                 log.line(f"warning: step {state.step + 1}: loss {loss} / grad norm {grad_norm} is not finite; "
