@@ -10,9 +10,18 @@ import torch
 
 from conftest import tiny_run
 from lmforge.config import load_config
-from lmforge.train import task_lm
+from lmforge.train import loop, task_lm
 from lmforge.train.checkpoint import load_checkpoint
 from lmforge.train.loop import _clip, train
+
+
+@pytest.fixture(params=["host", "device"])
+def decided_on(request, monkeypatch) -> str:
+    """Where the loop decides about non-finite steps: on the host every step (CPU), or on the
+    device, read at log steps (GPU with the fused AdamW; the same code runs on the CPU here)."""
+    if request.param == "device":
+        monkeypatch.setattr(loop, "defers_host_sync", lambda device, optimizer: True)
+    return request.param
 
 
 def _events(run_dir: Path, kind: str) -> list[dict]:
@@ -37,9 +46,9 @@ def _poison_from(monkeypatch, first_bad_call: int) -> None:
 
 
 def test_non_finite_losses_skip_updates_then_stop_keeping_the_last_good_checkpoint(
-        lm_data: Path, tmp_path: Path, monkeypatch):
+        lm_data: Path, tmp_path: Path, monkeypatch, decided_on):
     cfg = load_config(None, base=tiny_run(lm_data, tmp_path, max_steps=30, save_every=4, eval_every=4,
-                                          max_non_finite=3))
+                                          max_non_finite=3, log_every=2))
     _poison_from(monkeypatch, first_bad_call=10)
     result = train(cfg, quiet=True)
     assert result.reason == "non_finite" and result.exit_code == 1
@@ -48,10 +57,15 @@ def test_non_finite_losses_skip_updates_then_stop_keeping_the_last_good_checkpoi
     assert last.training_state["loop"]["step"] == 8  # the last good save, nothing with NaN
     assert all(torch.isfinite(t).all() for t in last.state_dict.values())
     log = (result.run_dir / "train.log").read_text()
-    assert "step 10: loss nan" in log and "update skipped (3 in a row)" in log
+    if decided_on == "host":
+        assert "step 10: loss nan" in log and "update skipped (3 in a row)" in log
+    else:  # read at the log steps 10 and 12
+        assert "1 update(s) up to step 10 skipped" in log and "2 update(s) up to step 12 skipped" in log
+        assert "(3 in a row)" in log
 
 
-def test_a_single_non_finite_step_is_skipped_and_training_goes_on(lm_data: Path, tmp_path: Path, monkeypatch):
+def test_a_single_non_finite_step_is_skipped_and_training_goes_on(lm_data: Path, tmp_path: Path, monkeypatch,
+                                                                  decided_on):
     real = task_lm.LMTask.loss_and_metrics
     calls = {"n": 0}
 
@@ -93,14 +107,15 @@ def test_mixed_precision_trains_on_cpu(lm_data: Path, tmp_path: Path, precision:
 
 
 def test_fp16_overflows_lower_the_loss_scale_instead_of_stopping_the_run(lm_data: Path, tmp_path: Path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, decided_on):
     real = torch.amp.GradScaler
     monkeypatch.setattr(torch.amp, "GradScaler", lambda device: real(device, init_scale=2.0 ** 24))
     cfg = load_config(None, base=tiny_run(lm_data, tmp_path, max_steps=12, precision="fp16", max_non_finite=2))
     result = train(cfg, quiet=True)
     assert result.reason == "max_steps" and result.steps == 12
     log = (result.run_dir / "train.log").read_text()
-    assert "fp16: gradients overflowed at step 1; update skipped, loss scale lowered to 8.38861e+06" in log
+    if decided_on == "host":  # on the device the scaler decides alone, unread
+        assert "fp16: gradients overflowed at step 1; update skipped, loss scale lowered to 8.38861e+06" in log
     state = load_checkpoint(result.run_dir / "checkpoints" / "last", with_training_state=True).training_state
     assert state["scaler"]["scale"] < 2.0 ** 24
     weights = load_checkpoint(result.run_dir / "checkpoints" / "last").state_dict
@@ -130,3 +145,20 @@ def test_clip_scales_only_above_the_limit_and_returns_the_norm():
     assert _clip(model, None, None, 1.0) == pytest.approx(5.0)
     torch.testing.assert_close(model.weight.grad.norm(), torch.tensor(1.0), rtol=1e-5, atol=0)
     assert _clip(model, None, None, None) == pytest.approx(1.0, rel=1e-5)  # no limit: the norm only
+
+
+def test_deciding_on_the_device_trains_exactly_as_deciding_on_the_host(lm_data: Path, tmp_path: Path, monkeypatch):
+    runs = {}
+    for mode in ("host", "device"):
+        if mode == "device":
+            monkeypatch.setattr(loop, "defers_host_sync", lambda device, optimizer: True)
+        cfg = load_config(None, base=tiny_run(lm_data, tmp_path, max_steps=8, log_every=3, grad_clip=0.5,
+                                              grad_accum=2, lr=1e-2))
+        cfg.run.name = mode
+        result = train(cfg, quiet=True)
+        runs[mode] = (load_checkpoint(result.run_dir / "checkpoints" / "last").state_dict,
+                      [(e["step"], e["loss"], e["accuracy"], e["grad_norm"]) for e in _events(result.run_dir, "train")])
+    (host_weights, host_log), (device_weights, device_log) = runs["host"], runs["device"]
+    assert host_log == device_log and [step for step, *_ in host_log] == [3, 6, 8]
+    for name in host_weights:
+        assert torch.equal(host_weights[name], device_weights[name]), name

@@ -28,6 +28,7 @@ from lmforge.runtime import Runtime, setup_runtime
 from lmforge.train.checkpoint import Checkpoint, ignore_sigxfsz, load_checkpoint, save_checkpoint
 from lmforge.train.checkpoint_retention import clean_stale_temp, prune_epochs
 from lmforge.train.data_order import epoch_permutation, window_indices
+from lmforge.train.device_step import DeviceCounters, defers_host_sync, device_update
 from lmforge.train.evaluate import evaluate
 from lmforge.train.flops import measured_peak_flops, raise_peak
 from lmforge.train.log import RunLogger, format_train_line, truncate_metrics
@@ -139,8 +140,18 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) 
     forward_model = torch.compile(model) if cfg.train.compile else model
     tokenizer_file = data_dir / "tokenizer.json"
 
+    def read_counters() -> tuple[dict[str, float], float]:
+        """Deferred mode: the sums and the last gradient norm since the last read; warns of skips."""
+        sums, skipped, state.non_finite_in_row, norm = counters.read(state.step)
+        if skipped:
+            log.line(f"warning: {skipped} update(s) up to step {state.step} skipped: loss or gradient norm "
+                     f"not finite ({state.non_finite_in_row} in a row)")
+        return sums, norm
+
     def save(name: str) -> None:
         # Every rank takes part (FSDP gathers the shards); rank 0 alone writes.
+        if counters is not None:  # deferred mode: the count of skipped steps in a row, for resume
+            state.non_finite_in_row = int(counters.in_row.item())
         weights = full_model_state(model, rt.world_size)
         training_state = _training_state(state, model, optimizer, scaler, rt)
         if rt.is_main:
@@ -188,6 +199,8 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) 
                  "evaluation and the best checkpoint are skipped")
 
     model.train()
+    deferred = defers_host_sync(rt.device, optimizer)  # GPU: numbers stay on the device until a log step
+    counters = DeviceCounters(rt.device, state.non_finite_in_row) if deferred else None
     reason, last_eval, last_saved, last_eval_step = "max_steps", {}, state.step, -1
     session_step, session_start = state.step, time.perf_counter()
     interval_sums: dict[str, float] = {}
@@ -214,35 +227,24 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) 
             flags = {"stop_signal": float(stop.received is not None),
                      "time_up": float(cfg.train.max_time is not None and elapsed >= cfg.train.max_time)}
             flags["tokens"] = window_tokens
-            sums = _forward_backward(forward_model, task, micro_batches, state, rt, scaler, log, flags,
-                                     local_targets=window_targets)
-            stop_requested, time_up = sums.pop("stop_signal") > 0, sums.pop("time_up") > 0
-            tokens = int(sums.pop("tokens"))
-            loss = (sums["loss_sum"] / max(1.0, sums["targets"]))
-            grad_norm = _clip(model, optimizer, scaler, cfg.train.grad_clip)
-            if scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm):
-                # fp16 gradients overflowed at this loss scale: the scaler skips the update and
-                # lowers the scale, as it is meant to; not a divergence (the loss is finite).
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                log.line(f"fp16: gradients overflowed at step {state.step + 1}; update skipped, "
-                         f"loss scale lowered to {scaler.get_scale():g}")
-            elif not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                state.non_finite_in_row += 1
-                log.line(f"warning: step {state.step + 1}: loss {loss} / grad norm {grad_norm} is not finite; "
-                         f"update skipped ({state.non_finite_in_row} in a row)")
+            if deferred:  # flags are host numbers, summed over ranks on the host: no device wait
+                sums = _forward_backward(forward_model, task, micro_batches, state, rt, scaler, log,
+                                         local_targets=window_targets, to_host=False)
+                flags = dict(zip(flags, all_reduce_sum(torch.tensor(list(flags.values()), dtype=torch.float64),
+                                                       state.step + 1, "flags").tolist()))
+                skipped, norm = device_update(model, optimizer, scaler, cfg.train.grad_clip, sums["loss_sum"],
+                                              check_loss=rt.world_size == 1)
+                counters.add(sums, skipped, norm)
+                sums = {}
+            else:
+                sums = _forward_backward(forward_model, task, micro_batches, state, rt, scaler, log, flags,
+                                         local_targets=window_targets)
+                flags = {name: sums.pop(name) for name in list(flags)}
+                grad_norm = _host_update(model, optimizer, scaler, cfg.train, sums, state, log)
                 if state.non_finite_in_row >= cfg.train.max_non_finite:
                     reason = "non_finite"
-            else:
-                state.non_finite_in_row = 0
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            stop_requested, time_up = flags["stop_signal"] > 0, flags["time_up"] > 0
+            tokens = int(flags["tokens"])
             state.step += 1
             state.epoch_sample += window
             state.tokens += tokens
@@ -251,10 +253,15 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) 
             for key, value in sums.items():
                 interval_sums[key] = interval_sums.get(key, 0.0) + value
             bar.update(1)
+            log_step = state.step % cfg.train.log_every == 0 or state.step == total_steps
+            if deferred and log_step:  # the one host sync between log steps
+                interval_sums, grad_norm = read_counters()
+                if state.non_finite_in_row >= cfg.train.max_non_finite:
+                    reason = "non_finite"
             if reason == "non_finite":
                 break  # stop with the last good checkpoint; the skipped updates left no NaN behind
 
-            if state.step % cfg.train.log_every == 0 or state.step == total_steps:
+            if log_step:
                 now = time.perf_counter()
                 rate = interval_tokens / max(1e-9, now - interval_start)
                 metrics = task.summarize(interval_sums)
@@ -355,9 +362,11 @@ def _build_model(cfg: Config, meta: dict) -> tuple[nn.Module, dict]:
 
 
 def _forward_backward(model, task, micro_batches, state: LoopState, rt: Runtime, scaler, log,
-                      flags: dict[str, float] | None = None, local_targets: float | None = None) -> dict[str, float]:
+                      flags: dict[str, float] | None = None, local_targets: float | None = None,
+                      to_host: bool = True) -> dict:
     """Forward and backward over one accumulation window, normalised by the window's targets
-    on all ranks together; returns the window's sums (and `flags`) summed over ranks.
+    on all ranks together; returns the window's sums (and `flags`) summed over ranks, or with
+    to_host=False this process's sums as device tensors (no host sync).
 
     Gradients are synchronised only on the last micro-step. Out of memory (one process):
     drop the partial gradients, split every micro-batch in two and redo the window; the
@@ -395,6 +404,8 @@ def _forward_backward(model, task, micro_batches, state: LoopState, rt: Runtime,
             state.micro_split *= 2
             log.line(f"warning: out of memory at step {state.step + 1}; retrying with micro-batches split "
                      f"{state.micro_split} ways (same effective batch)")
+    if not to_host:
+        return sums
     device = next(iter(sums.values())).device
     for name, value in (flags or {}).items():
         sums[name] = torch.tensor(value, dtype=torch.float64, device=device)
@@ -421,6 +432,34 @@ def _free_memory(rt: Runtime) -> None:
     gc.collect()
     if rt.device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _host_update(model: nn.Module, optimizer, scaler, train_cfg, sums: dict[str, float], state: LoopState,
+                 log) -> float:
+    """Clip and step, deciding on the host whether the step is finite (free on a CPU); counts
+    non-finite steps in state.non_finite_in_row. Returns the gradient norm."""
+    loss = sums["loss_sum"] / max(1.0, sums["targets"])
+    grad_norm = _clip(model, optimizer, scaler, train_cfg.grad_clip)
+    if scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm):
+        # fp16 gradients overflowed at this loss scale: the scaler skips the update and lowers
+        # the scale, as it is meant to; not a divergence (the loss is finite).
+        scaler.step(optimizer)
+        scaler.update()
+        log.line(f"fp16: gradients overflowed at step {state.step + 1}; update skipped, "
+                 f"loss scale lowered to {scaler.get_scale():g}")
+    elif not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        state.non_finite_in_row += 1
+        log.line(f"warning: step {state.step + 1}: loss {loss} / grad norm {grad_norm} is not finite; "
+                 f"update skipped ({state.non_finite_in_row} in a row)")
+    else:
+        state.non_finite_in_row = 0
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def _clip(model: nn.Module, optimizer, scaler, max_norm: float | None) -> float:

@@ -1,0 +1,97 @@
+"""Optimizer steps that never wait for the GPU: the step's sums, its gradient norm and its
+non-finite decision stay on the device until a log step reads them all at once.
+
+Reading a loss or a gradient norm on the host makes the CPU wait for the GPU to finish the
+step before it can queue the next one, so every step pays its Python and kernel-launch time on
+top of the GPU's. On a GPU with a fused AdamW (which takes the skip decision as a device
+tensor, `found_inf`, as the fp16 GradScaler uses it) the loop therefore:
+
+- clips with a coefficient computed on the device (min(1, max_norm / norm): a multiply by
+  exactly 1 below the limit, the same bits as not clipping);
+- skips the update of a step whose gradient norm (or, in one process, loss) is not finite, on
+  the device, leaving weights and optimizer state as they were;
+- counts skipped steps and the current run of them on the device, and acts on the count at the
+  next log step: a run of train.max_non_finite skipped steps stops the run there.
+
+On a CPU reading values costs nothing, and the loop decides every step on the host.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.train.distributed import all_reduce_sum
+
+
+def defers_host_sync(device: torch.device, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether steps keep their numbers on the device: CUDA with the fused AdamW."""
+    return (device.type == "cuda" and bool(optimizer.defaults.get("fused"))
+            and hasattr(torch.nn.utils, "get_total_norm"))  # torch 2.6+
+
+
+class DeviceCounters:
+    """Per-step sums and non-finite counts, accumulated on the device between two reads."""
+
+    def __init__(self, device: torch.device, non_finite_in_row: int = 0) -> None:
+        self.device = device
+        self.names: list[str] = []
+        self.totals: torch.Tensor | None = None
+        self.skipped = torch.zeros((), device=device)
+        self.in_row = torch.full((), float(non_finite_in_row), device=device)
+        self.grad_norm = torch.zeros((), device=device)
+
+    def add(self, sums: dict[str, torch.Tensor], skipped: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """One step: its sums (device scalars), whether its update was skipped, its gradient norm."""
+        totals = torch.stack([v.detach().double().reshape(()) for v in sums.values()])
+        if self.totals is None or self.names != list(sums):
+            self.names, self.totals = list(sums), totals
+        else:
+            self.totals += totals
+        bad = skipped.to(self.skipped.dtype)
+        self.skipped += bad
+        self.in_row = (self.in_row + bad) * bad  # back to 0 after a good step
+        self.grad_norm = grad_norm.detach()
+
+    def read(self, step: int) -> tuple[dict[str, float], int, int, float]:
+        """(sums over ranks, skipped steps, non-finite steps in a row, last gradient norm) since the
+        last read; one host sync. Resets the sums and the skipped count."""
+        values = torch.cat([torch.zeros(0, dtype=torch.float64, device=self.device) if self.totals is None
+                            else self.totals, torch.stack([self.skipped, self.in_row, self.grad_norm]).double()])
+        values = all_reduce_sum(values, step, "metrics").tolist()  # ranks agree on skips: the norm is global
+        n = len(self.names) if self.totals is not None else 0
+        sums = dict(zip(self.names, values[:n]))
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        world = torch.distributed.get_world_size() if distributed else 1
+        skipped, in_row, grad_norm = values[n] / world, values[n + 1] / world, values[n + 2] / world
+        self.totals = None
+        self.skipped = torch.zeros((), device=self.device)
+        return sums, round(skipped), round(in_row), grad_norm
+
+
+def device_update(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, max_norm: float | None,
+                  loss_sum: torch.Tensor, check_loss: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip and step without reading anything on the host; returns (skipped, gradient norm) as
+    device scalars. check_loss: also skip when this process's loss is not finite (one process;
+    across ranks only the gradient norm, the same on every rank, may decide)."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
+        norm = norm.full_tensor()
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    skipped = ~torch.isfinite(loss_sum) if check_loss else torch.zeros((), dtype=torch.bool, device=norm.device)
+    if scaler is not None:  # the scaler skips overflowing steps itself and lowers its scale
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        skipped = skipped | ~torch.isfinite(norm)
+        optimizer.found_inf = skipped.float()  # read by the fused AdamW: skip the update on the device
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    optimizer.zero_grad(set_to_none=True)
+    return skipped, norm
