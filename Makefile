@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch, pinned for the test environment; users get the range in pyproject.toml.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test test-slow faults install install-test clean bench bench-train bench-generate bench-prepare bench-bert bench-startup
+.PHONY: demo test test-slow faults install install-test clean bench bench-train bench-generate bench-prepare bench-bert bench-startup bench-lm-head
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +46,9 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[bench]' $(TORCH_PIN)
 	touch $@
 
-bench: bench-train bench-generate bench-prepare bench-bert bench-startup
-	@cat runs/bench/train.md runs/bench/generate.md runs/bench/prepare.md runs/bench/bert.md runs/bench/startup.md
+bench: bench-train bench-generate bench-prepare bench-bert bench-startup bench-lm-head
+	@cat runs/bench/train.md runs/bench/generate.md runs/bench/prepare.md runs/bench/bert.md runs/bench/startup.md \
+	     runs/bench/lm_head.md
 
 bench-train: $(VENV)/.installed-bench
 	$(BENCH_RUN) bench/train.py
@@ -63,6 +64,9 @@ bench-bert: $(VENV)/.installed-bench
 
 bench-startup: $(VENV)/.installed-bench
 	$(BENCH_RUN) bench/startup.py
+
+bench-lm-head: $(VENV)/.installed-bench
+	$(BENCH_RUN) bench/lm_head.py
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info
