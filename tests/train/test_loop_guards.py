@@ -12,7 +12,8 @@ from conftest import tiny_run
 from lmforge.config import load_config
 from lmforge.train import loop, task_lm
 from lmforge.train.checkpoint import load_checkpoint
-from lmforge.train.loop import _clip, train
+from lmforge.train.loop import train
+from lmforge.train.update import clip
 
 
 @pytest.fixture(params=["host", "device"])
@@ -140,11 +141,11 @@ def test_data_for_another_task_is_refused(lm_data: Path, tmp_path: Path):
 def test_clip_scales_only_above_the_limit_and_returns_the_norm():
     model = torch.nn.Linear(3, 2, bias=False)
     model.weight.grad = torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]])  # norm 5
-    assert _clip(model, None, None, 10.0) == pytest.approx(5.0)
+    assert clip(model, None, None, 10.0) == pytest.approx(5.0)
     assert torch.equal(model.weight.grad, torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]]))
-    assert _clip(model, None, None, 1.0) == pytest.approx(5.0)
+    assert clip(model, None, None, 1.0) == pytest.approx(5.0)
     torch.testing.assert_close(model.weight.grad.norm(), torch.tensor(1.0), rtol=1e-5, atol=0)
-    assert _clip(model, None, None, None) == pytest.approx(1.0, rel=1e-5)  # no limit: the norm only
+    assert clip(model, None, None, None) == pytest.approx(1.0, rel=1e-5)  # no limit: the norm only
 
 
 def test_deciding_on_the_device_trains_exactly_as_deciding_on_the_host(lm_data: Path, tmp_path: Path, monkeypatch):

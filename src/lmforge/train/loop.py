@@ -28,7 +28,7 @@ from lmforge.runtime import Runtime, setup_runtime
 from lmforge.train.checkpoint import Checkpoint, ignore_sigxfsz, load_checkpoint, save_checkpoint
 from lmforge.train.checkpoint_retention import clean_stale_temp, prune_epochs
 from lmforge.train.data_order import epoch_permutation, window_indices
-from lmforge.train.device_step import DeviceCounters, defers_host_sync, device_update
+from lmforge.train.update import DeviceCounters, defers_host_sync, device_update, host_update
 from lmforge.train.evaluate import evaluate
 from lmforge.train.flops import measured_peak_flops, raise_peak
 from lmforge.train.log import RunLogger, format_train_line, truncate_metrics
@@ -227,9 +227,9 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) 
             flags = {"stop_signal": float(stop.received is not None),
                      "time_up": float(cfg.train.max_time is not None and elapsed >= cfg.train.max_time)}
             flags["tokens"] = window_tokens
+            sums = _forward_backward(forward_model, task, micro_batches, state, rt, scaler, log,
+                                     None if deferred else flags, local_targets=window_targets, to_host=not deferred)
             if deferred:  # flags are host numbers, summed over ranks on the host: no device wait
-                sums = _forward_backward(forward_model, task, micro_batches, state, rt, scaler, log,
-                                         local_targets=window_targets, to_host=False)
                 flags = dict(zip(flags, all_reduce_sum(torch.tensor(list(flags.values()), dtype=torch.float64),
                                                        state.step + 1, "flags").tolist()))
                 skipped, norm = device_update(model, optimizer, scaler, cfg.train.grad_clip, sums["loss_sum"],
@@ -237,10 +237,9 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False) 
                 counters.add(sums, skipped, norm)
                 sums = {}
             else:
-                sums = _forward_backward(forward_model, task, micro_batches, state, rt, scaler, log, flags,
-                                         local_targets=window_targets)
                 flags = {name: sums.pop(name) for name in list(flags)}
-                grad_norm = _host_update(model, optimizer, scaler, cfg.train, sums, state, log)
+                grad_norm, state.non_finite_in_row = host_update(model, optimizer, scaler, cfg.train.grad_clip, sums,
+                                                              state.step + 1, state.non_finite_in_row, log)
                 if state.non_finite_in_row >= cfg.train.max_non_finite:
                     reason = "non_finite"
             stop_requested, time_up = flags["stop_signal"] > 0, flags["time_up"] > 0
@@ -432,50 +431,6 @@ def _free_memory(rt: Runtime) -> None:
     gc.collect()
     if rt.device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def _host_update(model: nn.Module, optimizer, scaler, train_cfg, sums: dict[str, float], state: LoopState,
-                 log) -> float:
-    """Clip and step, deciding on the host whether the step is finite (free on a CPU); counts
-    non-finite steps in state.non_finite_in_row. Returns the gradient norm."""
-    loss = sums["loss_sum"] / max(1.0, sums["targets"])
-    grad_norm = _clip(model, optimizer, scaler, train_cfg.grad_clip)
-    if scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm):
-        # fp16 gradients overflowed at this loss scale: the scaler skips the update and lowers
-        # the scale, as it is meant to; not a divergence (the loss is finite).
-        scaler.step(optimizer)
-        scaler.update()
-        log.line(f"fp16: gradients overflowed at step {state.step + 1}; update skipped, "
-                 f"loss scale lowered to {scaler.get_scale():g}")
-    elif not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        state.non_finite_in_row += 1
-        log.line(f"warning: step {state.step + 1}: loss {loss} / grad norm {grad_norm} is not finite; "
-                 f"update skipped ({state.non_finite_in_row} in a row)")
-    else:
-        state.non_finite_in_row = 0
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
-
-
-def _clip(model: nn.Module, optimizer, scaler, max_norm: float | None) -> float:
-    """Global gradient norm, clipped once per optimizer step (after the last micro-batch)."""
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    params = [p for p in model.parameters() if p.grad is not None]
-    total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch 2.6+
-    if total_norm is None:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    norm = total_norm([p.grad for p in params])
-    value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
-    if max_norm is not None and value > max_norm:  # below the limit, skip a pass over every gradient
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return value
 
 
 def _position(state: LoopState, train_samples: int) -> dict:

@@ -1,5 +1,9 @@
-"""Optimizer steps that never wait for the GPU: the step's sums, its gradient norm and its
-non-finite decision stay on the device until a log step reads them all at once.
+"""The optimizer update of a step: clip, skip it when it is not finite, step.
+
+On a CPU the loop decides on the host every step (`host_update`): reading values costs
+nothing there. On a GPU steps never wait for it (`device_update`): the step's sums, its
+gradient norm and its non-finite decision stay on the device until a log step reads them all
+at once (`DeviceCounters`).
 
 Reading a loss or a gradient norm on the host makes the CPU wait for the GPU to finish the
 step before it can queue the next one, so every step pays its Python and kernel-launch time on
@@ -12,11 +16,11 @@ tensor, `found_inf`, as the fp16 GradScaler uses it) the loop therefore:
   the device, leaving weights and optimizer state as they were;
 - counts skipped steps and the current run of them on the device, and acts on the count at the
   next log step: a run of train.max_non_finite skipped steps stops the run there.
-
-On a CPU reading values costs nothing, and the loop decides every step on the host.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -95,3 +99,47 @@ def device_update(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, ma
             del optimizer.found_inf
     optimizer.zero_grad(set_to_none=True)
     return skipped, norm
+
+
+def host_update(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, max_norm: float | None,
+                sums: dict[str, float], step: int, non_finite_in_row: int, log) -> tuple[float, int]:
+    """Clip and step, deciding on the host whether step `step` is finite (free on a CPU).
+    Returns (gradient norm, non-finite steps in a row, this one included)."""
+    loss = sums["loss_sum"] / max(1.0, sums["targets"])
+    grad_norm = clip(model, optimizer, scaler, max_norm)
+    if scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm):
+        # fp16 gradients overflowed at this loss scale: the scaler skips the update and lowers
+        # the scale, as it is meant to; not a divergence (the loss is finite).
+        scaler.step(optimizer)
+        scaler.update()
+        log.line(f"fp16: gradients overflowed at step {step}; update skipped, "
+                 f"loss scale lowered to {scaler.get_scale():g}")
+    elif not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        non_finite_in_row += 1
+        log.line(f"warning: step {step}: loss {loss} / grad norm {grad_norm} is not finite; "
+                 f"update skipped ({non_finite_in_row} in a row)")
+    else:
+        non_finite_in_row = 0
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, non_finite_in_row
+
+
+def clip(model: nn.Module, optimizer, scaler, max_norm: float | None) -> float:
+    """Global gradient norm, clipped once per optimizer step (after the last micro-batch)."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for p in model.parameters() if p.grad is not None]
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch 2.6+
+    if total_norm is None:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    norm = total_norm([p.grad for p in params])
+    value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+    if max_norm is not None and value > max_norm:  # below the limit, skip a pass over every gradient
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return value
