@@ -104,7 +104,6 @@ class GPTConfig:
         return cls.from_dict({**GPT_PRESETS[name], **overrides})
 
 
-
 def add_projection(residual: Tensor, linear: nn.Linear, x: Tensor, dropout: nn.Dropout) -> Tensor:
     """residual + dropout(linear(x)). Without dropout the matrix product adds itself onto
     residual + bias in place: one pass over the output fewer than a product, then a sum."""

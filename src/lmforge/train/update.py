@@ -48,7 +48,7 @@ class DeviceCounters:
     def add(self, sums: dict[str, torch.Tensor], skipped: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """One step: its sums (device scalars), whether its update was skipped, its gradient norm."""
         totals = torch.stack([v.detach().double().reshape(()) for v in sums.values()])
-        if self.totals is None or self.names != list(sums):
+        if self.totals is None:
             self.names, self.totals = list(sums), totals
         else:
             self.totals += totals
@@ -78,12 +78,7 @@ def device_update(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, ma
     """Clip and step without reading anything on the host; returns (skipped, gradient norm) as
     device scalars. check_loss: also skip when this process's loss is not finite (one process;
     across ranks only the gradient norm, the same on every rank, may decide)."""
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
-        norm = norm.full_tensor()
+    params, norm = _gradient_norm(model, optimizer, scaler)
     if max_norm is not None:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     skipped = ~torch.isfinite(loss_sum) if check_loss else torch.zeros((), dtype=torch.bool, device=norm.device)
@@ -107,39 +102,47 @@ def host_update(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, max_
     Returns (gradient norm, non-finite steps in a row, this one included)."""
     loss = sums["loss_sum"] / max(1.0, sums["targets"])
     grad_norm = clip(model, optimizer, scaler, max_norm)
-    if scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm):
-        # fp16 gradients overflowed at this loss scale: the scaler skips the update and lowers
-        # the scale, as it is meant to; not a divergence (the loss is finite).
+    if scaler is not None and math.isfinite(loss):
+        # The scaler skips a step whose fp16 gradients overflowed and lowers its scale, as it is
+        # meant to: not a divergence (the loss is finite).
         scaler.step(optimizer)
         scaler.update()
-        log.line(f"fp16: gradients overflowed at step {step}; update skipped, "
-                 f"loss scale lowered to {scaler.get_scale():g}")
+        if math.isfinite(grad_norm):
+            non_finite_in_row = 0
+        else:
+            log.line(f"fp16: gradients overflowed at step {step}; update skipped, "
+                     f"loss scale lowered to {scaler.get_scale():g}")
     elif not (math.isfinite(loss) and math.isfinite(grad_norm)):
         non_finite_in_row += 1
         log.line(f"warning: step {step}: loss {loss} / grad norm {grad_norm} is not finite; "
                  f"update skipped ({non_finite_in_row} in a row)")
     else:
         non_finite_in_row = 0
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, non_finite_in_row
 
 
 def clip(model: nn.Module, optimizer, scaler, max_norm: float | None) -> float:
     """Global gradient norm, clipped once per optimizer step (after the last micro-batch)."""
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    params = [p for p in model.parameters() if p.grad is not None]
-    total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch 2.6+
-    if total_norm is None:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
+    if not hasattr(torch.nn.utils, "get_total_norm"):  # torch < 2.6
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                              max_norm if max_norm is not None else math.inf)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    norm = total_norm([p.grad for p in params])
-    value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+    params, norm = _gradient_norm(model, optimizer, scaler)
+    value = float(norm)
     if max_norm is not None and value > max_norm:  # below the limit, skip a pass over every gradient
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return value
+
+
+def _gradient_norm(model: nn.Module, optimizer, scaler) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(parameters with a gradient, their global gradient norm as a tensor), after unscaling fp16
+    gradients; under FSDP the norm is gathered from the shards."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    return params, norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
