@@ -1,0 +1,183 @@
+"""Where a training step's time goes: every aten operator of the fixed workload's step, timed.
+
+The step of `make bench-train` (GPT-2 4 x 256, context 256, vocabulary 8192, batch 8, fp32,
+clipping, fused AdamW), on the same tiny Shakespeare tokens, for two models:
+
+- lmforge: `GPT.forward(ids, targets=...)`, the loop's clipping and the fused AdamW;
+- transformers: `GPT2LMHeadModel(ids, labels=ids)`, `clip_grad_norm_` and the fused AdamW,
+  which is the Trainer's step without the Trainer around it.
+
+Each runs in its own worker process. A `TorchDispatchMode` times every aten call of forward,
+backward and update with the wall clock (torch.profiler's CPU times, on this 2-core machine,
+came out several times too large for memory-bound kernels such as GELU). The table groups the
+calls into matrix products (with their GFLOP/s), attention, optimizer and the rest, next to
+the step's wall time measured without the timer, and the matrix products' time at the
+measured 2048^3 peak: the floor no eager formulation of this step can go below.
+
+    python bench/step_breakdown.py        # BENCH_BREAKDOWN_STEPS=5
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections import defaultdict
+
+from common import SEED, WORKLOAD, Worker, log, machine, matmul_peak, shakespeare_data, write_summary
+
+STEPS = int(os.environ.get("BENCH_BREAKDOWN_STEPS", "5"))
+WARMUP = 3
+MATMULS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul"}
+OPTIMIZER_PREFIXES = ("_fused_adam", "_foreach_")
+
+
+def category(op: str) -> str:
+    base = op.split(".")[1] if op.startswith("aten.") else op
+    if base in MATMULS:
+        return "matrix products"
+    if "scaled_dot_product" in base or "attention" in base:
+        return "attention kernels"
+    if base.startswith(OPTIMIZER_PREFIXES):
+        return "optimizer and clipping"
+    return "everything else (elementwise, norms, copies, reductions)"
+
+
+def matmul_flops(op: str, shapes: list[list[int]]) -> float:
+    """2 M K N of a product from its operands' shapes (the last two of a batched product)."""
+    mats = [s for s in shapes if len(s) >= 2][-2:]
+    if len(mats) < 2:
+        return 0.0
+    (*batch, m, k), n = mats[0], mats[1][-1]
+    size = 1
+    for b in batch:
+        size *= b
+    return 2.0 * size * m * k * n
+
+
+def breakdown_runner(side: str):
+    """A function(steps) -> {"wall_ms", "ops": [[op, shapes, calls, ms, flops] per step]}."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lmforge.data.datasets import PackedLMDataset
+    from lmforge.data.store import TokenStore
+    from lmforge.runtime import setup_runtime
+
+    blocks = PackedLMDataset(TokenStore(shakespeare_data(), "train"), WORKLOAD["context"])
+    ids = torch.stack([blocks[i]["input_ids"] for i in range(WORKLOAD["batch_size"])])
+    model_shape = {k: WORKLOAD[k] for k in ("n_layer", "n_head", "n_embd")}
+    if side == "lmforge":
+        from lmforge.config import TrainConfig
+        from lmforge.models.gpt import GPT, GPTConfig
+        from lmforge.train.optim import build_optimizer
+        from lmforge.train.update import clip
+
+        setup_runtime("cpu", seed=SEED)  # what `lmforge train` sets up: threads, allocator
+        model = GPT(GPTConfig(vocab_size=WORKLOAD["vocab_size"], context=WORKLOAD["context"],
+                              activation="gelu", **model_shape))
+        optimizer = build_optimizer(model, TrainConfig(lr=6e-4), torch.device("cpu"))
+        targets = torch.cat([ids[:, 1:], torch.full((ids.shape[0], 1), -100)], 1)
+
+        def step() -> None:
+            loss_sum, _, counted = model(ids, targets=targets)
+            (loss_sum / counted).backward()
+            clip(model, optimizer, None, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    else:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(SEED)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=WORKLOAD["vocab_size"], n_positions=WORKLOAD["context"],
+                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **model_shape))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+
+        def step() -> None:
+            model(input_ids=ids, labels=ids).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    calls: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
+
+    class OpTimer(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            start = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            elapsed = time.perf_counter() - start
+            op = str(func)
+            shapes = [list(a.shape) for a in args if isinstance(a, torch.Tensor)]
+            entry = calls[(op, str(shapes))]
+            entry[0] += 1
+            entry[1] += elapsed
+            if category(op) == "matrix products":
+                entry[2] += matmul_flops(op, shapes)
+            return out
+
+    for _ in range(WARMUP):
+        step()
+
+    def run(steps: int) -> dict:
+        walls = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            walls.append(time.perf_counter() - start)
+        calls.clear()
+        with OpTimer():
+            for _ in range(steps):
+                step()
+        ops = [[op, shapes, n / steps, seconds * 1e3 / steps, flops / steps]
+               for (op, shapes), (n, seconds, flops) in calls.items()]
+        return {"wall_ms": statistics.median(walls) * 1e3, "ops": ops}
+
+    return run
+
+
+def report(results: dict[str, dict], peak: float) -> list[str]:
+    sides = list(results)
+    lines = [f"## step breakdown: the fixed workload's training step, {STEPS} steps timed per side",
+             f"| {'':<56} | " + " | ".join(f"{s + ' ms':>16}" for s in sides),
+             f"|{'-' * 58}|" + "|".join("-" * 18 for _ in sides)]
+    totals = {s: defaultdict(float) for s in sides}
+    flops = {s: 0.0 for s in sides}
+    for s, result in results.items():
+        for op, _, _, ms, f in result["ops"]:
+            totals[s][category(op)] += ms
+            flops[s] += f
+    names = sorted({c for t in totals.values() for c in t}, key=lambda c: -totals[sides[0]][c])
+    for name in names:
+        lines.append(f"| {name:<56} | " + " | ".join(f"{totals[s][name]:>16.1f}" for s in sides))
+    rows = {"sum of the timed operators": lambda s: sum(totals[s].values()),
+            "step wall time, without the timer": lambda s: results[s]["wall_ms"],
+            "matrix products at the 2048^3 peak (their floor)": lambda s: flops[s] / peak * 1e3}
+    for name, value in rows.items():
+        lines.append(f"| {name:<56} | " + " | ".join(f"{value(s):>16.1f}" for s in sides))
+    mm = {s: totals[s]["matrix products"] for s in sides}
+    lines.append("matrix products' rate: " + ", ".join(
+        f"{s} {flops[s] / mm[s] / 1e6:,.0f} GFLOP/s" for s in sides if mm[s]) + f"; 2048^3 peak {peak / 1e9:,.0f} GFLOP/s")
+    for s in sides:
+        lines += ["", f"### {s}: the 15 largest operators (per step)",
+                  "| ms | calls | GFLOP/s | operator | operand shapes |", "|---:|---:|---:|---|---|"]
+        for op, shapes, n, ms, f in sorted(results[s]["ops"], key=lambda r: -r[3])[:15]:
+            rate = f"{f / ms / 1e6:,.0f}" if f else ""
+            lines.append(f"| {ms:.2f} | {n:g} | {rate} | {op} | {shapes[:90]} |")
+    lines.append(f"\nmachine: {machine()}")
+    return lines
+
+
+def main() -> None:
+    data = shakespeare_data()  # built here once, before the workers read it
+    log(f"step breakdown on {data}, {STEPS} timed steps per side")
+    workers = {side: Worker("step_breakdown:breakdown_runner", side=side) for side in ("lmforge", "transformers")}
+    try:
+        results = {side: worker(steps=STEPS) for side, worker in workers.items()}
+    finally:
+        for worker in workers.values():
+            worker.close()
+    write_summary("step_breakdown", report(results, matmul_peak()))
+
+
+if __name__ == "__main__":
+    main()
