@@ -104,4 +104,26 @@ def test_gradients_are_computed_only_when_autograd_will_ask_for_them(monkeypatch
         lm_loss.lm_head_cross_entropy(h, w, targets)
     assert products == []  # evaluation: the logits only
     lm_loss.lm_head_cross_entropy(h, weight, targets)[0].backward()  # frozen weight: no weight gradient
-    assert products == [hidden.shape] and w.grad is None
+    assert products == [(int((targets != IGNORE_INDEX).sum()), hidden.shape[1])] and w.grad is None
+
+
+@pytest.mark.parametrize("ignored, projected", [(60, 240), (1, 300), (300, 300)])
+def test_rows_without_a_target_are_left_out_once_enough_are(monkeypatch, ignored, projected):
+    """Prompts and padding cost no output-layer work; a few ignored rows (the last position of
+    each pretraining row) or none to learn (all ignored) keep the plain path."""
+    seen = []
+    real = lm_loss._LMHeadCrossEntropy.apply
+    monkeypatch.setattr(lm_loss._LMHeadCrossEntropy, "apply", lambda h, *a: seen.append(len(h)) or real(h, *a))
+    hidden, weight, _ = _case()
+    targets = torch.randint(0, weight.shape[0], (300,), generator=torch.Generator().manual_seed(1))
+    targets[torch.randperm(300, generator=torch.Generator().manual_seed(2))[:ignored]] = IGNORE_INDEX
+    h = hidden.clone().requires_grad_()
+    loss_sum, correct, counted = lm_loss.lm_head_cross_entropy(h, weight, targets)
+    loss_sum.backward()
+    assert seen == [projected]
+    ref = hidden.clone().requires_grad_()
+    ref_loss, ref_correct, ref_counted = _reference(ref, weight, targets)
+    ref_loss.backward()
+    assert loss_sum.item() == pytest.approx(ref_loss.item(), rel=1e-6, abs=1e-6)
+    assert (correct.item(), counted.item()) == (ref_correct, ref_counted)
+    torch.testing.assert_close(h.grad, ref.grad, rtol=1e-5, atol=1e-6)

@@ -86,8 +86,17 @@ def test_a_single_non_finite_step_is_skipped_and_training_goes_on(lm_data: Path,
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
-def test_early_stopping_after_patience_evaluations(lm_data: Path, tmp_path: Path):
-    # lr 0 after warmup: the validation loss cannot improve after the first evaluation
+def test_early_stopping_after_patience_evaluations(lm_data: Path, tmp_path: Path, monkeypatch):
+    # every evaluation after the first reports a worse validation loss (a tiny learning rate
+    # alone leaves the loss to rounding, which may improve it in the last bit)
+    real, worse_by = loop.evaluate, iter(range(1000))
+
+    def worsening(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result["loss"] += next(worse_by)
+        return result
+
+    monkeypatch.setattr(loop, "evaluate", worsening)
     cfg = load_config(None, base=tiny_run(lm_data, tmp_path, max_steps=100, eval_every=2, patience=2,
                                           lr=1e-9, warmup_steps=0, schedule="constant"))
     result = train(cfg, quiet=True)
