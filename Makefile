@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch, pinned for the test environment; users get the range in pyproject.toml.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test test-slow faults install install-test clean bench bench-train bench-generate bench-prepare bench-bert bench-startup bench-lm-head bench-breakdown
+.PHONY: demo test test-slow faults install install-test clean bench bench-train bench-generate bench-prepare bench-bert bench-startup bench-lm-head bench-dialogue bench-breakdown
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,9 +46,9 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[bench]' $(TORCH_PIN)
 	touch $@
 
-bench: bench-train bench-generate bench-prepare bench-bert bench-startup bench-lm-head bench-breakdown
+bench: bench-train bench-generate bench-prepare bench-bert bench-startup bench-lm-head bench-dialogue bench-breakdown
 	@cat runs/bench/train.md runs/bench/generate.md runs/bench/prepare.md runs/bench/bert.md runs/bench/startup.md \
-	     runs/bench/lm_head.md runs/bench/step_breakdown.md
+	     runs/bench/lm_head.md runs/bench/dialogue.md runs/bench/step_breakdown.md
 
 bench-train: $(VENV)/.installed-bench
 	$(BENCH_RUN) bench/train.py
@@ -67,6 +67,9 @@ bench-startup: $(VENV)/.installed-bench
 
 bench-lm-head: $(VENV)/.installed-bench
 	$(BENCH_RUN) bench/lm_head.py
+
+bench-dialogue: $(VENV)/.installed-bench
+	$(BENCH_RUN) bench/dialogue.py
 
 # Not a comparison of rates: where each side's training step spends its time, operator by operator.
 bench-breakdown: $(VENV)/.installed-bench

@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
-import shutil
 import sys
-import time
 from pathlib import Path
 
 from common import (BENCH_DIR, ROOT, ROUNDS, SEED, Worker, interleave, log, machine, median, paired_ratio,
-                    table, write_summary)
+                    loop_runner, plain_loop_rates, table, train_split, transformers_kwargs, write_summary)
 
 STEPS = int(os.environ.get("BENCH_BERT_STEPS", "10"))
 WARMUP = 2
@@ -63,57 +60,33 @@ def _config(data: str, steps: int, name: str):
 
 
 def lmforge_runner(data: str):
-    from lmforge.train.loop import train
-
-    rounds = iter(range(10**6))
-
-    def run(steps: int) -> list[float]:
-        name = f"lmforge-{os.getpid()}-{next(rounds)}"
-        shutil.rmtree(BENCH_DIR / "bert-runs" / name, ignore_errors=True)
-        result = train(_config(data, WARMUP + steps, name), quiet=True)
-        events = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-        shutil.rmtree(result.run_dir, ignore_errors=True)
-        return [e["pairs_per_s"] for e in events if e["event"] == "train"][WARMUP:]
-
-    return run
+    return loop_runner(lambda steps, name: _config(data, steps, name), "pairs_per_s", WARMUP)
 
 
 def hf_runner(data: str):
     import torch
     from transformers import BertConfig, BertForPreTraining
 
-    from lmforge.data.store import read_meta
     from lmforge.models.hf import bert_config_to_hf
-    from lmforge.models.registry import architecture
-    from lmforge.train.tasks import make_task
 
     cfg = _config(data, 1, "unused")
-    meta = read_meta(Path(data))
-    task = make_task(cfg, meta, MODEL["context"])
-    pairs = task.dataset("train")
-    hf_config = bert_config_to_hf(architecture(cfg.model, int(meta["vocab_size"])), meta["special_ids"]["pad"])
-    for key in ("architectures", "model_type"):
-        hf_config.pop(key)
+    task, pairs, arch, meta = train_split(cfg, data)
+    hf_config = transformers_kwargs(bert_config_to_hf(arch, meta["special_ids"]["pad"]))
 
     def run(steps: int) -> list[float]:
         torch.manual_seed(SEED)
         model = BertForPreTraining(BertConfig(**hf_config)).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01, fused=True)
         order = torch.randperm(len(pairs)).tolist()
-        rates = []
-        for step in range(WARMUP + steps):
-            start = time.perf_counter()
-            batch = task.collate([pairs[i] for i in order[step * BATCH:(step + 1) * BATCH]])
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        token_type_ids=batch["token_type_ids"], labels=batch["labels"],
-                        next_sentence_label=batch["next_sentence_label"])
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.item()  # the loss a plain loop logs
-            rates.append(BATCH / (time.perf_counter() - start))
-        return rates[WARMUP:]
+
+        def loss(batch: dict):
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         token_type_ids=batch["token_type_ids"], labels=batch["labels"],
+                         next_sentence_label=batch["next_sentence_label"]).loss
+
+        return plain_loop_rates(model, optimizer,
+                                lambda step: task.collate([pairs[i] for i in order[step * BATCH:(step + 1) * BATCH]]),
+                                loss, lambda batch: BATCH, steps, WARMUP)
 
     return run
 

@@ -17,6 +17,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -178,6 +179,67 @@ def machine() -> str:
 
     return (f"{os.cpu_count()} CPUs visible, torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.1f}")
+
+
+def train_rates(cfg, key: str, warmup: int) -> list[float]:
+    """Run `lmforge.train.loop.train(cfg)` (log_every=1) and return the per-step rates `key` it
+    logged, less the first `warmup` steps; the run folder is removed."""
+    from lmforge.train.loop import train
+
+    shutil.rmtree(Path(cfg.run.out_dir) / cfg.run.name, ignore_errors=True)
+    result = train(cfg, quiet=True)
+    events = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(result.run_dir, ignore_errors=True)
+    return [e[key] for e in events if e["event"] == "train"][warmup:]
+
+
+def loop_runner(make_config: Callable[[int, str], object], key: str, warmup: int):
+    """A function(steps) -> per-step rates `key` of `lmforge train` on make_config(steps, run name)."""
+    rounds = iter(range(10**6))
+
+    def run(steps: int) -> list[float]:
+        return train_rates(make_config(warmup + steps, f"lmforge-{os.getpid()}-{next(rounds)}"), key, warmup)
+
+    return run
+
+
+def train_split(cfg, data: str) -> tuple:
+    """(task, its train dataset, the model's architecture dict, meta.json) for a bench config, as
+    `lmforge train` builds them: the peer's loop reads the same samples."""
+    from lmforge.data.store import read_meta
+    from lmforge.models.registry import architecture
+    from lmforge.train.tasks import make_task
+
+    meta = read_meta(Path(data))
+    arch = architecture(cfg.model, int(meta["vocab_size"]))
+    task = make_task(cfg, meta, arch["context"])
+    return task, task.dataset("train"), arch, meta
+
+
+def transformers_kwargs(hf_config: dict) -> dict:
+    """A config.json dict as keyword arguments of a transformers config class."""
+    return {k: v for k, v in hf_config.items() if k not in ("architectures", "model_type")}
+
+
+def plain_loop_rates(model, optimizer, make_batch: Callable[[int], dict], loss: Callable[[dict], object],
+                     count: Callable[[dict], float], steps: int, warmup: int) -> list[float]:
+    """A plain training loop, as tutorials write it: collate, loss, backward, clip 1.0, optimizer
+    step, the loss read back to log. Returns count(batch) / step time for each of `steps` steps
+    after `warmup` more."""
+    import torch
+
+    rates = []
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        batch = make_batch(step)
+        value = loss(batch)
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        value.item()
+        rates.append(count(batch) / (time.perf_counter() - start))
+    return rates[warmup:]
 
 
 def timed(fn: Callable[[], object]) -> float:

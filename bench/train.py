@@ -26,15 +26,13 @@ is the issue's quoted numbers, labelled as such.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from common import (BENCH_DIR, ROUNDS, SEED, WORKLOAD, Worker, interleave, log, machine, matmul_peak, median,
-                    paired_ratio, shakespeare_data, table, write_summary)
+from common import (BENCH_DIR, ROUNDS, SEED, WORKLOAD, Worker, interleave, log, loop_runner, machine, matmul_peak,
+                    median, paired_ratio, shakespeare_data, table, write_summary)
 
 STEPS = int(os.environ.get("BENCH_TRAIN_STEPS", "12"))
 WARMUP = 2
@@ -55,30 +53,20 @@ def lmforge_runner(data: str, malloc_tuning: bool = True, compile: bool = False,
     if not malloc_tuning:
         os.environ["LMFORGE_MALLOC_TUNING"] = "0"  # read by setup_runtime at the first run
     from lmforge.config import load_config
-    from lmforge.train.loop import train
 
-    out = BENCH_DIR / "train-runs"
-    rounds = iter(range(10**6))
+    model = {k: WORKLOAD[k] for k in ("n_layer", "n_head", "n_embd", "context")}
 
-    def run(steps: int) -> list[float]:
-        name = f"lmforge-{os.getpid()}-{next(rounds)}"
-        shutil.rmtree(out / name, ignore_errors=True)
-        model = {k: WORKLOAD[k] for k in ("n_layer", "n_head", "n_embd", "context")}
-        cfg = load_config(None, base={
+    def config(steps: int, name: str):
+        return load_config(None, base={
             "model": {"kind": "gpt", "preset": None, "dropout": 0.0, "activation": activation, **model},
             "data": {"path": data},
             "train": {"task": "lm", "batch_size": WORKLOAD["batch_size"], "grad_accum": 1, "lr": 6e-4,
-                      "warmup_steps": 0, "max_steps": WARMUP + steps, "grad_clip": 1.0, "log_every": 1,
+                      "warmup_steps": 0, "max_steps": steps, "grad_clip": 1.0, "log_every": 1,
                       "eval_every": 10**9, "eval_batches": 1, "sample_tokens": 0, "device": "cpu",
                       "precision": precision, "compile": compile, "seed": SEED},
-            "run": {"out_dir": str(out), "name": name}})
-        result = train(cfg, quiet=True)
-        events = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-        rates = [e["tokens_per_s"] for e in events if e["event"] == "train"]
-        shutil.rmtree(result.run_dir, ignore_errors=True)
-        return rates[WARMUP:]
+            "run": {"out_dir": str(BENCH_DIR / "train-runs"), "name": name}})
 
-    return run
+    return loop_runner(config, "tokens_per_s", WARMUP)
 
 
 def trainer_runner(data: str, activation: str = "gelu_new", bf16: bool = False):

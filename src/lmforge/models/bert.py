@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.models.activations import ACTIVATIONS
 from lmforge.models.arch_config import checked_fields
+from lmforge.models.dropout import Dropout, attention
 
 # vocab_size comes from the tokenizer; intermediate_size defaults to 4 * n_embd.
 BERT_PRESETS: dict[str, dict[str, int]] = {
@@ -116,7 +116,7 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.context, config.n_embd)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.n_embd)
         self.LayerNorm = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
         T = input_ids.shape[1]
@@ -138,8 +138,7 @@ class BertSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = (proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for proj in (self.query, self.key, self.value))  # 3 x (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = attention(q, k, v, attn_mask, False, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         return y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
 
 
@@ -150,7 +149,7 @@ class BertSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(width, config.n_embd)
         self.LayerNorm = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, h: Tensor, residual: Tensor) -> Tensor:
         return self.LayerNorm(self.dropout(self.dense(h)) + residual)  # (B, T, C)

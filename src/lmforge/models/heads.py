@@ -24,6 +24,8 @@ import re
 import torch
 from torch import Tensor, nn
 
+from lmforge.models.dropout import Dropout
+
 POOLING = {"gpt": "last", "bert": "cls"}
 _TRAINABLE = re.compile(r"^(all|head|last_blocks:(\d+))$")
 
@@ -40,7 +42,7 @@ class SequenceClassifier(nn.Module):
         self.backbone = backbone
         self.pooling = pooling
         self.num_labels = num_labels
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.classifier = nn.Linear(hidden_size(backbone), num_labels)
         nn.init.normal_(self.classifier.weight, mean=0.0, std=0.02)
         nn.init.zeros_(self.classifier.bias)
