@@ -23,8 +23,8 @@ import os
 import sys
 from pathlib import Path
 
-from common import (BENCH_DIR, ROOT, ROUNDS, SEED, Worker, interleave, log, machine, median, paired_ratio,
-                    loop_runner, plain_loop_rates, table, train_split, transformers_kwargs, write_summary)
+from common import (BENCH_DIR, ROOT, SEED, log, loop_runner, plain_loop_rates, race_against, train_split,
+                    transformers_kwargs)
 
 STEPS = int(os.environ.get("BENCH_BERT_STEPS", "10"))
 WARMUP = 2
@@ -92,23 +92,7 @@ def hf_runner(data: str):
 
 
 def main() -> None:
-    data = str(wikitext_mlm())
-    log(f"bench bert | {machine()} | {ROUNDS} rounds x {STEPS} steps (+{WARMUP} warm-up) per side")
-    workers = {"lmforge": Worker("bert:lmforge_runner", data=data),
-               "transformers BertForPreTraining, plain loop": Worker("bert:hf_runner", data=data)}
-    try:
-        rates = interleave({n: (lambda w=w: w(steps=STEPS)) for n, w in workers.items()}, ROUNDS,
-                           "sentence pairs/s", label=lambda n: "lmforge bert" if n == "lmforge" else n)
-    finally:
-        for w in workers.values():
-            w.close()
-    medians = {name: median(values) for name, values in rates.items()}
-    ref = "transformers BertForPreTraining, plain loop"
-    lines = table("bert: 4 x 256, context 128, WordPiece 8000, batch 32 pairs, fp32, MLM + NSP",
-                  [(n, r, "") for n, r in medians.items()], "pairs/s", ref, extra={
-                      "lmforge / transformers": f"{paired_ratio('lmforge', ref):.2f}x",
-                      "machine": machine()})
-    write_summary("bert", lines)
+    race_against("bert", "bert: 4 x 256, context 128, WordPiece 8000, batch 32 pairs, fp32, MLM + NSP", str(wikitext_mlm()), "transformers BertForPreTraining, plain loop", "sentence pairs/s", "pairs/s", STEPS, WARMUP)
 
 
 if __name__ == "__main__":

@@ -181,6 +181,23 @@ def machine() -> str:
             f"python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.1f}")
 
 
+def race_against(name: str, title: str, data: str, peer: str, unit: str, rate_unit: str, steps: int,
+                 warmup: int) -> None:
+    """lmforge (`<name>:lmforge_runner`) against `peer` (`<name>:hf_runner`), each in its own
+    worker, interleaved for ROUNDS rounds; prints and keeps the table runs/bench/<name>.md."""
+    log(f"bench {name} | {machine()} | {ROUNDS} rounds x {steps} steps (+{warmup} warm-up) per side")
+    workers = {"lmforge": Worker(f"{name}:lmforge_runner", data=data), peer: Worker(f"{name}:hf_runner", data=data)}
+    try:
+        rates = interleave({n: (lambda w=w: w(steps=steps)) for n, w in workers.items()}, ROUNDS,
+                           unit, label=lambda n: f"lmforge {name}" if n == "lmforge" else n)
+    finally:
+        for w in workers.values():
+            w.close()
+    medians = {side: median(values) for side, values in rates.items()}
+    write_summary(name, table(title, [(n, r, "") for n, r in medians.items()], rate_unit, peer, extra={
+        "lmforge / transformers": f"{paired_ratio('lmforge', peer):.2f}x", "machine": machine()}))
+
+
 def train_rates(cfg, key: str, warmup: int) -> list[float]:
     """Run `lmforge.train.loop.train(cfg)` (log_every=1) and return the per-step rates `key` it
     logged, less the first `warmup` steps; the run folder is removed."""

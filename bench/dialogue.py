@@ -24,8 +24,8 @@ import os
 import sys
 from pathlib import Path
 
-from common import (BENCH_DIR, ROOT, ROUNDS, SEED, Worker, interleave, log, machine, median, paired_ratio,
-                    loop_runner, plain_loop_rates, table, train_split, transformers_kwargs, write_summary)
+from common import (BENCH_DIR, ROOT, SEED, log, loop_runner, plain_loop_rates, race_against, train_split,
+                    transformers_kwargs)
 
 STEPS = int(os.environ.get("BENCH_DIALOGUE_STEPS", "10"))
 WARMUP = 2
@@ -91,21 +91,7 @@ def hf_runner(data: str):
 
 
 def main() -> None:
-    data = str(chitchat())
-    log(f"bench dialogue | {machine()} | {ROUNDS} rounds x {STEPS} steps (+{WARMUP} warm-up) per side")
-    workers = {"lmforge": Worker("dialogue:lmforge_runner", data=data), PEER: Worker("dialogue:hf_runner", data=data)}
-    try:
-        rates = interleave({n: (lambda w=w: w(steps=STEPS)) for n, w in workers.items()}, ROUNDS,
-                           "tokens/s", label=lambda n: "lmforge dialogue" if n == "lmforge" else n)
-    finally:
-        for w in workers.values():
-            w.close()
-    medians = {name: median(values) for name, values in rates.items()}
-    lines = table("dialogue: GPT-2 4 x 192, context 128, WordPiece 8000, batch 32, fp32, loss on replies",
-                  [(n, r, "") for n, r in medians.items()], "tokens/s", PEER, extra={
-                      "lmforge / transformers": f"{paired_ratio('lmforge', PEER):.2f}x",
-                      "machine": machine()})
-    write_summary("dialogue", lines)
+    race_against("dialogue", "dialogue: GPT-2 4 x 192, context 128, WordPiece 8000, batch 32, fp32, loss on replies", str(chitchat()), PEER, "tokens/s", "tokens/s", STEPS, WARMUP)
 
 
 if __name__ == "__main__":
