@@ -21,6 +21,7 @@ from torch import Tensor
 
 from lmforge.models.activations import ACTIVATIONS
 from lmforge.models.arch_config import checked_fields
+from lmforge.models.cpu_attention import causal_attention
 from lmforge.models.dropout import Dropout, attention
 from lmforge.models.lm_loss import lm_head_cross_entropy
 
@@ -150,7 +151,12 @@ class CausalSelfAttention(nn.Module):
                 kv: tuple[Tensor, Tensor] | None, start: int, residual: Tensor) -> Tensor:
         """residual + the attention output of x (B, T, C)."""
         B, T, C = x.shape
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        if kv is None and attn_mask is None and is_causal and not (self.training and self.dropout > 0):
+            y = causal_attention(qkv, self.n_head)  # (B, T, C), or None where lmforge's kernel does not apply
+            if y is not None:
+                return add_projection(residual, self.c_proj, y, self.resid_dropout)  # (B, T, C)
+        qkv = qkv.view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
         if kv is not None:
             k_buf, v_buf = kv  # (B, nh, max_len, hs), written in place

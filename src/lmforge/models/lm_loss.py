@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from lmforge import kernels
 from lmforge.metrics import IGNORE_INDEX, count_correct
 
 _BLOCK_BYTES = 16 << 20  # float32 logits per block: the block stays in cache between its passes
@@ -79,17 +80,21 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
         grad_w = torch.empty(w.shape, device=w.device) if grad_weight_needed else None
         rows = _block_rows(n, w.shape[0], h.device)
         logits = torch.empty(min(n, rows), w.shape[0], device=h.device, dtype=dtype)  # reused by every block
+        row_pass = _cpu_row_pass(logits)
         for start in range(0, n, rows):
             end = min(n, start + rows)
             with torch.autocast(h.device.type, enabled=False):
                 block = torch.mm(h[start:end], w.t(), out=logits[:end - start])
-            target_logit[start:end] = block.gather(1, index[start:end, None]).squeeze(1)
-            exp = block.float()  # the block itself when the logits are float32
-            peak = exp.amax(dim=1)
-            row_max[start:end] = peak
-            sum_exp[start:end] = exp.sub_(peak[:, None]).exp_().sum(dim=1)
-            if exp.data_ptr() != block.data_ptr():
-                block.copy_(exp)  # E in the products' dtype, as autocast would cast the logits' gradient
+            if row_pass is not None:  # the same four steps in one pass over each row
+                row_pass(block, index[start:end], target_logit[start:end], row_max[start:end], sum_exp[start:end])
+            else:
+                target_logit[start:end] = block.gather(1, index[start:end, None]).squeeze(1)
+                exp = block.float()  # the block itself when the logits are float32
+                peak = exp.amax(dim=1)
+                row_max[start:end] = peak
+                sum_exp[start:end] = exp.sub_(peak[:, None]).exp_().sum(dim=1)
+                if exp.data_ptr() != block.data_ptr():
+                    block.copy_(exp)  # E in the products' dtype, as autocast would cast the logits' gradient
             scale = (valid[start:end] / sum_exp[start:end])[:, None]  # softmax = exp * scale
             if grad_h is not None:
                 _product_into(grad_h[start:end], block, w, accumulate=False).mul_(scale)
@@ -112,6 +117,15 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         return (None if grad_h is None else grad_h * grad_loss, None if grad_w is None else grad_w * grad_loss,
                 None, None, None, None)
+
+
+def _cpu_row_pass(logits: Tensor):
+    """lmforge's C++ row pass (target logit, max, exp in place, sum) for float32 logits on a
+    CPU, or None: torch's ops then make the same numbers in four passes."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32:
+        return None
+    ops = kernels.ops()
+    return None if ops is None else ops.softmax_rows_
 
 
 def _rows_with_targets(targets: Tensor) -> Tensor | None:

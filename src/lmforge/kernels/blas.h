@@ -1,0 +1,60 @@
+// What the CPU kernels share: a row-major matrix product through the BLAS that torch itself
+// is linked with (MKL on x86 Linux), and a row softmax's exponential written to vectorize.
+#pragma once
+
+#include <cstdint>
+
+// Weak, so that a torch built without a Fortran-style BLAS still loads this library; the
+// Python side then asks has_blas() and keeps torch's own kernels.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+namespace lmforge {
+
+inline bool has_blas() { return sgemm_ != nullptr; }
+
+// Row-major C[M, N] = alpha * op(A) @ op(B) + beta * C, op(A) being (M, K). The BLAS is
+// column-major, where the same memory holds the transposes: C^T = op(B)^T op(A)^T.
+inline void mm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+               const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K);
+  const int lda_ = static_cast<int>(lda), ldb_ = static_cast<int>(ldb), ldc_ = static_cast<int>(ldc);
+  sgemm_(&tb, &ta, &n, &m, &k, &alpha, B, &ldb_, A, &lda_, &beta, C, &ldc_);
+}
+
+// x[j] = exp(x[j] - shift) for j < n, for arguments at most 0 (shift is the row maximum or
+// the log-sum-exp); returns their sum. A degree-6 polynomial on the range-reduced argument
+// (Cephes' expf, relative error ~1e-7), in a loop the compiler turns into vector code.
+inline float exp_shifted(float* x, int64_t n, float shift) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    float a = x[j] - shift;
+    a = a < -87.3f ? -87.3f : a;  // exp underflows to ~0 below; keeps the exponent bits valid
+    const float k = __builtin_floorf(a * 1.44269504088896341f + 0.5f);  // a = k ln2 + r
+    const float r = a - k * 0.693359375f + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    const int32_t two_to_k = (static_cast<int32_t>(k) + 127) << 23;
+    x[j] = p * __builtin_bit_cast(float, two_to_k);
+  }
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += x[j];
+  return sum;
+}
+
+inline float max_of(const float* x, int64_t n) {
+  float m = x[0];
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 1; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+}  // namespace lmforge
