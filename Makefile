@@ -14,6 +14,7 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
 	$(BIN)/python -m pip install -q -e .
+	$(BIN)/lmforge kernels  # builds lmforge's CPU kernels once (~15 s); torch's ops if that fails
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_interop(sub)
     r = sub.add_parser("report", help="plots and an HTML page from a run folder")
     r.add_argument("run_dir", type=Path)
+    sub.add_parser("kernels", help="build lmforge's CPU kernels now (else the first CPU run does) and say if they load")
     return parser
 
 
@@ -172,6 +173,12 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "quickstart":
         from lmforge.quickstart import quickstart
         quickstart(args.out, minutes=args.minutes)
+    elif args.command == "kernels":
+        from lmforge import kernels
+        if kernels.ops() is None:
+            print(f"lmforge CPU kernels: off, torch's attention and softmax are used ({kernels.unavailable_reason()})")
+        else:
+            print(f"lmforge CPU kernels: loaded from {kernels.build_dir()}")
     elif args.command == "tokenizer":
         from lmforge.tokenizer import train_tokenizer
         path = train_tokenizer(args.input, kind=args.kind, vocab_size=args.vocab_size, out_dir=args.out,

@@ -44,11 +44,59 @@ def test_causal_attention_matches_float64_reference(B, T, C, n_head):
 
 
 @needs_kernels
+@pytest.mark.parametrize("B,T,C,n_head", [(2, 5, 8, 2), (1, 130, 32, 2)])
+def test_causal_attention_with_dropout_matches_the_reference_with_the_same_mask(B, T, C, n_head):
+    torch.manual_seed(T)
+    p, seed = 0.3, 12345
+    qkv64 = torch.randn(B, T, 3 * C, dtype=torch.float64, requires_grad=True)
+    qkv = qkv64.detach().float().requires_grad_()
+    grad = torch.randn(B, T, C, dtype=torch.float64)
+    factors = ops.attention_dropout_factors(B * n_head, T, p, seed).double().view(B, n_head, T, T)
+    q, k, v = qkv64.view(B, T, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4)
+    scores = (q @ k.transpose(-1, -2)) / (C // n_head) ** 0.5
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    expected = (torch.softmax(scores, -1) * factors) @ v
+    expected = expected.transpose(1, 2).reshape(B, T, C)
+    expected.backward(grad)
+    out, lse = ops.causal_attention(qkv.detach(), n_head, p, seed)
+    torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=1e-5)
+    grad_qkv = ops.causal_attention_backward(grad.float(), qkv.detach(), out, lse, n_head, p, seed)
+    torch.testing.assert_close(grad_qkv.double(), qkv64.grad, atol=2e-5, rtol=1e-4)
+
+
+@needs_kernels
+def test_attention_dropout_mask_drops_the_asked_share_independently():
+    factors = ops.attention_dropout_factors(16, 256, 0.1, 7)
+    kept = factors > 0
+    assert factors.unique().tolist() == [0.0, pytest.approx(1 / 0.9)]
+    assert kept.float().mean().item() == pytest.approx(0.9, abs=0.003)  # 1M draws: sd 0.0003
+    rows = kept.float().mean(dim=-1)  # no row or column pattern
+    assert rows.min() > 0.8 and rows.max() < 0.98
+    assert (kept[:, 1:] == kept[:, :-1]).float().mean().item() == pytest.approx(0.82, abs=0.005)  # 0.9^2 + 0.1^2
+    assert not torch.equal(kept, ops.attention_dropout_factors(16, 256, 0.1, 8) > 0)
+    assert torch.equal(factors, ops.attention_dropout_factors(16, 256, 0.1, 7))
+
+
+def test_gpt_with_dropout_is_reproducible_from_torch_seed():
+    config = GPTConfig(vocab_size=97, n_layer=2, n_head=2, n_embd=32, context=40, dropout=0.2)
+    tokens = torch.randint(0, 97, (2, 33), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(0)
+        model = GPT(config).train()
+        torch.manual_seed(seed)
+        losses.append(model(tokens[:, :-1], targets=tokens[:, 1:])[0].item())
+    assert losses[0] == losses[1] != losses[2]
+
+
+@needs_kernels
 def test_causal_attention_rejects_what_it_cannot_read():
     with pytest.raises(RuntimeError, match="contiguous float32"):
-        ops.causal_attention(torch.zeros(2, 4, 24, dtype=torch.float64), 2)
+        ops.causal_attention(torch.zeros(2, 4, 24, dtype=torch.float64), 2, 0.0, 0)
     with pytest.raises(RuntimeError, match="multiple of 3 \\* n_head"):
-        ops.causal_attention(torch.zeros(2, 4, 24), 5)
+        ops.causal_attention(torch.zeros(2, 4, 24), 5, 0.0, 0)
+    with pytest.raises(RuntimeError, match="dropout_p must be in"):
+        ops.causal_attention(torch.zeros(2, 4, 24), 2, 1.0, 0)
 
 
 def test_causal_attention_declines_what_it_does_not_cover():
@@ -121,13 +169,41 @@ def test_switched_off_by_the_environment(monkeypatch):
     assert kernels.unavailable_reason() == "LMFORGE_CPU_KERNELS=0"
 
 
-def test_a_failed_build_leaves_torch_ops_in_place(monkeypatch, tmp_path):
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("Ninja is required to load C++ extensions")
+def test_a_failed_build_falls_back_and_is_not_retried_by_later_runs(monkeypatch, tmp_path, capsys):
+    builds = []
+
+    def no_compiler(name, folder):
+        builds.append(folder)
+        raise RuntimeError("Error building extension\nNinja is required to load C++ extensions")
 
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
-    monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setattr(kernels, "_build", no_compiler)
-    assert kernels.ops() is None
-    assert "Ninja is required" in kernels.unavailable_reason()
-    assert str(tmp_path) in kernels.unavailable_reason()
+    for _ in range(2):  # a second process finds the reason left by the first
+        monkeypatch.setattr(kernels, "_state", {})
+        assert kernels.ops() is None
+        assert "Ninja is required to load C++ extensions" in kernels.unavailable_reason()
+        assert str(tmp_path) in kernels.unavailable_reason()
+    assert len(builds) == 1
+    assert "CPU kernels unavailable, using torch's" in capsys.readouterr().err
+
+
+@needs_kernels
+def test_a_damaged_library_is_built_again_not_loaded(monkeypatch, tmp_path):
+    builds, loads = [], []
+
+    def fake_build(name, folder):
+        builds.append(name)
+        (folder / f"{name}.so").write_bytes(b"a whole library")
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_build", fake_build)
+    monkeypatch.setattr(torch.ops, "load_library", loads.append)
+    monkeypatch.setattr(kernels, "_state", {})
+    assert kernels.ops() is not None and len(builds) == 1
+    monkeypatch.setattr(kernels, "_state", {})
+    assert kernels.ops() is not None and len(builds) == 1  # whole: loaded as it is
+    library = kernels.build_dir() / f"{builds[0]}.so"
+    library.write_bytes(b"a half")  # as a build killed while linking leaves it
+    monkeypatch.setattr(kernels, "_state", {})
+    assert kernels.ops() is not None and len(builds) == 2
+    assert loads == [str(library)] * 3

@@ -50,6 +50,30 @@ inline float exp_shifted(float* x, int64_t n, float shift) {
   return sum;
 }
 
+// Dropout's keep/drop decision for element j of score row `row`: a counter-based hash of
+// (seed, row, j), so the backward regenerates the forward's mask instead of storing it.
+// splitmix64 spreads (seed, row) into a 32-bit salt; lowbias32 (a bijection) mixes in j.
+inline uint32_t row_salt(uint64_t seed, uint64_t row) {
+  uint64_t z = seed + (row + 1) * 0x9E3779B97F4A7C15ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return static_cast<uint32_t>(z ^ (z >> 31));
+}
+
+// factor[j] = scale where element j is kept (hash >= threshold, threshold = p * 2^32), else 0.
+inline void dropout_factors(float* factor, int64_t n, uint32_t salt, uint32_t threshold, float scale) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t x = salt + static_cast<uint32_t>(j);
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    factor[j] = x >= threshold ? scale : 0.f;
+  }
+}
+
 inline float max_of(const float* x, int64_t n) {
   float m = x[0];
 #pragma omp simd reduction(max : m)

@@ -3,7 +3,8 @@
 // copies either way. One (batch, head) pair per task; within it, 64-query row blocks see only
 // the keys up to their last query, so the products skip most of the masked half, and a block's
 // scores (64 x T) stay in cache from the product through the softmax to the next product.
-// The forward keeps the log-sum-exp of each row; the backward recomputes the probabilities.
+// The forward keeps the log-sum-exp of each row; the backward recomputes the probabilities,
+// and regenerates the dropout mask from its seed (blas.h: dropout_factors).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -25,17 +26,36 @@ struct Shape {
       : B(qkv.size(0)), T(qkv.size(1)), C(qkv.size(2) / 3), H(n_head), D(qkv.size(2) / 3 / n_head) {}
 };
 
-void check(const at::Tensor& qkv, int64_t n_head) {
+// Attention dropout: probabilities are kept with probability 1 - p and then scaled by 1 / (1 - p).
+struct Dropout {
+  bool on;
+  uint64_t seed;
+  uint32_t threshold;
+  float scale;
+  Dropout(double p, int64_t seed_)
+      : on(p > 0), seed(static_cast<uint64_t>(seed_)),
+        threshold(static_cast<uint32_t>(std::min(p * 4294967296.0, 4294967295.0))),
+        scale(static_cast<float>(1.0 / (1.0 - p))) {}
+  // The keep factors of query row i of (batch, head) pair bh, for its first n keys.
+  void factors(float* out, int64_t n, int64_t bh, int64_t T, int64_t i) const {
+    dropout_factors(out, n, row_salt(seed, static_cast<uint64_t>(bh * T + i)), threshold, scale);
+  }
+};
+
+void check(const at::Tensor& qkv, int64_t n_head, double dropout_p) {
   TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && qkv.dim() == 3 && qkv.is_contiguous(),
               "causal_attention: qkv must be a contiguous float32 CPU tensor (B, T, 3C)");
   TORCH_CHECK(n_head > 0 && qkv.size(2) % (3 * n_head) == 0, "causal_attention: 3C is not a multiple of 3 * n_head");
+  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "causal_attention: dropout_p must be in [0, 1), got ", dropout_p);
   TORCH_CHECK(has_blas(), "causal_attention: torch was built without a BLAS these kernels can call");
 }
 
-// (out, lse): out (B, T, C) = softmax(q k^T / sqrt(hs), causal) v per head; lse (B, nh, T).
-std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& qkv, int64_t n_head) {
-  check(qkv, n_head);
+// (out, lse): out (B, T, C) = dropout(softmax(q k^T / sqrt(hs), causal)) v per head; lse (B, nh, T).
+std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& qkv, int64_t n_head, double dropout_p,
+                                                    int64_t seed) {
+  check(qkv, n_head, dropout_p);
   const Shape s(qkv, n_head);
+  const Dropout dropout(dropout_p, seed);
   auto out = at::empty({s.B, s.T, s.C}, qkv.options());
   auto lse = at::empty({s.B, s.H, s.T}, qkv.options());
   if (out.numel() == 0) return {out, lse};
@@ -45,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& qkv, int64
   float* lse_data = lse.data_ptr<float>();
   const int64_t ld = 3 * s.C;
   at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(kRowBlock * s.T);
+    std::vector<float> scores(kRowBlock * s.T), keep(dropout.on ? s.T : 0);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / s.H, h = bh % s.H;
       const float* Q = qkv_data + b * s.T * ld + h * s.D;
@@ -63,8 +83,15 @@ std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& qkv, int64
           const float peak = max_of(row, seen);
           const float sum = exp_shifted(row, seen, peak);
           const float inv = 1.f / sum;
+          if (dropout.on) {
+            dropout.factors(keep.data(), seen, bh, s.T, i0 + r);
+            const float* k = keep.data();
 #pragma omp simd
-          for (int64_t j = 0; j < seen; ++j) row[j] *= inv;
+            for (int64_t j = 0; j < seen; ++j) row[j] *= inv * k[j];
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < seen; ++j) row[j] *= inv;
+          }
           std::fill(row + seen, row + keys, 0.f);
           L[i0 + r] = peak + std::log(sum);
         }
@@ -75,12 +102,13 @@ std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& qkv, int64
   return {out, lse};
 }
 
-// d loss / d qkv (B, T, 3C) from d loss / d out (B, T, C).
+// d loss / d qkv (B, T, 3C) from d loss / d out (B, T, C); dropout_p and seed as in the forward.
 at::Tensor causal_attention_backward(const at::Tensor& grad_out_any, const at::Tensor& qkv, const at::Tensor& out,
-                                     const at::Tensor& lse, int64_t n_head) {
-  check(qkv, n_head);
+                                     const at::Tensor& lse, int64_t n_head, double dropout_p, int64_t seed) {
+  check(qkv, n_head, dropout_p);
   const at::Tensor grad_out = grad_out_any.contiguous();
   const Shape s(qkv, n_head);
+  const Dropout dropout(dropout_p, seed);
   auto grad_qkv = at::empty_like(qkv);
   if (grad_qkv.numel() == 0) return grad_qkv;
   const float scale = 1.f / std::sqrt(static_cast<float>(s.D));
@@ -94,7 +122,9 @@ at::Tensor causal_attention_backward(const at::Tensor& grad_out_any, const at::T
   // (beta 0) and the earlier blocks add to them.
   const int64_t last = ((s.T - 1) / kRowBlock) * kRowBlock;
   at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> probs(kRowBlock * s.T), grad_scores(kRowBlock * s.T), out_dot_grad(s.T);
+    const int64_t block = kRowBlock * s.T;
+    std::vector<float> probs(block), grad_scores(block), out_dot_grad(s.T);
+    std::vector<float> keep(dropout.on ? block : 0), dropped(dropout.on ? block : 0);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / s.H, h = bh % s.H;
       const int64_t offset = b * s.T * ld + h * s.D;
@@ -103,7 +133,9 @@ at::Tensor causal_attention_backward(const at::Tensor& grad_out_any, const at::T
       const float* O = out_data + b * s.T * s.C + h * s.D;
       const float* dO = grad_out_data + b * s.T * s.C + h * s.D;
       const float* L = lse_data + bh * s.T;
-      for (int64_t i = 0; i < s.T; ++i) {  // softmax backward: dS = P * (dP - rowsum(dO * O))
+      // Softmax backward: dS = P * (dP - rowsum(P * dP)), and rowsum(P * dP) = rowsum(dO * O),
+      // with or without dropout (dP being the gradient of the probabilities before dropout).
+      for (int64_t i = 0; i < s.T; ++i) {
         float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
         for (int64_t d = 0; d < s.D; ++d) dot += dO[i * s.C + d] * O[i * s.C + d];
@@ -119,15 +151,29 @@ at::Tensor causal_attention_backward(const at::Tensor& grad_out_any, const at::T
           const int64_t seen = i0 + r + 1;
           exp_shifted(row, seen, L[i0 + r]);
           std::fill(row + seen, row + keys, 0.f);
+          if (dropout.on) {
+            float *k = keep.data() + r * keys, *pd = dropped.data() + r * keys;
+            dropout.factors(k, seen, bh, s.T, i0 + r);
+            std::fill(k + seen, k + keys, 0.f);
+#pragma omp simd
+            for (int64_t j = 0; j < keys; ++j) pd[j] = row[j] * k[j];
+          }
         }
-        mm(true, false, keys, s.D, rows, 1.f, P, keys, dO + i0 * s.C, s.C, beta, dV, ld);
+        const float* P_used = dropout.on ? dropped.data() : P;  // what multiplied V in the forward
+        mm(true, false, keys, s.D, rows, 1.f, P_used, keys, dO + i0 * s.C, s.C, beta, dV, ld);
         mm(false, true, rows, keys, s.D, 1.f, dO + i0 * s.C, s.C, V, ld, 0.f, dS, keys);
         for (int64_t r = 0; r < rows; ++r) {
           const float* p = P + r * keys;
           float* g = dS + r * keys;
           const float dot = out_dot_grad[i0 + r];
+          if (dropout.on) {
+            const float* k = keep.data() + r * keys;
 #pragma omp simd
-          for (int64_t j = 0; j < keys; ++j) g[j] = p[j] * (g[j] - dot);
+            for (int64_t j = 0; j < keys; ++j) g[j] = p[j] * (g[j] * k[j] - dot);
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < keys; ++j) g[j] = p[j] * (g[j] - dot);
+          }
         }
         mm(false, false, rows, s.D, keys, scale, dS, keys, K, ld, 0.f, dQ + i0 * ld, ld);
         mm(true, false, keys, s.D, rows, scale, dS, keys, Q + i0 * ld, ld, beta, dK, ld);
@@ -137,11 +183,27 @@ at::Tensor causal_attention_backward(const at::Tensor& grad_out_any, const at::T
   return grad_qkv;
 }
 
+// The dropout factors (0 or 1 / (1 - p)) the kernels use for (B * nh, T, T) score rows: for
+// tests and for checking the mask's statistics.
+at::Tensor attention_dropout_factors(int64_t batch_heads, int64_t T, double dropout_p, int64_t seed) {
+  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "attention_dropout_factors: dropout_p must be in [0, 1)");
+  const Dropout dropout(dropout_p, seed);
+  auto factors = at::empty({batch_heads, T, T}, at::kFloat);
+  float* data = factors.data_ptr<float>();
+  for (int64_t bh = 0; bh < batch_heads; ++bh)
+    for (int64_t i = 0; i < T; ++i) dropout.factors(data + (bh * T + i) * T, T, bh, T, i);
+  return factors;
+}
+
 }  // namespace
 }  // namespace lmforge
 
 TORCH_LIBRARY_FRAGMENT(lmforge, m) {
-  m.def("causal_attention(Tensor qkv, int n_head) -> (Tensor, Tensor)", &lmforge::causal_attention);
-  m.def("causal_attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int n_head) -> Tensor",
+  m.def("causal_attention(Tensor qkv, int n_head, float dropout_p, int seed) -> (Tensor, Tensor)",
+        &lmforge::causal_attention);
+  m.def("causal_attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int n_head, "
+        "float dropout_p, int seed) -> Tensor",
         &lmforge::causal_attention_backward);
+  m.def("attention_dropout_factors(int batch_heads, int T, float dropout_p, int seed) -> Tensor",
+        &lmforge::attention_dropout_factors);
 }

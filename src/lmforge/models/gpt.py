@@ -152,8 +152,9 @@ class CausalSelfAttention(nn.Module):
         """residual + the attention output of x (B, T, C)."""
         B, T, C = x.shape
         qkv = self.c_attn(x)  # (B, T, 3C)
-        if kv is None and attn_mask is None and is_causal and not (self.training and self.dropout > 0):
-            y = causal_attention(qkv, self.n_head)  # (B, T, C), or None where lmforge's kernel does not apply
+        if kv is None and attn_mask is None and is_causal:
+            # (B, T, C), or None where lmforge's kernel does not apply
+            y = causal_attention(qkv, self.n_head, self.dropout if self.training else 0.0)
             if y is not None:
                 return add_projection(residual, self.c_proj, y, self.resid_dropout)  # (B, T, C)
         qkv = qkv.view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
@@ -194,6 +195,15 @@ class Block(nn.Module):
                 kv: tuple[Tensor, Tensor] | None, start: int) -> Tensor:
         x = self.attn(self.ln_1(x), attn_mask, is_causal, kv, start, residual=x)  # (B, T, C)
         return self.mlp(self.ln_2(x), residual=x)  # (B, T, C)
+
+
+def _right_padded_on_cpu(attention_mask: Tensor) -> bool:
+    """Whether every row is real tokens then padding only. Causal attention alone then gives the
+    real positions the same outputs as the mask (the padded ones are meaningless either way), and
+    takes the faster kernels. Checked on a CPU only, where reading the answer costs no device sync."""
+    if attention_mask.device.type != "cpu" or attention_mask.shape[1] < 2:
+        return attention_mask.device.type == "cpu"
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
 def _attention_mask(attention_mask: Tensor, start: int, T: int) -> Tensor:
@@ -271,6 +281,8 @@ class GPT(nn.Module):
             if attention_mask.shape != (B, start + T):
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, start + T)} "
                                  "(1 real token, 0 right padding; with a KV cache it covers the cached positions too)")
+            if start == 0 and _right_padded_on_cpu(attention_mask):
+                return start, None, True  # real tokens never see the padding after them: plain causal
             return start, _attention_mask(attention_mask, start, T), False
         if start == 0 or T == 1:
             return start, None, start == 0  # a single new query attends to every cached key: no mask
