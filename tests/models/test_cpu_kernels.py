@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lmforge import kernels
-from lmforge.models.cpu_attention import causal_attention
+from lmforge.models.cpu_attention import self_attention
+from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.lm_loss import lm_head_cross_entropy
 
@@ -15,53 +15,63 @@ ops = kernels.ops()
 needs_kernels = pytest.mark.skipif(ops is None, reason=f"CPU kernels unavailable: {kernels.unavailable_reason()}")
 
 
-@pytest.fixture
-def kernels_off(monkeypatch):
-    """Makes kernels.ops() answer None, as on a machine without them."""
-    monkeypatch.setitem(kernels._state, "ops", None)
-
-
-def reference_attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
+def reference_attention(qkv: torch.Tensor, n_head: int, causal: bool, lengths: torch.Tensor | None = None,
+                        factors: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention written out: masked softmax, then the dropout factors, then v."""
     B, T, C3 = qkv.shape
     q, k, v = qkv.view(B, T, 3, n_head, C3 // 3 // n_head).permute(2, 0, 3, 1, 4)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C3 // 3)
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # (B, nh, T, T)
+    visible = torch.ones(T, T, dtype=torch.bool)
+    if causal:
+        visible = visible.tril()
+    if lengths is not None:
+        visible = visible & (torch.arange(T) < lengths[:, None])[:, None, None, :]
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    if factors is not None:
+        probs = probs * factors.view(B, n_head, T, T)
+    return (probs @ v).transpose(1, 2).reshape(B, T, C3 // 3)
+
+
+CASES = [(1, 1, 8, 2), (2, 5, 8, 2), (3, 100, 48, 3), (2, 64, 32, 1), (1, 300, 64, 2)]
 
 
 @needs_kernels
-@pytest.mark.parametrize("B,T,C,n_head", [(1, 1, 8, 2), (2, 5, 8, 2), (3, 100, 48, 3), (2, 64, 32, 1), (1, 300, 64, 2)])
-def test_causal_attention_matches_float64_reference(B, T, C, n_head):
+@pytest.mark.parametrize("B,T,C,n_head", CASES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_self_attention_matches_the_written_out_reference_in_float64(B, T, C, n_head, causal, padded, dropout_p):
     torch.manual_seed(T)
+    seed = 1234
+    lengths = torch.randint(1, T + 1, (B,)) if padded else None
     qkv64 = torch.randn(B, T, 3 * C, dtype=torch.float64, requires_grad=True)
-    qkv = qkv64.detach().float().requires_grad_()
+    qkv = qkv64.detach().float()
     grad = torch.randn(B, T, C, dtype=torch.float64)
-    expected = reference_attention(qkv64, n_head)
+    factors = ops.attention_dropout_factors(B * n_head, T, dropout_p, seed).double() if dropout_p else None
+    expected = reference_attention(qkv64, n_head, causal, lengths, factors)
     expected.backward(grad)
-    out = causal_attention(qkv, n_head)
-    out.backward(grad.float())
-    assert out.shape == (B, T, C)
+    out, lse = ops.self_attention(qkv, n_head, causal, lengths, dropout_p, seed)
+    grad_qkv = ops.self_attention_backward(grad.float(), qkv, out, lse, n_head, causal, lengths, dropout_p, seed)
     torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=1e-5)
-    torch.testing.assert_close(qkv.grad.double(), qkv64.grad, atol=2e-5, rtol=1e-4)
-
-
-@needs_kernels
-@pytest.mark.parametrize("B,T,C,n_head", [(2, 5, 8, 2), (1, 130, 32, 2)])
-def test_causal_attention_with_dropout_matches_the_reference_with_the_same_mask(B, T, C, n_head):
-    torch.manual_seed(T)
-    p, seed = 0.3, 12345
-    qkv64 = torch.randn(B, T, 3 * C, dtype=torch.float64, requires_grad=True)
-    qkv = qkv64.detach().float().requires_grad_()
-    grad = torch.randn(B, T, C, dtype=torch.float64)
-    factors = ops.attention_dropout_factors(B * n_head, T, p, seed).double().view(B, n_head, T, T)
-    q, k, v = qkv64.view(B, T, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4)
-    scores = (q @ k.transpose(-1, -2)) / (C // n_head) ** 0.5
-    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-    expected = (torch.softmax(scores, -1) * factors) @ v
-    expected = expected.transpose(1, 2).reshape(B, T, C)
-    expected.backward(grad)
-    out, lse = ops.causal_attention(qkv.detach(), n_head, p, seed)
-    torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=1e-5)
-    grad_qkv = ops.causal_attention_backward(grad.float(), qkv.detach(), out, lse, n_head, p, seed)
     torch.testing.assert_close(grad_qkv.double(), qkv64.grad, atol=2e-5, rtol=1e-4)
+
+
+@needs_kernels
+def test_self_attention_through_autograd_and_padding_masks():
+    torch.manual_seed(0)
+    qkv = torch.randn(3, 20, 48, requires_grad=True)
+    real = torch.ones(3, 20, dtype=torch.bool)
+    real[1, 12:] = False
+    real[2, 1:] = False
+    out = self_attention(qkv, 2, causal=False, key_padding=real[:, None, None, :])
+    out.backward(torch.ones_like(out))
+    expected_qkv = qkv.detach().double().requires_grad_()
+    expected = reference_attention(expected_qkv, 2, False, real.sum(1))
+    expected.backward(torch.ones_like(expected))
+    torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(qkv.grad.double(), expected_qkv.grad, atol=2e-5, rtol=1e-4)
+    left_padded = real.flip(1)
+    assert self_attention(qkv, 2, causal=False, key_padding=left_padded) is None  # torch's masked path then
 
 
 @needs_kernels
@@ -90,18 +100,22 @@ def test_gpt_with_dropout_is_reproducible_from_torch_seed():
 
 
 @needs_kernels
-def test_causal_attention_rejects_what_it_cannot_read():
+def test_self_attention_rejects_what_it_cannot_read():
     with pytest.raises(RuntimeError, match="contiguous float32"):
-        ops.causal_attention(torch.zeros(2, 4, 24, dtype=torch.float64), 2, 0.0, 0)
+        ops.self_attention(torch.zeros(2, 4, 24, dtype=torch.float64), 2, True, None, 0.0, 0)
     with pytest.raises(RuntimeError, match="multiple of 3 \\* n_head"):
-        ops.causal_attention(torch.zeros(2, 4, 24), 5, 0.0, 0)
+        ops.self_attention(torch.zeros(2, 4, 24), 5, True, None, 0.0, 0)
     with pytest.raises(RuntimeError, match="dropout_p must be in"):
-        ops.causal_attention(torch.zeros(2, 4, 24), 2, 1.0, 0)
+        ops.self_attention(torch.zeros(2, 4, 24), 2, True, None, 1.0, 0)
+    with pytest.raises(RuntimeError, match="one entry per batch row"):
+        ops.self_attention(torch.zeros(2, 4, 24), 2, False, torch.tensor([4]), 0.0, 0)
 
 
-def test_causal_attention_declines_what_it_does_not_cover():
-    assert causal_attention(torch.zeros(1, 4, 24, dtype=torch.bfloat16), 2) is None
-    assert causal_attention(torch.zeros(1, 4, 24, dtype=torch.float64), 2) is None
+def test_self_attention_declines_what_it_does_not_cover():
+    assert self_attention(torch.zeros(1, 4, 24, dtype=torch.bfloat16), 2, causal=True) is None
+    assert self_attention(torch.zeros(1, 4, 24, dtype=torch.float64), 2, causal=True) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert self_attention(torch.zeros(1, 4, 24), 2, causal=True) is None
 
 
 def test_gpt_gives_the_same_loss_and_gradients_with_and_without_kernels(monkeypatch):
@@ -207,3 +221,25 @@ def test_a_damaged_library_is_built_again_not_loaded(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "_state", {})
     assert kernels.ops() is not None and len(builds) == 2
     assert loads == [str(library)] * 3
+
+
+def test_bert_gives_the_same_outputs_and_gradients_with_and_without_kernels(monkeypatch):
+    ids = torch.randint(0, 97, (3, 18), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 18, dtype=torch.long)
+    mask[1, 11:] = 0
+    mask[2, 4:] = 0
+    types = torch.zeros_like(ids)
+    results = []
+    for available in (True, False):
+        if not available:
+            monkeypatch.setitem(kernels._state, "ops", None)
+        torch.manual_seed(0)
+        model = Bert(BertConfig(vocab_size=97, context=24, n_layer=2, n_head=2, n_embd=16, dropout=0.0))
+        mlm, nsp = model(ids, mask, types)
+        (mlm[mask.bool()].logsumexp(-1).sum() + nsp.sum()).backward()
+        results.append((mlm[mask.bool()].detach(), nsp.detach(), [p.grad for p in model.parameters()]))
+    (mlm_a, nsp_a, grads_a), (mlm_b, nsp_b, grads_b) = results
+    torch.testing.assert_close(mlm_a, mlm_b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nsp_a, nsp_b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("library.cpp", "causal_attention.cpp", "softmax_rows.cpp")
+SOURCES = ("library.cpp", "self_attention.cpp", "softmax_rows.cpp")
 HEADERS = ("blas.h",)
 # -fno-trapping-math lets the compiler vectorize the exponential's clamp and rounding.
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-trapping-math", "-fno-math-errno", "-fopenmp"]

@@ -43,6 +43,7 @@ void softmax_rows_(at::Tensor& logits, const at::Tensor& targets, at::Tensor& ta
 
 TORCH_LIBRARY_FRAGMENT(lmforge, m) {
   m.def("softmax_rows_(Tensor(a!) logits, Tensor targets, Tensor(b!) target_logit, Tensor(c!) row_max, "
-        "Tensor(d!) sum_exp) -> ()",
-        &lmforge::softmax_rows_);
+        "Tensor(d!) sum_exp) -> ()");
 }
+
+TORCH_LIBRARY_IMPL(lmforge, CPU, m) { m.impl("softmax_rows_", &lmforge::softmax_rows_); }

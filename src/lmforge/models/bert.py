@@ -25,10 +25,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.models.activations import ACTIVATIONS
 from lmforge.models.arch_config import checked_fields
+from lmforge.models.cpu_attention import kernel_applies, self_attention
 from lmforge.models.dropout import Dropout, attention
 
 # vocab_size comes from the tokenizer; intermediate_size defaults to 4 * n_embd.
@@ -136,9 +138,19 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
         B, T, C = x.shape
-        q, k, v = (proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for proj in (self.query, self.key, self.value))  # 3 x (B, nh, T, hs)
-        y = attention(q, k, v, attn_mask, False, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        if kernel_applies(x):  # one product for q, k, v, read in place by lmforge's CPU kernel
+            weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))  # (3C, C)
+            bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
+            qkv = F.linear(x, weight, bias)  # (B, T, 3C)
+            y = self_attention(qkv, self.n_head, causal=False, key_padding=attn_mask, dropout_p=dropout_p)
+            if y is not None:
+                return y  # (B, T, C)
+            q, k, v = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = (proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                       for proj in (self.query, self.key, self.value))  # 3 x (B, nh, T, hs)
+        y = attention(q, k, v, attn_mask, False, dropout_p)  # (B, nh, T, hs)
         return y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
 
 

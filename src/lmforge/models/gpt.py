@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lmforge.models.activations import ACTIVATIONS
 from lmforge.models.arch_config import checked_fields
-from lmforge.models.cpu_attention import causal_attention
+from lmforge.models.cpu_attention import self_attention
 from lmforge.models.dropout import Dropout, attention
 from lmforge.models.lm_loss import lm_head_cross_entropy
 
@@ -154,7 +154,7 @@ class CausalSelfAttention(nn.Module):
         qkv = self.c_attn(x)  # (B, T, 3C)
         if kv is None and attn_mask is None and is_causal:
             # (B, T, C), or None where lmforge's kernel does not apply
-            y = causal_attention(qkv, self.n_head, self.dropout if self.training else 0.0)
+            y = self_attention(qkv, self.n_head, causal=True, dropout_p=self.dropout if self.training else 0.0)
             if y is not None:
                 return add_projection(residual, self.c_proj, y, self.resid_dropout)  # (B, T, C)
         qkv = qkv.view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)

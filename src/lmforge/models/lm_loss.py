@@ -52,7 +52,7 @@ def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor) -> tu
     rows = _rows_with_targets(targets)
     if rows is not None:  # the gather's backward puts zeros in the left-out rows' gradient
         hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
-    dtype = _autocast_dtype(hidden.device.type) or hidden.dtype
+    dtype = autocast_dtype(hidden.device.type) or hidden.dtype
     fused = (dtype in (torch.float32, torch.bfloat16) and hidden.dtype == weight.dtype == torch.float32
              and not torch.compiler.is_compiling())
     if fused:
@@ -147,7 +147,7 @@ def _product_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> Tensor
     return out.add_(a @ b) if accumulate else out.copy_(a @ b)
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
+def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype in effect on `device_type`, or None (torch 2.3 has no device argument)."""
     try:
         if not torch.is_autocast_enabled(device_type):

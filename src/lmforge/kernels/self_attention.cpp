@@ -1,8 +1,10 @@
-// Causal self-attention for float32 on a CPU, forward and backward, straight from the (B, T, 3C)
-// output of the qkv projection to the (B, T, C) input of the output projection: no (B, nh, T, hs)
-// copies either way. One (batch, head) pair per task; within it, 64-query row blocks see only
-// the keys up to their last query, so the products skip most of the masked half, and a block's
-// scores (64 x T) stay in cache from the product through the softmax to the next product.
+// Self-attention for float32 on a CPU, forward and backward, straight from the (B, T, 3C) output
+// of the qkv projection to the (B, T, C) input of the output projection: no (B, nh, T, hs)
+// copies either way. Causal (GPT) or not (BERT), with right padding given as each row's number
+// of real keys. One (batch, head) pair per task; within it, 64-query row blocks see only the
+// keys up to their last query (causal) or the real keys, so the products skip the masked
+// part, and a block's scores (64 x T) stay in cache from the product through the softmax to
+// the next product.
 // The forward keeps the log-sum-exp of each row; the backward recomputes the probabilities,
 // and regenerates the dropout mask from its seed (blas.h: dropout_factors).
 #include <ATen/ATen.h>
@@ -11,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "blas.h"
@@ -24,6 +27,22 @@ struct Shape {
   int64_t B, T, C, H, D;
   Shape(const at::Tensor& qkv, int64_t n_head)
       : B(qkv.size(0)), T(qkv.size(1)), C(qkv.size(2) / 3), H(n_head), D(qkv.size(2) / 3 / n_head) {}
+};
+
+// Which keys each query sees: 0 .. i (causal) and only the first `length` keys of its row.
+struct Visibility {
+  bool causal;
+  std::vector<int64_t> lengths;  // per batch row, in 1 .. T (a row of padding only sees key 0)
+  Visibility(bool causal_, const std::optional<at::Tensor>& key_lengths, int64_t B, int64_t T)
+      : causal(causal_), lengths(B, T) {
+    if (!key_lengths) return;
+    const at::Tensor l = key_lengths->to(at::kLong).contiguous();
+    TORCH_CHECK(l.numel() == B, "self_attention: key_lengths must have one entry per batch row");
+    const int64_t* data = l.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) lengths[b] = std::clamp<int64_t>(data[b], 1, T);
+  }
+  int64_t seen(int64_t b, int64_t i) const { return causal ? std::min(i + 1, lengths[b]) : lengths[b]; }
+  int64_t block_keys(int64_t b, int64_t i0, int64_t rows) const { return seen(b, i0 + rows - 1); }
 };
 
 // Attention dropout: probabilities are kept with probability 1 - p and then scaled by 1 / (1 - p).
@@ -44,17 +63,20 @@ struct Dropout {
 
 void check(const at::Tensor& qkv, int64_t n_head, double dropout_p) {
   TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && qkv.dim() == 3 && qkv.is_contiguous(),
-              "causal_attention: qkv must be a contiguous float32 CPU tensor (B, T, 3C)");
-  TORCH_CHECK(n_head > 0 && qkv.size(2) % (3 * n_head) == 0, "causal_attention: 3C is not a multiple of 3 * n_head");
-  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "causal_attention: dropout_p must be in [0, 1), got ", dropout_p);
-  TORCH_CHECK(has_blas(), "causal_attention: torch was built without a BLAS these kernels can call");
+              "self_attention: qkv must be a contiguous float32 CPU tensor (B, T, 3C)");
+  TORCH_CHECK(n_head > 0 && qkv.size(2) % (3 * n_head) == 0, "self_attention: 3C is not a multiple of 3 * n_head");
+  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "self_attention: dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK(has_blas(), "self_attention: torch was built without a BLAS these kernels can call");
 }
 
-// (out, lse): out (B, T, C) = dropout(softmax(q k^T / sqrt(hs), causal)) v per head; lse (B, nh, T).
-std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& qkv, int64_t n_head, double dropout_p,
-                                                    int64_t seed) {
+// (out, lse): out (B, T, C) = dropout(softmax(q k^T / sqrt(hs) over the visible keys)) v per
+// head; lse (B, nh, T).
+std::tuple<at::Tensor, at::Tensor> self_attention(const at::Tensor& qkv, int64_t n_head, bool causal,
+                                                  const std::optional<at::Tensor>& key_lengths, double dropout_p,
+                                                  int64_t seed) {
   check(qkv, n_head, dropout_p);
   const Shape s(qkv, n_head);
+  const Visibility visible(causal, key_lengths, s.B, s.T);
   const Dropout dropout(dropout_p, seed);
   auto out = at::empty({s.B, s.T, s.C}, qkv.options());
   auto lse = at::empty({s.B, s.H, s.T}, qkv.options());
@@ -74,12 +96,12 @@ std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& qkv, int64
       float* O = out_data + b * s.T * s.C + h * s.D;
       float* L = lse_data + bh * s.T;
       for (int64_t i0 = 0; i0 < s.T; i0 += kRowBlock) {
-        const int64_t rows = std::min(kRowBlock, s.T - i0), keys = i0 + rows;
+        const int64_t rows = std::min(kRowBlock, s.T - i0), keys = visible.block_keys(b, i0, rows);
         float* S = scores.data();
         mm(false, true, rows, keys, s.D, scale, Q + i0 * ld, ld, K, ld, 0.f, S, keys);
         for (int64_t r = 0; r < rows; ++r) {
           float* row = S + r * keys;
-          const int64_t seen = i0 + r + 1;  // query i0 + r sees keys 0 .. i0 + r
+          const int64_t seen = visible.seen(b, i0 + r);
           const float peak = max_of(row, seen);
           const float sum = exp_shifted(row, seen, peak);
           const float inv = 1.f / sum;
@@ -102,12 +124,14 @@ std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& qkv, int64
   return {out, lse};
 }
 
-// d loss / d qkv (B, T, 3C) from d loss / d out (B, T, C); dropout_p and seed as in the forward.
-at::Tensor causal_attention_backward(const at::Tensor& grad_out_any, const at::Tensor& qkv, const at::Tensor& out,
-                                     const at::Tensor& lse, int64_t n_head, double dropout_p, int64_t seed) {
+// d loss / d qkv (B, T, 3C) from d loss / d out (B, T, C); the other arguments as in the forward.
+at::Tensor self_attention_backward(const at::Tensor& grad_out_any, const at::Tensor& qkv, const at::Tensor& out,
+                                   const at::Tensor& lse, int64_t n_head, bool causal,
+                                   const std::optional<at::Tensor>& key_lengths, double dropout_p, int64_t seed) {
   check(qkv, n_head, dropout_p);
   const at::Tensor grad_out = grad_out_any.contiguous();
   const Shape s(qkv, n_head);
+  const Visibility visible(causal, key_lengths, s.B, s.T);
   const Dropout dropout(dropout_p, seed);
   auto grad_qkv = at::empty_like(qkv);
   if (grad_qkv.numel() == 0) return grad_qkv;
@@ -118,8 +142,8 @@ at::Tensor causal_attention_backward(const at::Tensor& grad_out_any, const at::T
   const float* lse_data = lse.data_ptr<float>();
   float* grad_data = grad_qkv.data_ptr<float>();
   const int64_t ld = 3 * s.C;
-  // The last row block reaches every key: going backwards from it, its products set dK and dV
-  // (beta 0) and the earlier blocks add to them.
+  // The last row block reaches every key its row sees: going backwards from it, its products set
+  // dK and dV (beta 0) and the earlier blocks add to them; keys no query sees get zeros.
   const int64_t last = ((s.T - 1) / kRowBlock) * kRowBlock;
   at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
     const int64_t block = kRowBlock * s.T;
@@ -141,14 +165,18 @@ at::Tensor causal_attention_backward(const at::Tensor& grad_out_any, const at::T
         for (int64_t d = 0; d < s.D; ++d) dot += dO[i * s.C + d] * O[i * s.C + d];
         out_dot_grad[i] = dot;
       }
+      for (int64_t j = visible.lengths[b]; j < s.T; ++j) {
+        std::fill(dK + j * ld, dK + j * ld + s.D, 0.f);
+        std::fill(dV + j * ld, dV + j * ld + s.D, 0.f);
+      }
       for (int64_t i0 = last; i0 >= 0; i0 -= kRowBlock) {
-        const int64_t rows = std::min(kRowBlock, s.T - i0), keys = i0 + rows;
+        const int64_t rows = std::min(kRowBlock, s.T - i0), keys = visible.block_keys(b, i0, rows);
         const float beta = i0 == last ? 0.f : 1.f;
         float *P = probs.data(), *dS = grad_scores.data();
         mm(false, true, rows, keys, s.D, scale, Q + i0 * ld, ld, K, ld, 0.f, P, keys);
         for (int64_t r = 0; r < rows; ++r) {
           float* row = P + r * keys;
-          const int64_t seen = i0 + r + 1;
+          const int64_t seen = visible.seen(b, i0 + r);
           exp_shifted(row, seen, L[i0 + r]);
           std::fill(row + seen, row + keys, 0.f);
           if (dropout.on) {
@@ -198,12 +226,20 @@ at::Tensor attention_dropout_factors(int64_t batch_heads, int64_t T, double drop
 }  // namespace
 }  // namespace lmforge
 
+// Schemas here, kernels registered for the CPU key, so the dispatcher (and profilers or
+// dispatch modes) sees them as operators.
+// Schemas here, kernels registered for the CPU key, so the dispatcher (and profilers or
+// dispatch modes) sees them as operators.
 TORCH_LIBRARY_FRAGMENT(lmforge, m) {
-  m.def("causal_attention(Tensor qkv, int n_head, float dropout_p, int seed) -> (Tensor, Tensor)",
-        &lmforge::causal_attention);
-  m.def("causal_attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int n_head, "
-        "float dropout_p, int seed) -> Tensor",
-        &lmforge::causal_attention_backward);
+  m.def("self_attention(Tensor qkv, int n_head, bool causal, Tensor? key_lengths, float dropout_p, int seed) "
+        "-> (Tensor, Tensor)");
+  m.def("self_attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int n_head, bool causal, "
+        "Tensor? key_lengths, float dropout_p, int seed) -> Tensor");
   m.def("attention_dropout_factors(int batch_heads, int T, float dropout_p, int seed) -> Tensor",
         &lmforge::attention_dropout_factors);
+}
+
+TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
+  m.impl("self_attention", &lmforge::self_attention);
+  m.impl("self_attention_backward", &lmforge::self_attention_backward);
 }
