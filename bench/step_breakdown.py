@@ -27,6 +27,7 @@ from collections import defaultdict
 from common import SEED, WORKLOAD, Worker, log, machine, matmul_peak, shakespeare_data, write_summary
 
 STEPS = int(os.environ.get("BENCH_BREAKDOWN_STEPS", "5"))
+TOP = int(os.environ.get("BENCH_BREAKDOWN_TOP", "15"))  # operators listed per side
 WARMUP = 3
 MATMULS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul"}
 OPTIMIZER_PREFIXES = ("_fused_adam", "_foreach_")
@@ -158,9 +159,9 @@ def report(results: dict[str, dict], peak: float) -> list[str]:
     lines.append("matrix products' rate: " + ", ".join(
         f"{s} {flops[s] / mm[s] / 1e6:,.0f} GFLOP/s" for s in sides if mm[s]) + f"; 2048^3 peak {peak / 1e9:,.0f} GFLOP/s")
     for s in sides:
-        lines += ["", f"### {s}: the 15 largest operators (per step)",
+        lines += ["", f"### {s}: the {TOP} largest operators (per step)",
                   "| ms | calls | GFLOP/s | operator | operand shapes |", "|---:|---:|---:|---|---|"]
-        for op, shapes, n, ms, f in sorted(results[s]["ops"], key=lambda r: -r[3])[:15]:
+        for op, shapes, n, ms, f in sorted(results[s]["ops"], key=lambda r: -r[3])[:TOP]:
             rate = f"{f / ms / 1e6:,.0f}" if f else ""
             lines.append(f"| {ms:.2f} | {n:g} | {rate} | {op} | {shapes[:90]} |")
     lines.append(f"\nmachine: {machine()}")

@@ -243,3 +243,4 @@ def test_bert_gives_the_same_outputs_and_gradients_with_and_without_kernels(monk
     torch.testing.assert_close(nsp_a, nsp_b, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+

@@ -24,11 +24,17 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import Tensor
+
+from lmforge.runtime import autocast_dtype
 
 SOURCES = ("library.cpp", "self_attention.cpp", "softmax_rows.cpp")
 HEADERS = ("blas.h",)
-# -fno-trapping-math lets the compiler vectorize the exponential's clamp and rounding.
-CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-trapping-math", "-fno-math-errno", "-fopenmp"]
+# -fno-trapping-math lets the compiler vectorize the exponential's clamp and rounding; on x86,
+# full-width AVX-512 where the processor has it (gcc otherwise stops at 256 bits).
+CFLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp"]
+if platform.machine() in ("x86_64", "AMD64"):
+    CFLAGS.append("-mprefer-vector-width=512")
 ENV_SWITCH = "LMFORGE_CPU_KERNELS"
 FAILED = "build-failed.txt"  # in the build folder: why the last build failed
 
@@ -40,6 +46,12 @@ def ops():
     if "ops" not in _state:
         _state["ops"] = _load()
     return _state["ops"]
+
+
+def applies_to(x: Tensor) -> bool:
+    """Whether activations like x (float32 on a CPU, no autocast, not compiling) can use the kernels."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and autocast_dtype("cpu") is None
+            and not torch.compiler.is_compiling() and ops() is not None)
 
 
 def unavailable_reason() -> str | None:

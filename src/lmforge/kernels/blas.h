@@ -24,26 +24,28 @@ inline void mm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, floa
   sgemm_(&tb, &ta, &n, &m, &k, &alpha, B, &ldb_, A, &lda_, &beta, C, &ldc_);
 }
 
+// exp(a) for a <= 0: a degree-6 polynomial on the range-reduced argument (Cephes' expf,
+// relative error ~1e-7), written so that loops calling it turn into vector code.
+inline float exp_nonpositive(float a) {
+  a = a < -87.3f ? -87.3f : a;  // exp underflows to ~0 below; keeps the exponent bits valid
+  const float k = __builtin_floorf(a * 1.44269504088896341f + 0.5f);  // a = k ln2 + r
+  const float r = a - k * 0.693359375f + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t two_to_k = (static_cast<int32_t>(k) + 127) << 23;
+  return p * __builtin_bit_cast(float, two_to_k);
+}
+
 // x[j] = exp(x[j] - shift) for j < n, for arguments at most 0 (shift is the row maximum or
-// the log-sum-exp); returns their sum. A degree-6 polynomial on the range-reduced argument
-// (Cephes' expf, relative error ~1e-7), in a loop the compiler turns into vector code.
+// the log-sum-exp); returns their sum.
 inline float exp_shifted(float* x, int64_t n, float shift) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    float a = x[j] - shift;
-    a = a < -87.3f ? -87.3f : a;  // exp underflows to ~0 below; keeps the exponent bits valid
-    const float k = __builtin_floorf(a * 1.44269504088896341f + 0.5f);  // a = k ln2 + r
-    const float r = a - k * 0.693359375f + k * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
-    const int32_t two_to_k = (static_cast<int32_t>(k) + 127) << 23;
-    x[j] = p * __builtin_bit_cast(float, two_to_k);
-  }
+  for (int64_t j = 0; j < n; ++j) x[j] = exp_nonpositive(x[j] - shift);
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) sum += x[j];

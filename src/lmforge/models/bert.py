@@ -28,9 +28,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmforge import kernels
 from lmforge.models.activations import ACTIVATIONS
 from lmforge.models.arch_config import checked_fields
-from lmforge.models.cpu_attention import kernel_applies, self_attention
+from lmforge.models.cpu_attention import self_attention
 from lmforge.models.dropout import Dropout, attention
 
 # vocab_size comes from the tokenizer; intermediate_size defaults to 4 * n_embd.
@@ -139,7 +140,7 @@ class BertSelfAttention(nn.Module):
     def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
         B, T, C = x.shape
         dropout_p = self.dropout if self.training else 0.0
-        if kernel_applies(x):  # one product for q, k, v, read in place by lmforge's CPU kernel
+        if kernels.applies_to(x):  # one product for q, k, v, read in place by lmforge's CPU kernel
             weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))  # (3C, C)
             bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
             qkv = F.linear(x, weight, bias)  # (B, T, 3C)

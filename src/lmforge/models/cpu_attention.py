@@ -17,15 +17,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lmforge import kernels
-from lmforge.models.lm_loss import autocast_dtype
 
 _SEED_RANGE = 2**62
-
-
-def kernel_applies(x: Tensor) -> bool:
-    """Whether activations like x (float32 on a CPU, no autocast, not compiling) can use the kernel."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and autocast_dtype("cpu") is None
-            and not torch.compiler.is_compiling() and kernels.ops() is not None)
 
 
 def self_attention(qkv: Tensor, n_head: int, *, causal: bool, key_padding: Tensor | None = None,
@@ -34,9 +27,9 @@ def self_attention(qkv: Tensor, n_head: int, *, causal: bool, key_padding: Tenso
 
     Visible: the keys up to the query (causal) and, with key_padding (True = real key, any shape
     that views as (B, T)), the real ones. None where the kernel does not apply: see
-    `kernel_applies`, padding that is not all at the end of its row, dropout_p outside [0, 1).
+    `kernels.applies_to`, padding that is not all at the end of its row, dropout_p outside [0, 1).
     """
-    if not kernel_applies(qkv) or not 0.0 <= dropout_p < 1.0:
+    if not kernels.applies_to(qkv) or not 0.0 <= dropout_p < 1.0:
         return None
     lengths = None
     if key_padding is not None:

@@ -32,6 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from lmforge import kernels
 from lmforge.metrics import IGNORE_INDEX, count_correct
+from lmforge.runtime import autocast_dtype
 
 _BLOCK_BYTES = 16 << 20  # float32 logits per block: the block stays in cache between its passes
 _MIN_BLOCK_ROWS = 512  # the weight gradient is added to once per block: thin blocks make that slow
@@ -145,18 +146,6 @@ def _product_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> Tensor
     if a.dtype == torch.float32:
         return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
     return out.add_(a @ b) if accumulate else out.copy_(a @ b)
-
-
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype in effect on `device_type`, or None (torch 2.3 has no device argument)."""
-    try:
-        if not torch.is_autocast_enabled(device_type):
-            return None
-        return torch.get_autocast_dtype(device_type)
-    except (TypeError, AttributeError):
-        if device_type == "cpu":
-            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
 
 
 def _block_rows(n: int, vocab: int, device: torch.device) -> int:
