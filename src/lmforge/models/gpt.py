@@ -201,8 +201,10 @@ def _right_padded_on_cpu(attention_mask: Tensor) -> bool:
     """Whether every row is real tokens then padding only. Causal attention alone then gives the
     real positions the same outputs as the mask (the padded ones are meaningless either way), and
     takes the faster kernels. Checked on a CPU only, where reading the answer costs no device sync."""
-    if attention_mask.device.type != "cpu" or attention_mask.shape[1] < 2:
-        return attention_mask.device.type == "cpu"
+    if attention_mask.device.type != "cpu" or torch.compiler.is_compiling():
+        return False  # under torch.compile reading the answer would break the graph
+    if attention_mask.shape[1] < 2:
+        return True
     return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
