@@ -119,8 +119,9 @@ def _cli(args: list[str], cwd: Path, fault: str | None = None) -> subprocess.Com
 
 def test_kill_and_resume_ends_with_the_same_weights(lm_data: Path, tmp_path: Path):
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_run(lm_data, tmp_path, max_steps=12, save_every=3, eval_every=6,
-                                              grad_accum=2)))
+    run = tiny_run(lm_data, tmp_path, max_steps=12, save_every=3, eval_every=6, grad_accum=2)
+    run["model"]["dropout"] = 0.1  # the dropout masks too must continue where they stopped
+    config.write_text(yaml.safe_dump(run))
     straight = _cli(["train", str(config), "run.name=straight", "--quiet"], tmp_path)
     assert straight.returncode == 0, straight.stderr
     killed = _cli(["train", str(config), "run.name=killed", "--quiet"], tmp_path, fault="after_step_7")
