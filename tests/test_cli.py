@@ -67,3 +67,16 @@ def test_report_command_rebuilds_the_report(trained_run: Path, tmp_path: Path):
 def test_prepare_reports_a_missing_file(tmp_path: Path):
     result = lmforge("prepare", "--input", "nope.txt", "--tokenizer", "tok", "--out", "d", cwd=tmp_path)
     assert result.returncode == 2 and "nope.txt" in result.stderr
+
+
+def test_kernels_command_says_whether_the_cpu_kernels_load(tmp_path: Path, monkeypatch):
+    from lmforge import kernels
+
+    shown = lmforge("kernels", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    if kernels.ops() is not None:
+        assert f"lmforge CPU kernels: loaded from {kernels.build_dir()}" in shown.stdout
+    monkeypatch.setenv("LMFORGE_CPU_KERNELS", "0")
+    off = lmforge("kernels", cwd=tmp_path)
+    assert off.returncode == 0
+    assert "lmforge CPU kernels: off, torch's attention and softmax are used (LMFORGE_CPU_KERNELS=0)" in off.stdout
