@@ -157,6 +157,27 @@ def test_clip_scales_only_above_the_limit_and_returns_the_norm():
     assert clip(model, None, None, None) == pytest.approx(1.0, rel=1e-5)  # no limit: the norm only
 
 
+def test_clipping_folded_into_the_fused_adamw_step_equals_clipping_the_gradients():
+    weights = []
+    for folded in (True, False):
+        model = torch.nn.Linear(3, 2, bias=False)
+        with torch.no_grad():
+            model.weight.copy_(torch.arange(6.0).view(2, 3))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+        for _ in range(2):
+            model.weight.grad = torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]])  # norm 5
+            if folded:
+                assert clip(model, optimizer, None, 1.0) == pytest.approx(5.0)
+                assert model.weight.grad.norm() == pytest.approx(5.0)  # the step divides as it reads
+                optimizer.step()
+                del optimizer.grad_scale
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+        weights.append(model.weight.detach())
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-6, atol=1e-7)
+
+
 def test_deciding_on_the_device_trains_exactly_as_deciding_on_the_host(lm_data: Path, tmp_path: Path, monkeypatch):
     runs = {}
     for mode in ("host", "device"):

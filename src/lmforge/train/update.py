@@ -80,7 +80,10 @@ def device_update(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, ma
     across ranks only the gradient norm, the same on every rank, may decide)."""
     params, norm = _gradient_norm(model, optimizer, scaler)
     if max_norm is not None:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        if _clips_in_step(optimizer, scaler, params):  # the same factor as `clip` gives, on the device
+            optimizer.grad_scale = torch.where(norm > max_norm, (norm + 1e-6) / max_norm, torch.ones_like(norm))
+        else:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     skipped = ~torch.isfinite(loss_sum) if check_loss else torch.zeros((), dtype=torch.bool, device=norm.device)
     if scaler is not None:  # the scaler skips overflowing steps itself and lowers its scale
         scaler.step(optimizer)
@@ -92,6 +95,7 @@ def device_update(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, ma
             optimizer.step()
         finally:
             del optimizer.found_inf
+            optimizer.__dict__.pop("grad_scale", None)
     optimizer.zero_grad(set_to_none=True)
     return skipped, norm
 
@@ -101,7 +105,18 @@ def host_update(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, max_
     """Clip and step, deciding on the host whether step `step` is finite (free on a CPU).
     Returns (gradient norm, non-finite steps in a row, this one included)."""
     loss = sums["loss_sum"] / max(1.0, sums["targets"])
-    grad_norm = clip(model, optimizer, scaler, max_norm)
+    try:
+        grad_norm = clip(model, optimizer, scaler, max_norm)
+        non_finite_in_row = _step_unless_non_finite(optimizer, scaler, loss, grad_norm, step, non_finite_in_row, log)
+    finally:
+        optimizer.__dict__.pop("grad_scale", None)
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, non_finite_in_row
+
+
+def _step_unless_non_finite(optimizer, scaler, loss: float, grad_norm: float, step: int, non_finite_in_row: int,
+                            log) -> int:
+    """optimizer.step(), or the reason it is skipped logged; returns the non-finite steps in a row."""
     if scaler is not None and math.isfinite(loss):
         # The scaler skips a step whose fp16 gradients overflowed and lowers its scale, as it is
         # meant to: not a divergence (the loss is finite).
@@ -119,8 +134,7 @@ def host_update(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, max_
     else:
         non_finite_in_row = 0
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, non_finite_in_row
+    return non_finite_in_row
 
 
 def clip(model: nn.Module, optimizer, scaler, max_norm: float | None) -> float:
@@ -134,8 +148,20 @@ def clip(model: nn.Module, optimizer, scaler, max_norm: float | None) -> float:
     params, norm = _gradient_norm(model, optimizer, scaler)
     value = float(norm)
     if max_norm is not None and value > max_norm:  # below the limit, skip a pass over every gradient
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        if _clips_in_step(optimizer, scaler, params):
+            optimizer.grad_scale = (norm + 1e-6) / max_norm
+        else:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return value
+
+
+def _clips_in_step(optimizer, scaler, params: list[torch.Tensor]) -> bool:
+    """Whether clipping can ride on the optimizer step: the fused AdamW divides each gradient by
+    `optimizer.grad_scale` as it reads it (the hook GradScaler uses), so the clipping costs no
+    pass over the gradients of its own. Not with a GradScaler (it sets grad_scale itself) nor
+    with sharded (DTensor) gradients. The caller removes grad_scale after the step."""
+    return (scaler is None and optimizer is not None and bool(optimizer.defaults.get("fused"))
+            and all(type(p.grad) is torch.Tensor for p in params))
 
 
 def _gradient_norm(model: nn.Module, optimizer, scaler) -> tuple[list[torch.Tensor], torch.Tensor]:
