@@ -12,7 +12,9 @@ never need the logits' gradient G = diag(w / s) E - onehot * w (w: d loss / d ro
 G @ W = (w / s) * (E @ W) - w * W[targets] and G^T @ H = E^T @ ((w / s) * H) - onehot^T (w * H).
 The forward computes them with w = 1 on the rows that have a target; the backward only scales
 them by d loss / d loss_sum. Only one block of logits ever exists, and the gradients are
-computed only when autograd will ask for them.
+computed only when autograd will ask for them. For float32 on a CPU the row pass (target
+logit, maximum, exponentials, sum) is lmforge's C++ kernel (`kernels/softmax_rows.cpp`), one
+sweep per row instead of torch's four.
 
 Rows without a target (prompts and padding in fine-tuning, the last position of each row in
 pretraining) are left out before the projection once they are at least 1/64 of the rows, on
