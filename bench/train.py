@@ -13,7 +13,8 @@ the Trainer's default `optim`), dropout 0, gradient clipping 1.0 on both sides.
 Each side trains its own default GPT-2: lmforge's uses the exact GELU (as nanoGPT and BERT;
 on CPU about 4x faster than the tanh form), transformers' GPT2Config the tanh GELU (gelu_new).
 The ablation rows (BENCH_ABLATIONS=1, the default) swap them: lmforge with gelu_new, and the
-Trainer with activation_function=gelu, so the table shows what the activation alone is worth.
+Trainer with activation_function=gelu, so the table shows what the activation alone is worth;
+two more show lmforge without its malloc tuning and without its C++ CPU kernels.
 Two more rows leave the fp32 workload for bf16 autocast on both sides (BENCH_BF16=0 drops
 them): on a CPU with AMX units that is the faster setting.
 
@@ -48,10 +49,12 @@ NANOGPT_OVER_TRAINER = 1.31 / 1.06
 
 
 def lmforge_runner(data: str, malloc_tuning: bool = True, compile: bool = False, activation: str = "gelu",
-                   precision: str = "fp32"):
+                   precision: str = "fp32", cpu_kernels: bool = True):
     """A function(steps) -> per-step tokens/s of `lmforge.train.loop.train` on the workload."""
     if not malloc_tuning:
         os.environ["LMFORGE_MALLOC_TUNING"] = "0"  # read by setup_runtime at the first run
+    if not cpu_kernels:
+        os.environ["LMFORGE_CPU_KERNELS"] = "0"  # torch's attention and softmax (lmforge.kernels)
     from lmforge.config import load_config
 
     model = {k: WORKLOAD[k] for k in ("n_layer", "n_head", "n_embd", "context")}
@@ -132,6 +135,7 @@ def main() -> None:
     if ablations:
         workers["lmforge, malloc tuning off"] = Worker("train:lmforge_runner", data=data,
                                                        malloc_tuning=False)
+        workers["lmforge, LMFORGE_CPU_KERNELS=0"] = Worker("train:lmforge_runner", data=data, cpu_kernels=False)
         workers["lmforge, model.activation=gelu_new"] = Worker("train:lmforge_runner", data=data,
                                                                activation="gelu_new")
         workers["transformers Trainer, activation_function=gelu"] = Worker("train:trainer_runner", data=data,
