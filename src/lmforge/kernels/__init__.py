@@ -1,6 +1,6 @@
 """lmforge's own CPU kernels (C++), compiled on first use and cached, with torch's as fallback.
 
-`ops()` returns the `torch.ops.lmforge` namespace (`causal_attention`, `softmax_rows_`), or
+`ops()` returns the `torch.ops.lmforge` namespace (`self_attention`, `softmax_rows_`), or
 None where they cannot be had: off Linux, without a C++ compiler or ninja, with a torch that
 exports no BLAS for them, or with LMFORGE_CPU_KERNELS=0. Callers then use torch's ops, which
 give the same numbers more slowly.

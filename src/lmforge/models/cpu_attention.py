@@ -33,14 +33,14 @@ def self_attention(qkv: Tensor, n_head: int, *, causal: bool, key_padding: Tenso
         return None
     lengths = None
     if key_padding is not None:
-        lengths = _right_padded_lengths(key_padding.reshape(qkv.shape[0], qkv.shape[1]))
+        lengths = right_padded_lengths(key_padding.reshape(qkv.shape[0], qkv.shape[1]))
         if lengths is None:
             return None
     seed = int(torch.randint(_SEED_RANGE, (1,))) if dropout_p > 0 else 0
     return _SelfAttention.apply(qkv.contiguous(), n_head, causal, lengths, float(dropout_p), seed)
 
 
-def _right_padded_lengths(real: Tensor) -> Tensor | None:
+def right_padded_lengths(real: Tensor) -> Tensor | None:
     """Each row's number of real keys when every row is real keys then padding only, else None."""
     real = real.bool()
     if real.shape[1] > 1 and not bool((real[:, 1:] <= real[:, :-1]).all()):

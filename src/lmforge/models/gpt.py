@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lmforge.models.activations import ACTIVATIONS
 from lmforge.models.arch_config import checked_fields
-from lmforge.models.cpu_attention import self_attention
+from lmforge.models.cpu_attention import right_padded_lengths, self_attention
 from lmforge.models.dropout import Dropout, attention
 from lmforge.models.lm_loss import lm_head_cross_entropy
 
@@ -203,9 +203,7 @@ def _right_padded_on_cpu(attention_mask: Tensor) -> bool:
     takes the faster kernels. Checked on a CPU only, where reading the answer costs no device sync."""
     if attention_mask.device.type != "cpu" or torch.compiler.is_compiling():
         return False  # under torch.compile reading the answer would break the graph
-    if attention_mask.shape[1] < 2:
-        return True
-    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+    return right_padded_lengths(attention_mask) is not None
 
 
 def _attention_mask(attention_mask: Tensor, start: int, T: int) -> Tensor:
