@@ -38,7 +38,7 @@ def wikitext_mlm() -> Path:
     if (data / "meta.json").exists():
         return data
     from lmforge.data.prepare import prepare
-    from lmforge.tokenizer import train_tokenizer
+    from lmforge.base.tokenizer import train_tokenizer
 
     inputs = [ROOT / "datasets" / "wikitext2" / f"wiki.{s}.raw" for s in ("valid", "test")]
     log(f"building the BERT benchmark data in {data} (once)")
@@ -49,7 +49,7 @@ def wikitext_mlm() -> Path:
 
 
 def _config(data: str, steps: int, name: str):
-    from lmforge.config import load_config
+    from lmforge.base.config import load_config
 
     return load_config(None, base={
         "model": dict(MODEL), "data": {"path": data},

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import load_config
+from lmforge.base.config import load_config
 from lmforge.data.store import TokenStore
 
 

@@ -43,8 +43,8 @@ def shakespeare_data() -> Path:
     if (data / "meta.json").exists():
         return data
     from lmforge.data.prepare import prepare
-    from lmforge.quickstart import bundled_corpus
-    from lmforge.tokenizer import train_tokenizer
+    from lmforge.commands.quickstart import bundled_corpus
+    from lmforge.base.tokenizer import train_tokenizer
 
     log(f"building the benchmark data in {data} (once)")
     tok = train_tokenizer([bundled_corpus()], kind="bpe", vocab_size=WORKLOAD["vocab_size"],

@@ -40,7 +40,7 @@ def chitchat() -> Path:
     if (data / "meta.json").exists():
         return data
     from lmforge.data.prepare import prepare
-    from lmforge.tokenizer import train_tokenizer
+    from lmforge.base.tokenizer import train_tokenizer
 
     inputs = [ROOT / "datasets" / "chitchat_zh" / f"{s}.txt" for s in ("train", "valid")]
     log(f"building the dialogue benchmark data in {data} (once)")
@@ -52,7 +52,7 @@ def chitchat() -> Path:
 
 
 def _config(data: str, steps: int, name: str):
-    from lmforge.config import load_config
+    from lmforge.base.config import load_config
 
     return load_config(None, base={
         "model": dict(MODEL), "data": {"path": data},

@@ -1,4 +1,4 @@
-"""Generation tokens/s: `lmforge.generate` against transformers' `generate` with its KV cache.
+"""Generation tokens/s: `lmforge.inference.generate` against transformers' `generate` with its KV cache.
 
 The workload's GPT (4 layers, 4 heads, 256 wide, vocabulary 8192) with the same weights on
 both sides (lmforge's, converted by lmforge.models.hf), a 16-token prompt from the tiny
@@ -27,7 +27,7 @@ def main() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from lmforge.data.store import TokenStore, read_meta
-    from lmforge.generate import SamplingConfig, generate
+    from lmforge.inference.generate import SamplingConfig, generate
     from lmforge.models.gpt import GPT, GPTConfig
     from lmforge.models.hf import gpt2_config_to_hf, gpt2_to_hf
 

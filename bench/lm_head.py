@@ -5,7 +5,7 @@ A GPT with GPT-2's vocabulary (50,257), 2 layers, 4 heads, width 256, context 51
 next-token loss. The two sides share everything but the last layer:
 
 - lmforge: `GPT.forward(input_ids, targets=...)`, the fused projection + cross-entropy of
-  `lmforge.models.lm_loss` (one block of logits at a time, gradients made in the forward);
+  `lmforge.ops.lm_loss` (one block of logits at a time, gradients made in the forward);
 - plain: `logits = GPT.forward(input_ids)` then `F.cross_entropy`, as a training loop written
   around any language model does it (transformers' models among them).
 
@@ -34,7 +34,7 @@ def head_runner(fused: bool):
     import torch.nn.functional as F
 
     from lmforge.models.gpt import GPT, GPTConfig
-    from lmforge.runtime import setup_runtime
+    from lmforge.base.runtime import setup_runtime
 
     setup_runtime("cpu", seed=SEED)
     model = GPT(GPTConfig(vocab_size=VOCAB, context=CONTEXT, n_layer=2, n_head=4, n_embd=256, activation="gelu"))

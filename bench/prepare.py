@@ -33,7 +33,7 @@ def main() -> None:
     from transformers import PreTrainedTokenizerFast
 
     from lmforge.data.prepare import prepare
-    from lmforge.quickstart import bundled_corpus
+    from lmforge.commands.quickstart import bundled_corpus
 
     data = shakespeare_data()
     tok_file = data / "tokenizer.json"

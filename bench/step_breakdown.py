@@ -63,13 +63,13 @@ def breakdown_runner(side: str):
 
     from lmforge.data.datasets import PackedLMDataset
     from lmforge.data.store import TokenStore
-    from lmforge.runtime import setup_runtime
+    from lmforge.base.runtime import setup_runtime
 
     blocks = PackedLMDataset(TokenStore(shakespeare_data(), "train"), WORKLOAD["context"])
     ids = torch.stack([blocks[i]["input_ids"] for i in range(WORKLOAD["batch_size"])])
     model_shape = {k: WORKLOAD[k] for k in ("n_layer", "n_head", "n_embd")}
     if side == "lmforge":
-        from lmforge.config import TrainConfig
+        from lmforge.base.config import TrainConfig
         from lmforge.models.gpt import GPT, GPTConfig
         from lmforge.train.optim import build_optimizer
         from lmforge.train.update import clip

@@ -54,8 +54,8 @@ def lmforge_runner(data: str, malloc_tuning: bool = True, compile: bool = False,
     if not malloc_tuning:
         os.environ["LMFORGE_MALLOC_TUNING"] = "0"  # read by setup_runtime at the first run
     if not cpu_kernels:
-        os.environ["LMFORGE_CPU_KERNELS"] = "0"  # torch's attention and softmax (lmforge.kernels)
-    from lmforge.config import load_config
+        os.environ["LMFORGE_CPU_KERNELS"] = "0"  # torch's attention and softmax (lmforge.ops.kernels)
+    from lmforge.base.config import load_config
 
     model = {k: WORKLOAD[k] for k in ("n_layer", "n_head", "n_embd", "context")}
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.quickstart import bundled_corpus
+from lmforge.commands.quickstart import bundled_corpus
 
 TINY_MODEL = {"preset": None, "n_layer": 2, "n_head": 2, "n_embd": 32, "context": 32}
 
@@ -15,7 +15,7 @@ TINY_MODEL = {"preset": None, "n_layer": 2, "n_head": 2, "n_embd": 32, "context"
 def lm_data(tmp_path_factory) -> Path:
     """The first ~60k characters of tiny Shakespeare, BPE 384, prepared for `lm`."""
     from lmforge.data.prepare import prepare
-    from lmforge.tokenizer import train_tokenizer
+    from lmforge.base.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("lm_data")
     corpus = root / "corpus.txt"

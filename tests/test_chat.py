@@ -13,12 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-import lmforge.chat as chat
-from lmforge.chat import ChatSession, StreamDecoder, chat_interactive, chat_scripted, decode_text, run_chat
-from lmforge.generate import SamplingConfig, apply_repetition_penalty
+import lmforge.inference.chat_session as chat
+from lmforge.commands.chat import chat_interactive, chat_scripted, run_chat
+from lmforge.inference.chat_session import ChatSession, StreamDecoder, decode_text
+from lmforge.inference.generate import SamplingConfig, apply_repetition_penalty
 from lmforge.models.gpt import GPT, GPTConfig
-from lmforge.tokenizer import load_tokenizer, train_tokenizer
-from lmforge.train.checkpoint import save_checkpoint
+from lmforge.base.tokenizer import load_tokenizer, train_tokenizer
+from lmforge.checkpoint.files import save_checkpoint
 
 CORPUS = "你好\n你好呀\n\n今天天气怎么样\n挺好的\n\nhello there\nhi , how are you ? I ' m running\n"
 

@@ -10,13 +10,13 @@ import math
 import pytest
 import torch
 
-from lmforge.classify import classify_command, eval_command, evaluate_checkpoint
+from lmforge.commands.classify import classify_command, eval_command, evaluate_checkpoint
 from lmforge.cli import main
 from lmforge.data.prepare_classify import prepare_classify
 from lmforge.models.heads import classifier_architecture
 from lmforge.models.registry import model_from_architecture
-from lmforge.tokenizer import load_tokenizer, train_tokenizer
-from lmforge.train.checkpoint import save_checkpoint
+from lmforge.base.tokenizer import load_tokenizer, train_tokenizer
+from lmforge.checkpoint.files import save_checkpoint
 
 TEXTS = ["WINNER claim your free prize now", "see you at the bus stop", "ok lar"]
 

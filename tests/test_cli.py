@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_run
-from lmforge.config import load_config
+from lmforge.base.config import load_config
 from lmforge.train.loop import train
 
 
@@ -70,7 +70,7 @@ def test_prepare_reports_a_missing_file(tmp_path: Path):
 
 
 def test_kernels_command_says_whether_the_cpu_kernels_load(tmp_path: Path, monkeypatch):
-    from lmforge import kernels
+    from lmforge.ops import kernels
 
     shown = lmforge("kernels", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr

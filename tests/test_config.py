@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.config import ConfigError, config_diff, load_config
+from lmforge.base.config import ConfigError, config_diff, load_config
 
 
 def test_defaults_yaml_and_overrides_layer(tmp_path: Path):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lmforge.generate import (
+from lmforge.inference.generate import (
     SamplingConfig,
     apply_repetition_penalty,
     generate,

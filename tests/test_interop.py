@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.embed import embed, encode_texts
-from lmforge.inference import load_for_inference
-from lmforge.interop import export_hf, import_hf
+from lmforge.commands.embed import embed, encode_texts
+from lmforge.inference.loaded import load_for_inference
+from lmforge.commands.interop import export_hf, import_hf
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.gpt import GPT, GPTConfig
-from lmforge.tokenizer import train_tokenizer
-from lmforge.train.checkpoint import save_checkpoint
+from lmforge.base.tokenizer import train_tokenizer
+from lmforge.checkpoint.files import save_checkpoint
 
 transformers = pytest.importorskip("transformers")
 TEXTS = ["A crane is flying over the lake.", "The quick brown fox jumps over the lazy dog!", "这是中文。", "ok"]

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from lmforge.metrics import perplexity, shift_labels, token_accuracy
+from lmforge.base.metrics import perplexity, shift_labels, token_accuracy
 
 
 def test_token_accuracy_shifts_and_ignores_padding():

@@ -1,6 +1,6 @@
 import pytest
 
-from lmforge import runtime
+from lmforge.base import runtime
 
 
 @pytest.mark.parametrize("units, precision, expected", [

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.tokenizer import decode, load_tokenizer, special_ids, train_tokenizer
+from lmforge.base.tokenizer import decode, load_tokenizer, special_ids, train_tokenizer
 
 CORPUS = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"

@@ -1,3 +1,5 @@
 """lmforge: train GPT and BERT language models from scratch on your own text."""
 
-__version__ = "0.1.0"
+from lmforge.base.version import __version__
+
+__all__ = ["__version__"]

@@ -100,7 +100,7 @@ def _add_chat(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Train GPT and BERT models on your own text.")
-    from lmforge import __version__
+    from lmforge.base.version import __version__
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quickstart", help="bundled Shakespeare -> tokenizer -> data -> GPT -> samples -> report")
@@ -171,16 +171,16 @@ def _add_eval(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "quickstart":
-        from lmforge.quickstart import quickstart
+        from lmforge.commands.quickstart import quickstart
         quickstart(args.out, minutes=args.minutes)
     elif args.command == "kernels":
-        from lmforge import kernels
+        from lmforge.ops import kernels
         if kernels.ops() is None:
             print(f"lmforge CPU kernels: off, torch's attention and softmax are used ({kernels.unavailable_reason()})")
         else:
             print(f"lmforge CPU kernels: loaded from {kernels.build_dir()}")
     elif args.command == "tokenizer":
-        from lmforge.tokenizer import train_tokenizer
+        from lmforge.base.tokenizer import train_tokenizer
         path = train_tokenizer(args.input, kind=args.kind, vocab_size=args.vocab_size, out_dir=args.out,
                                special_tokens=args.special_tokens, min_frequency=args.min_frequency,
                                text_field=args.field, text_column=_column(args.column),
@@ -207,38 +207,38 @@ def run(args: argparse.Namespace) -> int:
         from lmforge.train.entry import train_command
         return train_command(args.config, args.overrides, resume=args.resume, quiet=args.quiet)
     elif args.command == "generate":
-        from lmforge.generate import SamplingConfig
-        from lmforge.inference import generate_to
+        from lmforge.inference.generate import SamplingConfig
+        from lmforge.inference.loaded import generate_to
         cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                              seed=args.seed)
         generate_to(sys.stdout, args.checkpoint, args.prompt, cfg, num_samples=args.num_samples,
                     device=args.device)
     elif args.command == "chat":
-        from lmforge.chat import run_chat
-        from lmforge.generate import SamplingConfig
+        from lmforge.commands.chat import run_chat
+        from lmforge.inference.generate import SamplingConfig
         cfg = SamplingConfig(max_new_tokens=args.max_reply_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                              seed=args.seed)
         return run_chat(args.checkpoint, cfg, max_history=args.max_history, device=args.device,
                         transcript=args.transcript)
     elif args.command == "classify":
-        from lmforge.classify import classify_command
+        from lmforge.commands.classify import classify_command
         classify_command(sys.stdout, args.checkpoint, args.texts, input_file=args.input, output=args.output,
                          text_column=_column(args.column), batch_size=args.batch_size, device=args.device)
     elif args.command == "eval":
-        from lmforge.classify import eval_command
+        from lmforge.commands.classify import eval_command
         eval_command(sys.stdout, args.checkpoint, args.data, args.split, args.batch_size, args.device)
     elif args.command == "embed":
-        from lmforge.embed import embed_command
+        from lmforge.commands.embed import embed_command
         embed_command(args.checkpoint, [args.text] if args.text is not None else [], args.text_b,
                       input_file=args.input, out=args.out, pooling=args.pooling, per_token=args.per_token,
                       device=args.device)
     elif args.command == "import-hf":
-        from lmforge.interop import import_hf
+        from lmforge.commands.interop import import_hf
         print(f"checkpoint written: {import_hf(args.src, args.out, overwrite=args.overwrite)}")
     elif args.command == "export":
-        from lmforge.interop import export_hf
+        from lmforge.commands.interop import export_hf
         print(f"exported ({args.format}): {export_hf(args.checkpoint, args.out, overwrite=args.overwrite)}")
     elif args.command == "report":
         from lmforge.report import write_report

@@ -14,7 +14,7 @@ from lmforge.data.mlm import MLMCollator, SentencePairDataset, mask_tokens, trun
 from lmforge.data.prepare import prepare
 from lmforge.data.prepare_mlm import split_sentences
 from lmforge.data.store import TokenStore
-from lmforge.tokenizer import train_tokenizer
+from lmforge.base.tokenizer import train_tokenizer
 
 
 def topic_corpus(path: Path, paragraphs: int = 60, seed: int = 0) -> Path:

@@ -8,7 +8,7 @@ import pytest
 
 from lmforge.data.prepare import prepare
 from lmforge.data.store import TokenStore
-from lmforge.tokenizer import load_tokenizer, train_tokenizer
+from lmforge.base.tokenizer import load_tokenizer, train_tokenizer
 
 DOCS = [f"Speaker {i}:\nLine {i} of the play, with words {'ab' * (i % 5)}.\n" for i in range(60)]
 
@@ -152,7 +152,7 @@ def test_long_documents_read_in_pieces_stay_one_sample(setup, tmp_path, monkeypa
     import functools
 
     import lmforge.data.prepare as prep
-    from lmforge.data.readers import iter_documents
+    from lmforge.base.readers import iter_documents
 
     monkeypatch.setattr(prep, "iter_documents", functools.partial(iter_documents, max_chars=40))
     meta = run(corpus, tok_path, tmp_path / "d", val_fraction=0.25, batch_size=3)

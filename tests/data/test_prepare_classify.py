@@ -10,7 +10,7 @@ import pytest
 from lmforge.data.prepare import prepare
 from lmforge.data.prepare_classify import prepare_classify
 from lmforge.data.store import TokenStore
-from lmforge.tokenizer import train_tokenizer
+from lmforge.base.tokenizer import train_tokenizer
 
 HAM = [f"see you at {i} tonight, ok lar" for i in range(80)]
 SPAM = [f"WINNER claim your free prize {i} now" for i in range(20)]

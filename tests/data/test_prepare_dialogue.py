@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from lmforge.data.prepare import prepare
-from lmforge.data.prepare_dialogue import (RESPONSE, USER, build_sample, iter_dialogues,
-                                           recent_turns_start, split_turns)
+from lmforge.data.dialogue_format import RESPONSE, USER, build_sample, recent_turns_start, split_turns
+from lmforge.data.prepare_dialogue import iter_dialogues
 from lmforge.data.store import TokenStore
-from lmforge.tokenizer import load_tokenizer, special_ids, train_tokenizer
+from lmforge.base.tokenizer import load_tokenizer, special_ids, train_tokenizer
 
 CORPUS = "你好\n你好呀\n\n今天天气怎么样\n挺好的\n那就出去玩吧\n\nhello there\nhi , how are you ?\n"
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-import lmforge.data.readers as readers
-from lmforge.data.readers import iter_documents
-from lmforge.tokenizer import load_tokenizer, train_tokenizer
+import lmforge.base.readers as readers
+from lmforge.base.readers import iter_documents
+from lmforge.base.tokenizer import load_tokenizer, train_tokenizer
 
 
 def write(path: Path, text: str | bytes) -> Path:

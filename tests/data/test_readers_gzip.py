@@ -13,8 +13,8 @@ import pytest
 from lmforge.cli import main
 from lmforge.data.prepare import prepare
 from lmforge.data.prepare_classify import read_records
-from lmforge.data.readers import check_inputs, iter_documents
-from lmforge.tokenizer import train_tokenizer
+from lmforge.base.readers import check_inputs, iter_documents
+from lmforge.base.tokenizer import train_tokenizer
 
 DOCS = [f"Speaker {i}:\nLine {i} of the play, with words {'ab' * (i % 5)} and {'cd ' * (i % 7)}.\n"
         for i in range(300)]
@@ -60,7 +60,7 @@ def test_prepare_lm_from_gz_writes_the_same_token_files(corpus, tmp_path):
 
 
 def test_progress_offsets_of_a_gz_stay_within_the_compressed_size(corpus, monkeypatch):
-    import lmforge.data.readers as readers
+    import lmforge.base.readers as readers
 
     _, packed = corpus
     monkeypatch.setattr(readers, "_CHUNK", 512)  # many reads, many offsets

@@ -1,6 +1,6 @@
 """Run the `lmforge` CLI in a child process with test-only instruments switched on by env vars.
 
-The crash points themselves are lmforge's own (`LMFORGE_FAULT`, see lmforge.faults); this
+The crash points themselves are lmforge's own (`LMFORGE_FAULT`, see lmforge.base.faults); this
 wrapper only adds what a test needs to observe or provoke from inside the process:
 
 - FAULTS_SAMPLE_LOG=path      append "epoch sample_start id id ..." for every optimizer step
@@ -25,7 +25,8 @@ import sys
 
 
 def _install() -> None:
-    from lmforge.train import checkpoint, loop
+    from lmforge.checkpoint import files as checkpoint
+    from lmforge.train import loop
 
     log_path = os.environ.get("FAULTS_SAMPLE_LOG")
     signal_at = os.environ.get("FAULTS_SIGNAL_AT")

@@ -35,8 +35,8 @@ def tiny_data(tmp_path_factory) -> Path:
     """A few thousand characters of Shakespeare, a 384-token BPE, prepared for `lm`."""
     if "data" not in _CACHE:
         from lmforge.data.prepare import prepare
-        from lmforge.quickstart import bundled_corpus
-        from lmforge.tokenizer import train_tokenizer
+        from lmforge.commands.quickstart import bundled_corpus
+        from lmforge.base.tokenizer import train_tokenizer
 
         root = shared_root(tmp_path_factory)
         corpus = root / "corpus.txt"
@@ -104,7 +104,7 @@ def losses(run: Path) -> list[tuple[int, float]]:
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    from lmforge.train.checkpoint import load_checkpoint
+    from lmforge.checkpoint.files import load_checkpoint
 
     return load_checkpoint(checkpoint).state_dict
 

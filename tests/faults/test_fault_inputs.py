@@ -108,7 +108,7 @@ def test_a_50mb_line_without_newline_keeps_memory_bounded(tmp_path: Path):
     rng = random.Random(0)
     words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(30)) for _ in range(8)]
     (tmp_path / "words.txt").write_text(" ".join(words * 50) + "\n")
-    from lmforge.tokenizer import train_tokenizer
+    from lmforge.base.tokenizer import train_tokenizer
 
     tok = train_tokenizer([tmp_path / "words.txt"], kind="bpe", vocab_size=800, out_dir=tmp_path / "tok",
                           show_progress=False)
@@ -152,7 +152,7 @@ def test_disk_full_while_preparing_leaves_no_data_folder(data: Path, tmp_path: P
 def test_a_tokenizer_that_does_not_match_the_model_is_refused(data: Path, tmp_path: Path):
     """Data prepared with another tokenizer (same vocabulary size): fine-tuning and resuming stop."""
     from lmforge.data.prepare import prepare
-    from lmforge.tokenizer import train_tokenizer
+    from lmforge.base.tokenizer import train_tokenizer
 
     corpus = tmp_path / "other.txt"
     corpus.write_text((data.parent / "corpus.txt").read_text()[::-1])
@@ -212,7 +212,7 @@ def test_non_finite_losses_skip_the_update_name_the_step_and_stop(data: Path, tm
 
     Distributed runs (every rank taking the same decision) are not covered here: this suite runs
     one process."""
-    from lmforge.config import load_config
+    from lmforge.base.config import load_config
     from lmforge.train import loop
 
     real = task_lm.LMTask.loss_and_metrics

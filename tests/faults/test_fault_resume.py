@@ -1,7 +1,7 @@
 """Nothing lost: kill -9 anywhere, resume, and end bitwise where an uninterrupted run ends.
 
 Every scenario trains the same tiny GPT in a child process (see faultkit) and dies at a named
-fault point (`LMFORGE_FAULT`, see lmforge.faults); the baseline run is trained once per session.
+fault point (`LMFORGE_FAULT`, see lmforge.base.faults); the baseline run is trained once per session.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import faultkit as fk
-from lmforge.train.checkpoint import load_checkpoint
-from lmforge.train.checkpoint_retention import find_latest
+from lmforge.checkpoint.files import load_checkpoint
+from lmforge.checkpoint.retention import find_latest
 from lmforge.train.entry import resolve_resume
 
 

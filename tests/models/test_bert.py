@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.config import ModelConfig
+from lmforge.base.config import ModelConfig
 from lmforge.models.bert import BERT_PRESETS, Bert, BertConfig
 from lmforge.models.registry import architecture, flops_per_token, model_from_architecture
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge import kernels
-from lmforge.models.cpu_attention import self_attention
+from lmforge.ops import kernels
+from lmforge.ops.attention import self_attention
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.gpt import GPT, GPTConfig
-from lmforge.models.lm_loss import lm_head_cross_entropy
+from lmforge.ops.lm_loss import lm_head_cross_entropy
 
 ops = kernels.ops()
 needs_kernels = pytest.mark.skipif(ops is None, reason=f"CPU kernels unavailable: {kernels.unavailable_reason()}")

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.metrics import IGNORE_INDEX
-from lmforge.models import lm_loss
+from lmforge.base.metrics import IGNORE_INDEX
+from lmforge.ops import lm_loss
 
 
 def _case(rows=300, width=24, vocab=97, seed=0):

@@ -28,7 +28,7 @@ def test_quickstart_learns_speaker_lines(tmp_path: Path):
 @pytest.mark.slow
 def test_compiled_model_trains_like_the_eager_one(lm_data: Path, tmp_path: Path):
     from conftest import tiny_run
-    from lmforge.config import load_config
+    from lmforge.base.config import load_config
     from lmforge.train.loop import train
 
     losses = {}

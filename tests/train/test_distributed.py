@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from conftest import tiny_run
-from lmforge.train.checkpoint import load_checkpoint
+from lmforge.checkpoint.files import load_checkpoint
 
 pytestmark = pytest.mark.multiprocess
 
@@ -99,7 +99,7 @@ def test_a_hung_rank_fails_the_job_within_the_timeout_naming_the_step(lm_data, t
 def test_gpu_jobs_reduce_host_counters_over_gloo_and_tensors_over_nccl():
     from torch.distributed.distributed_c10d import BackendConfig
 
-    from lmforge.train.distributed import process_group_backend
+    from lmforge.base.distributed import process_group_backend
     assert process_group_backend(torch.device("cpu")) == "gloo"
     gpu = BackendConfig(process_group_backend(torch.device("cuda"))).get_device_backend_map()
     assert gpu == {"cpu": "gloo", "cuda": "nccl"}  # the loop all-reduces CPU tensors too

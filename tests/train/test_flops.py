@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny_run
-from lmforge.config import load_config
+from lmforge.base.config import load_config
 from lmforge.models.registry import flops_per_token, model_from_architecture
 from lmforge.train import flops
 from lmforge.train.loop import train

@@ -13,11 +13,11 @@ import torch
 import yaml
 
 from conftest import tiny_run
-from lmforge.config import load_config
+from lmforge.base.config import load_config
 from lmforge.data.collate import pad_collate
 from lmforge.models.registry import architecture, model_from_architecture
-from lmforge.runtime import setup_runtime
-from lmforge.train.checkpoint import load_checkpoint
+from lmforge.base.runtime import setup_runtime
+from lmforge.checkpoint.files import load_checkpoint
 from lmforge.train.loop import LoopState, _forward_backward, train
 from lmforge.train.log import RunLogger
 from lmforge.train.tasks import make_task
@@ -145,7 +145,7 @@ def test_resume_of_a_wrong_path_is_an_error(tmp_path: Path):
 
 
 def test_logged_train_loss_and_accuracy_match_a_direct_computation(lm_data: Path, tmp_path: Path):
-    from lmforge.runtime import seed_everything
+    from lmforge.base.runtime import seed_everything
     from lmforge.train.data_order import epoch_permutation
 
     base = tiny_run(lm_data, tmp_path, max_steps=1, log_every=1, batch_size=4)

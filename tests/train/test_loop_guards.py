@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import tiny_run
-from lmforge.config import load_config
+from lmforge.base.config import load_config
 from lmforge.train import loop, task_lm
-from lmforge.train.checkpoint import load_checkpoint
+from lmforge.checkpoint.files import load_checkpoint
 from lmforge.train.loop import train
 from lmforge.train.update import clip
 

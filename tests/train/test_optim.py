@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from lmforge.config import TrainConfig
+from lmforge.base.config import TrainConfig
 from lmforge.train.optim import AdamW, lr_at, parameter_groups
 
 
@@ -63,7 +63,7 @@ def test_lean_adamw_updates_exactly_like_torch(kind):
 def test_training_never_imports_torch_dynamo():
     """torch._dynamo costs 0.8 s of start-up; only torch.compile should pay for it."""
     code = ("import sys, torch\n"
-            "from lmforge.config import TrainConfig\n"
+            "from lmforge.base.config import TrainConfig\n"
             "from lmforge.train.optim import build_optimizer\n"
             "model = torch.nn.Linear(3, 2)\n"
             "opt = build_optimizer(model, TrainConfig(), torch.device('cpu'))\n"

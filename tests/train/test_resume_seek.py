@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import tiny_run
-from lmforge.config import load_config
+from lmforge.base.config import load_config
 from lmforge.data.datasets import PackedLMDataset
 from lmforge.train.loop import train
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL
-from lmforge.config import load_config
+from lmforge.base.config import load_config
 from lmforge.data.prepare_classify import prepare_classify
 from lmforge.report import write_report
-from lmforge.tokenizer import train_tokenizer
-from lmforge.train.checkpoint import load_checkpoint
+from lmforge.base.tokenizer import train_tokenizer
+from lmforge.checkpoint.files import load_checkpoint
 from lmforge.train.loop import train
 
 WORDS = "see you at the bus stop later ok lar going home now what time is dinner".split()
@@ -109,7 +109,7 @@ def test_trainable_head_changes_only_the_head_and_init_from_a_gpt_checkpoint(cls
 
 
 def test_best_metric_val_loss_and_a_bad_trainable_are_checked(cls_data, tmp_path):
-    from lmforge.config import ConfigError
+    from lmforge.base.config import ConfigError
 
     with pytest.raises(ConfigError, match="train.trainable"):
         load_config(None, base=cls_run(cls_data, tmp_path, trainable="last_blocks"))

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from conftest import tiny_run
-from lmforge.config import load_config
+from lmforge.base.config import load_config
 from lmforge.data.prepare import prepare
-from lmforge.data.prepare_dialogue import RESPONSE, USER, split_turns
+from lmforge.data.dialogue_format import RESPONSE, USER, split_turns
 from lmforge.data.store import read_meta
-from lmforge.metrics import IGNORE_INDEX, token_accuracy
+from lmforge.base.metrics import IGNORE_INDEX, token_accuracy
 from lmforge.models.registry import architecture, model_from_architecture
-from lmforge.tokenizer import train_tokenizer
+from lmforge.base.tokenizer import train_tokenizer
 from lmforge.train.loop import train
 from lmforge.train.tasks import make_task
 

@@ -1,6 +1,6 @@
 """Prepare: raw text files -> a prepared data folder (TokenStore splits + meta.json), per task.
 
-Owns the task "lm" (GPT pretraining): documents are read by `lmforge.data.readers` (.txt:
+Owns the task "lm" (GPT pretraining): documents are read by `lmforge.base.readers` (.txt:
 blank-line-separated blocks; .jsonl: a field; .csv/.tsv: a column), tokenized in batches by
 the Rust tokenizer (parallel on all cores), and written one sample per document with the EOS
 id appended. Each document goes to train, val or test by a seeded RNG draw, in reading order,
@@ -32,11 +32,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lmforge import __version__
-from lmforge.data.readers import check_inputs, iter_documents
+from lmforge.base.version import __version__
+from lmforge.base.readers import check_inputs, iter_documents
 from lmforge.data.staging import sha256_file, staged_folder
 from lmforge.data.store import TokenStoreWriter, dtype_for, write_meta
-from lmforge.tokenizer import load_tokenizer, special_ids, tokenizer_file
+from lmforge.base.tokenizer import load_tokenizer, special_ids, tokenizer_file
 
 TASKS = ("lm", "mlm", "classify", "dialogue")
 _COPY_TOKENS = 1 << 24  # tokens per chunk when moving tokens between split files

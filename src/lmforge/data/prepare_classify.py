@@ -39,13 +39,13 @@ from typing import Iterator, Literal, NamedTuple
 
 import numpy as np
 
-from lmforge import __version__
+from lmforge.base.version import __version__
 from lmforge.data.prepare import _check_out_dir
 from lmforge.data.staging import sha256_file, staged_folder
-from lmforge.data.readers import _iter_lines, check_inputs
-from lmforge.data.sources import format_suffix
+from lmforge.base.readers import _iter_lines, check_inputs
+from lmforge.base.sources import format_suffix
 from lmforge.data.store import TokenStoreWriter, dtype_for, write_meta
-from lmforge.tokenizer import load_tokenizer, special_ids, tokenizer_file
+from lmforge.base.tokenizer import load_tokenizer, special_ids, tokenizer_file
 
 Format = Literal["auto", "csv", "tsv", "jsonl", "sms"]
 SPLITS = ("train", "val", "test")

@@ -44,15 +44,13 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from lmforge import __version__
-from lmforge.data.readers import _iter_lines, check_inputs, parse_json_line
-from lmforge.data.sources import format_suffix
+from lmforge.base.version import __version__
+from lmforge.base.readers import _iter_lines, check_inputs, parse_json_line
+from lmforge.base.sources import format_suffix
 from lmforge.data.store import TokenStoreWriter, dtype_for, write_meta
-from lmforge.tokenizer import SpecialIds, load_tokenizer, special_ids, tokenizer_file
+from lmforge.base.tokenizer import load_tokenizer, special_ids, tokenizer_file
+from lmforge.data.dialogue_format import ROLE_NAMES, build_sample, dialogue_specials
 
-USER, RESPONSE = 0, 1
-ROLE_NAMES = {"user": USER, "human": USER, "system": USER,
-              "assistant": RESPONSE, "bot": RESPONSE, "gpt": RESPONSE, "model": RESPONSE}
 _EOU = "__eou__"
 
 
@@ -65,70 +63,11 @@ class Dialogue(NamedTuple):
     line: int  # 1-based line where the dialogue starts
 
 
-# -- the sample format ---------------------------------------------------------------------------
-
-
-def dialogue_specials(ids: SpecialIds, where: str = "tokenizer") -> tuple[int, int]:
-    """(cls, sep) ids: [CLS]/[SEP] of a WordPiece tokenizer, or the end-of-text id for both."""
-    cls = ids.cls if ids.cls is not None else ids.bos
-    sep = ids.sep if ids.sep is not None else ids.eos
-    if cls is None or sep is None:
-        raise ValueError(f"{where}: no [CLS]/[SEP] (or <|endoftext|>) token; train a tokenizer with "
-                         f"`lmforge tokenizer train --kind wordpiece`")
-    return cls, sep
-
-
-def recent_turns_start(turn_lengths: Sequence[int], max_len: int) -> int:
-    """Index of the first turn kept so that [CLS] + turns (each + [SEP]) fit in max_len.
-
-    Whole turns are dropped from the front; the last turn is always kept (cut by build_sample
-    when it alone does not fit).
-    """
-    used, start = 1, len(turn_lengths)
-    while start > 0 and used + turn_lengths[start - 1] + 1 <= max_len:
-        used += turn_lengths[start - 1] + 1
-        start -= 1
-    return min(start, max(0, len(turn_lengths) - 1))
-
-
-def build_sample(turns: Sequence[Sequence[int]], roles: Sequence[int], cls: int, sep: int,
-                 max_len: int | None = None) -> tuple[list[int], list[int]]:
-    """`[CLS] t1 [SEP] t2 [SEP] ...` and its per-token roles, at most max_len tokens.
-
-    Longer dialogues keep their most recent whole turns; if the last turn alone is too long,
-    its last max_len - 2 tokens are kept (then [SEP]).
-    """
-    if max_len is not None and max_len < 3:
-        raise ValueError(f"max_len must be >= 3 ([CLS], one token, [SEP]), got {max_len}")
-    start = 0 if max_len is None else recent_turns_start([len(t) for t in turns], max_len)
-    ids, token_roles = [cls], [USER]
-    for turn, role in zip(turns[start:], roles[start:]):
-        turn = list(turn)
-        if max_len is not None and len(turn) + 2 > max_len:
-            turn = turn[len(turn) - (max_len - 2):]
-        ids += turn + [sep]
-        token_roles += [role] * (len(turn) + 1)
-    return ids, token_roles
-
-
-def split_turns(ids: Sequence[int], roles: Sequence[int], sep: int) -> tuple[list[list[int]], list[int]]:
-    """The inverse of build_sample: a stored sample -> (turns without [SEP], their roles)."""
-    turns, turn_roles, current = [], [], []
-    for token, role in zip(list(ids)[1:], list(roles)[1:]):
-        if token == sep:
-            turns.append(current)
-            turn_roles.append(int(role))
-            current = []
-        else:
-            current.append(int(token))
-    return turns, turn_roles
-
-
 # -- readers -------------------------------------------------------------------------------------
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line_no, text without its line ending): the shared line reader of lmforge.data.readers
+    """(line_no, text without its line ending): the shared line reader of lmforge.base.readers
     (strict UTF-8, errors naming file and line, .gz decompressed while read)."""
     for line_no, text, _ in _iter_lines(path):
         yield line_no, text.rstrip("\r\n")

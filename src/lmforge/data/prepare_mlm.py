@@ -1,6 +1,6 @@
 """Prepare for the task "mlm" (BERT pretraining): paragraphs -> sentences -> a token store.
 
-A paragraph is a document of `lmforge.data.readers` (.txt: a blank-line-separated block with
+A paragraph is a document of `lmforge.base.readers` (.txt: a blank-line-separated block with
 doc_split="blank_line", one line with "line" — WikiText's layout; .jsonl: a field;
 .csv/.tsv: a column). Line breaks inside a paragraph are spaces. Paragraphs are cut into
 sentences after `. ! ?` followed by a space (closing quotes/brackets stay with the sentence;
@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lmforge import __version__
+from lmforge.base.version import __version__
 from lmforge.data.prepare import _check_numbers, _check_out_dir, _parallelism, _split_counts, _Splitter
 from lmforge.data.staging import sha256_file, staged_folder
-from lmforge.data.readers import check_inputs, iter_documents
+from lmforge.base.readers import check_inputs, iter_documents
 from lmforge.data.store import TokenStoreWriter, dtype_for, write_meta
-from lmforge.tokenizer import load_tokenizer, special_ids, tokenizer_file
+from lmforge.base.tokenizer import load_tokenizer, special_ids, tokenizer_file
 
 # Not after an initial ("H. gammarus") or a common title abbreviation ("Mr. Smith").
 _NOT_ABBREVIATION = r"(?<!\b[A-Z])(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bDr)(?<!\bSt)(?<!\bvs)(?<!\bNo)"

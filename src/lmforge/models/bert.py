@@ -28,11 +28,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmforge import kernels
+from lmforge.ops import kernels
 from lmforge.models.activations import ACTIVATIONS
 from lmforge.models.arch_config import checked_fields
-from lmforge.models.cpu_attention import self_attention
-from lmforge.models.dropout import Dropout, attention
+from lmforge.ops.attention import self_attention
+from lmforge.ops.dropout import Dropout, attention
 
 # vocab_size comes from the tokenizer; intermediate_size defaults to 4 * n_embd.
 BERT_PRESETS: dict[str, dict[str, int]] = {

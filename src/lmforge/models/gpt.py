@@ -21,9 +21,9 @@ from torch import Tensor
 
 from lmforge.models.activations import ACTIVATIONS
 from lmforge.models.arch_config import checked_fields
-from lmforge.models.cpu_attention import right_padded_lengths, self_attention
-from lmforge.models.dropout import Dropout, attention
-from lmforge.models.lm_loss import lm_head_cross_entropy
+from lmforge.ops.attention import right_padded_lengths, self_attention
+from lmforge.ops.dropout import Dropout, attention
+from lmforge.ops.lm_loss import lm_head_cross_entropy
 
 # vocab_size comes from the tokenizer, except for "gpt2", which pins GPT-2's own vocabulary.
 GPT_PRESETS: dict[str, dict[str, int]] = {
@@ -313,7 +313,7 @@ class GPT(nn.Module):
         last_only: logits for the last position only, (B, 1, V) (generation: skips the big matmul).
         targets: (B, T) token ids aligned with the positions (already shifted; -100 = none):
         returns (loss_sum, correct, counted) instead of logits, through the fused output
-        projection + cross-entropy of `lmforge.models.lm_loss` (training and evaluation).
+        projection + cross-entropy of `lmforge.ops.lm_loss` (training and evaluation).
         """
         hidden = self._run(input_ids, attention_mask, kv_cache)  # (B, T, C)
         if targets is not None:

@@ -24,7 +24,7 @@ import re
 import torch
 from torch import Tensor, nn
 
-from lmforge.models.dropout import Dropout
+from lmforge.ops.dropout import Dropout
 
 POOLING = {"gpt": "last", "bert": "cls"}
 _TRAINABLE = re.compile(r"^(all|head|last_blocks:(\d+))$")

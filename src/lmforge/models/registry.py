@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.config import ModelConfig
+from lmforge.base.config import ModelConfig
 from lmforge.models.bert import BERT_PRESETS, Bert, BertConfig
 from lmforge.models.bert import flops_per_token as bert_flops_per_token
 from lmforge.models.gpt import GPT, GPT_PRESETS, GPTConfig

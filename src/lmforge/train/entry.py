@@ -8,10 +8,10 @@ from pathlib import Path
 
 import yaml
 
-from lmforge.config import Config, config_diff, config_from_dict, load_config
-from lmforge.train.checkpoint import CheckpointError
-from lmforge.train.distributed import leave_job
-from lmforge.train.checkpoint_retention import clean_stale_temp, find_latest
+from lmforge.base.config import Config, config_diff, config_from_dict, load_config
+from lmforge.checkpoint.files import CheckpointError
+from lmforge.base.distributed import leave_job
+from lmforge.checkpoint.retention import clean_stale_temp, find_latest
 from lmforge.train.log import truncate_metrics
 
 
@@ -60,7 +60,7 @@ def check_tokenizer_match(model_tokenizer: Path, data_dir: Path, what: str) -> N
         return  # a missing data folder is reported by the loop, with its own fix
     if model_tokenizer.read_bytes() == data_tokenizer.read_bytes():
         return
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.base.tokenizer import load_tokenizer
 
     model_vocab = load_tokenizer(model_tokenizer).get_vocab(with_added_tokens=True)
     data_vocab = load_tokenizer(data_tokenizer).get_vocab(with_added_tokens=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmforge.metrics import perplexity
-from lmforge.runtime import Runtime
+from lmforge.base.metrics import perplexity
+from lmforge.base.runtime import Runtime
 from lmforge.train.tasks import add_sums, sums_to_floats
 
 

@@ -19,21 +19,21 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lmforge.config import Config, save_config
+from lmforge.base.config import Config, save_config
 from lmforge.data.store import read_meta
-from lmforge.faults import fault_point
+from lmforge.base.faults import fault_point
 from lmforge.models.registry import flops_per_token  # GPT or BERT config
 from lmforge.models.registry import architecture, load_weights, model_from_architecture
-from lmforge.runtime import Runtime, setup_runtime
-from lmforge.train.checkpoint import Checkpoint, ignore_sigxfsz, load_checkpoint, save_checkpoint
-from lmforge.train.checkpoint_retention import clean_stale_temp, prune_epochs
+from lmforge.base.runtime import Runtime, setup_runtime
+from lmforge.checkpoint.files import Checkpoint, ignore_sigxfsz, load_checkpoint, save_checkpoint
+from lmforge.checkpoint.retention import clean_stale_temp, prune_epochs
 from lmforge.train.data_order import epoch_permutation, window_indices
 from lmforge.train.update import DeviceCounters, defers_host_sync, device_update, host_update
 from lmforge.train.evaluate import evaluate
 from lmforge.train.flops import measured_peak_flops, raise_peak
 from lmforge.train.log import RunLogger, format_train_line, truncate_metrics
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
-from lmforge.train.distributed import (all_reduce_sum, barrier, full_model_state,
+from lmforge.base.distributed import (all_reduce_sum, barrier, full_model_state,
                                        full_optimizer_state, gradient_sync, load_optimizer_state, unwrap,
                                        wrap_model)
 from lmforge.train.tasks import add_sums, best_score, make_task

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from lmforge.config import Config
+from lmforge.base.config import Config
 from lmforge.data.collate import pad_collate
 from lmforge.data.store import TokenStore
-from lmforge.metrics import classification_metrics, confusion_matrix, format_classification
+from lmforge.base.metrics import classification_metrics, confusion_matrix, format_classification
 from lmforge.models.heads import SequenceClassifier, apply_trainable, classifier_architecture
 from lmforge.train.log import throughput_extra
 from lmforge.train.tasks import StepStats
@@ -127,7 +127,7 @@ class ClassifyTask:
         which = "final weights"
         if (best / "manifest.json").exists():
             from lmforge.models.registry import load_weights
-            from lmforge.train.checkpoint import load_checkpoint, read_manifest
+            from lmforge.checkpoint.files import load_checkpoint, read_manifest
 
             ckpt = load_checkpoint(best)
             model = copy.deepcopy(model)

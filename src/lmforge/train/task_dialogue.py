@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from lmforge.data.prepare_dialogue import RESPONSE, build_sample, split_turns
+from lmforge.data.dialogue_format import RESPONSE, build_sample, split_turns
 from lmforge.data.store import TokenStore
-from lmforge.metrics import IGNORE_INDEX
+from lmforge.base.metrics import IGNORE_INDEX
 from lmforge.train.task_lm import LMTask, next_token_stats
 from lmforge.train.tasks import StepStats
 
@@ -105,9 +105,9 @@ class DialogueTask(LMTask):
 
     def samples(self, model: nn.Module, runtime) -> list[dict]:
         """One reply to each configured prompt (taken as the user's first turn), for the log and report."""
-        from lmforge.chat import ChatSession
-        from lmforge.generate import SamplingConfig
-        from lmforge.tokenizer import load_tokenizer
+        from lmforge.inference.chat_session import ChatSession
+        from lmforge.inference.generate import SamplingConfig
+        from lmforge.base.tokenizer import load_tokenizer
 
         train = self.cfg.train
         prompts = [p for p in train.sample_prompts if p.strip()]

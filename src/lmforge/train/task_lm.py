@@ -7,13 +7,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.config import Config
+from lmforge.base.config import Config
 from lmforge.data.collate import pad_collate
 from lmforge.data.datasets import PackedLMDataset
 from lmforge.data.store import TokenStore
-from lmforge.generate import SamplingConfig, generate
-from lmforge.metrics import IGNORE_INDEX, shift_labels
-from lmforge.tokenizer import load_tokenizer
+from lmforge.inference.generate import SamplingConfig, generate
+from lmforge.base.metrics import IGNORE_INDEX, shift_labels
+from lmforge.base.tokenizer import load_tokenizer
 from lmforge.train.tasks import StepStats
 
 

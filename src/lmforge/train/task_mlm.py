@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.config import Config
+from lmforge.base.config import Config
 from lmforge.data.collate import IGNORE_INDEX
 from lmforge.data.mlm import MLMCollator, SentencePairDataset
 from lmforge.data.store import TokenStore

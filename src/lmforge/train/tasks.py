@@ -14,7 +14,7 @@ import importlib
 
 import torch
 
-from lmforge.config import Config
+from lmforge.base.config import Config
 
 
 @dataclass

@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from lmforge.train.distributed import all_reduce_sum
+from lmforge.base.distributed import all_reduce_sum
 
 
 def defers_host_sync(device: torch.device, optimizer: torch.optim.Optimizer) -> bool:

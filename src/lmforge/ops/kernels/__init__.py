@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lmforge.runtime import autocast_dtype
+from lmforge.base.runtime import autocast_dtype
 
 SOURCES = ("library.cpp", "self_attention.cpp", "softmax_rows.cpp")
 HEADERS = ("blas.h",)

@@ -10,11 +10,11 @@ from typing import Iterator, TextIO
 import torch
 from torch import nn
 
-from lmforge.generate import SamplingConfig, stream_generate
+from lmforge.inference.generate import SamplingConfig, stream_generate
 from lmforge.models.registry import load_weights, model_from_architecture
-from lmforge.runtime import pick_device
-from lmforge.tokenizer import load_tokenizer, special_ids
-from lmforge.train.checkpoint import load_checkpoint
+from lmforge.base.runtime import pick_device
+from lmforge.base.tokenizer import load_tokenizer, special_ids
+from lmforge.checkpoint.files import load_checkpoint
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Input files as byte streams: which compressed files are read, how they are opened, progress.
 
-Owns the rule shared by every reader (`lmforge.data.readers`, the classify and dialogue
+Owns the rule shared by every reader (`lmforge.base.readers`, the classify and dialogue
 readers): a `.gz` file is decompressed while it is read, never whole, and its format is named
 by the extension before `.gz` (`a.jsonl.gz` is JSONL; a bare `x.gz` has none, so it is text).
 Other compressed files and archives (.bz2, .xz, .zst, .zip, .7z, .tgz, .tar, .tar.gz) are

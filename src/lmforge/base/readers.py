@@ -2,7 +2,7 @@
 
 Owns turning input files into text documents: read in 1 MiB chunks (.txt) or line by line
 (.jsonl, .csv, .tsv) so memory stays bounded, decoded as strict UTF-8 with errors that name
-the file, the line and the byte offset. Used by `lmforge.tokenizer` (training) and
+the file, the line and the byte offset. Used by `lmforge.base.tokenizer` (training) and
 `lmforge.data.prepare` (tokenizing into a TokenStore).
 
 The format comes from the file extension; a `.gz` file is decompressed while it is read (never
@@ -20,7 +20,7 @@ whole) and its format comes from the extension before `.gz` (`a.jsonl.gz` is JSO
 
 CRLF line endings read as "\\n" and a UTF-8 byte-order mark is dropped. Blank documents are
 skipped. Other compressed files (.bz2, .xz, .zst, .zip, .7z, .tgz, .tar.gz) are refused with a
-hint; a damaged or cut-short .gz is an error naming the file (`lmforge.data.sources`).
+hint; a damaged or cut-short .gz is an error naming the file (`lmforge.base.sources`).
 
 To bound memory, a `.txt` document longer than `max_chars` characters (1 Mi by default)
 comes out in pieces: every piece but the last has `final=False`. Pieces are cut where the
@@ -42,7 +42,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from lmforge.data.sources import format_suffix, input_position, is_gzip, open_input
+from lmforge.base.sources import format_suffix, input_position, is_gzip, open_input
 
 _CHUNK = 1 << 20  # bytes per read of a .txt file
 MAX_DOC_CHARS = 1 << 20

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmforge import __version__
+from lmforge.base.version import __version__
 
 # Keys with a fixed meaning in metrics.jsonl; any other numeric key in train/eval/epoch events is a
 # task extra (mlm_loss, nsp_accuracy, pairs_per_s, ...) and gets its own plot group.

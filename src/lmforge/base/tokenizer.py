@@ -11,7 +11,7 @@ Two kinds, both saved as one `tokenizer.json`:
 
 No post-processor template is added: callers put [CLS]/[SEP]/EOS in themselves, so
 `encode(text).ids` is exactly the text's tokens. Training streams the inputs (see
-`lmforge.data.readers`) through `train_from_iterator`, so a corpus larger than memory works.
+`lmforge.base.readers`) through `train_from_iterator`, so a corpus larger than memory works.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Literal
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from lmforge.data.readers import check_inputs, iter_texts
+from lmforge.base.readers import check_inputs, iter_texts
 
 BPE_SPECIALS = ["<|endoftext|>", "<|pad|>"]
 WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

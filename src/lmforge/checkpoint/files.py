@@ -20,7 +20,7 @@ SIGXFSZ is ignored, otherwise the kernel kills the process; CPython ignores it a
 and ``ignore_sigxfsz()`` makes sure of it for embedded interpreters (the loop calls it).
 
 Nothing here unpickles: weights use safetensors, training_state.pt is read only with
-``torch.load(weights_only=True)``. Crash tests use the fault points of ``lmforge.faults``.
+``torch.load(weights_only=True)``. Crash tests use the fault points of ``lmforge.base.faults``.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lmforge import __version__
-from lmforge.faults import fault_point
+from lmforge.base.version import __version__
+from lmforge.base.faults import fault_point
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1

@@ -8,7 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
-from lmforge.train.checkpoint import CheckpointError, _fsync_dir, read_manifest
+from lmforge.checkpoint.files import CheckpointError, _fsync_dir, read_manifest
 
 _LEFTOVER_RE = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old|del)-(?P<pid>\d+)")
 _EPOCH_RE = re.compile(r"epoch-(\d+)")

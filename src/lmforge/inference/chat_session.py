@@ -1,37 +1,30 @@
-"""Multi-turn chat with a dialogue GPT: the session, streaming replies, the `lmforge chat` loops.
+"""Multi-turn chat with a dialogue GPT: the session and its streamed replies.
 
 Owns the conversation: the history is a list of turns kept as token ids; the context for a
-reply is `[CLS] t1 [SEP] ... [SEP] user [SEP]` (the format of `lmforge.data.prepare_dialogue`)
+reply is `[CLS] t1 [SEP] ... [SEP] user [SEP]` (the format of `lmforge.data.dialogue_format`)
 over the last `max_history` turns (the new user turn included, as GPT2-chitchat counts),
 with older whole turns dropped until it fits the model context with room for the reply.
-The reply is streamed by `lmforge.generate.stream_generate`, stopping at [SEP].
+The reply is streamed by `lmforge.inference.generate.stream_generate`, stopping at [SEP].
 
-Two front ends: an interactive loop for a terminal (commands /reset, /history, /save FILE,
-/quit; Ctrl-C stops a reply, Ctrl-D leaves) and a scripted one for pipes: each input line
-is a user turn and gets exactly one output line (a blank input line starts a new
-conversation and gets an empty line back, as blank lines separate dialogues in the corpus).
 Text the vocabulary does not know becomes [UNK]; nothing typed can crash a session.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import re
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 import torch
 from tokenizers import Tokenizer, models
 from torch import nn
 
-from lmforge.data.prepare_dialogue import RESPONSE, USER, build_sample, dialogue_specials
-from lmforge.generate import SamplingConfig, stream_generate
-from lmforge.tokenizer import special_ids
+from lmforge.data.dialogue_format import RESPONSE, USER, build_sample, dialogue_specials
+from lmforge.inference.generate import SamplingConfig, stream_generate
+from lmforge.base.tokenizer import special_ids
 
 COMMANDS = "/reset  /history  /save FILE  /quit"
 # Scripts written without spaces between words: no space is put next to these characters.
@@ -180,117 +173,10 @@ class ChatSession:
                      for c in conversations]
             text = "".join(line + "\n" for line in lines)
         else:
-            text = "\n".join("".join(f"{_speaker(t)}: {t.text}\n" for t in c) for c in conversations)
+            text = "\n".join("".join(f"{speaker_name(t)}: {t.text}\n" for t in c) for c in conversations)
         path.write_text(text, encoding="utf-8")
         return path
 
 
-def _speaker(turn: Turn) -> str:
+def speaker_name(turn: Turn) -> str:
     return "you" if turn.role == USER else "bot"
-
-
-def _command(session: ChatSession, line: str, out: TextIO) -> bool:
-    """Run a /command; False when the chat should end."""
-    name, _, arg = line.partition(" ")
-    if name in ("/quit", "/exit"):
-        return False
-    if name == "/reset":
-        session.reset()
-        out.write("(history cleared)\n")
-    elif name == "/history":
-        first = max(0, len(session.history) - session.max_history + 1)  # what the next reply sees
-        for i, turn in enumerate(session.history):
-            mark = "*" if i >= first else " "
-            out.write(f"{mark} {_speaker(turn)}: {turn.text}\n")
-        out.write(f"({len(session.history)} turns; * = context of the next reply, "
-                  f"max_history {session.max_history})\n")
-    elif name == "/save":
-        if not arg.strip():
-            out.write("usage: /save FILE (.txt or .jsonl)\n")
-        else:
-            try:
-                out.write(f"(saved {session.save(Path(arg.strip()))})\n")
-            except OSError as err:
-                out.write(f"(could not save: {err})\n")
-    else:
-        out.write(f"unknown command {name}; commands: {COMMANDS}\n")
-    return True
-
-
-def chat_interactive(session: ChatSession, out: TextIO, read_line: Callable[[str], str] = input) -> None:
-    """The terminal loop: `read_line` raises EOFError on Ctrl-D and KeyboardInterrupt on Ctrl-C."""
-    out.write(f"commands: {COMMANDS} | Ctrl-C stops a reply, Ctrl-D leaves\n")
-    while True:
-        try:
-            line = read_line("you> ").strip()
-        except EOFError:
-            out.write("\n")
-            return
-        except KeyboardInterrupt:
-            out.write("\n(Ctrl-D or /quit to leave)\n")
-            continue
-        if not line:
-            continue
-        if line.startswith("/"):
-            if not _command(session, line, out):
-                return
-            continue
-        out.write("bot> ")
-        out.flush()
-        stream = session.reply(line)
-        try:
-            for piece in stream:
-                out.write(piece)
-                out.flush()
-        except KeyboardInterrupt:
-            out.write(" [stopped]")
-        finally:
-            stream.close()
-        out.write("\n")
-        out.flush()
-
-
-def chat_scripted(session: ChatSession, lines: TextIO, out: TextIO) -> int:
-    """One reply line per input line; a blank line starts a new conversation. Returns replies made."""
-    replies = 0
-    for line in lines:
-        if not line.strip():
-            session.reset()
-            out.write("\n")
-        else:
-            reply = "".join(session.reply(line))
-            out.write(reply.replace("\r", " ").replace("\n", " ") + "\n")
-            replies += 1
-        out.flush()
-    return replies
-
-
-def run_chat(checkpoint: str | Path, sampling: SamplingConfig, *, max_history: int = 3,
-             device: str = "auto", transcript: Path | None = None, stdin: TextIO | None = None,
-             stdout: TextIO | None = None) -> int:
-    """The `lmforge chat` command: interactive on a terminal, scripted when stdin is a pipe."""
-    from lmforge.inference import load_for_inference
-
-    stdin = sys.stdin if stdin is None else stdin
-    stdout = sys.stdout if stdout is None else stdout
-    loaded = load_for_inference(checkpoint, device)
-    if not hasattr(loaded.model, "new_kv_cache"):
-        raise ValueError(f"{loaded.path}: chat needs a GPT checkpoint (a dialogue fine-tune)")
-    generator = None
-    if sampling.temperature > 0:
-        generator = torch.Generator(device=loaded.device)
-        generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
-    session = ChatSession(loaded.model, loaded.tokenizer, sampling, max_history=max_history,
-                          generator=generator)
-    try:
-        if stdin.isatty():
-            with contextlib.suppress(ImportError):
-                import readline  # noqa: F401  (line editing and history for input())
-            print(f"chat with {loaded.path} (max_history {max_history})", file=stdout)
-            chat_interactive(session, stdout)
-        else:
-            chat_scripted(session, stdin, stdout)
-    finally:
-        if transcript is not None:
-            print(f"transcript saved: {session.save(transcript)}", file=sys.stderr)
-    return 0

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lmforge import kernels
-from lmforge.metrics import IGNORE_INDEX, count_correct
-from lmforge.runtime import autocast_dtype
+from lmforge.ops import kernels
+from lmforge.base.metrics import IGNORE_INDEX, count_correct
+from lmforge.base.runtime import autocast_dtype
 
 _BLOCK_BYTES = 16 << 20  # float32 logits per block: the block stays in cache between its passes
 _MIN_BLOCK_ROWS = 512  # the weight gradient is added to once per block: thin blocks make that slow

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import load_config
+from lmforge.base.config import load_config
 
 # A model that learns visible structure (speaker names, verse lines) in minutes on 2 CPU cores.
 QUICKSTART_MODEL = {"preset": None, "n_layer": 4, "n_head": 4, "n_embd": 192, "context": 128}
@@ -25,7 +25,7 @@ def quickstart(out: Path, minutes: float = 3.0) -> dict:
     """Run the whole pipeline in `out`; returns the final validation metrics."""
     from lmforge.data.prepare import prepare
     from lmforge.report import write_report
-    from lmforge.tokenizer import train_tokenizer
+    from lmforge.base.tokenizer import train_tokenizer
     from lmforge.train.loop import train
 
     started = time.perf_counter()

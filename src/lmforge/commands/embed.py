@@ -23,7 +23,7 @@ import torch
 
 from lmforge.data.collate import pad_collate
 from lmforge.data.mlm import truncate_pair
-from lmforge.inference import LoadedModel, load_for_inference
+from lmforge.inference.loaded import LoadedModel, load_for_inference
 from lmforge.models.bert import BertConfig
 
 

@@ -81,7 +81,7 @@ def cpu_bf16_units() -> str | None:
 def setup_runtime(device: str = "auto", precision: str = "fp32", seed: int = 1337,
                   collective_timeout: float = 600.0) -> Runtime:
     """Choose device and precision, join the torchrun job if there is one, set threads and seeds."""
-    from lmforge.train.distributed import init_process_group, world_from_env
+    from lmforge.base.distributed import init_process_group, world_from_env
 
     world = world_from_env()
     dev, why = pick_device(device)

@@ -3,7 +3,7 @@
 On a CPU, torch's flash-attention kernel runs T = 256, hs = 64 heads at about a third of the
 matrix-product peak, and the model must copy q, k, v out of the qkv projection into
 (B, nh, T, hs) and the output back; with attention dropout or a padding mask, torch has no
-fused CPU kernel at all and materialises the (B, nh, T, T) probabilities. `lmforge.kernels`'
+fused CPU kernel at all and materialises the (B, nh, T, T) probabilities. `lmforge.ops.kernels`'
 self_attention reads the projection's (B, T, 3C) output as it is, writes the (B, T, C) input
 of the next one, skips the keys a query cannot see (the future, the padding), and drops
 probabilities with a mask it regenerates in the backward from a seed drawn from torch's
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lmforge import kernels
+from lmforge.ops import kernels
 
 _SEED_RANGE = 2**62
 
