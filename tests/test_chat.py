@@ -19,7 +19,7 @@ from lmforge.inference.chat_session import ChatSession, StreamDecoder, decode_te
 from lmforge.inference.generate import SamplingConfig, apply_repetition_penalty
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.base.tokenizer import load_tokenizer, train_tokenizer
-from lmforge.checkpoint.files import save_checkpoint
+from lmforge.checkpoint import save_checkpoint
 
 CORPUS = "你好\n你好呀\n\n今天天气怎么样\n挺好的\n\nhello there\nhi , how are you ? I ' m running\n"
 

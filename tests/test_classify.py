@@ -16,7 +16,7 @@ from lmforge.data.prepare_classify import prepare_classify
 from lmforge.models.heads import classifier_architecture
 from lmforge.models.registry import model_from_architecture
 from lmforge.base.tokenizer import load_tokenizer, train_tokenizer
-from lmforge.checkpoint.files import save_checkpoint
+from lmforge.checkpoint import save_checkpoint
 
 TEXTS = ["WINNER claim your free prize now", "see you at the bus stop", "ok lar"]
 

@@ -21,7 +21,7 @@ from lmforge.commands.interop import export_hf, import_hf
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.base.tokenizer import train_tokenizer
-from lmforge.checkpoint.files import save_checkpoint
+from lmforge.checkpoint import save_checkpoint
 
 transformers = pytest.importorskip("transformers")
 TEXTS = ["A crane is flying over the lake.", "The quick brown fox jumps over the lazy dog!", "这是中文。", "ok"]

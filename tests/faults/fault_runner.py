@@ -25,7 +25,7 @@ import sys
 
 
 def _install() -> None:
-    from lmforge.checkpoint import files as checkpoint
+    from lmforge.checkpoint import save as checkpoint
     from lmforge.train import loop
 
     log_path = os.environ.get("FAULTS_SAMPLE_LOG")

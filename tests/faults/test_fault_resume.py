@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import faultkit as fk
-from lmforge.checkpoint.files import load_checkpoint
+from lmforge.checkpoint import load_checkpoint
 from lmforge.checkpoint.retention import find_latest
 from lmforge.train.entry import resolve_resume
 

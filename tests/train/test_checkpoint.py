@@ -1,4 +1,4 @@
-"""Tests for lmforge.checkpoint.files: round trip, crash safety, damage detection, retention."""
+"""Tests for lmforge.checkpoint: round trip, crash safety, damage detection, retention."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lmforge.checkpoint.files import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
+from lmforge.checkpoint import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
 from lmforge.checkpoint.retention import clean_stale_temp, find_latest, prune_epochs
 
 FAULT_POINTS = ["ckpt_before_write", "ckpt_mid_write", "ckpt_after_flush", "ckpt_after_rename", "ckpt_during_cleanup"]
@@ -27,7 +27,7 @@ FAULT_POINTS = ["ckpt_before_write", "ckpt_mid_write", "ckpt_after_flush", "ckpt
 CHILD = """
 import sys, resource, torch
 from pathlib import Path
-from lmforge.checkpoint.files import CheckpointError, save_checkpoint
+from lmforge.checkpoint import CheckpointError, save_checkpoint
 dest, tok, fsize, big = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 if fsize:
     resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, resource.RLIM_INFINITY))

@@ -8,7 +8,8 @@ import re
 import shutil
 from pathlib import Path
 
-from lmforge.checkpoint.files import CheckpointError, _fsync_dir, read_manifest
+from lmforge.checkpoint.format import CheckpointError, fsync_dir
+from lmforge.checkpoint.load import read_manifest
 
 _LEFTOVER_RE = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old|del)-(?P<pid>\d+)")
 _EPOCH_RE = re.compile(r"epoch-(\d+)")
@@ -35,7 +36,7 @@ def clean_stale_temp(checkpoints_dir: Path) -> list[Path]:
             os.rename(max(complete)[1], dest)
             restored.append(dest)
     if restored:
-        _fsync_dir(checkpoints_dir)
+        fsync_dir(checkpoints_dir)
     for _, p in leftovers:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)

@@ -18,12 +18,13 @@ import torch
 from lmforge.base.config import Config, DataConfig, TrainConfig, config_from_dict
 from lmforge.base.readers import check_inputs, iter_documents
 from lmforge.data.store import read_meta
-from lmforge.inference.loaded import LoadedModel, load_for_inference, resolve_checkpoint
+from lmforge.checkpoint import resolve_checkpoint
+from lmforge.inference.loaded import LoadedModel, load_for_inference
 from lmforge.base.metrics import format_classification
 from lmforge.models.heads import label_names_of
 from lmforge.models.registry import load_weights, model_from_architecture
 from lmforge.base.runtime import setup_runtime
-from lmforge.checkpoint.files import load_checkpoint
+from lmforge.checkpoint import load_checkpoint
 from lmforge.train.tasks import make_task
 
 

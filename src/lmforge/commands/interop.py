@@ -28,7 +28,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from lmforge.models import hf
 from lmforge.models.registry import model_from_architecture
 from lmforge.base.tokenizer import load_tokenizer, special_ids
-from lmforge.checkpoint.files import load_checkpoint, save_checkpoint
+from lmforge.checkpoint import load_checkpoint, save_checkpoint
 
 _ADDS_SPECIALS = ("TemplateProcessing", "BertProcessing", "RobertaProcessing")
 
@@ -146,7 +146,7 @@ def export_hf(checkpoint: Path, out: Path, *, overwrite: bool = False) -> Path:
     BERT loads with `BertForPreTraining.from_pretrained(out)`, GPT with
     `GPT2LMHeadModel.from_pretrained(out)`; both tokenizers with `AutoTokenizer.from_pretrained(out)`.
     """
-    from lmforge.inference.loaded import resolve_checkpoint
+    from lmforge.checkpoint import resolve_checkpoint
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:

@@ -11,10 +11,9 @@ import torch
 from torch import nn
 
 from lmforge.inference.generate import SamplingConfig, stream_generate
-from lmforge.models.registry import load_weights, model_from_architecture
 from lmforge.base.runtime import pick_device
 from lmforge.base.tokenizer import load_tokenizer, special_ids
-from lmforge.checkpoint.files import load_checkpoint
+from lmforge.checkpoint import load_model
 
 
 @dataclass
@@ -24,33 +23,22 @@ class LoadedModel:
     specials: object
     device: torch.device
     path: Path
+    architecture: dict  # the checkpoint's config.json
 
 
 def load_for_inference(checkpoint: str | Path, device: str = "auto") -> LoadedModel:
     """A checkpoint folder (or a run folder: its best, else last checkpoint) ready for inference."""
-    path = resolve_checkpoint(Path(checkpoint))
-    ckpt = load_checkpoint(path)
-    model = model_from_architecture(ckpt.model_config)
-    load_weights(model, ckpt.state_dict, path)
     dev, _ = pick_device(device)
-    model.to(dev).eval()
+    model, ckpt = load_model(checkpoint, device=dev)
+    model.eval()
+    path = ckpt.path
     tokenizer = load_tokenizer(ckpt.tokenizer_file)
     vocab = tokenizer.get_vocab_size()
     if vocab > ckpt.model_config["vocab_size"]:
         raise ValueError(f"{path}: tokenizer.json has {vocab} tokens but the model only "
                          f"{ckpt.model_config['vocab_size']}; the files do not belong together")
-    return LoadedModel(model=model, tokenizer=tokenizer, specials=special_ids(tokenizer), device=dev, path=path)
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    if (path / "manifest.json").exists() or (path / "config.json").exists():
-        return path
-    for name in ("best", "last"):
-        candidate = path / "checkpoints" / name
-        if (candidate / "manifest.json").exists():
-            return candidate
-    raise FileNotFoundError(f"{path}: not a checkpoint folder (no manifest.json) nor a run folder "
-                            "with checkpoints/best or checkpoints/last")
+    return LoadedModel(model=model, tokenizer=tokenizer, specials=special_ids(tokenizer), device=dev, path=path,
+                       architecture=ckpt.model_config)
 
 
 def stream_text(loaded: LoadedModel, prompt: str, cfg: SamplingConfig,

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from lmforge.base.config import Config, config_diff, config_from_dict, load_config
-from lmforge.checkpoint.files import CheckpointError
+from lmforge.checkpoint import CheckpointError
 from lmforge.base.distributed import leave_job
 from lmforge.checkpoint.retention import clean_stale_temp, find_latest
 from lmforge.train.log import truncate_metrics

@@ -25,7 +25,7 @@ from lmforge.base.faults import fault_point
 from lmforge.models.registry import flops_per_token  # GPT or BERT config
 from lmforge.models.registry import architecture, load_weights, model_from_architecture
 from lmforge.base.runtime import Runtime, setup_runtime
-from lmforge.checkpoint.files import Checkpoint, ignore_sigxfsz, load_checkpoint, save_checkpoint
+from lmforge.checkpoint import Checkpoint, ignore_sigxfsz, load_checkpoint, save_checkpoint
 from lmforge.checkpoint.retention import clean_stale_temp, prune_epochs
 from lmforge.train.data_order import epoch_permutation, window_indices
 from lmforge.train.update import DeviceCounters, defers_host_sync, device_update, host_update

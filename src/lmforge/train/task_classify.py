@@ -127,7 +127,7 @@ class ClassifyTask:
         which = "final weights"
         if (best / "manifest.json").exists():
             from lmforge.models.registry import load_weights
-            from lmforge.checkpoint.files import load_checkpoint, read_manifest
+            from lmforge.checkpoint import load_checkpoint, read_manifest
 
             ckpt = load_checkpoint(best)
             model = copy.deepcopy(model)

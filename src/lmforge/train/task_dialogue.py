@@ -23,21 +23,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lmforge.data.dialogue_format import RESPONSE, build_sample, split_turns
-from lmforge.data.store import TokenStore
+from lmforge.data.store import TokenStore, read_roles
 from lmforge.base.metrics import IGNORE_INDEX
 from lmforge.train.task_lm import LMTask, next_token_stats
 from lmforge.train.tasks import StepStats
-
-
-def _roles_memmap(data_dir: Path, split: str, n_tokens: int) -> np.ndarray:
-    path = Path(data_dir) / f"{split}.roles"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; prepare the data again with "
-                                f"`lmforge prepare --task dialogue`")
-    if path.stat().st_size != n_tokens:
-        raise ValueError(f"{path}: {path.stat().st_size} roles for {n_tokens} tokens "
-                         f"(file damaged); prepare the data again")
-    return np.memmap(path, dtype=np.uint8, mode="r") if n_tokens else np.empty(0, np.uint8)
 
 
 class DialogueDataset(Dataset):
@@ -54,7 +43,7 @@ class DialogueDataset(Dataset):
         self.max_len = max_len
         self.loss_on = loss_on
         self.cls, self.sep = int(dialogue["cls_id"]), int(dialogue["sep_id"])
-        self.roles = _roles_memmap(store.data_dir, store.split, len(store.tokens))
+        self.roles = read_roles(store.data_dir, store.split, len(store.tokens))
 
     def __len__(self) -> int:
         return len(self.store)

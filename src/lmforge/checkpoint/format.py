@@ -1,0 +1,65 @@
+"""What a checkpoint folder is: its files, its manifest, its errors, and the loaded form.
+
+A checkpoint is a folder (``checkpoints/last``, ``best``, ``epoch-N``) holding config.json,
+model.safetensors, tokenizer.json, optional run_config.json and training_state.pt, and
+manifest.json, written last: ``{"format": 1, "files": {name: {"size", "sha256"}}, "step",
+"epoch", "created", "lmforge_version"}``. A folder without a manifest is not a checkpoint.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+PLAIN_SCALARS = (bool, int, float, str, type(None))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is incomplete, damaged or unsafe, or could not be written."""
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    """A loaded, verified checkpoint."""
+
+    path: Path
+    model_config: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    tokenizer_file: Path
+    run_config: dict[str, Any] | None
+    training_state: dict[str, Any] | None
+
+
+def ignore_sigxfsz() -> None:
+    """Make writes past RLIMIT_FSIZE fail with EFBIG (reported as disk full) instead of killing us."""
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    if os.name == "nt":  # Windows cannot open a directory for fsync; NTFS journals renames.
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
