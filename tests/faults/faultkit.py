@@ -104,7 +104,7 @@ def losses(run: Path) -> list[tuple[int, float]]:
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    from lmforge.checkpoint.files import load_checkpoint
+    from lmforge.checkpoint import load_checkpoint
 
     return load_checkpoint(checkpoint).state_dict
 

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import faultkit as fk
 from lmforge.cli import main
-from lmforge.checkpoint.files import load_checkpoint
+from lmforge.checkpoint import load_checkpoint
 from lmforge.train.entry import resolve_resume
 
 

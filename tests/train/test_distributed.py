@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from conftest import tiny_run
-from lmforge.checkpoint.files import load_checkpoint
+from lmforge.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.multiprocess
 

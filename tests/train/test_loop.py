@@ -17,7 +17,7 @@ from lmforge.base.config import load_config
 from lmforge.data.collate import pad_collate
 from lmforge.models.registry import architecture, model_from_architecture
 from lmforge.base.runtime import setup_runtime
-from lmforge.checkpoint.files import load_checkpoint
+from lmforge.checkpoint import load_checkpoint
 from lmforge.train.loop import LoopState, _forward_backward, train
 from lmforge.train.log import RunLogger
 from lmforge.train.tasks import make_task

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_run
 from lmforge.base.config import load_config
 from lmforge.train import loop, task_lm
-from lmforge.checkpoint.files import load_checkpoint
+from lmforge.checkpoint import load_checkpoint
 from lmforge.train.loop import train
 from lmforge.train.update import clip
 

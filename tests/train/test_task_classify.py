@@ -14,7 +14,7 @@ from lmforge.base.config import load_config
 from lmforge.data.prepare_classify import prepare_classify
 from lmforge.report import write_report
 from lmforge.base.tokenizer import train_tokenizer
-from lmforge.checkpoint.files import load_checkpoint
+from lmforge.checkpoint import load_checkpoint
 from lmforge.train.loop import train
 
 WORDS = "see you at the bus stop later ok lar going home now what time is dinner".split()

@@ -13,7 +13,7 @@ from lmforge.base.config import load_config
 from lmforge.data.prepare import prepare
 from lmforge.models.registry import architecture, model_from_architecture
 from lmforge.base.tokenizer import train_tokenizer
-from lmforge.checkpoint.files import load_checkpoint
+from lmforge.checkpoint import load_checkpoint
 from lmforge.train.loop import train
 from lmforge.train.tasks import add_sums, make_task, sums_to_floats
 
