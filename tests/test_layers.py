@@ -38,7 +38,7 @@ KNOWN_CIRCLES: set[tuple[str, str]] = {
     ("lmforge.data.prepare", "lmforge.data.prepare_mlm"),
 }
 KNOWN_LONG_FILES: set[str] = {"lmforge.base.config", "lmforge.base.readers",
-                              "lmforge.report", "lmforge.train.loop"}
+                              "lmforge.train.loop"}
 KNOWN_LONG_FUNCTIONS: set[str] = {"lmforge.data.prepare:prepare", "lmforge.train.loop:train"}
 
 

@@ -131,7 +131,7 @@ def test_run_without_eval_nan_values_and_no_config(tmp_path: Path) -> None:
 
 
 def test_classify_run_plots_by_epoch_and_reports_final_metrics(tmp_path: Path) -> None:
-    from lmforge.report import _unit_map
+    from lmforge.report.plots import unit_map
 
     events = _events()
     for epoch in (1, 2):  # classify evaluates the train split too, once per epoch
@@ -146,7 +146,7 @@ def test_classify_run_plots_by_epoch_and_reports_final_metrics(tmp_path: Path) -
     assert {p.stem for p in (run / "plots").glob("*.png")} == {"loss", "lr", "accuracy"}
     assert "<td>final test accuracy</td><td>87.50%</td>" in page
     assert "<td>final test macro F1</td><td>0.8123</td>" in page
-    epochs, examples = _unit_map(events, "examples", "epoch")
+    epochs, examples = unit_map(events, "examples", "epoch")
     assert list(epochs[:3]) == [0.05, 0.1, 0.15] and list(examples[:3]) == [4, 8, 12]
 
 
