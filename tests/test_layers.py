@@ -33,13 +33,9 @@ MAX_FUNCTION_LINES = 80
 KNOWN_UPWARD: set[tuple[str, str]] = set()
 KNOWN_CIRCLES: set[tuple[str, str]] = {
     ("lmforge.models.registry", "lmforge.models.heads"),
-    ("lmforge.data.prepare", "lmforge.data.prepare_classify"),
-    ("lmforge.data.prepare", "lmforge.data.prepare_dialogue"),
-    ("lmforge.data.prepare", "lmforge.data.prepare_mlm"),
 }
-KNOWN_LONG_FILES: set[str] = {"lmforge.base.config", "lmforge.base.readers",
-                              "lmforge.train.loop"}
-KNOWN_LONG_FUNCTIONS: set[str] = {"lmforge.data.prepare:prepare", "lmforge.train.loop:train"}
+KNOWN_LONG_FILES: set[str] = {"lmforge.base.config", "lmforge.train.loop"}
+KNOWN_LONG_FUNCTIONS: set[str] = {"lmforge.train.loop:train"}
 
 
 def _module_name(path: Path) -> str:

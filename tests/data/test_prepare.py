@@ -151,7 +151,7 @@ def test_long_documents_read_in_pieces_stay_one_sample(setup, tmp_path, monkeypa
     corpus, tok_path = setup
     import functools
 
-    import lmforge.data.prepare as prep
+    import lmforge.data.prepare_lm as prep
     from lmforge.base.readers import iter_documents
 
     monkeypatch.setattr(prep, "iter_documents", functools.partial(iter_documents, max_chars=40))

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 import lmforge.base.readers as readers
+import lmforge.base.sources as sources
 from lmforge.base.readers import iter_documents
 from lmforge.base.tokenizer import load_tokenizer, train_tokenizer
 
@@ -36,7 +37,7 @@ def test_txt_doc_per_line(tmp_path):
 def test_chunk_edges_change_nothing(tmp_path, monkeypatch, chunk):
     path = write(tmp_path / "a.txt", TXT + "\r\n\r\n你好 world\r\n")
     expected = docs(path)
-    monkeypatch.setattr(readers, "_CHUNK", chunk)  # cut CRLF pairs and UTF-8 characters
+    monkeypatch.setattr(sources, "_CHUNK", chunk)  # cut CRLF pairs and UTF-8 characters
     assert docs(path) == expected
     assert expected[-1] == ("你好 world\n", 15, True)
 

@@ -60,10 +60,10 @@ def test_prepare_lm_from_gz_writes_the_same_token_files(corpus, tmp_path):
 
 
 def test_progress_offsets_of_a_gz_stay_within_the_compressed_size(corpus, monkeypatch):
-    import lmforge.base.readers as readers
+    import lmforge.base.sources as sources
 
     _, packed = corpus
-    monkeypatch.setattr(readers, "_CHUNK", 512)  # many reads, many offsets
+    monkeypatch.setattr(sources, "_CHUNK", 512)  # many reads, many offsets
     for options in ({}, {"doc_split": "line"}):
         offsets = [d.offset for d in iter_documents(packed, **options)]
         assert offsets == sorted(offsets) and offsets[-1] == packed.stat().st_size

@@ -1,11 +1,12 @@
-"""TokenStore format: write/read round trips (uint16, uint32), labels, pieces, clear errors."""
+"""TokenStore format: write/read round trips (uint16, uint32), labels, roles, pieces, edits, clear errors."""
 
 import json
 
 import numpy as np
 import pytest
 
-from lmforge.data.store import TokenStore, TokenStoreWriter, dtype_for, read_meta, write_meta
+from lmforge.data.store import (RolesWriter, TokenStore, TokenStoreWriter, cut_sample, dtype_for, has_split,
+                                 move_last_sample, read_meta, read_roles, split_counts, write_meta)
 
 
 def meta_for(vocab_size: int, **extra) -> dict:
@@ -90,3 +91,43 @@ def test_meta_round_trip_and_reader_errors(tmp_path):
     (tmp_path / "meta.json").write_text("{broken")
     with pytest.raises(ValueError, match="damaged meta.json"):
         read_meta(tmp_path)
+
+
+def write_split(folder, split, samples, vocab_size=100):
+    with TokenStoreWriter(folder, split, vocab_size) as w:
+        for s in samples:
+            w.add(s)
+
+
+def test_roles_round_trip_and_errors(tmp_path):
+    roles = RolesWriter(tmp_path, "train")
+    roles.add([0, 1, 1])
+    roles.add([0])
+    roles.close()
+    assert read_roles(tmp_path, "train", 4).tolist() == [0, 1, 1, 0]
+    assert (tmp_path / "train.roles").stat().st_size == 4  # uint8, one per token
+    with pytest.raises(ValueError, match="4 roles for 5 tokens"):
+        read_roles(tmp_path, "train", 5)
+    with pytest.raises(FileNotFoundError, match="val.roles not found.*--task dialogue"):
+        read_roles(tmp_path, "val", 4)
+    RolesWriter(tmp_path, "val").close()
+    assert read_roles(tmp_path, "val", 0).tolist() == []
+
+
+def test_counts_and_edits_after_writing(tmp_path):
+    write_split(tmp_path, "train", [[1, 2, 3], [4, 5], [6]])
+    write_split(tmp_path, "val", [])
+    assert has_split(tmp_path, "train") and not has_split(tmp_path, "test")
+    assert split_counts(tmp_path, "train") == {"samples": 3, "tokens": 6}
+    assert split_counts(tmp_path, "val") == {"samples": 0, "tokens": 0}
+    move_last_sample(tmp_path, "train", "val", np.dtype("<u2"))
+    write_meta(tmp_path, meta_for(100))
+    assert [TokenStore(tmp_path, "train")[i].tolist() for i in range(2)] == [[1, 2, 3], [4, 5]]
+    assert TokenStore(tmp_path, "val")[0].tolist() == [6]
+
+    write_split(tmp_path, "train", [[1, 2, 3, 4, 5, 6, 7]])
+    cut_sample(tmp_path, "train", {"train": 4, "val": 3, "test": 0}, np.dtype("<u2"))
+    assert TokenStore(tmp_path, "train")[0].tolist() == [1, 2, 3, 4]
+    assert TokenStore(tmp_path, "val")[0].tolist() == [5, 6, 7]
+    assert len(TokenStore(tmp_path, "test")) == 0
+    assert not (tmp_path / ".single.bin").exists()

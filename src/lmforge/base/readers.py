@@ -1,9 +1,10 @@
 """Streaming readers: raw corpus files (.txt, .jsonl, .csv, .tsv) -> a stream of documents.
 
-Owns turning input files into text documents: read in 1 MiB chunks (.txt) or line by line
-(.jsonl, .csv, .tsv) so memory stays bounded, decoded as strict UTF-8 with errors that name
-the file, the line and the byte offset. Used by `lmforge.base.tokenizer` (training) and
-`lmforge.data.prepare` (tokenizing into a TokenStore).
+Owns cutting decoded text into documents: .txt blocks (or lines, or whole files), .jsonl
+fields, .csv/.tsv cells, and the pieces of very long documents. The bytes come from
+`lmforge.base.sources` (read in 1 MiB chunks for .txt, line by line otherwise, strict UTF-8
+with errors that name the file, the line and the byte offset). Used by `lmforge.base.tokenizer`
+(training) and the lm and mlm preparation of `lmforge.data` (tokenizing into a token store).
 
 The format comes from the file extension; a `.gz` file is decompressed while it is read (never
 whole) and its format comes from the extension before `.gz` (`a.jsonl.gz` is JSONL, a bare
@@ -32,7 +33,6 @@ when 4 * max_chars characters hold no such place: then the cut falls where it mu
 
 from __future__ import annotations
 
-import codecs
 import csv
 import itertools
 import json
@@ -42,12 +42,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from lmforge.base.sources import format_suffix, input_position, is_gzip, open_input
+from lmforge.base.sources import format_suffix, iter_chunks, iter_lines
 
-_CHUNK = 1 << 20  # bytes per read of a .txt file
 MAX_DOC_CHARS = 1 << 20
-_BOM = b"\xef\xbb\xbf"
-_GZIP_MAGIC = b"\x1f\x8b"
 
 
 class Document(NamedTuple):
@@ -114,101 +111,6 @@ def iter_texts(paths: Iterable[Path], **options) -> Iterator[str]:
     """Only the texts of iter_corpus (pieces of very long documents come separately)."""
     for doc in iter_corpus(paths, **options):
         yield doc.text
-
-
-# -- decoding ------------------------------------------------------------------------------------
-
-
-def _utf8_error(path: Path, line_no: int, offset: int, bad: bytes) -> ValueError:
-    where = "of the decompressed text" if is_gzip(path) else "of the file"
-    return ValueError(f"{path}: line {line_no}: not valid UTF-8 (bytes {bad!r} at byte offset "
-                      f"{offset} {where}); save the file as UTF-8, for example "
-                      f"`iconv -f latin1 -t utf-8 in.txt > out.txt`")
-
-
-_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
-
-
-def _check_start(path: Path, head: bytes) -> None:
-    """UTF-16 (Windows "Unicode") files: say so, instead of a UTF-8 error at byte 0."""
-    if head.startswith(_UTF16_BOMS):
-        raise ValueError(f"{path}: the file is UTF-16 (it starts with a UTF-16 byte-order mark), not "
-                         f"UTF-8; convert it, for example `iconv -f utf-16 -t utf-8 {path.name} > "
-                         f"{path.stem}-utf8{path.suffix}`")
-    if head.startswith(_GZIP_MAGIC) and not is_gzip(path):
-        raise ValueError(f"{path}: the file is gzip-compressed (it starts with the gzip magic bytes); "
-                         f"name it {path.name}.gz and it is decompressed while read")
-
-
-def _nul_error(path: Path, line_no: int) -> ValueError:
-    return ValueError(f"{path}: line {line_no}: NUL byte (\\x00) in the text; this looks like a binary "
-                      f"file or UTF-16 without a byte-order mark, not UTF-8 text; convert it to UTF-8 "
-                      f"(for example `iconv -f utf-16 -t utf-8`) or remove the NUL bytes")
-
-
-def _iter_lines(path: Path) -> Iterator[tuple[int, str, int]]:
-    """Yield (line_no, text, position) per line: strict UTF-8, CRLF -> "\\n", BOM dropped; .gz
-    decompressed; position as `input_position` (for progress bars)."""
-    offset = 0  # bytes of the (decompressed) text consumed, for error messages
-    with open_input(path) as f:
-        gz = is_gzip(path)
-        for line_no, raw in enumerate(f, start=1):
-            start = offset
-            offset += len(raw)
-            if line_no == 1:
-                _check_start(path, raw)
-            if line_no == 1 and raw.startswith(_BOM):
-                raw, start = raw[3:], 3
-            if raw.endswith(b"\r\n"):
-                raw = raw[:-2] + b"\n"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise _utf8_error(path, line_no, start + e.start, raw[e.start:e.end]) from None
-            if "\x00" in text:
-                raise _nul_error(path, line_no)
-            yield line_no, text, input_position(f) if gz else offset
-
-
-def _iter_chunks(path: Path) -> Iterator[tuple[str, int]]:
-    """Yield (text, position) for ~1 MiB chunks of the file, decoded as strict UTF-8 (a character
-    cut by a chunk edge is completed by the next read), CRLF -> "\\n", BOM dropped; .gz
-    decompressed; position as `input_position` (for progress bars)."""
-    decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    offset = 0  # bytes of the (decompressed) text consumed, for error messages
-    newlines = 0  # b"\n" in the bytes consumed (for the line of an error)
-    held = ""  # a "\r" at a chunk end, until we know whether "\n" follows
-    with open_input(path) as f:
-        gz = is_gzip(path)
-        while True:
-            raw = f.read(_CHUNK)
-            final = not raw
-            if offset == 0:
-                _check_start(path, raw)
-            if offset == 0 and raw.startswith(_BOM):
-                raw, offset = raw[3:], 3
-            pending = decoder.getstate()[0]  # bytes of a cut character, held by the decoder
-            try:
-                text = decoder.decode(raw, final)
-            except UnicodeDecodeError as e:
-                data = e.object  # pending + raw
-                line = newlines + data[:e.start].count(b"\n") + 1
-                raise _utf8_error(path, line, offset - len(pending) + e.start,
-                                  data[e.start:e.end]) from None
-            if (nul := text.find("\x00")) >= 0:
-                raise _nul_error(path, newlines + text.count("\n", 0, nul) + 1)
-            offset += len(raw)
-            newlines += raw.count(b"\n")
-            if held:
-                text, held = held + text, ""
-            if not final and text.endswith("\r"):
-                text, held = text[:-1], "\r"
-            if "\r" in text:
-                text = text.replace("\r\n", "\n")
-            if text:
-                yield text, input_position(f) if gz else offset
-            if final:
-                return
 
 
 # -- .txt ----------------------------------------------------------------------------------------
@@ -283,7 +185,7 @@ def _txt_documents(path: Path, doc_split: str, max_chars: int) -> Iterator[Docum
 
     # The end of the file ends the last line and the last block.
     end = [("\n" if doc_per_line else _FILE_END if doc_split == "file" else "\n\n", None)]
-    for text, at in itertools.chain(_iter_chunks(path), end):
+    for text, at in itertools.chain(iter_chunks(path), end):
         offset = offset if at is None else at
         buf = rest + text
         if doc_per_line:
@@ -334,7 +236,7 @@ def parse_json_line(path: Path, line_no: int, text: str):
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
-    for line_no, text, offset in _iter_lines(path):
+    for line_no, text, offset in iter_lines(path):
         if not text.strip():
             continue
         record = parse_json_line(path, line_no, text)
@@ -373,7 +275,7 @@ def _table_documents(path: Path, column: str | int, delimiter: str) -> Iterator[
     state = {"offset": 0}
 
     def lines() -> Iterator[str]:
-        for _, text, offset in _iter_lines(path):
+        for _, text, offset in iter_lines(path):
             state["offset"] = offset
             yield text
 

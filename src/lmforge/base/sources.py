@@ -1,16 +1,24 @@
-"""Input files as byte streams: which compressed files are read, how they are opened, progress.
+"""Input files as byte and text streams: which compressed files are read, how they are opened
+and decoded, progress.
 
-Owns the rule shared by every reader (`lmforge.base.readers`, the classify and dialogue
-readers): a `.gz` file is decompressed while it is read, never whole, and its format is named
-by the extension before `.gz` (`a.jsonl.gz` is JSONL; a bare `x.gz` has none, so it is text).
-Other compressed files and archives (.bz2, .xz, .zst, .zip, .7z, .tgz, .tar, .tar.gz) are
-refused with a hint. A damaged or cut-short gzip stream is a ValueError naming the file.
-Progress bars count the bytes read of the file on disk (the compressed position of a .gz),
-so they end at its size.
+Owns the rules shared by every reader (`lmforge.base.readers`, the classify and dialogue
+readers of `lmforge.data`):
+
+- a `.gz` file is decompressed while it is read, never whole, and its format is named by the
+  extension before `.gz` (`a.jsonl.gz` is JSONL; a bare `x.gz` has none, so it is text). Other
+  compressed files and archives (.bz2, .xz, .zst, .zip, .7z, .tgz, .tar, .tar.gz) are refused
+  with a hint. A damaged or cut-short gzip stream is a ValueError naming the file.
+- text is strict UTF-8, read line by line (`iter_lines`) or in 1 MiB chunks (`iter_chunks`),
+  so memory stays bounded; CRLF reads as "\\n" and a byte-order mark is dropped; a decoding
+  error, a NUL byte, a UTF-16 or an unnamed gzip file is a ValueError naming the file, the
+  line and the byte offset.
+- progress bars count the bytes read of the file on disk (the compressed position of a .gz),
+  so they end at its size.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import gzip
 import zlib
@@ -18,6 +26,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+_CHUNK = 1 << 20  # bytes per read of iter_chunks
+_BOM = b"\xef\xbb\xbf"
+_GZIP_MAGIC = b"\x1f\x8b"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _COMPRESSED = {".bz2", ".xz", ".zst", ".zip", ".7z", ".tgz", ".tar"}  # refused (.gz is read)
 # What a damaged or cut-short gzip stream raises while it is read.
 _GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
@@ -70,3 +82,95 @@ def input_position(f: BinaryIO) -> int:
 def _gzip_error(path: Path, e: Exception) -> ValueError:
     return ValueError(f"{path}: damaged or truncated gzip file ({e}); `gzip -t {path}` checks it; "
                       f"copy or compress the file again")
+
+
+# -- decoding ------------------------------------------------------------------------------------
+
+
+def _utf8_error(path: Path, line_no: int, offset: int, bad: bytes) -> ValueError:
+    where = "of the decompressed text" if is_gzip(path) else "of the file"
+    return ValueError(f"{path}: line {line_no}: not valid UTF-8 (bytes {bad!r} at byte offset "
+                      f"{offset} {where}); save the file as UTF-8, for example "
+                      f"`iconv -f latin1 -t utf-8 in.txt > out.txt`")
+
+
+def _check_start(path: Path, head: bytes) -> None:
+    """UTF-16 (Windows "Unicode") files: say so, instead of a UTF-8 error at byte 0."""
+    if head.startswith(_UTF16_BOMS):
+        raise ValueError(f"{path}: the file is UTF-16 (it starts with a UTF-16 byte-order mark), not "
+                         f"UTF-8; convert it, for example `iconv -f utf-16 -t utf-8 {path.name} > "
+                         f"{path.stem}-utf8{path.suffix}`")
+    if head.startswith(_GZIP_MAGIC) and not is_gzip(path):
+        raise ValueError(f"{path}: the file is gzip-compressed (it starts with the gzip magic bytes); "
+                         f"name it {path.name}.gz and it is decompressed while read")
+
+
+def _nul_error(path: Path, line_no: int) -> ValueError:
+    return ValueError(f"{path}: line {line_no}: NUL byte (\\x00) in the text; this looks like a binary "
+                      f"file or UTF-16 without a byte-order mark, not UTF-8 text; convert it to UTF-8 "
+                      f"(for example `iconv -f utf-16 -t utf-8`) or remove the NUL bytes")
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, str, int]]:
+    """Yield (line_no, text, position) per line: strict UTF-8, CRLF -> "\\n", BOM dropped; .gz
+    decompressed; position as `input_position` (for progress bars)."""
+    offset = 0  # bytes of the (decompressed) text consumed, for error messages
+    with open_input(path) as f:
+        gz = is_gzip(path)
+        for line_no, raw in enumerate(f, start=1):
+            start = offset
+            offset += len(raw)
+            if line_no == 1:
+                _check_start(path, raw)
+            if line_no == 1 and raw.startswith(_BOM):
+                raw, start = raw[3:], 3
+            if raw.endswith(b"\r\n"):
+                raw = raw[:-2] + b"\n"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _utf8_error(path, line_no, start + e.start, raw[e.start:e.end]) from None
+            if "\x00" in text:
+                raise _nul_error(path, line_no)
+            yield line_no, text, input_position(f) if gz else offset
+
+
+def iter_chunks(path: Path) -> Iterator[tuple[str, int]]:
+    """Yield (text, position) for ~1 MiB chunks of the file, decoded as strict UTF-8 (a character
+    cut by a chunk edge is completed by the next read), CRLF -> "\\n", BOM dropped; .gz
+    decompressed; position as `input_position` (for progress bars)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    offset = 0  # bytes of the (decompressed) text consumed, for error messages
+    newlines = 0  # b"\n" in the bytes consumed (for the line of an error)
+    held = ""  # a "\r" at a chunk end, until we know whether "\n" follows
+    with open_input(path) as f:
+        gz = is_gzip(path)
+        while True:
+            raw = f.read(_CHUNK)
+            final = not raw
+            if offset == 0:
+                _check_start(path, raw)
+            if offset == 0 and raw.startswith(_BOM):
+                raw, offset = raw[3:], 3
+            pending = decoder.getstate()[0]  # bytes of a cut character, held by the decoder
+            try:
+                text = decoder.decode(raw, final)
+            except UnicodeDecodeError as e:
+                data = e.object  # pending + raw
+                line = newlines + data[:e.start].count(b"\n") + 1
+                raise _utf8_error(path, line, offset - len(pending) + e.start,
+                                  data[e.start:e.end]) from None
+            if (nul := text.find("\x00")) >= 0:
+                raise _nul_error(path, newlines + text.count("\n", 0, nul) + 1)
+            offset += len(raw)
+            newlines += raw.count(b"\n")
+            if held:
+                text, held = held + text, ""
+            if not final and text.endswith("\r"):
+                text, held = text[:-1], "\r"
+            if "\r" in text:
+                text = text.replace("\r\n", "\n")
+            if text:
+                yield text, input_position(f) if gz else offset
+            if final:
+                return

@@ -18,7 +18,8 @@ first batches of val hold every class. `balance=True` first undersamples every c
 size of the smallest (as chapter 6 of "Build a Large Language Model (From Scratch)" does).
 
 The records are held in memory (labelled sets are small next to pretraining corpora); the
-token store is written through a temp folder renamed into place, as `lmforge.data.prepare`.
+token store is written through a temp folder renamed into place, as for every task
+(`lmforge.data.pipeline`).
 Texts are encoded without truncation or padding (a tokenizer.json from the Hub may carry
 both); a WordPiece tokenizer (one with [CLS] and [SEP]) gets `[CLS] text [SEP]`, a BPE one the
 text's tokens only (the GPT head reads the last real token). `max_tokens` truncates at prepare
@@ -28,9 +29,7 @@ time; the task also truncates to the model context when it reads.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
-import shutil
 import sys
 import time
 from collections import Counter
@@ -39,16 +38,14 @@ from typing import Iterator, Literal, NamedTuple
 
 import numpy as np
 
-from lmforge.base.version import __version__
-from lmforge.data.prepare import _check_out_dir
-from lmforge.data.staging import sha256_file, staged_folder
-from lmforge.base.readers import _iter_lines, check_inputs
-from lmforge.base.sources import format_suffix
-from lmforge.data.store import TokenStoreWriter, dtype_for, write_meta
-from lmforge.base.tokenizer import load_tokenizer, special_ids, tokenizer_file
+from lmforge.base.readers import check_inputs
+from lmforge.base.sources import format_suffix, iter_lines
+from lmforge.data.pipeline import (SPLIT_NAMES, check_numbers, check_out_dir, open_tokenizer, split_names,
+                                   write_folder_meta)
+from lmforge.data.staging import staged_folder
+from lmforge.data.store import TokenStoreWriter, split_counts
 
 Format = Literal["auto", "csv", "tsv", "jsonl", "sms"]
-SPLITS = ("train", "val", "test")
 
 
 class Record(NamedTuple):
@@ -66,24 +63,16 @@ def prepare_classify(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
                      balance: bool = False, max_tokens: int | None = None,
                      overwrite: bool = False, show_progress: bool = True) -> dict:
     """Read, split and tokenize labelled texts into `out_dir`; returns the meta.json dict."""
-    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value}")
-    if val_fraction + test_fraction >= 1.0:
-        raise ValueError(f"val_fraction + test_fraction must be < 1 (train needs data), got "
-                         f"{val_fraction} + {test_fraction}")
+    check_numbers(val_fraction, test_fraction)
     if max_tokens is not None and max_tokens < 2:
         raise ValueError(f"max_tokens must be >= 2 or None, got {max_tokens}")
     if labels is not None and len(set(labels)) != len(labels):
         raise ValueError(f"labels {labels}: each label name must appear once")
     paths = check_inputs(inputs)
-    tok_file = tokenizer_file(tokenizer_path)
-    tok = load_tokenizer(tok_file)
-    tok.no_truncation()
-    tok.no_padding()
-    ids = special_ids(tok)
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir, paths, overwrite)
+    tokenizer = open_tokenizer(tokenizer_path)
+    tokenizer.tok.no_truncation()
+    tokenizer.tok.no_padding()
+    out_dir = check_out_dir(out_dir, paths, overwrite)
     t0 = time.perf_counter()
 
     records: list[Record] = []
@@ -102,32 +91,24 @@ def prepare_classify(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
     keep = balanced_indices(y, rng) if balance else np.arange(len(y))
     parts = stratified_split(y, keep, val_fraction, test_fraction, rng)
 
+    ids = tokenizer.ids
     wrap = "cls_sep" if ids.cls is not None and ids.sep is not None else "none"
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
     with staged_folder(out_dir) as tmp:
         counts = {}
-        for split, idx in parts.items():
-            if split == "test" and test_fraction == 0:
-                continue
+        for split in split_names(test_fraction):
+            idx = parts[split]
             texts = [records[i].text for i in idx]
-            encoded = tok.encode_batch(texts, add_special_tokens=False) if texts else []
-            with TokenStoreWriter(tmp, split, vocab_size) as writer:
+            encoded = tokenizer.tok.encode_batch(texts, add_special_tokens=False) if texts else []
+            with TokenStoreWriter(tmp, split, tokenizer.vocab_size) as writer:
                 for i, enc in zip(idx, encoded):
                     writer.add(_wrap(enc.ids, ids, wrap, max_tokens), int(y[i]))
-            counts[split] = _split_counts(tmp, split)
+            counts[split] = split_counts(tmp, split)
             counts[split]["labels"] = {label_names[k]: int(v) for k, v in
                                        sorted(Counter(y[idx].tolist()).items())}
-        shutil.copyfile(tok_file, tmp / "tokenizer.json")
-        meta = {
-            "task": "classify", "tokenizer": str(tok_file.resolve()),
-            "tokenizer_sha256": sha256_file(tok_file), "vocab_size": vocab_size,
-            "dtype": dtype_for(vocab_size).name, "special_ids": dataclasses.asdict(ids),
-            "label_names": label_names, "special_wrap": wrap, "splits": counts,
-            "lmforge_version": __version__, "inputs": [str(p.resolve()) for p in paths],
-            "records": len(records), "balanced": balance, "seed": seed,
-            "val_fraction": val_fraction, "test_fraction": test_fraction, "max_tokens": max_tokens,
-        }
-        write_meta(tmp, meta)
+        meta = write_folder_meta(tmp, "classify", tokenizer, paths, counts, seed=seed,
+                                 val_fraction=val_fraction, test_fraction=test_fraction,
+                                 label_names=label_names, special_wrap=wrap, records=len(records),
+                                 balanced=balance, max_tokens=max_tokens)
     if show_progress:
         per_split = " / ".join(f"{s} {c['samples']:,}" for s, c in counts.items())
         print(f"prepared: {len(records):,} labelled texts ({per_split}), labels {label_names} "
@@ -171,7 +152,7 @@ def _table_rows(path: Path, fmt: str, text_column: str | int, label_column: str 
     delimiter = "\t" if fmt == "tsv" else ","
     quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    reader = csv.reader((text for _, text, _ in _iter_lines(path)), delimiter=delimiter, quoting=quoting)
+    reader = csv.reader((text for _, text, _ in iter_lines(path)), delimiter=delimiter, quoting=quoting)
     names = list(columns) if columns else None
     positions: tuple[int, int] | None = None
     start = 1
@@ -208,7 +189,7 @@ def _position(path: Path, names: list[str] | None, column: str | int, what: str,
 
 def _jsonl_rows(path: Path, text_field: str | int, label_field: str | int
                 ) -> Iterator[tuple[int, str | None, str | None]]:
-    for line, text, _ in _iter_lines(path):
+    for line, text, _ in iter_lines(path):
         if not text.strip():
             continue
         try:
@@ -233,7 +214,7 @@ def stratified_split(y: np.ndarray, keep: np.ndarray, val_fraction: float, test_
                      rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Per class: shuffle, the first round(n*test) to test, the next round(n*val) to val, the rest
     to train; then each split shuffled. A class of two or more keeps at least one train sample."""
-    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLIT_NAMES}
     for k in np.unique(y[keep]):
         members = rng.permutation(keep[y[keep] == k])
         n = len(members)
@@ -254,7 +235,3 @@ def _wrap(token_ids: list[int], ids, wrap: str, max_tokens: int | None) -> list[
         body = [ids.eos if ids.eos is not None else 0]
     return body
 
-
-def _split_counts(folder: Path, split: str) -> dict:
-    idx = np.fromfile(folder / f"{split}.idx", dtype="<i8")
-    return {"samples": len(idx) - 1, "tokens": int(idx[-1])}

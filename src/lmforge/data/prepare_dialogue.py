@@ -1,13 +1,14 @@
 """Prepare for the `dialogue` task: dialogue corpora -> token store with per-token roles.
 
-Owns the dialogue sample format (shared by training and `lmforge chat`) and the dialogue
-readers. One dialogue is one sample, as in GPT2-chitchat:
+Owns the dialogue readers and writing each dialogue as one sample with its per-token roles;
+the sample format itself (shared by training and `lmforge chat`) is
+`lmforge.data.dialogue_format`. One dialogue is one sample, as in GPT2-chitchat:
 
     [CLS] u1 [SEP] u2 [SEP] u3 [SEP] ...
 
 Turns alternate between the user (role 0) and the model's replies (role 1), starting with
 the user, unless the input names the roles (JSONL "messages"). A prepared folder holds, per
-split, the usual `{split}.bin` / `{split}.idx` (see `lmforge.data.store`) and
+split, the usual `{split}.bin` / `{split}.idx` and (files and checks: `lmforge.data.store`)
 
 - `{split}.roles`: uint8, one per token of `{split}.bin` (same positions): 1 on the tokens of
   a reply turn and on the [SEP] that closes it, 0 on [CLS] and on the user's turns with their
@@ -33,8 +34,6 @@ context when it reads, so the same folder serves models of any context.
 
 from __future__ import annotations
 
-import dataclasses
-import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -44,12 +43,13 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from lmforge.base.version import __version__
-from lmforge.base.readers import _iter_lines, check_inputs, parse_json_line
-from lmforge.base.sources import format_suffix
-from lmforge.data.store import TokenStoreWriter, dtype_for, write_meta
-from lmforge.base.tokenizer import load_tokenizer, special_ids, tokenizer_file
+from lmforge.base.readers import check_inputs, parse_json_line
+from lmforge.base.sources import format_suffix, iter_lines
 from lmforge.data.dialogue_format import ROLE_NAMES, build_sample, dialogue_specials
+from lmforge.data.pipeline import (Splitter, check_numbers, check_out_dir, open_tokenizer, parallelism,
+                                   split_names, wanted_splits, write_folder_meta)
+from lmforge.data.staging import staged_folder
+from lmforge.data.store import ROLES_DTYPE, ROLES_FILE, RolesWriter, TokenStoreWriter
 
 _EOU = "__eou__"
 
@@ -69,7 +69,7 @@ class Dialogue(NamedTuple):
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line_no, text without its line ending): the shared line reader of lmforge.base.readers
     (strict UTF-8, errors naming file and line, .gz decompressed while read)."""
-    for line_no, text, _ in _iter_lines(path):
+    for line_no, text, _ in iter_lines(path):
         yield line_no, text.rstrip("\r\n")
 
 
@@ -157,16 +157,16 @@ def check_dialogue_inputs(inputs: Sequence[Path]) -> list[Path]:
 
 
 class _SplitWriter:
-    """A TokenStoreWriter plus the parallel `{split}.roles` file."""
+    """The token store of one split plus its roles file, written in step."""
 
     def __init__(self, folder: Path, split: str, vocab_size: int) -> None:
         self.tokens = TokenStoreWriter(folder, split, vocab_size)
-        self.roles = open(folder / f"{split}.roles", "wb")
+        self.roles = RolesWriter(folder, split)
         self.samples = 0
 
     def add(self, ids: list[int], roles: list[int]) -> None:
         self.tokens.add(np.asarray(ids, dtype=np.int64))
-        np.asarray(roles, dtype=np.uint8).tofile(self.roles)
+        self.roles.add(roles)
         self.samples += 1
 
     def close(self) -> dict[str, int]:
@@ -184,57 +184,39 @@ def prepare_dialogue(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
     Each dialogue goes to train, val or test by a seeded draw (as for `lm`); a wanted val/test
     split is never left empty when there are at least two dialogues.
     """
-    from lmforge.data.prepare import _check_numbers, _check_out_dir, _parallelism
-    from lmforge.data.staging import sha256_file, staged_folder
-
-    _check_numbers(val_fraction, test_fraction, batch_size, workers)
+    check_numbers(val_fraction, test_fraction, batch_size, workers)
     if max_len is not None and max_len < 3:
         raise ValueError(f"max_len must be >= 3 ([CLS], one token, [SEP]), got {max_len}")
     paths = check_dialogue_inputs(inputs)
-    tok_file = tokenizer_file(tokenizer_path)
-    tok = load_tokenizer(tok_file)
-    tok.encode_special_tokens = True  # "[SEP]" typed in a turn is text, not a turn boundary
-    ids = special_ids(tok)
-    cls, sep = dialogue_specials(ids, str(tok_file))
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir, paths, overwrite)
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    splits = ["train", "val"] + (["test"] if test_fraction > 0 else [])
+    tokenizer = open_tokenizer(tokenizer_path)
+    tokenizer.tok.encode_special_tokens = True  # "[SEP]" typed in a turn is text, not a turn boundary
+    cls, sep = dialogue_specials(tokenizer.ids, str(tokenizer.file))
+    out_dir = check_out_dir(out_dir, paths, overwrite)
+    splits = split_names(test_fraction)
     t0 = time.perf_counter()
     with staged_folder(out_dir) as tmp:
-        with _parallelism(workers):
-            counts, stats = _write_splits(tok, paths, tmp, splits, val_fraction, test_fraction, seed,
-                                          cls, sep, max_len, batch_size, show_progress, vocab_size)
+        with parallelism(workers):
+            writers = {s: _SplitWriter(tmp, s, tokenizer.vocab_size) for s in splits}
+            try:
+                stats = _write_dialogues(tokenizer.tok, paths, writers, Splitter(seed, val_fraction, test_fraction),
+                                         wanted_splits(val_fraction, test_fraction)[1:], (cls, sep, max_len),
+                                         batch_size, show_progress)
+            finally:
+                counts = {s: writers[s].close() for s in splits}
         if stats["dialogues"] == 0:
             raise ValueError(f"no dialogue found in {', '.join(str(p) for p in paths)} "
                              f"({stats['empty']} empty ones skipped)")
-        shutil.copyfile(tok_file, tmp / "tokenizer.json")
-        meta = {
-            "task": "dialogue",
-            "tokenizer": str(tok_file.resolve()),
-            "tokenizer_sha256": sha256_file(tok_file),
-            "vocab_size": vocab_size,
-            "dtype": dtype_for(vocab_size).name,
-            "special_ids": dataclasses.asdict(ids),
-            "label_names": None,
-            "splits": counts,
-            "lmforge_version": __version__,
-            "inputs": [str(p.resolve()) for p in paths],
-            "documents": stats["dialogues"],
-            "split_by": "document",
-            "seed": seed,
-            "val_fraction": val_fraction,
-            "test_fraction": test_fraction,
-            "dialogue": {
-                "format": "[CLS] u1 [SEP] u2 [SEP] ...; turns end at the sep id",
-                "roles_file": "{split}.roles",
-                "roles_dtype": "uint8",
-                "roles": {"0": "user ([CLS], user turns and their [SEP])",
-                          "1": "response (reply turns and their [SEP])"},
-                "cls_id": cls, "sep_id": sep, "max_len": max_len, **stats,
-            },
+        dialogue = {
+            "format": "[CLS] u1 [SEP] u2 [SEP] ...; turns end at the sep id",
+            "roles_file": ROLES_FILE,
+            "roles_dtype": ROLES_DTYPE.name,
+            "roles": {"0": "user ([CLS], user turns and their [SEP])",
+                      "1": "response (reply turns and their [SEP])"},
+            "cls_id": cls, "sep_id": sep, "max_len": max_len, **stats,
         }
-        write_meta(tmp, meta)
+        meta = write_folder_meta(tmp, "dialogue", tokenizer, paths, counts, seed=seed,
+                                 val_fraction=val_fraction, test_fraction=test_fraction,
+                                 documents=stats["dialogues"], split_by="document", dialogue=dialogue)
     seconds = time.perf_counter() - t0
     total = sum(c["tokens"] for c in counts.values())
     per_split = " / ".join(f"{s} {c['samples']:,}" for s, c in counts.items())
@@ -244,48 +226,43 @@ def prepare_dialogue(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
     return meta
 
 
-def _write_splits(tok, paths, tmp, splits, val_fraction, test_fraction, seed, cls, sep, max_len,
-                  batch_size, show_progress, vocab_size) -> tuple[dict, dict]:
-    from lmforge.data.prepare import _Splitter
-
-    names = ["train", "val", "test"]
-    splitter = _Splitter(seed, val_fraction, test_fraction)
-    wanted = [s for s in splits[1:] if {"val": val_fraction, "test": test_fraction}[s] > 0]
+def _write_dialogues(tok, paths: list[Path], writers: dict[str, _SplitWriter], splitter: Splitter,
+                     wanted: list[str], format_ids: tuple[int, int, int | None], batch_size: int,
+                     show_progress: bool) -> dict[str, int]:
+    """Read, tokenize and write every dialogue; returns the counts for meta.json. The last train
+    dialogue goes to the first split of `wanted` that got none, if any."""
+    cls, sep, max_len = format_ids
     stats = {"dialogues": 0, "empty": 0, "truncated": 0, "turns": 0}
     held: tuple[list[int], list[int]] | None = None  # the latest train sample, not written yet
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    writers = {s: _SplitWriter(tmp, s, vocab_size) for s in splits}
-    try:
-        with tqdm(unit=" dialogues", desc="prepare", file=sys.stderr, disable=not show_progress,
-                  mininterval=0.5) as bar:
-            for batch in _batches((d for p in paths for d in iter_dialogues(p)), batch_size):
-                encoded = iter(encode([t for d in batch for t in d.turns], add_special_tokens=False))
-                for dialogue in batch:
-                    # roles first: zip then takes exactly len(roles) encodings, no more
-                    kept = [(e.ids, r) for r, e in zip(dialogue.roles, encoded) if e.ids]
-                    if not kept:
-                        stats["empty"] += 1
-                        continue
-                    turns, roles = [t for t, _ in kept], [r for _, r in kept]
-                    sample = build_sample(turns, roles, cls, sep, max_len)
-                    stats["dialogues"] += 1
-                    stats["turns"] += len(turns)
-                    stats["truncated"] += len(sample[0]) < sum(len(t) + 1 for t in turns) + 1
-                    split = names[splitter.next()]
-                    if split == "train":
-                        if held is not None:
-                            writers["train"].add(*held)
-                        held = sample
-                    else:
-                        writers[split].add(*sample)
-                bar.update(len(batch))
-        if held is not None:
-            empty = [s for s in wanted if writers[s].samples == 0]
-            target = empty[0] if empty and writers["train"].samples > 0 else "train"
-            writers[target].add(*held)
-    finally:
-        counts = {s: writers[s].close() for s in splits}
-    return counts, stats
+    with tqdm(unit=" dialogues", desc="prepare", file=sys.stderr, disable=not show_progress,
+              mininterval=0.5) as bar:
+        for batch in _batches((d for p in paths for d in iter_dialogues(p)), batch_size):
+            encoded = iter(encode([t for d in batch for t in d.turns], add_special_tokens=False))
+            for dialogue in batch:
+                # roles first: zip then takes exactly len(roles) encodings, no more
+                kept = [(e.ids, r) for r, e in zip(dialogue.roles, encoded) if e.ids]
+                if not kept:
+                    stats["empty"] += 1
+                    continue
+                turns, roles = [t for t, _ in kept], [r for _, r in kept]
+                sample = build_sample(turns, roles, cls, sep, max_len)
+                stats["dialogues"] += 1
+                stats["turns"] += len(turns)
+                stats["truncated"] += len(sample[0]) < sum(len(t) + 1 for t in turns) + 1
+                split = splitter.next()
+                if split == "train":
+                    if held is not None:
+                        writers["train"].add(*held)
+                    held = sample
+                else:
+                    writers[split].add(*sample)
+            bar.update(len(batch))
+    if held is not None:
+        empty = [s for s in wanted if writers[s].samples == 0]
+        target = empty[0] if empty and writers["train"].samples > 0 else "train"
+        writers[target].add(*held)
+    return stats
 
 
 def _batches(dialogues: Iterator[Dialogue], size: int) -> Iterator[list[Dialogue]]:

@@ -4,20 +4,20 @@ A paragraph is a document of `lmforge.base.readers` (.txt: a blank-line-separate
 doc_split="blank_line", one line with "line" — WikiText's layout; .jsonl: a field;
 .csv/.tsv: a column). Line breaks inside a paragraph are spaces. Paragraphs are cut into
 sentences after `. ! ?` followed by a space (closing quotes/brackets stay with the sentence;
-not after an initial such as "H." or "Mr.") and after `。！？` (Chinese needs no space), tokenized without special tokens, and written
-one sample per sentence; `{split}.labels` holds each sentence's paragraph number (counted
-per split), which is what `lmforge.data.mlm.SentencePairDataset` needs to draw pairs.
+not after an initial such as "H." or "Mr.") and after `。！？` (Chinese needs no space),
+tokenized without special tokens, and written one sample per sentence; `{split}.labels`
+holds each sentence's paragraph number (counted per split), which is what
+`lmforge.data.mlm.SentencePairDataset` needs to draw pairs.
 
-Every paragraph goes to train, val or test by the same seeded draw as the "lm" task; the
-folder is written to a temp folder and renamed into place (helpers of `lmforge.data.prepare`).
+Every paragraph goes to train, val or test by the same seeded draw as the "lm" task
+(`lmforge.data.pipeline.Splitter`); the folder is written to a temp folder and renamed into
+place (`lmforge.data.staging`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,12 +25,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lmforge.base.version import __version__
-from lmforge.data.prepare import _check_numbers, _check_out_dir, _parallelism, _split_counts, _Splitter
-from lmforge.data.staging import sha256_file, staged_folder
 from lmforge.base.readers import check_inputs, iter_documents
-from lmforge.data.store import TokenStoreWriter, dtype_for, write_meta
-from lmforge.base.tokenizer import load_tokenizer, special_ids, tokenizer_file
+from lmforge.data.pipeline import (Splitter, check_numbers, check_out_dir, open_tokenizer, parallelism,
+                                   split_names, write_folder_meta)
+from lmforge.data.staging import staged_folder
+from lmforge.data.store import TokenStoreWriter, split_counts
 
 # Not after an initial ("H. gammarus") or a common title abbreviation ("Mr. Smith").
 _NOT_ABBREVIATION = r"(?<!\b[A-Z])(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bDr)(?<!\bSt)(?<!\bvs)(?<!\bNo)"
@@ -53,39 +52,31 @@ def prepare_mlm(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *, val_
                 text_column: str | int = "text", batch_size: int = 1000, workers: int | None = None,
                 show_progress: bool = True, overwrite: bool = False, doc_split: str = "blank_line") -> dict:
     """Tokenize the paragraphs of `inputs` into sentences in `out_dir`; returns the meta.json dict."""
-    _check_numbers(val_fraction, test_fraction, batch_size, workers)
+    check_numbers(val_fraction, test_fraction, batch_size, workers)
     paths = check_inputs(inputs)
-    tok_file = tokenizer_file(tokenizer_path)
-    tok = load_tokenizer(tok_file)
-    ids = special_ids(tok)
+    tokenizer = open_tokenizer(tokenizer_path)
+    ids = tokenizer.ids
     lacking = [n for n, i in (("[CLS]", ids.cls), ("[SEP]", ids.sep), ("[MASK]", ids.mask), ("[PAD]", ids.pad))
                if i is None]
     if lacking:
-        raise ValueError(f"{tok_file}: the tokenizer has no {', '.join(lacking)} token(s), which BERT "
+        raise ValueError(f"{tokenizer.file}: the tokenizer has no {', '.join(lacking)} token(s), which BERT "
                          "pretraining needs; train one with `lmforge tokenizer train --kind wordpiece`")
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir, paths, overwrite)
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    splits = ["train", "val"] + (["test"] if test_fraction > 0 else [])
+    out_dir = check_out_dir(out_dir, paths, overwrite)
+    splits = split_names(test_fraction)
     t0 = time.perf_counter()
     with staged_folder(out_dir) as tmp:
-        with _parallelism(workers), contextlib.ExitStack() as stack:
-            writers = {s: stack.enter_context(TokenStoreWriter(tmp, s, vocab_size)) for s in splits}
-            paragraphs = _write_sentences(tok, paths, writers, _Splitter(seed, val_fraction, test_fraction),
+        with parallelism(workers), contextlib.ExitStack() as stack:
+            writers = {s: stack.enter_context(TokenStoreWriter(tmp, s, tokenizer.vocab_size)) for s in splits}
+            paragraphs = _write_sentences(tokenizer.tok, paths, writers, Splitter(seed, val_fraction, test_fraction),
                                           batch_size, show_progress,
                                           dict(text_field=text_field, text_column=text_column, doc_split=doc_split))
-        counts = {s: _split_counts(tmp, s) for s in splits}
+        counts = {s: split_counts(tmp, s) for s in splits}
         if counts["train"]["samples"] < 2:
             raise ValueError(f"{', '.join(str(p) for p in paths)}: fewer than two sentences for training; "
                              "BERT pretraining needs paragraphs of several sentences")
-        shutil.copyfile(tok_file, tmp / "tokenizer.json")
-        meta = {"task": "mlm", "tokenizer": str(tok_file.resolve()), "tokenizer_sha256": sha256_file(tok_file),
-                "vocab_size": vocab_size, "dtype": dtype_for(vocab_size).name,
-                "special_ids": dataclasses.asdict(ids), "label_names": None, "splits": counts,
-                "lmforge_version": __version__, "inputs": [str(p.resolve()) for p in paths],
-                "documents": sum(paragraphs.values()), "paragraphs": paragraphs, "split_by": "paragraph",
-                "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
-        write_meta(tmp, meta)
+        meta = write_folder_meta(tmp, "mlm", tokenizer, paths, counts, seed=seed, val_fraction=val_fraction,
+                                 test_fraction=test_fraction, documents=sum(paragraphs.values()),
+                                 paragraphs=paragraphs, split_by="paragraph")
     seconds = time.perf_counter() - t0
     total = sum(c["tokens"] for c in counts.values())
     per_split = " / ".join(f"{s} {c['samples']:,} sentences" for s, c in counts.items())
@@ -93,10 +84,9 @@ def prepare_mlm(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *, val_
     return meta
 
 
-def _write_sentences(tok, paths: list[Path], writers: dict[str, TokenStoreWriter], splitter: _Splitter,
+def _write_sentences(tok, paths: list[Path], writers: dict[str, TokenStoreWriter], splitter: Splitter,
                      batch_size: int, show_progress: bool, read_options: dict) -> dict[str, int]:
     """Read, split and tokenize paragraphs in batches; returns paragraphs written per split."""
-    names = ["train", "val", "test"]
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
     paragraphs = {s: 0 for s in writers}
     batch: list[tuple[str, list[str]]] = []  # (split, sentences) per paragraph
@@ -125,7 +115,7 @@ def _write_sentences(tok, paths: list[Path], writers: dict[str, TokenStoreWriter
                     continue
                 sentences = split_sentences("".join(pieces))
                 pieces = []
-                split = names[splitter.next()]
+                split = splitter.next()
                 if split in writers and sentences:
                     batch.append((split, sentences))
                 if len(batch) >= batch_size:

@@ -1,4 +1,4 @@
-"""The token store: the on-disk format of prepared data (write, memory-map, read).
+"""The token store: every on-disk format of a prepared data folder (write, memory-map, read).
 
 A data folder holds, per split (train, val, optional test):
 
@@ -6,15 +6,21 @@ A data folder holds, per split (train, val, optional test):
   (vocab_size <= 65535), else uint32;
 - `{split}.idx`: int64 offsets, samples + 1 of them: sample i is bin[idx[i]:idx[i+1]];
 - `{split}.labels`: int64, one per sample, only when samples carry labels;
+- `{split}.roles`: dialogue folders only: uint8, one role per token of `{split}.bin`
+  (`RolesWriter`, `read_roles`);
 
-and one `meta.json` (see `write_meta`). Writing streams through small buffers; reading
-memory-maps, so neither ever holds a whole split in memory. No pickle.
+and one `meta.json` (see `write_meta`) and a copy of the tokenizer (`tokenizer.json`).
+Writing streams through small buffers; reading memory-maps, so neither ever holds a whole
+split in memory. No pickle. The few edits prepare makes after writing (moving a sample
+between splits, cutting a lone sample into splits) are here too, so no other module opens
+these files by name.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +28,9 @@ from typing import Any
 import numpy as np
 
 _FLUSH_TOKENS = 1 << 20  # buffered token ids before a write
+_COPY_TOKENS = 1 << 24  # tokens per chunk when moving tokens between split files
+ROLES_FILE = "{split}.roles"  # named in a dialogue folder's meta.json
+ROLES_DTYPE = np.dtype(np.uint8)
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
@@ -165,6 +174,35 @@ class TokenStoreWriter:
             self._close_files()
 
 
+class RolesWriter:
+    """Streams the per-token roles of one split into `{split}.roles` (dialogue folders), in step
+    with the samples written to its TokenStoreWriter."""
+
+    def __init__(self, out_dir: Path, split: str) -> None:
+        self._file = open(Path(out_dir) / ROLES_FILE.format(split=split), "wb")
+
+    def add(self, roles: Sequence[int]) -> None:
+        np.asarray(roles, dtype=ROLES_DTYPE).tofile(self._file)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def tokenizer_path(data_dir: Path) -> Path:
+    """Where a data folder keeps the tokenizer it was prepared with."""
+    return Path(data_dir) / "tokenizer.json"
+
+
+def write_tokenizer(out_dir: Path, tokenizer_file: Path) -> Path:
+    """Copy the tokenizer the folder is prepared with into it; returns the copy's path."""
+    return Path(shutil.copyfile(tokenizer_file, tokenizer_path(out_dir)))
+
+
+def has_split(data_dir: Path, split: str) -> bool:
+    """Whether the data folder holds the split (test is optional)."""
+    return (Path(data_dir) / f"{split}.bin").exists()
+
+
 def write_meta(out_dir: Path, meta: dict) -> Path:
     """Write `out_dir/meta.json` atomically; returns its path."""
     path = Path(out_dir) / "meta.json"
@@ -244,3 +282,60 @@ class TokenStore:
     def __repr__(self) -> str:
         return (f"TokenStore({str(self.data_dir)!r}, {self.split!r}: {len(self)} samples, "
                 f"{len(self.tokens)} tokens)")
+
+
+def read_roles(data_dir: Path, split: str, n_tokens: int) -> np.ndarray:
+    """The memory-mapped `{split}.roles` of a dialogue folder, checked against its `n_tokens`."""
+    path = Path(data_dir) / ROLES_FILE.format(split=split)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; prepare the data again with "
+                                f"`lmforge prepare --task dialogue`")
+    if path.stat().st_size != n_tokens:
+        raise ValueError(f"{path}: {path.stat().st_size} roles for {n_tokens} tokens "
+                         f"(file damaged); prepare the data again")
+    return np.memmap(path, dtype=ROLES_DTYPE, mode="r") if n_tokens else np.empty(0, ROLES_DTYPE)
+
+
+# -- edits after writing (prepare keeps wanted splits non-empty) ---------------------------------
+
+
+def split_counts(out_dir: Path, split: str) -> dict[str, int]:
+    """{"samples": ..., "tokens": ...} of a written split, from its `{split}.idx`."""
+    idx = np.fromfile(Path(out_dir) / f"{split}.idx", dtype="<i8")
+    return {"samples": len(idx) - 1, "tokens": int(idx[-1])}
+
+
+def _copy_tokens(src: Path, start: int, stop: int, dst, dtype: np.dtype) -> None:
+    """Append tokens [start, stop) of the .bin file `src` to the open binary file `dst`."""
+    for a in range(start, stop, _COPY_TOKENS):
+        n = min(_COPY_TOKENS, stop - a)
+        np.fromfile(src, dtype=dtype, count=n, offset=a * dtype.itemsize).tofile(dst)
+
+
+def move_last_sample(out_dir: Path, src: str, dst: str, dtype: np.dtype) -> None:
+    """Move the last sample of split `src` to the end of split `dst` (unlabelled splits only)."""
+    folder = Path(out_dir)
+    idx = np.fromfile(folder / f"{src}.idx", dtype="<i8")
+    a, b = int(idx[-2]), int(idx[-1])
+    dst_idx = np.fromfile(folder / f"{dst}.idx", dtype="<i8")
+    with open(folder / f"{dst}.bin", "ab") as f:
+        _copy_tokens(folder / f"{src}.bin", a, b, f, dtype)
+    with open(folder / f"{dst}.idx", "ab") as f:
+        np.array([dst_idx[-1] + (b - a)], dtype="<i8").tofile(f)
+    os.truncate(folder / f"{src}.bin", a * dtype.itemsize)
+    os.truncate(folder / f"{src}.idx", (len(idx) - 1) * 8)
+
+
+def cut_sample(out_dir: Path, holder: str, sizes: dict[str, int], dtype: np.dtype) -> None:
+    """Rewrite the splits of `sizes`, in order, from the tokens of the one sample in split `holder`
+    (one of them): split s gets the next sizes[s] tokens as its only sample, none when 0."""
+    folder = Path(out_dir)
+    whole = folder / ".single.bin"
+    os.replace(folder / f"{holder}.bin", whole)
+    start = 0
+    for s, size in sizes.items():
+        with open(folder / f"{s}.bin", "wb") as f:
+            _copy_tokens(whole, start, start + size, f, dtype)
+        np.array([0, size] if size else [0], dtype="<i8").tofile(folder / f"{s}.idx")
+        start += size
+    whole.unlink()

@@ -1,0 +1,169 @@
+"""The steps every task's preparation shares: checks, the split draw, tokenizer threads, meta.json.
+
+Each task module (`prepare_lm`, `prepare_mlm`, `prepare_classify`, `prepare_dialogue`) runs
+the same pipeline with its own reader and sample writer:
+
+1. check the numbers (`check_numbers`), the inputs (`lmforge.base.readers.check_inputs`), the
+   tokenizer (`open_tokenizer`, then the task's own special-token needs) and the output
+   folder (`check_out_dir`), all before any work;
+2. read, tokenize (`parallelism` sets the tokenizer's threads) and write samples into a
+   staged temp folder (`lmforge.data.staging.staged_folder`), each document going to train,
+   val or test by a seeded `Splitter` draw (classify splits by class instead);
+3. copy the tokenizer and write meta.json with the keys every task shares
+   (`write_folder_meta`), then rename the folder into place.
+
+The files themselves belong to `lmforge.data.store`; this module never opens them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from lmforge.base.tokenizer import SpecialIds, load_tokenizer, special_ids, tokenizer_file
+from lmforge.base.version import __version__
+from lmforge.data.staging import sha256_file
+from lmforge.data.store import dtype_for, write_meta, write_tokenizer
+
+SPLIT_NAMES = ("train", "val", "test")
+_RNG_BLOCK = 4096  # split draws are taken in fixed blocks: independent of batch_size
+
+
+def check_numbers(val_fraction: float, test_fraction: float, batch_size: int = 1,
+                  workers: int | None = None) -> None:
+    """ValueError for fractions outside [0, 1) or leaving train no data, or bad batch/workers."""
+    for name, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {v}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must be < 1 (train needs data), got "
+                         f"{val_fraction} + {test_fraction}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1 (or None for all cores), got {workers}")
+
+
+def check_out_dir(out_dir: Path, inputs: list[Path], overwrite: bool) -> Path:
+    """`out_dir` as a Path; ValueError for a file, for a non-empty folder without `overwrite`,
+    and for a folder that holds an input (replacing it would delete the input)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output {out_dir} exists and is a file; choose a folder for --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise ValueError(f"output folder {out_dir} already exists and is not empty; pass "
+                             f"overwrite=True (--overwrite) to replace it, or choose another --out")
+        root = out_dir.resolve()
+        inside = [str(p) for p in inputs if root in p.resolve().parents]
+        if inside:
+            raise ValueError(f"refusing to overwrite {out_dir}: it holds the input(s) "
+                             f"{', '.join(inside)}; choose another --out")
+    return out_dir
+
+
+def split_names(test_fraction: float) -> list[str]:
+    """The splits a folder gets: train and val always, test when it is wanted."""
+    return ["train", "val"] + (["test"] if test_fraction > 0 else [])
+
+
+def wanted_splits(val_fraction: float, test_fraction: float) -> list[str]:
+    """The splits that must not stay empty when there is data to spare: train, and val and test
+    when their fraction is above 0."""
+    return ["train"] + [s for s, f in (("val", val_fraction), ("test", test_fraction)) if f > 0]
+
+
+class OpenTokenizer(NamedTuple):
+    """A loaded tokenizer with what preparation needs to know about it."""
+
+    file: Path  # the tokenizer.json read
+    tok: Tokenizer
+    ids: SpecialIds
+    vocab_size: int  # added tokens included
+
+
+def open_tokenizer(tokenizer_path: Path) -> OpenTokenizer:
+    """Load the tokenizer of a file or folder (FileNotFoundError/ValueError naming it)."""
+    file = tokenizer_file(tokenizer_path)
+    tok = load_tokenizer(file)
+    return OpenTokenizer(file, tok, special_ids(tok), tok.get_vocab_size(with_added_tokens=True))
+
+
+@contextlib.contextmanager
+def parallelism(workers: int | None) -> Iterator[None]:
+    """workers=1 turns the tokenizer's thread pool off for the call; otherwise leave it on.
+
+    RAYON_NUM_THREADS (workers > 1) only takes effect if the Rust pool has not started yet.
+    An inherited TOKENIZERS_PARALLELISM=false is respected (the library sets it in forked
+    children, where turning it back on could deadlock) but reported, since it costs speed.
+    """
+    saved = {k: os.environ.get(k) for k in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
+    if workers == 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    else:
+        if workers is not None and saved["RAYON_NUM_THREADS"] is None:
+            os.environ["RAYON_NUM_THREADS"] = str(workers)
+        flag = saved["TOKENIZERS_PARALLELISM"]
+        if flag is not None and flag.strip().lower() in ("", "0", "false", "off", "no", "f", "n"):
+            print(f"note: TOKENIZERS_PARALLELISM={saved['TOKENIZERS_PARALLELISM']} keeps the "
+                  f"tokenizer on one core; unset it to use all cores", file=sys.stderr)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class Splitter:
+    """Seeded per-document split draws, in reading order: "train", "val" or "test"."""
+
+    def __init__(self, seed: int, val_fraction: float, test_fraction: float) -> None:
+        self._rng = np.random.default_rng(seed)
+        self._edges = np.array([val_fraction, val_fraction + test_fraction])
+        self._block: list[int] = []
+
+    def next(self) -> str:
+        if not self._block:
+            u = self._rng.random(_RNG_BLOCK)
+            # u < val -> 1 (val); val <= u < val+test -> 2 (test); else 0 (train)
+            k = np.searchsorted(self._edges, u, side="right")
+            self._block = np.where(k == 0, 1, np.where(k == 1, 2, 0))[::-1].tolist()
+        return SPLIT_NAMES[self._block.pop()]
+
+
+def write_folder_meta(folder: Path, task: str, tokenizer: OpenTokenizer, paths: list[Path],
+                      counts: dict[str, dict], *, seed: int, val_fraction: float,
+                      test_fraction: float, label_names: list[str] | None = None,
+                      **task_keys) -> dict:
+    """Copy the tokenizer into the staged `folder` and write its meta.json: the keys every task
+    shares, then `task_keys` (the task's own). Returns the meta dict."""
+    write_tokenizer(folder, tokenizer.file)
+    meta = {
+        "task": task,
+        "tokenizer": str(tokenizer.file.resolve()),
+        "tokenizer_sha256": sha256_file(tokenizer.file),
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": dtype_for(tokenizer.vocab_size).name,
+        "special_ids": dataclasses.asdict(tokenizer.ids),
+        "label_names": label_names,
+        "splits": counts,
+        "lmforge_version": __version__,
+        "inputs": [str(p.resolve()) for p in paths],
+        **task_keys,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+    }
+    write_meta(folder, meta)
+    return meta
