@@ -1,4 +1,8 @@
-"""torch Datasets over a TokenStore, one per task (for now: packed language modelling)."""
+"""The packed language-modelling Dataset over a TokenStore (task "lm").
+
+The other tasks' datasets live with their tasks: `lmforge.data.mlm` (sentence pairs),
+`lmforge.train.task_classify` and `lmforge.train.task_dialogue`.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ class PackedLMDataset(Dataset):
     """The split's token stream (documents joined by EOS) cut into non-overlapping blocks.
 
     Item i is {"input_ids": LongTensor(context)} = tokens[i*context:(i+1)*context]; the last
-    partial block is dropped (a split shorter than one block is empty; the loop says so). Labels are the inputs themselves (HF convention: the loss shifts
-    them), so `pad_collate` fills "labels" in.
+    partial block is dropped (a split shorter than one block is empty; the loop says so).
+    Labels are the inputs themselves (HF convention: the loss shifts them), so `pad_collate`
+    fills "labels" in.
     """
 
     def __init__(self, store: TokenStore, context: int) -> None:
