@@ -34,7 +34,7 @@ KNOWN_UPWARD: set[tuple[str, str]] = set()
 KNOWN_CIRCLES: set[tuple[str, str]] = {
     ("lmforge.models.registry", "lmforge.models.heads"),
 }
-KNOWN_LONG_FILES: set[str] = {"lmforge.base.config", "lmforge.train.loop"}
+KNOWN_LONG_FILES: set[str] = {"lmforge.train.loop"}
 KNOWN_LONG_FUNCTIONS: set[str] = {"lmforge.train.loop:train"}
 
 

@@ -1,28 +1,28 @@
-"""Run configuration: dataclasses with defaults, YAML loading, dotted overrides, validation.
+"""Reading a run config: YAML, dotted overrides, coercion to the field types, validation.
 
 Defaults < YAML < `section.key=value`. Every error (unknown key, wrong type, bad value) is
 collected and reported at once, each with its dotted key, the valid choices and the nearest
-valid key, before any work starts.
+valid key, before any work starts. The sections themselves (fields, defaults, per-field
+checks) are `lmforge.base.config_schema`, re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
+import math
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-Task = Literal["lm", "mlm", "classify", "dialogue"]
-Precision = Literal["fp32", "bf16", "fp16"]
-Schedule = Literal["linear", "cosine", "constant"]
-Device = Literal["auto", "cpu", "cuda", "mps"]
-BestMetric = Literal["auto", "val_loss", "val_accuracy"]
+from lmforge.base.config_schema import (BestMetric, Config, DataConfig, Device, FieldErrors, ModelConfig,
+                                        Precision, RunConfig, Schedule, Task, TrainConfig, non_finite_message)
+
+__all__ = ["BestMetric", "Config", "ConfigError", "DataConfig", "Device", "ModelConfig", "Precision", "RunConfig",
+           "Schedule", "Task", "TrainConfig", "config_diff", "config_from_dict", "load_config", "save_config"]
 
 
 class ConfigError(ValueError):
@@ -32,190 +32,6 @@ class ConfigError(ValueError):
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
-
-
-@dataclass(kw_only=True, slots=True)
-class ModelConfig:
-    kind: Literal["gpt", "bert"] = "gpt"
-    """Architecture family."""
-    preset: str | None = "mini"
-    """Named size (see `lmforge.models.gpt.GPT_PRESETS`); fields below override it."""
-    n_layer: int | None = None
-    """Transformer blocks."""
-    n_head: int | None = None
-    """Attention heads per block."""
-    n_embd: int | None = None
-    """Hidden width; must be divisible by n_head."""
-    context: int | None = None
-    """Maximum sequence length (learned positions)."""
-    dropout: float = 0.0
-    """Dropout on embeddings, attention and residual paths."""
-    activation: Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "relu"] = "gelu"
-    """Feed-forward activation of a new model: gelu (exact, as BERT and nanoGPT; on CPU about 4x
-    faster than the tanh form), gelu_new (GPT-2's tanh approximation), relu. A checkpoint keeps its own."""
-    init_from: str | None = None
-    """A checkpoint folder to start from instead of random weights (fine-tuning)."""
-
-    def __post_init__(self) -> None:
-        errors: list[str] = []
-        _check(errors, 0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
-        for name in ("n_layer", "n_head", "n_embd", "context"):
-            value = getattr(self, name)
-            _check(errors, value is None or value > 0, f"model.{name}", "must be positive")
-        _raise_if(errors)
-
-
-@dataclass(kw_only=True, slots=True)
-class DataConfig:
-    path: str = ""
-    """A folder written by `lmforge prepare` (token store + meta.json)."""
-    val_split: str = "val"
-    """Which split validation reads."""
-
-    def __post_init__(self) -> None:
-        errors: list[str] = []
-        _check(errors, bool(self.path), "data.path", "is required: the folder written by `lmforge prepare`")
-        _raise_if(errors)
-
-
-@dataclass(kw_only=True, slots=True)
-class TrainConfig:
-    task: Task = "lm"
-    """What is learned; must match the prepared data's task."""
-    batch_size: int = 8
-    """Samples per micro-batch."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step (the loss is normalised over the whole window)."""
-    lr: float = 6e-4
-    """Peak learning rate."""
-    min_lr_ratio: float = 0.1
-    """Learning rate at the end of decay, as a fraction of `lr`."""
-    weight_decay: float = 0.1
-    """AdamW weight decay, applied to 2-D weights only."""
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    warmup_steps: int = 100
-    """Linear warmup from 0 to `lr` over this many optimizer steps."""
-    schedule: Schedule = "cosine"
-    """Decay after warmup."""
-    epochs: int = 1
-    """Passes over the training data (ignored when max_steps is set)."""
-    max_steps: int | None = None
-    """Train exactly this many optimizer steps, cycling through epochs as needed."""
-    max_time: float | None = None
-    """Stop (with a checkpoint) after this many seconds of training."""
-    grad_clip: float | None = 1.0
-    """Clip the global gradient norm once per optimizer step; null disables."""
-    log_every: int = 10
-    """Optimizer steps between log lines."""
-    eval_every: int = 200
-    """Optimizer steps between evaluations (and an evaluation at each epoch end)."""
-    eval_batches: int = 20
-    """Validation batches per evaluation."""
-    save_every: int | None = None
-    """Optimizer steps between `last` checkpoints; default: every evaluation."""
-    keep_epochs: int = 3
-    """Keep the newest K epoch checkpoints."""
-    patience: int | None = None
-    """Stop after this many evaluations without a better validation loss."""
-    precision: Precision = "fp32"
-    """fp32, or autocast to bf16/fp16 (fp16 uses a gradient scaler)."""
-    compile: bool = False
-    """torch.compile the model."""
-    seed: int = 1337
-    """Seeds weights, data order and dropout."""
-    device: Device = "auto"
-    """auto picks cuda, then mps, then cpu."""
-    max_non_finite: int = 5
-    """Stop after this many optimizer steps in a row with a NaN/inf loss."""
-    peak_flops: float | None = None
-    """The device's peak FLOP/s for MFU (e.g. 312e12 for an A100 in bf16); null measures it once
-    and caches it (see lmforge.train.flops)."""
-    strategy: Literal["ddp", "fsdp"] = "ddp"
-    """Several processes (torchrun): ddp replicates the model, fsdp shards it across ranks."""
-    collective_timeout: float = 600.0
-    """Seconds a rank waits for the others before the run fails naming the step (hung rank)."""
-    sample_prompts: list[str] = field(default_factory=lambda: ["\n"])
-    """Prompts for the sample generations written at the end of training (lm)."""
-    sample_tokens: int = 200
-    """New tokens per sample generation."""
-    trainable: str = "all"
-    """Which parameters a fine-tune trains (classify): all, head, or last_blocks:K (the head,
-    the last K blocks and the final norm; chapter 6 of the book uses last_blocks:1)."""
-    best_metric: BestMetric = "auto"
-    """Which validation metric picks the best checkpoint; auto: val_accuracy for classify,
-    val_loss otherwise."""
-    loss_on: Literal["responses", "all"] = "responses"
-    """dialogue: which tokens are learned: the replies only (user turns get -100), or all
-    tokens of the dialogue, user turns too (as GPT2-chitchat does)."""
-
-    def __post_init__(self) -> None:
-        errors: list[str] = []
-        for name in ("batch_size", "grad_accum", "epochs", "log_every", "eval_every",
-                     "eval_batches", "keep_epochs", "max_non_finite"):
-            _check(errors, getattr(self, name) > 0, f"train.{name}", "must be a positive integer")
-        for name in ("max_steps", "save_every", "patience"):
-            value = getattr(self, name)
-            _check(errors, value is None or value > 0, f"train.{name}", "must be positive or null")
-        _check(errors, self.lr > 0, "train.lr", "must be positive")
-        _check(errors, 0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
-        _check(errors, self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-        _check(errors, 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
-        _check(errors, self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-        _check(errors, self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", "must be positive or null")
-        _check(errors, self.max_time is None or self.max_time > 0, "train.max_time", "must be positive or null")
-        _check(errors, self.peak_flops is None or self.peak_flops > 0, "train.peak_flops",
-               "must be positive (FLOP/s) or null")
-        _check(errors, self.collective_timeout > 0, "train.collective_timeout", "must be positive")
-        _check(errors, self.sample_tokens >= 0, "train.sample_tokens", "must be >= 0")
-        _check(errors, re.fullmatch(r"all|head|last_blocks:\d+", self.trainable) is not None,
-               "train.trainable", f"{self.trainable!r}: choose all, head or last_blocks:K (e.g. last_blocks:1)")
-        _raise_if(errors)
-
-
-@dataclass(kw_only=True, slots=True)
-class RunConfig:
-    name: str = "run"
-    """Run folder name under out_dir."""
-    out_dir: str = "runs"
-    """Where run folders are created."""
-
-    def __post_init__(self) -> None:
-        errors: list[str] = []
-        _check(errors, bool(self.name) and "/" not in self.name, "run.name", "must be a non-empty folder name")
-        _raise_if(errors)
-
-
-@dataclass(kw_only=True, slots=True)
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.run.out_dir) / self.run.name
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-class _FieldErrors(ValueError):
-    def __init__(self, errors: list[str]):
-        super().__init__("; ".join(errors))
-        self.errors = errors
-
-
-def _raise_if(errors: list[str]) -> None:
-    if errors:
-        raise _FieldErrors(errors)
-
-
-def _check(errors: list[str], ok: bool, key: str, message: str) -> None:
-    if not ok:
-        errors.append(f"{key}: {message}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -229,7 +45,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            loaded = yaml.safe_load(_read_text(path)) or {}
         except yaml.YAMLError as err:
             raise ConfigError([f"not valid YAML: {err}"], source) from None
         if not isinstance(loaded, dict):
@@ -245,6 +61,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if problems:
         raise ConfigError(problems, source)
     return config
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a UTF-8 byte-order mark is fine); anything else is a ConfigError
+    naming the file, the line and the conversion, not a codec traceback."""
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError([f"the file is UTF-16, not UTF-8; convert it, for example "
+                           f"`iconv -f utf-16 -t utf-8 {path} > {path.stem}-utf8{path.suffix}`"], str(path))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        bad = data[err.start:err.end]
+        raise ConfigError([f"line {line}: not valid UTF-8 (bytes {bad!r} at byte offset {err.start}); save "
+                           f"the file as UTF-8, for example `iconv -f latin1 -t utf-8 {path} > "
+                           f"{path.stem}-utf8{path.suffix}`"], str(path)) from None
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
@@ -314,7 +147,7 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         return None
     try:
         return cls(**kwargs)
-    except _FieldErrors as err:
+    except FieldErrors as err:
         problems.extend(err.errors)
     except TypeError as err:  # a required field missing
         problems.append(f"{where}: {err}")
@@ -378,14 +211,19 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return int(value)
         raise ValueError(f"{key}: expected an integer, got {value!r}")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ValueError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # .inf / nan in YAML, `inf` in an override
+            raise ValueError(f"{key}: {non_finite_message(value)}")
+        return number
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
