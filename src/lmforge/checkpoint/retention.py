@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 
-from lmforge.checkpoint.format import CheckpointError, fsync_dir
+from lmforge.checkpoint.format import CheckpointError, fsync_dir, remove_path
 from lmforge.checkpoint.load import read_manifest
 
 _LEFTOVER_RE = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old|del)-(?P<pid>\d+)")
@@ -38,10 +37,7 @@ def clean_stale_temp(checkpoints_dir: Path) -> list[Path]:
     if restored:
         fsync_dir(checkpoints_dir)
     for _, p in leftovers:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif os.path.lexists(p):
-            p.unlink()
+        remove_path(p)
     return restored
 
 
@@ -59,7 +55,7 @@ def prune_epochs(checkpoints_dir: Path, keep: int) -> list[Path]:
         # Rename first so a crash mid-delete leaves a hidden leftover, not a broken epoch-N.
         trash = checkpoints_dir / f".{p.name}.del-{os.getpid()}"
         os.rename(p, trash)
-        shutil.rmtree(trash)
+        remove_path(trash)
     return doomed
 
 

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from lmforge.base.faults import fault_point
 from lmforge.base.version import __version__
 from lmforge.checkpoint.format import (DISK_FULL_ERRNOS, MANIFEST, MANIFEST_FORMAT, PLAIN_SCALARS, CheckpointError,
-                                       fsync_dir, sha256_of)
+                                       fsync_dir, remove_path, sha256_of)
 
 
 def save_checkpoint(
@@ -122,9 +122,8 @@ def _swap_in(tmp: Path, path: Path) -> None:
     old = path.parent / f".{path.name}.old-{os.getpid()}"
     moved = os.path.lexists(path)
     if moved:
-        if os.path.lexists(old):
-            shutil.rmtree(old)
-        os.rename(path, old)
+        remove_path(old)
+        os.rename(path, old)  # a link is renamed itself: its target is never written or deleted
     fault_point("ckpt_after_rename", path.name)
     try:
         os.rename(tmp, path)
@@ -135,9 +134,10 @@ def _swap_in(tmp: Path, path: Path) -> None:
         raise
     fsync_dir(path.parent)
     if moved:
-        (old / MANIFEST).unlink(missing_ok=True)  # from here on nothing would restore it
+        if not os.path.islink(old):
+            (old / MANIFEST).unlink(missing_ok=True)  # from here on nothing would restore it
         fault_point("ckpt_during_cleanup", path.name)
-        shutil.rmtree(old)
+        remove_path(old)
 
 
 def _unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
