@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -10,6 +9,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lmforge.base.config import TrainConfig
+from lmforge.ops.torch_private import unguarded
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -25,11 +25,6 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _plain(method):
-    """The method under torch's torch.compile guards (functools.wraps chains)."""
-    return inspect.unwrap(method)
-
-
 class AdamW(torch.optim.AdamW):
     """torch's AdamW, without the guards it wraps around its methods for torch.compile.
 
@@ -42,19 +37,19 @@ class AdamW(torch.optim.AdamW):
 
     def step(self, closure=None):
         with torch.no_grad():  # what the guard does outside compilation (differentiable=False)
-            return _plain(torch.optim.AdamW.step)(self, closure)
+            return unguarded(torch.optim.AdamW.step)(self, closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        _plain(Optimizer.zero_grad)(self, set_to_none)
+        unguarded(Optimizer.zero_grad)(self, set_to_none)
 
     def add_param_group(self, param_group: dict) -> None:
-        _plain(Optimizer.add_param_group)(self, param_group)
+        unguarded(Optimizer.add_param_group)(self, param_group)
 
     def state_dict(self) -> dict:
-        return _plain(Optimizer.state_dict)(self)
+        return unguarded(Optimizer.state_dict)(self)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        _plain(Optimizer.load_state_dict)(self, state_dict)
+        unguarded(Optimizer.load_state_dict)(self, state_dict)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:

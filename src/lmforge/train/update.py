@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lmforge.base.distributed import all_reduce_sum
+from lmforge.ops.torch_private import clear_step_inputs, set_found_inf, set_grad_scale
 
 
 def defers_host_sync(device: torch.device, optimizer: torch.optim.Optimizer) -> bool:
@@ -81,7 +82,7 @@ def device_update(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, ma
     params, norm = _gradient_norm(model, optimizer, scaler)
     if max_norm is not None:
         if _clips_in_step(optimizer, scaler, params):  # the same factor as `clip` gives, on the device
-            optimizer.grad_scale = torch.where(norm > max_norm, (norm + 1e-6) / max_norm, torch.ones_like(norm))
+            set_grad_scale(optimizer, torch.where(norm > max_norm, (norm + 1e-6) / max_norm, torch.ones_like(norm)))
         else:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     skipped = ~torch.isfinite(loss_sum) if check_loss else torch.zeros((), dtype=torch.bool, device=norm.device)
@@ -90,12 +91,11 @@ def device_update(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, ma
         scaler.update()
     else:
         skipped = skipped | ~torch.isfinite(norm)
-        optimizer.found_inf = skipped.float()  # read by the fused AdamW: skip the update on the device
+        set_found_inf(optimizer, skipped.float())  # the fused AdamW skips the update on the device
         try:
             optimizer.step()
         finally:
-            del optimizer.found_inf
-            optimizer.__dict__.pop("grad_scale", None)
+            clear_step_inputs(optimizer)
     optimizer.zero_grad(set_to_none=True)
     return skipped, norm
 
@@ -109,7 +109,7 @@ def host_update(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, max_
         grad_norm = clip(model, optimizer, scaler, max_norm)
         non_finite_in_row = _step_unless_non_finite(optimizer, scaler, loss, grad_norm, step, non_finite_in_row, log)
     finally:
-        optimizer.__dict__.pop("grad_scale", None)
+        clear_step_inputs(optimizer)
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, non_finite_in_row
 
@@ -149,7 +149,7 @@ def clip(model: nn.Module, optimizer, scaler, max_norm: float | None) -> float:
     value = float(norm)
     if max_norm is not None and value > max_norm:  # below the limit, skip a pass over every gradient
         if _clips_in_step(optimizer, scaler, params):
-            optimizer.grad_scale = (norm + 1e-6) / max_norm
+            set_grad_scale(optimizer, (norm + 1e-6) / max_norm)
         else:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return value
@@ -159,7 +159,7 @@ def _clips_in_step(optimizer, scaler, params: list[torch.Tensor]) -> bool:
     """Whether clipping can ride on the optimizer step: the fused AdamW divides each gradient by
     `optimizer.grad_scale` as it reads it (the hook GradScaler uses), so the clipping costs no
     pass over the gradients of its own. Not with a GradScaler (it sets grad_scale itself) nor
-    with sharded (DTensor) gradients. The caller removes grad_scale after the step."""
+    with sharded (DTensor) gradients. The caller clears it after the step (`clear_step_inputs`)."""
     return (scaler is None and optimizer is not None and bool(optimizer.defaults.get("fused"))
             and all(type(p.grad) is torch.Tensor for p in params))
 
