@@ -50,3 +50,40 @@ def test_config_diff_lists_changed_leaves():
     a = load_config(None, ["data.path=d"]).to_dict()
     b = load_config(None, ["data.path=d", "train.lr=1e-3"]).to_dict()
     assert config_diff(a, b) == ["train.lr: 0.0006 -> 0.001"]
+
+
+def test_public_names_stay_importable_from_lmforge_base_config():
+    from lmforge.base import config, config_schema
+
+    for name in config.__all__:
+        assert hasattr(config, name), name
+    assert config.TrainConfig is config_schema.TrainConfig
+
+
+def test_non_finite_floats_are_refused_by_key():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.path=d", "train.lr=inf", "train.grad_clip=nan", "model.dropout=-inf"])
+    assert err.value.problems == ["train.lr: must be a finite number, got 'inf'",
+                                  "train.grad_clip: must be a finite number, got 'nan'",
+                                  "model.dropout: must be a finite number, got '-inf'"]
+    from lmforge.base.config import TrainConfig
+
+    with pytest.raises(ValueError, match="train.max_time: must be a finite number, got inf"):
+        TrainConfig(max_time=float("inf"))  # built directly, not read
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../x", "/abs", "a/../..", "a\\b", " "])
+def test_run_name_is_one_folder_name(name: str):
+    with pytest.raises(ConfigError, match="run.name: .* must be one folder name"):
+        load_config(None, ["data.path=d", f"run.name={name}"])
+    assert load_config(None, ["data.path=d", "run.name=lr3e-4.b"]).run_dir == Path("runs/lr3e-4.b")
+
+
+def test_config_file_must_be_utf8(tmp_path: Path):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("data:\n  path: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.yaml: 1 problem.*\n.*line 2: not valid UTF-8"):
+        load_config(latin)
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes("\ufeffdata:\n  path: caf\u00e9\n".encode("utf-8"))
+    assert load_config(bom).data.path == "caf\u00e9"
