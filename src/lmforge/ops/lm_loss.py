@@ -83,7 +83,7 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
         grad_w = torch.empty(w.shape, device=w.device) if grad_weight_needed else None
         rows = _block_rows(n, w.shape[0], h.device)
         logits = torch.empty(min(n, rows), w.shape[0], device=h.device, dtype=dtype)  # reused by every block
-        row_pass = _cpu_row_pass(logits)
+        row_pass = _cpu_row_pass(logits, build=grad_hidden_needed or grad_weight_needed)
         for start in range(0, n, rows):
             end = min(n, start + rows)
             with torch.autocast(h.device.type, enabled=False):
@@ -122,12 +122,13 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
                 None, None, None, None)
 
 
-def _cpu_row_pass(logits: Tensor):
+def _cpu_row_pass(logits: Tensor, build: bool):
     """lmforge's C++ row pass (target logit, max, exp in place, sum) for float32 logits on a
-    CPU, or None: torch's ops then make the same numbers in four passes."""
+    CPU, or None: torch's ops then make the same numbers in four passes. build: training use,
+    which may build the kernels (else only a finished build is loaded)."""
     if logits.device.type != "cpu" or logits.dtype != torch.float32:
         return None
-    ops = kernels.ops()
+    ops = kernels.ops(build=build)
     return None if ops is None else ops.softmax_rows_
 
 

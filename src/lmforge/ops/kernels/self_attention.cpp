@@ -228,8 +228,6 @@ at::Tensor attention_dropout_factors(int64_t batch_heads, int64_t T, double drop
 
 // Schemas here, kernels registered for the CPU key, so the dispatcher (and profilers or
 // dispatch modes) sees them as operators.
-// Schemas here, kernels registered for the CPU key, so the dispatcher (and profilers or
-// dispatch modes) sees them as operators.
 TORCH_LIBRARY_FRAGMENT(lmforge, m) {
   m.def("self_attention(Tensor qkv, int n_head, bool causal, Tensor? key_lengths, float dropout_p, int seed) "
         "-> (Tensor, Tensor)");
