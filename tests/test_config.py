@@ -87,3 +87,10 @@ def test_config_file_must_be_utf8(tmp_path: Path):
     bom = tmp_path / "bom.yaml"
     bom.write_bytes("\ufeffdata:\n  path: caf\u00e9\n".encode("utf-8"))
     assert load_config(bom).data.path == "caf\u00e9"
+
+
+def test_a_missing_config_file_points_at_lmforge_init(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match=r"lmforge init spam-gpt --out .*configs/spam-gpt.yaml"):
+        load_config(tmp_path / "configs" / "spam-gpt.yaml")
+    with pytest.raises(FileNotFoundError, match="mine.yaml; write an example with `lmforge init lm`"):
+        load_config(tmp_path / "mine.yaml")

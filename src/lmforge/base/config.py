@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from lmforge.base.config_examples import missing_config_hint
 from lmforge.base.config_schema import (BestMetric, Config, DataConfig, Device, FieldErrors, ModelConfig,
                                         Precision, RunConfig, Schedule, Task, TrainConfig, non_finite_message)
 
@@ -43,7 +44,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         source = str(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+            raise FileNotFoundError(f"config file not found: {path}; {missing_config_hint(path)}")
         try:
             loaded = yaml.safe_load(_read_text(path)) or {}
         except yaml.YAMLError as err:

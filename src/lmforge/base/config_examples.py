@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -59,6 +60,15 @@ def resolve_example(task_or_name: str) -> str:
     hint = f"; did you mean {near[0]!r}?" if near else ""
     raise ValueError(f"no example config {task_or_name!r}{hint} (tasks: {', '.join(TASK_EXAMPLES)}; "
                      f"examples: {', '.join(names)})")
+
+
+def missing_config_hint(path: Path) -> str:
+    """What to say when the config file `path` does not exist: an example of that name is one
+    `lmforge init` away (an installed lmforge has no configs/ folder), else EXAMPLE_HINT."""
+    name = Path(path).name.removesuffix(".yaml")
+    if name in example_names():
+        return f"`lmforge init {name} --out {path}` writes the example of that name there"
+    return EXAMPLE_HINT
 
 
 def example_text(name: str) -> str:
