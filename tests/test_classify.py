@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 
-from lmforge.commands.classify import classify_command, eval_command, evaluate_checkpoint
 from lmforge.cli import main
+from lmforge.commands.classify import classify_command
+from lmforge.commands.evaluate import eval_command, evaluate_checkpoint
 from lmforge.data.prepare_classify import prepare_classify
 from lmforge.models.heads import classifier_architecture
 from lmforge.models.registry import model_from_architecture

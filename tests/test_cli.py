@@ -80,3 +80,20 @@ def test_kernels_command_says_whether_the_cpu_kernels_load(tmp_path: Path, monke
     off = lmforge("kernels", cwd=tmp_path)
     assert off.returncode == 0
     assert "lmforge CPU kernels: off, torch's attention and softmax are used (LMFORGE_CPU_KERNELS=0)" in off.stdout
+
+
+def test_only_the_training_commands_tune_malloc(monkeypatch, tmp_path: Path):
+    from lmforge.base import runtime
+    from lmforge.cli import main
+
+    calls = []
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append("malloc") or True)
+    monkeypatch.setattr("lmforge.train.entry.train_command", lambda *a, **k: calls.append("train") or 0)
+    monkeypatch.setattr("lmforge.commands.quickstart.quickstart", lambda *a, **k: calls.append("quickstart"))
+    monkeypatch.setattr("lmforge.commands.generate.generate_command", lambda *a, **k: calls.append("generate"))
+    monkeypatch.setattr("lmforge.report.write_report", lambda run_dir: calls.append("report") or run_dir)
+    assert main(["train", "cfg.yaml", "train.lr=1e-3"]) == 0
+    assert main(["quickstart", "--out", str(tmp_path)]) == 0
+    assert main(["generate", "run", "--prompt", "x"]) == 0
+    assert main(["report", "run"]) == 0
+    assert calls == ["malloc", "train", "malloc", "quickstart", "generate", "report"]

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.commands.embed import embed, encode_texts
-from lmforge.inference.loaded import load_for_inference
 from lmforge.commands.interop import export_hf, import_hf
+from lmforge.inference.embedder import embed, encode_texts
+from lmforge.inference.loaded import load_for_inference
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.base.tokenizer import train_tokenizer

@@ -1,10 +1,49 @@
-"""The `lmforge` command line: argument parsing only; each subcommand calls one library function."""
+"""The `lmforge` command line: argument parsing only.
+
+Each subcommand's parser is built by an `_add_*` function, which sets `args.run` to a handler
+that calls one library function (the command's module in `lmforge.commands`, or the library
+function itself) with the parsed values. Handlers import their module when they run, so a
+short command never imports training, plotting or the kernels.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lmforge.inference.generate import SamplingConfig
+
+
+def _column(value: str) -> str | int:
+    return int(value) if value.isdigit() else value
+
+
+def _names(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",")]
+
+
+def _keep_freed_memory() -> None:
+    """A training process keeps the memory it frees (glibc malloc tuning, process-wide): the
+    command line asks for it, the library never does."""
+    from lmforge.base.runtime import keep_freed_memory
+    keep_freed_memory()
+
+
+def _add_quickstart(sub) -> None:
+    p = sub.add_parser("quickstart", help="bundled Shakespeare -> tokenizer -> data -> GPT -> samples -> report")
+    p.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="where everything is written")
+    p.add_argument("--minutes", type=float, default=3.0, help="training time budget")
+    p.set_defaults(run=_quickstart)
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from lmforge.commands.quickstart import quickstart
+    _keep_freed_memory()
+    quickstart(args.out, minutes=args.minutes)
+    return 0
 
 
 def _add_tokenizer(sub) -> None:
@@ -22,6 +61,16 @@ def _add_tokenizer(sub) -> None:
     p.add_argument("--field", default="text", help="JSONL field holding the text")
     p.add_argument("--column", default="text", help="CSV/TSV column (name or 0-based index)")
     p.add_argument("--lowercase", action="store_true", help="WordPiece: lowercase (uncased model)")
+    p.set_defaults(run=_tokenizer)
+
+
+def _tokenizer(args: argparse.Namespace) -> int:
+    from lmforge.base.tokenizer import train_tokenizer
+    path = train_tokenizer(args.input, kind=args.kind, vocab_size=args.vocab_size, out_dir=args.out,
+                           special_tokens=args.special_tokens, min_frequency=args.min_frequency,
+                           text_field=args.field, text_column=_column(args.column), lowercase=args.lowercase)
+    print(f"tokenizer saved: {path}")
+    return 0
 
 
 def _add_prepare(sub) -> None:
@@ -52,6 +101,28 @@ def _add_prepare(sub) -> None:
     p.add_argument("--max-len", type=int, default=None,
                    help="dialogue: keep each dialogue's most recent whole turns within this many "
                         "tokens (default: keep all; training trims to the model context anyway)")
+    p.set_defaults(run=_prepare)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    if args.task == "classify":
+        from lmforge.data.prepare_classify import prepare_classify
+        prepare_classify(args.input, args.tokenizer, args.out, fmt=args.format,
+                         text_column=args.field if args.field != "text" else _column(args.column),
+                         label_column=_column(args.label_column), header=not args.no_header,
+                         columns=_names(args.columns), labels=_names(args.labels),
+                         val_fraction=0.1 if args.val_fraction is None else args.val_fraction,
+                         test_fraction=0.2 if args.test_fraction is None else args.test_fraction,
+                         seed=args.seed, balance=args.balance, max_tokens=args.max_tokens,
+                         overwrite=args.overwrite)
+        return 0
+    from lmforge.data.prepare import prepare
+    prepare(args.task, args.input, args.tokenizer, args.out,
+            val_fraction=0.05 if args.val_fraction is None else args.val_fraction,
+            test_fraction=args.test_fraction or 0.0, seed=args.seed, text_field=args.field,
+            text_column=_column(args.column), overwrite=args.overwrite,
+            doc_split=args.doc_split, max_len=args.max_len)
+    return 0
 
 
 def _add_train(sub) -> None:
@@ -61,20 +132,47 @@ def _add_train(sub) -> None:
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=3e-4")
     p.add_argument("--resume", type=Path, help="a run folder (newest complete checkpoint) or a checkpoint")
     p.add_argument("--quiet", action="store_true", help="no console lines (train.log still written)")
+    p.set_defaults(run=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lmforge.train.entry import train_command
+    _keep_freed_memory()
+    return train_command(args.config, args.overrides, resume=args.resume, quiet=args.quiet)
+
+
+def _add_sampling(p, *, length_flag: str, length: int, top_k: int | None, repetition_penalty: float,
+                  penalty_help: str | None = None) -> None:
+    """The checkpoint and the sampling options `generate` and `chat` share, with their own defaults."""
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (uses best, else last)")
+    p.add_argument(length_flag, type=int, default=length)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=top_k)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=repetition_penalty, help=penalty_help)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto")
+
+
+def _sampling(args: argparse.Namespace, max_new_tokens: int) -> SamplingConfig:
+    from lmforge.inference.generate import SamplingConfig
+    return SamplingConfig(max_new_tokens=max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a GPT checkpoint")
-    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (uses best, else last)")
+    _add_sampling(p, length_flag="--max-new-tokens", length=200, top_k=None, repetition_penalty=1.0)
     p.add_argument("--prompt", default="\n")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--device", default="auto")
+    p.set_defaults(run=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from lmforge.commands.generate import generate_command
+    generate_command(sys.stdout, args.checkpoint, args.prompt, _sampling(args, args.max_new_tokens),
+                     num_samples=args.num_samples, device=args.device)
+    return 0
 
 
 def _add_chat(sub) -> None:
@@ -83,70 +181,19 @@ def _add_chat(sub) -> None:
                                    "Ctrl-C stops a reply, Ctrl-D leaves). With standard input not a "
                                    "terminal, every line is a turn and gets one reply line; a blank "
                                    "line starts a new conversation.")
-    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (uses best, else last)")
+    _add_sampling(p, length_flag="--max-reply-tokens", length=50, top_k=8, repetition_penalty=1.2,
+                  penalty_help="> 1 lowers tokens already in the context (1 = off)")
     p.add_argument("--max-history", type=int, default=3,
                    help="turns in the context, the new one included (GPT2-chitchat: 3)")
-    p.add_argument("--max-reply-tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.2,
-                   help="> 1 lowers tokens already in the context (1 = off)")
-    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--transcript", type=Path, default=None,
                    help="save the conversation here when the chat ends (.txt, or .jsonl as messages)")
-    p.add_argument("--device", default="auto")
+    p.set_defaults(run=_chat)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description="Train GPT and BERT models on your own text.")
-    from lmforge.base.version import __version__
-    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quickstart", help="bundled Shakespeare -> tokenizer -> data -> GPT -> samples -> report")
-    q.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="where everything is written")
-    q.add_argument("--minutes", type=float, default=3.0, help="training time budget")
-    _add_tokenizer(sub)
-    _add_prepare(sub)
-    _add_train(sub)
-    _add_generate(sub)
-    _add_classify(sub)
-    _add_eval(sub)
-    _add_chat(sub)
-    _add_interop(sub)
-    r = sub.add_parser("report", help="plots and an HTML page from a run folder")
-    r.add_argument("run_dir", type=Path)
-    sub.add_parser("kernels", help="build lmforge's CPU kernels now (else the first CPU run does) and say if they load")
-    return parser
-
-
-def _add_interop(sub) -> None:
-    p = sub.add_parser("embed", help="token and sentence vectors from a BERT or GPT checkpoint")
-    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (uses best, else last)")
-    p.add_argument("text", nargs="?", help="the text (BERT: sentence A)")
-    p.add_argument("text_b", nargs="?", help="BERT: sentence B of a pair")
-    p.add_argument("--input", type=Path, help="many texts: one per line (.txt) or a \"text\" field (.jsonl)")
-    p.add_argument("--out", type=Path, help=".json (default: stdout) or .npy (sentence vectors only)")
-    p.add_argument("--pooling", choices=["mean", "cls"], default="mean", help="sentence vector for .npy")
-    p.add_argument("--per-token", action="store_true", help="JSON: add the per-token vectors")
-    p.add_argument("--device", default="auto")
-    p = sub.add_parser("import-hf", help="a transformers BERT or GPT-2 folder -> an lmforge checkpoint")
-    p.add_argument("src", type=Path, help="folder with config.json, model.safetensors, tokenizer files")
-    p.add_argument("--out", type=Path, required=True, help="the checkpoint folder to write")
-    p.add_argument("--overwrite", action="store_true")
-    p = sub.add_parser("export", help="an lmforge checkpoint -> a folder transformers loads")
-    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (uses best, else last)")
-    p.add_argument("--format", choices=["hf"], default="hf")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--overwrite", action="store_true")
-
-
-def _column(value: str) -> str | int:
-    return int(value) if value.isdigit() else value
-
-
-def _names(value: str | None) -> list[str] | None:
-    return None if value is None else [v.strip() for v in value.split(",")]
+def _chat(args: argparse.Namespace) -> int:
+    from lmforge.commands.chat import run_chat
+    return run_chat(args.checkpoint, _sampling(args, args.max_reply_tokens), max_history=args.max_history,
+                    device=args.device, transcript=args.transcript)
 
 
 def _add_classify(sub) -> None:
@@ -158,6 +205,14 @@ def _add_classify(sub) -> None:
     p.add_argument("--column", default="text", help="CSV/TSV column or JSONL field of the text in --input")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
+    p.set_defaults(run=_classify)
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from lmforge.commands.classify import classify_command
+    classify_command(sys.stdout, args.checkpoint, args.texts, input_file=args.input, output=args.output,
+                     text_column=_column(args.column), batch_size=args.batch_size, device=args.device)
+    return 0
 
 
 def _add_eval(sub) -> None:
@@ -167,83 +222,102 @@ def _add_eval(sub) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
+    p.set_defaults(run=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from lmforge.commands.evaluate import eval_command
+    eval_command(sys.stdout, args.checkpoint, args.data, args.split, args.batch_size, args.device)
+    return 0
+
+
+def _add_embed(sub) -> None:
+    p = sub.add_parser("embed", help="token and sentence vectors from a BERT or GPT checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (uses best, else last)")
+    p.add_argument("text", nargs="?", help="the text (BERT: sentence A)")
+    p.add_argument("text_b", nargs="?", help="BERT: sentence B of a pair")
+    p.add_argument("--input", type=Path, help="many texts: one per line (.txt) or a \"text\" field (.jsonl)")
+    p.add_argument("--out", type=Path, help=".json (default: stdout) or .npy (sentence vectors only)")
+    p.add_argument("--pooling", choices=["mean", "cls"], default="mean", help="sentence vector for .npy")
+    p.add_argument("--per-token", action="store_true", help="JSON: add the per-token vectors")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=_embed)
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from lmforge.commands.embed import embed_command
+    embed_command(args.checkpoint, [args.text] if args.text is not None else [], args.text_b,
+                  input_file=args.input, out=args.out, pooling=args.pooling, per_token=args.per_token,
+                  device=args.device)
+    return 0
+
+
+def _add_interop(sub) -> None:
+    p = sub.add_parser("import-hf", help="a transformers BERT or GPT-2 folder -> an lmforge checkpoint")
+    p.add_argument("src", type=Path, help="folder with config.json, model.safetensors, tokenizer files")
+    p.add_argument("--out", type=Path, required=True, help="the checkpoint folder to write")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=_import_hf)
+    p = sub.add_parser("export", help="an lmforge checkpoint -> a folder transformers loads")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (uses best, else last)")
+    p.add_argument("--format", choices=["hf"], default="hf")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=_export)
+
+
+def _import_hf(args: argparse.Namespace) -> int:
+    from lmforge.commands.interop import import_hf
+    print(f"checkpoint written: {import_hf(args.src, args.out, overwrite=args.overwrite)}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lmforge.commands.interop import export_hf
+    print(f"exported ({args.format}): {export_hf(args.checkpoint, args.out, overwrite=args.overwrite)}")
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="plots and an HTML page from a run folder")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(run=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lmforge.report import write_report
+    print(f"report: {write_report(args.run_dir)}")
+    return 0
+
+
+def _add_kernels(sub) -> None:
+    p = sub.add_parser("kernels", help="build lmforge's CPU kernels now (else the first CPU run does) and say if they load")
+    p.set_defaults(run=_kernels)
+
+
+def _kernels(args: argparse.Namespace) -> int:
+    from lmforge.ops import kernels
+    if kernels.ops() is None:
+        print(f"lmforge CPU kernels: off, torch's attention and softmax are used ({kernels.unavailable_reason()})")
+    else:
+        print(f"lmforge CPU kernels: loaded from {kernels.build_dir()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description="Train GPT and BERT models on your own text.")
+    from lmforge.base.version import __version__
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_quickstart, _add_tokenizer, _add_prepare, _add_train, _add_generate, _add_classify,
+                _add_eval, _add_chat, _add_embed, _add_interop, _add_report, _add_kernels):
+        add(sub)
+    return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.command == "quickstart":
-        from lmforge.commands.quickstart import quickstart
-        quickstart(args.out, minutes=args.minutes)
-    elif args.command == "kernels":
-        from lmforge.ops import kernels
-        if kernels.ops() is None:
-            print(f"lmforge CPU kernels: off, torch's attention and softmax are used ({kernels.unavailable_reason()})")
-        else:
-            print(f"lmforge CPU kernels: loaded from {kernels.build_dir()}")
-    elif args.command == "tokenizer":
-        from lmforge.base.tokenizer import train_tokenizer
-        path = train_tokenizer(args.input, kind=args.kind, vocab_size=args.vocab_size, out_dir=args.out,
-                               special_tokens=args.special_tokens, min_frequency=args.min_frequency,
-                               text_field=args.field, text_column=_column(args.column),
-                               lowercase=args.lowercase)
-        print(f"tokenizer saved: {path}")
-    elif args.command == "prepare" and args.task == "classify":
-        from lmforge.data.prepare_classify import prepare_classify
-        prepare_classify(args.input, args.tokenizer, args.out, fmt=args.format,
-                         text_column=args.field if args.field != "text" else _column(args.column),
-                         label_column=_column(args.label_column), header=not args.no_header,
-                         columns=_names(args.columns), labels=_names(args.labels),
-                         val_fraction=0.1 if args.val_fraction is None else args.val_fraction,
-                         test_fraction=0.2 if args.test_fraction is None else args.test_fraction,
-                         seed=args.seed, balance=args.balance, max_tokens=args.max_tokens,
-                         overwrite=args.overwrite)
-    elif args.command == "prepare":
-        from lmforge.data.prepare import prepare
-        prepare(args.task, args.input, args.tokenizer, args.out,
-                val_fraction=0.05 if args.val_fraction is None else args.val_fraction,
-                test_fraction=args.test_fraction or 0.0, seed=args.seed, text_field=args.field,
-                text_column=_column(args.column), overwrite=args.overwrite,
-                doc_split=args.doc_split, max_len=args.max_len)
-    elif args.command == "train":
-        from lmforge.train.entry import train_command
-        return train_command(args.config, args.overrides, resume=args.resume, quiet=args.quiet)
-    elif args.command == "generate":
-        from lmforge.inference.generate import SamplingConfig
-        from lmforge.inference.loaded import generate_to
-        cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                             seed=args.seed)
-        generate_to(sys.stdout, args.checkpoint, args.prompt, cfg, num_samples=args.num_samples,
-                    device=args.device)
-    elif args.command == "chat":
-        from lmforge.commands.chat import run_chat
-        from lmforge.inference.generate import SamplingConfig
-        cfg = SamplingConfig(max_new_tokens=args.max_reply_tokens, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                             seed=args.seed)
-        return run_chat(args.checkpoint, cfg, max_history=args.max_history, device=args.device,
-                        transcript=args.transcript)
-    elif args.command == "classify":
-        from lmforge.commands.classify import classify_command
-        classify_command(sys.stdout, args.checkpoint, args.texts, input_file=args.input, output=args.output,
-                         text_column=_column(args.column), batch_size=args.batch_size, device=args.device)
-    elif args.command == "eval":
-        from lmforge.commands.classify import eval_command
-        eval_command(sys.stdout, args.checkpoint, args.data, args.split, args.batch_size, args.device)
-    elif args.command == "embed":
-        from lmforge.commands.embed import embed_command
-        embed_command(args.checkpoint, [args.text] if args.text is not None else [], args.text_b,
-                      input_file=args.input, out=args.out, pooling=args.pooling, per_token=args.per_token,
-                      device=args.device)
-    elif args.command == "import-hf":
-        from lmforge.commands.interop import import_hf
-        print(f"checkpoint written: {import_hf(args.src, args.out, overwrite=args.overwrite)}")
-    elif args.command == "export":
-        from lmforge.commands.interop import export_hf
-        print(f"exported ({args.format}): {export_hf(args.checkpoint, args.out, overwrite=args.overwrite)}")
-    elif args.command == "report":
-        from lmforge.report import write_report
-        print(f"report: {write_report(args.run_dir)}")
-    return 0
+    """Run the parsed subcommand; its exit status."""
+    return args.run(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,13 @@
 """Where and how a run executes: device, precision, threads, seeds, rank, allocator; chosen once, logged once.
 
-CPU runs on glibc Linux also tune malloc (`keep_freed_memory`): glibc serves blocks of 32 MiB
-and more with mmap and unmaps them on free, so every training step re-faults and re-zeroes
-its largest tensors (a 2048 x 8192 fp32 logits tensor, its gradient, ...): ~70k page faults
-and ~15% of a step on the issue's workload. Turning mmap off for allocations and raising the
-trim threshold keeps freed memory in the heap for the next step (the process keeps its peak
-memory until it exits). Set LMFORGE_MALLOC_TUNING=0 to leave malloc alone.
+`keep_freed_memory` tunes glibc malloc for a training process on a CPU. It changes the whole
+process, so `setup_runtime` never calls it: the command line does before `train` and
+`quickstart`, and a library user may. glibc serves blocks of 32 MiB and more with mmap and
+unmaps them on free, so every training step re-faults and re-zeroes its largest tensors (a
+2048 x 8192 fp32 logits tensor, its gradient, ...): ~70k page faults and ~15% of a step on the
+issue's workload. Turning mmap off for allocations and raising the trim threshold keeps freed
+memory in the heap for the next step (the process keeps its peak memory until it exits).
+Set LMFORGE_MALLOC_TUNING=0 to leave malloc alone.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def setup_runtime(device: str = "auto", precision: str = "fp32", seed: int = 133
                          "(measured on the benchmark GPT)")
         elif precision == "fp16" or (precision == "bf16" and units is None):
             notes.append(f"{precision} autocast on CPU is usually slower than fp32 without native units")
-        if keep_freed_memory():
+        if _malloc_tuned:  # asked for by the caller (keep_freed_memory), reported here
             notes.append("glibc malloc keeps freed memory (no mmap, no trim): no page faults on re-allocation")
     if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("train.precision=bf16 but this GPU has no bf16 support; use fp16 or fp32")

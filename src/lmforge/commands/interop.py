@@ -3,7 +3,8 @@
 
 Owns the folder-level work: reading config.json / model.safetensors (or a `pytorch_model.bin`,
 read only with `torch.load(weights_only=True)`), config translation and the tokenizer files.
-Weight names are mapped by `lmforge.models.hf`.
+Weight names are mapped by `lmforge.models.hf`. Export reads the checkpoint's state dict and
+never builds a model; import builds one only to check the mapped weights fit it.
 
 Tokenizers: lmforge's tokenizer.json has no post-processor template (callers add [CLS]/[SEP]
 themselves), so on import a template that adds special tokens is removed, as are fixed
@@ -28,7 +29,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from lmforge.models import hf
 from lmforge.models.registry import model_from_architecture
 from lmforge.base.tokenizer import load_tokenizer, special_ids
-from lmforge.checkpoint import load_checkpoint, save_checkpoint
+from lmforge.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 
 _ADDS_SPECIALS = ("TemplateProcessing", "BertProcessing", "RobertaProcessing")
 
@@ -46,6 +47,7 @@ def import_hf(src: Path, out: Path, *, overwrite: bool = False) -> Path:
     if kind not in ("bert", "gpt2"):
         raise ValueError(f"{src / 'config.json'}: model_type {kind!r} is not supported (bert, gpt2)")
     arch = hf.bert_config_from_hf(hf_config) if kind == "bert" else hf.gpt2_config_from_hf(hf_config)
+    # not lmforge.checkpoint.load_model: there is no checkpoint yet, the weights come in under HF names
     model = model_from_architecture(arch)
     expected = list(model.state_dict())
     mapper = hf.bert_from_hf if kind == "bert" else hf.gpt2_from_hf
@@ -146,8 +148,6 @@ def export_hf(checkpoint: Path, out: Path, *, overwrite: bool = False) -> Path:
     BERT loads with `BertForPreTraining.from_pretrained(out)`, GPT with
     `GPT2LMHeadModel.from_pretrained(out)`; both tokenizers with `AutoTokenizer.from_pretrained(out)`.
     """
-    from lmforge.checkpoint import resolve_checkpoint
-
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"{out} already exists; choose another --out or pass --overwrite")

@@ -1,0 +1,50 @@
+"""Using a fine-tuned classifier: `load_classifier` (a checkpoint and its label names) and
+`predict_texts` (label and probability per text, encoded as `prepare --task classify` does)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lmforge.inference.loaded import LoadedModel, load_for_inference
+from lmforge.models.heads import label_names_of
+
+
+def load_classifier(checkpoint: str | Path, device: str = "auto") -> tuple[LoadedModel, list[str]]:
+    """A classifier checkpoint (or run folder) ready to predict, and its label names."""
+    loaded = load_for_inference(checkpoint, device)
+    arch = loaded.architecture
+    if arch.get("model_type") != "classifier":
+        raise ValueError(f"{loaded.path}: a {arch.get('model_type')!r} checkpoint, not a classifier; "
+                         "fine-tune one with train.task=classify")
+    loaded.tokenizer.no_truncation()
+    loaded.tokenizer.no_padding()
+    return loaded, label_names_of(arch)
+
+
+@torch.inference_mode()
+def predict_texts(loaded: LoadedModel, label_names: list[str], texts: list[str],
+                  batch_size: int = 32) -> list[tuple[str, float]]:
+    """(label, probability of that label) for every text, encoded as `prepare --task classify` does."""
+    specials, context = loaded.specials, loaded.model.config.context
+    wrap = specials.cls is not None and specials.sep is not None
+    pad = specials.pad if specials.pad is not None else 0
+    results: list[tuple[str, float]] = []
+    for start in range(0, len(texts), batch_size):
+        encoded = loaded.tokenizer.encode_batch(texts[start:start + batch_size], add_special_tokens=False)
+        rows = []
+        for enc in encoded:
+            ids = [specials.cls, *enc.ids[:context - 2], specials.sep] if wrap else \
+                (enc.ids[:context] or [specials.eos if specials.eos is not None else pad])
+            rows.append(ids)
+        longest = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), longest), pad, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)  # (B, T)
+        for i, ids in enumerate(rows):
+            input_ids[i, :len(ids)] = torch.tensor(ids)
+            mask[i, :len(ids)] = 1
+        logits = loaded.model(input_ids.to(loaded.device), attention_mask=mask.to(loaded.device))  # (B, L)
+        probs, best = logits.float().softmax(dim=-1).max(dim=-1)  # (B,), (B,)
+        results += [(label_names[k], float(p)) for k, p in zip(best.tolist(), probs.tolist())]
+    return results
