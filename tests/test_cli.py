@@ -97,3 +97,14 @@ def test_only_the_training_commands_tune_malloc(monkeypatch, tmp_path: Path):
     assert main(["generate", "run", "--prompt", "x"]) == 0
     assert main(["report", "run"]) == 0
     assert calls == ["malloc", "train", "malloc", "quickstart", "generate", "report"]
+
+
+def test_init_writes_an_example_config_and_lists_them(tmp_path: Path, capsys):
+    from lmforge.cli import main
+
+    assert main(["init"]) == 0 and "gpt-shakespeare" in capsys.readouterr().out
+    assert main(["init", "lm", "--out", str(tmp_path)]) == 0
+    written = tmp_path / "gpt-shakespeare.yaml"
+    assert written.is_file() and f"lmforge train {written}" in capsys.readouterr().out
+    assert main(["init", "lm", "--out", str(tmp_path)]) == 2  # kept unless --overwrite
+    assert main(["init", "lm", "--out", str(tmp_path), "--overwrite"]) == 0

@@ -46,6 +46,19 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_init(sub) -> None:
+    p = sub.add_parser("init", help="write an example run config to start from (no NAME: list them)")
+    p.add_argument("name", nargs="?", help="a task (lm, mlm, classify, dialogue) or an example's name")
+    p.add_argument("--out", type=Path, default=None, help="the file (or folder) to write; default ./NAME.yaml")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.set_defaults(run=_init)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from lmforge.commands.init import init_command
+    return init_command(args.name, args.out, overwrite=args.overwrite)
+
+
 def _add_tokenizer(sub) -> None:
     tok = sub.add_parser("tokenizer", help="train a tokenizer on your corpus")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True)
@@ -309,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lmforge.base.version import __version__
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_quickstart, _add_tokenizer, _add_prepare, _add_train, _add_generate, _add_classify,
+    for add in (_add_quickstart, _add_init, _add_tokenizer, _add_prepare, _add_train, _add_generate, _add_classify,
                 _add_eval, _add_chat, _add_embed, _add_interop, _add_report, _add_kernels):
         add(sub)
     return parser
