@@ -4,7 +4,8 @@ from collections import Counter
 
 import pytest
 
-from lmforge.data.pipeline import Splitter, check_numbers, check_out_dir, split_names, wanted_splits
+from lmforge.data.pipeline import (Splitter, check_numbers, check_wanted_splits, split_names, wanted_splits,
+                                   writing_folder)
 
 
 def test_split_draws_are_seeded_and_follow_the_fractions():
@@ -34,8 +35,22 @@ def test_checks_name_the_value(tmp_path):
     out = tmp_path / "out"
     (out / "in.txt").parent.mkdir()
     (out / "in.txt").write_text("x")
-    with pytest.raises(ValueError, match="not empty; pass overwrite=True"):
-        check_out_dir(out, [], overwrite=False)
-    with pytest.raises(ValueError, match="holds the input"):
-        check_out_dir(out, [out / "in.txt"], overwrite=True)
-    assert check_out_dir(str(tmp_path / "new"), [], overwrite=False) == tmp_path / "new"
+    with pytest.raises(ValueError, match=r"not empty; choose another folder, or pass --overwrite \(overwrite=True\)"):
+        with writing_folder(out, [], overwrite=False):
+            pass
+    with pytest.raises(ValueError, match="contains the input"):
+        with writing_folder(out, [out / "in.txt"], overwrite=True):
+            pass
+    assert (out / "in.txt").exists()
+    with writing_folder(str(tmp_path / "new"), [], overwrite=False) as tmp:
+        (tmp / "meta.json").write_text("{}")
+    assert (tmp_path / "new" / "meta.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]  # no temp folder, no lock left
+
+
+def test_an_empty_wanted_split_names_the_counts_and_the_fix():
+    counts = {"train": {"samples": 4}, "val": {"samples": 0}, "test": {"samples": 0}}
+    check_wanted_splits(counts, 0.0, 0.0, [], "texts")
+    with pytest.raises(ValueError, match=r"the val split is empty \(texts: train 4, val 0, test 0\); "
+                                         r"give more data or a larger --val-fraction \(now 0.1\)"):
+        check_wanted_splits(counts, 0.1, 0.2, [], "texts")

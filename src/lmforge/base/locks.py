@@ -42,7 +42,10 @@ def _describe_self() -> str:
                        "since": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists on this machine (one we may not signal counts as alive)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -102,7 +105,7 @@ def _pidfile(file: Path, what: str, folder) -> None:
                 pid = int(json.loads(file.read_text(encoding="utf-8"))["pid"])
             except (OSError, ValueError, KeyError, TypeError):
                 pid = None
-            if pid is not None and _pid_alive(pid):
+            if pid is not None and pid_alive(pid):
                 raise FolderBusy(f"{what} {folder} is in use by {_holder_text(file)}; wait for it to "
                                  f"finish or stop it, then run this again") from None
             with contextlib.suppress(OSError):

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 KINDS = ("run", "data", "checkpoint", "tokenizer", "hf-model")
+_NAMES = {"run": "run", "data": "prepared data folder", "checkpoint": "checkpoint", "tokenizer": "tokenizer",
+          "hf-model": "Hugging Face model"}
 
 
 def folder_kind(path: Path) -> str | None:
@@ -43,6 +45,7 @@ def _related(a: Path, b: Path) -> str | None:
 def check_output_folder(out: Path | str, *, inputs: list[Path] | tuple[Path, ...] = (), overwrite: bool = False,
                         kind: str, flag: str = "--out") -> Path:
     """`out` as a Path if writing a `kind` folder there is safe, else ValueError saying why and what to do."""
+    assert kind in KINDS, kind
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{flag} {out} exists and is a file; choose a folder")
@@ -56,10 +59,10 @@ def check_output_folder(out: Path | str, *, inputs: list[Path] | tuple[Path, ...
         return out
     found = folder_kind(out)
     if not overwrite:
-        holds = f" (it holds a {found})" if found else ""
+        holds = f" (it holds a {_NAMES[found]})" if found else ""
         raise ValueError(f"{flag} {out} already exists and is not empty{holds}; choose another folder, "
-                         f"or pass --overwrite to replace it")
+                         f"or pass --overwrite (overwrite=True) to replace it")
     if found is not None and found != kind:
-        raise ValueError(f"{flag} {out} holds a {found}, not a {kind}; --overwrite only replaces a folder "
-                         f"of the same kind; choose another folder")
+        raise ValueError(f"{flag} {out} holds a {_NAMES[found]}, not a {_NAMES[kind]}; --overwrite only "
+                         f"replaces a folder of the same kind; choose another folder")
     return out

@@ -3,14 +3,18 @@
 Each task module (`prepare_lm`, `prepare_mlm`, `prepare_classify`, `prepare_dialogue`) runs
 the same pipeline with its own reader and sample writer:
 
-1. check the numbers (`check_numbers`), the inputs (`lmforge.base.readers.check_inputs`), the
-   tokenizer (`open_tokenizer`, then the task's own special-token needs) and the output
-   folder (`check_out_dir`), all before any work;
-2. read, tokenize (`parallelism` sets the tokenizer's threads) and write samples into a
-   staged temp folder (`lmforge.data.staging.staged_folder`), each document going to train,
-   val or test by a seeded `Splitter` draw (classify splits by class instead);
-3. copy the tokenizer and write meta.json with the keys every task shares
-   (`write_folder_meta`), then rename the folder into place.
+1. check the numbers (`check_numbers`), the inputs (`lmforge.base.readers.check_inputs`) and
+   the tokenizer (`open_tokenizer`, then the task's own special-token needs), before any work;
+2. `writing_folder`: hold the output folder (one prepare at a time per folder), settle what a
+   killed prepare left beside it (`lmforge.data.staging.recover_folder`), check it with the
+   shared output guard (`lmforge.base.outputs.check_output_folder`, kind "data") and yield a
+   staged temp folder (`lmforge.data.staging.staged_folder`);
+3. read, tokenize (`parallelism` sets the tokenizer's threads) and write samples there, each
+   document going to train, val or test by a seeded `Splitter` draw (classify splits by class
+   instead); a split asked for that came out empty is an error (`check_wanted_splits`);
+4. copy the tokenizer and write meta.json with the keys every task shares
+   (`write_folder_meta`: counts per split, hashes of the tokenizer and of the written splits),
+   then rename the folder into place.
 
 The files themselves belong to `lmforge.data.store`; this module never opens them.
 """
@@ -28,9 +32,12 @@ from typing import NamedTuple
 import numpy as np
 from tokenizers import Tokenizer
 
+from lmforge.base.locks import hold_folder
+from lmforge.base.outputs import check_output_folder
 from lmforge.base.tokenizer import SpecialIds, load_tokenizer, special_ids, tokenizer_file
 from lmforge.base.version import __version__
-from lmforge.data.staging import sha256_file
+from lmforge.data.integrity import content_sha256, sha256_file
+from lmforge.data.staging import recover_folder, staged_folder
 from lmforge.data.store import dtype_for, write_meta, write_tokenizer
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -52,22 +59,29 @@ def check_numbers(val_fraction: float, test_fraction: float, batch_size: int = 1
         raise ValueError(f"workers must be >= 1 (or None for all cores), got {workers}")
 
 
-def check_out_dir(out_dir: Path, inputs: list[Path], overwrite: bool) -> Path:
-    """`out_dir` as a Path; ValueError for a file, for a non-empty folder without `overwrite`,
-    and for a folder that holds an input (replacing it would delete the input)."""
+@contextlib.contextmanager
+def writing_folder(out_dir: Path, inputs: list[Path], overwrite: bool) -> Iterator[Path]:
+    """Own the data folder `out_dir` for the block (step 2 of the module docstring): a second
+    prepare into it gets an error naming this process; yields the staged temp folder, which
+    replaces `out_dir` when the block ends without error."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"output {out_dir} exists and is a file; choose a folder for --out")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise ValueError(f"output folder {out_dir} already exists and is not empty; pass "
-                             f"overwrite=True (--overwrite) to replace it, or choose another --out")
-        root = out_dir.resolve()
-        inside = [str(p) for p in inputs if root in p.resolve().parents]
-        if inside:
-            raise ValueError(f"refusing to overwrite {out_dir}: it holds the input(s) "
-                             f"{', '.join(inside)}; choose another --out")
-    return out_dir
+    with hold_folder(out_dir, "data folder"):
+        for note in recover_folder(out_dir, clean=True):
+            print(f"note: {note}", file=sys.stderr)
+        check_output_folder(out_dir, inputs=inputs, overwrite=overwrite, kind="data")
+        with staged_folder(out_dir) as tmp:
+            yield tmp
+
+
+def check_wanted_splits(counts: dict[str, dict], val_fraction: float, test_fraction: float,
+                        paths: list[Path], unit: str, key: str = "samples") -> None:
+    """ValueError naming the counts when val or test, asked for (fraction > 0), got no `key`."""
+    fractions = {"val": val_fraction, "test": test_fraction}
+    for split in wanted_splits(val_fraction, test_fraction)[1:]:
+        if counts[split][key] == 0:
+            per_split = ", ".join(f"{s} {c[key]:,}" for s, c in counts.items())
+            raise ValueError(f"{', '.join(map(str, paths))}: the {split} split is empty ({unit}: {per_split}); "
+                             f"give more data or a larger --{split}-fraction (now {fractions[split]})")
 
 
 def split_names(test_fraction: float) -> list[str]:
@@ -147,8 +161,13 @@ def write_folder_meta(folder: Path, task: str, tokenizer: OpenTokenizer, paths: 
                       test_fraction: float, label_names: list[str] | None = None,
                       **task_keys) -> dict:
     """Copy the tokenizer into the staged `folder` and write its meta.json: the keys every task
-    shares, then `task_keys` (the task's own). Returns the meta dict."""
+    shares, then `task_keys` (the task's own). Returns the meta dict.
+
+    `splits` holds each split's counts (`samples`, `tokens`, and the task's own); `content_sha256`
+    is one sha256 over every split's files, `split_sha256` one per split: a resumed run compares
+    them with those it started with."""
     write_tokenizer(folder, tokenizer.file)
+    content, per_split = content_sha256(folder, list(counts))
     meta = {
         "task": task,
         "tokenizer": str(tokenizer.file.resolve()),
@@ -158,6 +177,8 @@ def write_folder_meta(folder: Path, task: str, tokenizer: OpenTokenizer, paths: 
         "special_ids": dataclasses.asdict(tokenizer.ids),
         "label_names": label_names,
         "splits": counts,
+        "content_sha256": content,
+        "split_sha256": per_split,
         "lmforge_version": __version__,
         "inputs": [str(p.resolve()) for p in paths],
         **task_keys,

@@ -40,9 +40,8 @@ import numpy as np
 
 from lmforge.base.readers import check_inputs
 from lmforge.base.sources import format_suffix, iter_lines
-from lmforge.data.pipeline import (SPLIT_NAMES, check_numbers, check_out_dir, open_tokenizer, split_names,
-                                   write_folder_meta)
-from lmforge.data.staging import staged_folder
+from lmforge.data.pipeline import (SPLIT_NAMES, OpenTokenizer, check_numbers, check_wanted_splits, open_tokenizer,
+                                   split_names, wanted_splits, write_folder_meta, writing_folder)
 from lmforge.data.store import TokenStoreWriter, split_counts
 
 Format = Literal["auto", "csv", "tsv", "jsonl", "sms"]
@@ -72,39 +71,24 @@ def prepare_classify(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
     tokenizer = open_tokenizer(tokenizer_path)
     tokenizer.tok.no_truncation()
     tokenizer.tok.no_padding()
-    out_dir = check_out_dir(out_dir, paths, overwrite)
     t0 = time.perf_counter()
-
-    records: list[Record] = []
-    for path in paths:
-        records += read_records(path, fmt=fmt, text_column=text_column, label_column=label_column,
-                                header=header, columns=columns, allowed=labels)
-    if not records:
-        raise ValueError(f"no labelled rows found in {', '.join(map(str, paths))}")
-    label_names = list(labels) if labels is not None else sorted({r.label for r in records})
-    if len(label_names) < 2:
-        raise ValueError(f"{', '.join(map(str, paths))}: only one label ({label_names[0]!r}); "
-                         "classification needs at least two")
-    label_id = {name: i for i, name in enumerate(label_names)}
-    y = np.array([label_id[r.label] for r in records], dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    keep = balanced_indices(y, rng) if balance else np.arange(len(y))
-    parts = stratified_split(y, keep, val_fraction, test_fraction, rng)
-
-    ids = tokenizer.ids
-    wrap = "cls_sep" if ids.cls is not None and ids.sep is not None else "none"
-    with staged_folder(out_dir) as tmp:
+    read_options = dict(fmt=fmt, text_column=text_column, label_column=label_column, header=header,
+                        columns=columns, allowed=labels)
+    with writing_folder(out_dir, paths, overwrite) as tmp:
+        records, label_names, y = _read_labelled(paths, labels, read_options)
+        rng = np.random.default_rng(seed)
+        keep = balanced_indices(y, rng) if balance else np.arange(len(y))
+        parts = stratified_split(y, keep, val_fraction, test_fraction, rng)
+        ids = tokenizer.ids
+        wrap = "cls_sep" if ids.cls is not None and ids.sep is not None else "none"
         counts = {}
         for split in split_names(test_fraction):
-            idx = parts[split]
-            texts = [records[i].text for i in idx]
-            encoded = tokenizer.tok.encode_batch(texts, add_special_tokens=False) if texts else []
-            with TokenStoreWriter(tmp, split, tokenizer.vocab_size) as writer:
-                for i, enc in zip(idx, encoded):
-                    writer.add(_wrap(enc.ids, ids, wrap, max_tokens), int(y[i]))
-            counts[split] = split_counts(tmp, split)
-            counts[split]["labels"] = {label_names[k]: int(v) for k, v in
-                                       sorted(Counter(y[idx].tolist()).items())}
+            texts = [records[i].text for i in parts[split]]
+            samples = [_wrap(enc.ids, ids, wrap, max_tokens) for enc in
+                       (tokenizer.tok.encode_batch(texts, add_special_tokens=False) if texts else [])]
+            counts[split] = _write_split(tmp, split, tokenizer, samples, y[parts[split]], label_names)
+        check_wanted_splits(counts, val_fraction, test_fraction, paths, "labelled texts")
+        _note_missing_labels(counts, label_names, wanted_splits(val_fraction, test_fraction))
         meta = write_folder_meta(tmp, "classify", tokenizer, paths, counts, seed=seed,
                                  val_fraction=val_fraction, test_fraction=test_fraction,
                                  label_names=label_names, special_wrap=wrap, records=len(records),
@@ -114,6 +98,51 @@ def prepare_classify(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
         print(f"prepared: {len(records):,} labelled texts ({per_split}), labels {label_names} "
               f"in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
     return meta
+
+
+def _read_labelled(paths: list[Path], labels: list[str] | None, read_options: dict
+                   ) -> tuple[list[Record], list[str], np.ndarray]:
+    """The records of every file, the label names in id order and each record's label id."""
+    records: list[Record] = []
+    for path in paths:
+        records += read_records(path, **read_options)
+    if not records:
+        raise ValueError(f"no labelled rows found in {', '.join(map(str, paths))}")
+    label_names = list(labels) if labels is not None else sorted({r.label for r in records})
+    if len(label_names) < 2:
+        raise ValueError(f"{', '.join(map(str, paths))}: only one label ({label_names[0]!r}); "
+                         "classification needs at least two")
+    label_id = {name: i for i, name in enumerate(label_names)}
+    return records, label_names, np.array([label_id[r.label] for r in records], dtype=np.int64)
+
+
+def _write_split(folder: Path, split: str, tokenizer: OpenTokenizer, samples: list[list[int]],
+                 y: np.ndarray, label_names: list[str]) -> dict:
+    """Write one split's labelled samples; its counts for meta.json, examples per label included."""
+    with TokenStoreWriter(folder, split, tokenizer.vocab_size, labelled=True) as writer:
+        for sample, label in zip(samples, y.tolist()):
+            writer.add(sample, label)
+    return {**split_counts(folder, split),
+            "labels": {label_names[k]: int(v) for k, v in sorted(Counter(y.tolist()).items())}}
+
+
+def _note_missing_labels(counts: dict[str, dict], label_names: list[str], wanted: list[str]) -> None:
+    """A note on stderr for labels that some wanted split has no example of (they are then never
+    evaluated there), and for labels of --labels without any example."""
+    totals = {name: sum(c["labels"].get(name, 0) for c in counts.values()) for name in label_names}
+    unused = [name for name, n in totals.items() if n == 0]
+    if unused:
+        print(f"note: label(s) {', '.join(map(repr, unused))} have no example at all", file=sys.stderr)
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name, n in totals.items():
+        lacking = tuple(s for s in wanted[1:] if name not in counts[s]["labels"])
+        if n and lacking:
+            groups.setdefault(lacking, []).append(f"{name!r} ({n} example{'s' if n != 1 else ''})")
+    for lacking, names in groups.items():
+        having = [s for s in counts if s not in lacking and s in wanted]
+        print(f"note: label(s) {', '.join(names)} are only in {' and '.join(having)}: "
+              f"{' and '.join(lacking)} {'have' if len(lacking) > 1 else 'has'} none of them, so they are "
+              f"never evaluated there; add more examples of them", file=sys.stderr)
 
 
 def read_records(path: Path, *, fmt: Format = "auto", text_column: str | int = "text",

@@ -46,9 +46,8 @@ from tqdm import tqdm
 from lmforge.base.readers import check_inputs, parse_json_line
 from lmforge.base.sources import format_suffix, iter_lines
 from lmforge.data.dialogue_format import ROLE_NAMES, build_sample, dialogue_specials
-from lmforge.data.pipeline import (Splitter, check_numbers, check_out_dir, open_tokenizer, parallelism,
-                                   split_names, wanted_splits, write_folder_meta)
-from lmforge.data.staging import staged_folder
+from lmforge.data.pipeline import (Splitter, check_numbers, check_wanted_splits, open_tokenizer, parallelism,
+                                   split_names, wanted_splits, write_folder_meta, writing_folder)
 from lmforge.data.store import ROLES_DTYPE, ROLES_FILE, RolesWriter, TokenStoreWriter
 
 _EOU = "__eou__"
@@ -163,15 +162,17 @@ class _SplitWriter:
         self.tokens = TokenStoreWriter(folder, split, vocab_size)
         self.roles = RolesWriter(folder, split)
         self.samples = 0
+        self.reply_tokens = 0  # what `train.loss_on: responses` learns
 
     def add(self, ids: list[int], roles: list[int]) -> None:
         self.tokens.add(np.asarray(ids, dtype=np.int64))
         self.roles.add(roles)
         self.samples += 1
+        self.reply_tokens += sum(roles)
 
     def close(self) -> dict[str, int]:
         self.roles.close()
-        return self.tokens.close()
+        return {**self.tokens.close(), "reply_tokens": self.reply_tokens}
 
 
 def prepare_dialogue(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
@@ -191,10 +192,9 @@ def prepare_dialogue(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
     tokenizer = open_tokenizer(tokenizer_path)
     tokenizer.tok.encode_special_tokens = True  # "[SEP]" typed in a turn is text, not a turn boundary
     cls, sep = dialogue_specials(tokenizer.ids, str(tokenizer.file))
-    out_dir = check_out_dir(out_dir, paths, overwrite)
     splits = split_names(test_fraction)
     t0 = time.perf_counter()
-    with staged_folder(out_dir) as tmp:
+    with writing_folder(out_dir, paths, overwrite) as tmp:
         with parallelism(workers):
             writers = {s: _SplitWriter(tmp, s, tokenizer.vocab_size) for s in splits}
             try:
@@ -206,6 +206,8 @@ def prepare_dialogue(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
         if stats["dialogues"] == 0:
             raise ValueError(f"no dialogue found in {', '.join(str(p) for p in paths)} "
                              f"({stats['empty']} empty ones skipped)")
+        check_wanted_splits(counts, val_fraction, test_fraction, paths, "dialogues")
+        _check_replies(counts, paths)
         dialogue = {
             "format": "[CLS] u1 [SEP] u2 [SEP] ...; turns end at the sep id",
             "roles_file": ROLES_FILE,
@@ -224,6 +226,18 @@ def prepare_dialogue(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
           f"{total:,} tokens in {seconds:.2f}s | {stats['empty']:,} empty skipped, "
           f"{stats['truncated']:,} truncated to max_len")
     return meta
+
+
+def _check_replies(counts: dict[str, dict], paths: list[Path]) -> None:
+    """ValueError when a split holding dialogues has no reply token: nothing to learn there."""
+    empty = [s for s, c in counts.items() if (c["samples"] or s == "train") and c["reply_tokens"] == 0]
+    if empty:
+        per_split = "; ".join(f"{s}: {c['samples']:,} dialogue(s), {c['reply_tokens']:,} reply tokens"
+                              for s, c in counts.items())
+        raise ValueError(f"{', '.join(map(str, paths))}: no reply to learn in the {' and '.join(empty)} split(s) "
+                         f"({per_split}); every dialogue there is the user's turn alone. A reply is the "
+                         f"second utterance (text: the next line of the block; JSONL: a second \"turns\" "
+                         f"item or an \"assistant\" message)")
 
 
 def _write_dialogues(tok, paths: list[Path], writers: dict[str, _SplitWriter], splitter: Splitter,

@@ -26,9 +26,8 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge.base.readers import check_inputs, iter_documents
-from lmforge.data.pipeline import (Splitter, check_numbers, check_out_dir, open_tokenizer, parallelism,
-                                   split_names, wanted_splits, write_folder_meta)
-from lmforge.data.staging import staged_folder
+from lmforge.data.pipeline import (Splitter, check_numbers, open_tokenizer, parallelism, split_names,
+                                   wanted_splits, write_folder_meta, writing_folder)
 from lmforge.data.store import TokenStoreWriter, cut_sample, dtype_for, move_last_sample, split_counts
 
 _BATCH_CHARS = 2 << 20  # characters per tokenizer batch at most (bounds memory; ~2 pieces of a huge line)
@@ -47,13 +46,12 @@ def prepare_lm(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
     if tokenizer.ids.eos is None:
         raise ValueError(f"{tokenizer.file}: the tokenizer has no end-of-text token (<|endoftext|> "
                          f"or [SEP]); train one with `lmforge tokenizer train`")
-    out_dir = check_out_dir(out_dir, paths, overwrite)
     splits = split_names(test_fraction)
     fractions = {"val": val_fraction, "test": test_fraction}
     read_options = dict(text_field=text_field, text_column=text_column, doc_split=doc_split)
 
     t0 = time.perf_counter()
-    with staged_folder(out_dir) as tmp:
+    with writing_folder(out_dir, paths, overwrite) as tmp:
         with parallelism(workers), contextlib.ExitStack() as stack:  # closes the writers, also on errors
             writers = {s: stack.enter_context(TokenStoreWriter(tmp, s, tokenizer.vocab_size))
                        for s in splits}

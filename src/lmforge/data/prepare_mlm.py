@@ -26,9 +26,8 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge.base.readers import check_inputs, iter_documents
-from lmforge.data.pipeline import (Splitter, check_numbers, check_out_dir, open_tokenizer, parallelism,
-                                   split_names, write_folder_meta)
-from lmforge.data.staging import staged_folder
+from lmforge.data.pipeline import (Splitter, check_numbers, check_wanted_splits, open_tokenizer, parallelism,
+                                   split_names, write_folder_meta, writing_folder)
 from lmforge.data.store import TokenStoreWriter, split_counts
 
 # Not after an initial ("H. gammarus") or a common title abbreviation ("Mr. Smith").
@@ -61,19 +60,23 @@ def prepare_mlm(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *, val_
     if lacking:
         raise ValueError(f"{tokenizer.file}: the tokenizer has no {', '.join(lacking)} token(s), which BERT "
                          "pretraining needs; train one with `lmforge tokenizer train --kind wordpiece`")
-    out_dir = check_out_dir(out_dir, paths, overwrite)
     splits = split_names(test_fraction)
     t0 = time.perf_counter()
-    with staged_folder(out_dir) as tmp:
+    with writing_folder(out_dir, paths, overwrite) as tmp:
         with parallelism(workers), contextlib.ExitStack() as stack:
-            writers = {s: stack.enter_context(TokenStoreWriter(tmp, s, tokenizer.vocab_size)) for s in splits}
-            paragraphs = _write_sentences(tokenizer.tok, paths, writers, Splitter(seed, val_fraction, test_fraction),
-                                          batch_size, show_progress,
-                                          dict(text_field=text_field, text_column=text_column, doc_split=doc_split))
-        counts = {s: split_counts(tmp, s) for s in splits}
-        if counts["train"]["samples"] < 2:
-            raise ValueError(f"{', '.join(str(p) for p in paths)}: fewer than two sentences for training; "
-                             "BERT pretraining needs paragraphs of several sentences")
+            writers = {s: stack.enter_context(TokenStoreWriter(tmp, s, tokenizer.vocab_size, labelled=True))
+                       for s in splits}
+            paragraphs, pairs = _write_sentences(tokenizer.tok, paths, writers,
+                                                 Splitter(seed, val_fraction, test_fraction), batch_size,
+                                                 show_progress, dict(text_field=text_field, text_column=text_column,
+                                                                     doc_split=doc_split))
+        counts = {s: {**split_counts(tmp, s), "pairs": pairs[s]} for s in splits}
+        if counts["train"]["pairs"] == 0:
+            raise ValueError(f"{', '.join(str(p) for p in paths)}: no paragraph of two or more sentences for "
+                             f"training ({counts['train']['samples']} sentences in {paragraphs['train']} "
+                             "paragraphs); BERT pretraining draws its sentence pairs from such paragraphs")
+        check_wanted_splits(counts, val_fraction, test_fraction, paths,
+                            "sentence pairs within a paragraph", key="pairs")
         meta = write_folder_meta(tmp, "mlm", tokenizer, paths, counts, seed=seed, val_fraction=val_fraction,
                                  test_fraction=test_fraction, documents=sum(paragraphs.values()),
                                  paragraphs=paragraphs, split_by="paragraph")
@@ -85,10 +88,13 @@ def prepare_mlm(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *, val_
 
 
 def _write_sentences(tok, paths: list[Path], writers: dict[str, TokenStoreWriter], splitter: Splitter,
-                     batch_size: int, show_progress: bool, read_options: dict) -> dict[str, int]:
-    """Read, split and tokenize paragraphs in batches; returns paragraphs written per split."""
+                     batch_size: int, show_progress: bool, read_options: dict
+                     ) -> tuple[dict[str, int], dict[str, int]]:
+    """Read, split and tokenize paragraphs in batches; returns the paragraphs and the sentence
+    pairs within a paragraph (a next-sentence example each) written per split."""
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
     paragraphs = {s: 0 for s in writers}
+    pairs = {s: 0 for s in writers}
     batch: list[tuple[str, list[str]]] = []  # (split, sentences) per paragraph
 
     def flush() -> None:
@@ -102,6 +108,7 @@ def _write_sentences(tok, paths: list[Path], writers: dict[str, TokenStoreWriter
             for ids in kept:
                 writer.add(np.asarray(ids, dtype=np.int64), label=paragraphs[split])
             paragraphs[split] += 1
+            pairs[split] += len(kept) - 1
         batch.clear()
 
     total = sum(p.stat().st_size for p in paths)
@@ -124,4 +131,4 @@ def _write_sentences(tok, paths: list[Path], writers: dict[str, TokenStoreWriter
             base += path.stat().st_size
         flush()
         bar.update(total - bar.n)
-    return paragraphs
+    return paragraphs, pairs

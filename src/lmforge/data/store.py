@@ -21,11 +21,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lmforge.data.integrity import check_labels, check_offsets, check_token_ids
+from lmforge.data.staging import recover_folder
 
 _FLUSH_TOKENS = 1 << 20  # buffered token ids before a write
 _COPY_TOKENS = 1 << 24  # tokens per chunk when moving tokens between split files
@@ -44,10 +48,11 @@ class TokenStoreWriter:
     """Streams samples of one split into `{split}.bin/.idx(/.labels)` under `out_dir`.
 
     `add(ids, label)` writes one sample. For a sample too long to hold at once, call
-    `write(ids)` for each part and then `end_sample(label)`.
+    `write(ids)` for each part and then `end_sample(label)`. `labelled=True` writes a
+    `{split}.labels` even when the split stays empty (else the first sample decides).
     """
 
-    def __init__(self, out_dir: Path, split: str, vocab_size: int) -> None:
+    def __init__(self, out_dir: Path, split: str, vocab_size: int, *, labelled: bool | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.split = split
         self.vocab_size = vocab_size
@@ -61,7 +66,7 @@ class TokenStoreWriter:
         self._buf_tokens = 0
         self._offsets: list[int] = [0]
         self._labels: list[int] = []
-        self._labelled: bool | None = None  # decided by the first sample
+        self._labelled: bool | None = labelled  # else decided by the first sample
         self._tokens = 0  # tokens written or buffered
         self._samples = 0
         self._open_tokens = 0  # tokens of the sample not yet ended
@@ -155,6 +160,8 @@ class TokenStoreWriter:
             return {"samples": self._samples, "tokens": self._tokens - self._open_tokens}
         assert self._open_tokens == 0, f"split {self.split!r}: close() with an unended sample"
         self._flush()
+        if self._labelled and self._labels_file is None:  # an empty labelled split
+            self._labels_file = open(self._labels_path, "wb")
         self._close_files()
         return {"samples": self._samples, "tokens": self._tokens}
 
@@ -213,8 +220,14 @@ def write_meta(out_dir: Path, meta: dict) -> Path:
 
 
 def read_meta(data_dir: Path) -> dict:
-    """Read `data_dir/meta.json`; FileNotFoundError / ValueError naming the file."""
+    """Read `data_dir/meta.json`; FileNotFoundError / ValueError naming the file.
+
+    A folder without meta.json whose prepare --overwrite was killed mid-swap is first put
+    back in order (`lmforge.data.staging.recover_folder`)."""
     path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        for note in recover_folder(Path(data_dir)):
+            print(f"note: {note}", file=sys.stderr)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {data_dir} is not a prepared data folder; "
                                 f"create one with `lmforge prepare`")
@@ -240,27 +253,44 @@ def _memmap(path: Path, dtype: np.dtype) -> np.ndarray:
 
 
 class TokenStore:
-    """Read-only, memory-mapped view of one split of a prepared data folder."""
+    """Read-only, memory-mapped view of one split of a prepared data folder.
 
-    def __init__(self, data_dir: Path, split: str) -> None:
+    Opening checks the offsets, the token ids against meta.json's vocab_size and the labels
+    against its label names (mlm: the split's paragraphs), naming a damaged file
+    (`lmforge.data.integrity`); `check=False` skips that (a DataLoader worker re-opening a
+    store its parent has checked)."""
+
+    def __init__(self, data_dir: Path, split: str, *, check: bool = True) -> None:
         self.data_dir = Path(data_dir)
         self.split = split
         self.meta = read_meta(self.data_dir)
-        if "dtype" not in self.meta:
-            raise ValueError(f"{self.data_dir / 'meta.json'}: no 'dtype' key; prepare the data again")
+        for key in ("dtype", "vocab_size"):
+            if key not in self.meta:
+                raise ValueError(f"{self.data_dir / 'meta.json'}: no {key!r} key; prepare the data again")
         dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
         self.tokens: np.ndarray = _memmap(self.data_dir / f"{split}.bin", dtype)
         self.offsets: np.ndarray = _memmap(self.data_dir / f"{split}.idx", np.dtype("<i8"))
         labels_path = self.data_dir / f"{split}.labels"
         self.labels: np.ndarray | None = (_memmap(labels_path, np.dtype("<i8"))
                                           if labels_path.exists() else None)
+        check_offsets(self.data_dir / f"{split}.idx", self.offsets, len(self.tokens))
         n = len(self.offsets) - 1
-        if n < 0 or self.offsets[0] != 0 or int(self.offsets[-1]) != len(self.tokens):
-            raise ValueError(f"{self.data_dir / f'{split}.idx'} does not match {split}.bin "
-                             f"(file damaged); prepare the data again")
         if self.labels is not None and len(self.labels) != n:
             raise ValueError(f"{labels_path}: {len(self.labels)} labels for {n} samples "
                              f"(file damaged); prepare the data again")
+        if check:
+            self._check_values()
+
+    def _check_values(self) -> None:
+        check_token_ids(self.data_dir / f"{self.split}.bin", self.tokens, int(self.meta["vocab_size"]))
+        if self.labels is None:
+            return
+        labels_path = self.data_dir / f"{self.split}.labels"
+        if isinstance(self.meta.get("label_names"), list):
+            check_labels(labels_path, self.labels, len(self.meta["label_names"]), "label names")
+        elif isinstance(self.meta.get("paragraphs"), dict) and self.split in self.meta["paragraphs"]:
+            check_labels(labels_path, self.labels, int(self.meta["paragraphs"][self.split]),
+                         f"paragraphs of split {self.split!r}")
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -277,7 +307,7 @@ class TokenStore:
         return {"data_dir": str(self.data_dir), "split": self.split}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(Path(state["data_dir"]), state["split"])
+        self.__init__(Path(state["data_dir"]), state["split"], check=False)
 
     def __repr__(self) -> str:
         return (f"TokenStore({str(self.data_dir)!r}, {self.split!r}: {len(self)} samples, "
@@ -293,7 +323,14 @@ def read_roles(data_dir: Path, split: str, n_tokens: int) -> np.ndarray:
     if path.stat().st_size != n_tokens:
         raise ValueError(f"{path}: {path.stat().st_size} roles for {n_tokens} tokens "
                          f"(file damaged); prepare the data again")
-    return np.memmap(path, dtype=ROLES_DTYPE, mode="r") if n_tokens else np.empty(0, ROLES_DTYPE)
+    if not n_tokens:
+        return np.empty(0, ROLES_DTYPE)
+    roles = np.memmap(path, dtype=ROLES_DTYPE, mode="r")
+    if int(roles.max()) > 1:
+        at = int(np.argmax(roles > 1))
+        raise ValueError(f"{path}: role {int(roles[at])} at token {at}; roles are 0 (user) or 1 (reply) "
+                         f"(file damaged); prepare the data again")
+    return roles
 
 
 # -- edits after writing (prepare keeps wanted splits non-empty) ---------------------------------
