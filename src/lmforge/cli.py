@@ -74,6 +74,7 @@ def _add_tokenizer(sub) -> None:
     p.add_argument("--field", default="text", help="JSONL field holding the text")
     p.add_argument("--column", default="text", help="CSV/TSV column (name or 0-based index)")
     p.add_argument("--lowercase", action="store_true", help="WordPiece: lowercase (uncased model)")
+    p.add_argument("--overwrite", action="store_true", help="replace the tokenizer of an existing folder")
     p.set_defaults(run=_tokenizer)
 
 
@@ -81,7 +82,8 @@ def _tokenizer(args: argparse.Namespace) -> int:
     from lmforge.base.tokenizer import train_tokenizer
     path = train_tokenizer(args.input, kind=args.kind, vocab_size=args.vocab_size, out_dir=args.out,
                            special_tokens=args.special_tokens, min_frequency=args.min_frequency,
-                           text_field=args.field, text_column=_column(args.column), lowercase=args.lowercase)
+                           text_field=args.field, text_column=_column(args.column), lowercase=args.lowercase,
+                           overwrite=args.overwrite)
     print(f"tokenizer saved: {path}")
     return 0
 

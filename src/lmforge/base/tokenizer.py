@@ -12,10 +12,15 @@ Two kinds, both saved as one `tokenizer.json`:
 No post-processor template is added: callers put [CLS]/[SEP]/EOS in themselves, so
 `encode(text).ids` is exactly the text's tokens. Training streams the inputs (see
 `lmforge.base.readers`) through `train_from_iterator`, so a corpus larger than memory works.
+It holds the output folder for its whole run (`lmforge.base.locks.hold_folder`) and writes
+there only after the shared output guard (`lmforge.base.outputs.check_output_folder`, kind
+"tokenizer") agrees: never over a data folder, a checkpoint or a run, and over another
+tokenizer only with `overwrite`. Fault point (`lmforge.base.faults`): tokenizer_before_save.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -25,6 +30,9 @@ from typing import Literal
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from lmforge.base.faults import fault_point
+from lmforge.base.locks import hold_folder, pid_alive
+from lmforge.base.outputs import check_output_folder
 from lmforge.base.readers import check_inputs, iter_texts
 
 BPE_SPECIALS = ["<|endoftext|>", "<|pad|>"]
@@ -83,14 +91,25 @@ def _batches(texts: Iterator[str], counter: dict) -> Iterator[list[str]]:
         raise
 
 
+def _trainer(kind: str, vocab_size: int, min_frequency: int, specials: list[str], show_progress: bool):
+    progress = show_progress and sys.stderr.isatty()
+    if kind == "bpe":
+        return trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                   show_progress=progress, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    return trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                     show_progress=progress, continuing_subword_prefix="##")
+
+
 def train_tokenizer(inputs: list[Path], *, kind: Literal["bpe", "wordpiece"], vocab_size: int,
                     out_dir: Path, special_tokens: list[str] | None = None, min_frequency: int = 2,
                     text_field: str = "text", text_column: str | int = "text",
-                    lowercase: bool = False, show_progress: bool = True) -> Path:
+                    lowercase: bool = False, show_progress: bool = True, overwrite: bool = False) -> Path:
     """Train a tokenizer on `inputs` and write `out_dir/tokenizer.json`; returns that path.
 
     `special_tokens` adds to the kind's required specials (which always come first: ids 0, 1, ...).
     `lowercase` applies to wordpiece only (byte-level BPE never normalizes, to round-trip exactly).
+    `overwrite`: replace the tokenizer of an existing non-empty `out_dir` (refused otherwise, and
+    always for a folder holding prepared data, a checkpoint or a run).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
@@ -103,28 +122,44 @@ def train_tokenizer(inputs: list[Path], *, kind: Literal["bpe", "wordpiece"], vo
                          f"{smallest} ({what}{len(specials)} special tokens)")
     if min_frequency < 1:
         raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
-    if kind == "bpe":
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                      special_tokens=specials, show_progress=show_progress and sys.stderr.isatty(),
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    else:
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                            special_tokens=specials, show_progress=show_progress and sys.stderr.isatty(),
-                                            continuing_subword_prefix="##")
-    tok = _new_tokenizer(kind, lowercase)
-    counter: dict = {"texts": 0, "error": None}
-    texts = iter_texts(paths, text_field=text_field, text_column=text_column)
-    try:
-        tok.train_from_iterator(_batches(texts, counter), trainer=trainer)
-    except Exception:
-        if counter["error"] is not None:
-            raise counter["error"] from None
-        raise
-    if counter["texts"] == 0:
-        raise ValueError(f"no text found in {', '.join(str(p) for p in paths)}: the corpus is empty "
-                         f"(only blank lines, or no rows)")
     out_dir = Path(out_dir)
+    with hold_folder(out_dir, "tokenizer folder"):
+        check_output_folder(out_dir, inputs=paths, overwrite=overwrite, kind="tokenizer")
+        tok = _new_tokenizer(kind, lowercase)
+        counter: dict = {"texts": 0, "error": None}
+        texts = iter_texts(paths, text_field=text_field, text_column=text_column)
+        try:
+            tok.train_from_iterator(_batches(texts, counter),
+                                    trainer=_trainer(kind, vocab_size, min_frequency, specials, show_progress))
+        except Exception:
+            if counter["error"] is not None:
+                raise counter["error"] from None
+            raise
+        if counter["texts"] == 0:
+            raise ValueError(f"no text found in {', '.join(str(p) for p in paths)}: the corpus is empty "
+                             f"(only blank lines, or no rows)")
+        _note_smaller_vocabulary(tok, kind, vocab_size, min_frequency)
+        fault_point("tokenizer_before_save")
+        return _save(tok, out_dir)
+
+
+def _note_smaller_vocabulary(tok: Tokenizer, kind: str, asked: int, min_frequency: int) -> None:
+    got = tok.get_vocab_size(with_added_tokens=True)
+    if got < asked:
+        what = "pairs of tokens to merge" if kind == "bpe" else "words or subwords"
+        print(f"note: vocab_size {asked:,} asked, {got:,} tokens made: the corpus has no more {what} "
+              f"occurring at least min_frequency={min_frequency} times; a larger corpus (or a lower "
+              f"--min-frequency) gives more", file=sys.stderr)
+
+
+def _save(tok: Tokenizer, out_dir: Path) -> Path:
+    """Write `out_dir/tokenizer.json` through a temp file renamed into place; temp files of
+    killed earlier runs are removed."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    for left in out_dir.glob(".tokenizer.json.tmp-*"):
+        pid = left.name.rpartition("-")[2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            left.unlink(missing_ok=True)
     path = out_dir / "tokenizer.json"
     tmp = out_dir / f".tokenizer.json.tmp-{os.getpid()}"
     tok.save(str(tmp))
@@ -135,8 +170,10 @@ def train_tokenizer(inputs: list[Path], *, kind: Literal["bpe", "wordpiece"], vo
 def tokenizer_file(path: Path) -> Path:
     """The tokenizer.json that `path` names (the file itself or a folder holding one)."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and path.name != "tokenizer.json":
         path = path / "tokenizer.json"
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a tokenizer.json file")
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer not found: {path} does not exist; train one with "
                                 f"`lmforge tokenizer train` or pass the folder holding tokenizer.json")
@@ -144,12 +181,32 @@ def tokenizer_file(path: Path) -> Path:
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
-    """Load a tokenizer from a tokenizer.json file or a folder holding one."""
+    """Load a tokenizer from a tokenizer.json file or a folder holding one; a damaged file is a
+    ValueError naming it and what is wrong, never a traceback from the Rust side."""
     file = tokenizer_file(path)
     try:
         return Tokenizer.from_file(str(file))
-    except Exception as e:  # the Rust side raises a bare Exception for malformed files
-        raise ValueError(f"{file}: not a valid tokenizer.json ({e})") from None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # a bare Exception for malformed files; a PanicException (BaseException) may come
+        raise ValueError(f"{file}: not a valid tokenizer.json: {_damage(file, e)}; train one with `lmforge "
+                         f"tokenizer train`, or put back the tokenizer.json the data or model was made with") from None
+
+
+def _damage(file: Path, error: BaseException) -> str:
+    """What is wrong with a tokenizer.json the library refused, in words."""
+    try:
+        data = json.loads(file.read_bytes())
+    except UnicodeDecodeError:
+        return "it is not UTF-8 text"
+    except json.JSONDecodeError as e:
+        return f"broken JSON at line {e.lineno}, column {e.colno} ({e.msg})"
+    except (ValueError, RecursionError):
+        return "it is not JSON"
+    if not isinstance(data, dict):
+        kind = {list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(type(data), "a number")
+        return f"the JSON is {kind}, not an object with the tokenizer's \"model\""
+    return str(error).strip() or type(error).__name__
 
 
 def special_ids(tok: Tokenizer) -> SpecialIds:
