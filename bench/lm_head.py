@@ -34,9 +34,10 @@ def head_runner(fused: bool):
     import torch.nn.functional as F
 
     from lmforge.models.gpt import GPT, GPTConfig
-    from lmforge.base.runtime import setup_runtime
+    from lmforge.base.runtime import keep_freed_memory, setup_runtime
 
     setup_runtime("cpu", seed=SEED)
+    keep_freed_memory()  # the allocator setting `lmforge train` asks for
     model = GPT(GPTConfig(vocab_size=VOCAB, context=CONTEXT, n_layer=2, n_head=4, n_embd=256, activation="gelu"))
     ids = torch.randint(0, VOCAB, (BATCH, CONTEXT))
     targets = torch.cat([ids[:, 1:], torch.full((BATCH, 1), -100)], 1)

@@ -63,7 +63,7 @@ def breakdown_runner(side: str):
 
     from lmforge.data.datasets import PackedLMDataset
     from lmforge.data.store import TokenStore
-    from lmforge.base.runtime import setup_runtime
+    from lmforge.base.runtime import keep_freed_memory, setup_runtime
 
     blocks = PackedLMDataset(TokenStore(shakespeare_data(), "train"), WORKLOAD["context"])
     ids = torch.stack([blocks[i]["input_ids"] for i in range(WORKLOAD["batch_size"])])
@@ -74,7 +74,8 @@ def breakdown_runner(side: str):
         from lmforge.train.optim import build_optimizer
         from lmforge.train.update import clip
 
-        setup_runtime("cpu", seed=SEED)  # what `lmforge train` sets up: threads, allocator
+        setup_runtime("cpu", seed=SEED)  # threads, as `lmforge train` sets them up
+        keep_freed_memory()  # the allocator setting `lmforge train` asks for
         model = GPT(GPTConfig(vocab_size=WORKLOAD["vocab_size"], context=WORKLOAD["context"],
                               activation="gelu", **model_shape))
         optimizer = build_optimizer(model, TrainConfig(lr=6e-4), torch.device("cpu"))

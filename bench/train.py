@@ -51,8 +51,10 @@ NANOGPT_OVER_TRAINER = 1.31 / 1.06
 def lmforge_runner(data: str, malloc_tuning: bool = True, compile: bool = False, activation: str = "gelu",
                    precision: str = "fp32", cpu_kernels: bool = True):
     """A function(steps) -> per-step tokens/s of `lmforge.train.loop.train` on the workload."""
-    if not malloc_tuning:
-        os.environ["LMFORGE_MALLOC_TUNING"] = "0"  # read by setup_runtime at the first run
+    if malloc_tuning:
+        from lmforge.base.runtime import keep_freed_memory
+
+        keep_freed_memory()  # what `lmforge train` asks for; the library leaves malloc alone
     if not cpu_kernels:
         os.environ["LMFORGE_CPU_KERNELS"] = "0"  # torch's attention and softmax (lmforge.ops.kernels)
     from lmforge.base.config import load_config
