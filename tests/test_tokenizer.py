@@ -85,7 +85,7 @@ def test_extra_special_tokens_come_after_the_defaults(tmp_path):
     corpus = write(tmp_path / "c.txt", CORPUS)
     tok = load_tokenizer(train_tokenizer([corpus], kind="bpe", vocab_size=300,
                                          special_tokens=["<|user|>", "<|pad|>"],
-                                         out_dir=tmp_path, show_progress=False))
+                                         out_dir=tmp_path / "tok", show_progress=False))
     assert [tok.id_to_token(i) for i in range(3)] == ["<|endoftext|>", "<|pad|>", "<|user|>"]
 
 

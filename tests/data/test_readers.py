@@ -51,7 +51,7 @@ def test_long_documents_come_in_pieces_with_the_same_tokens(tmp_path):
     assert all(len(t) <= 200 for t, _, _ in pieces)
     assert [f for _, _, f in pieces].count(True) == 2 and pieces[-1] == ("END\n", 93, True)
     assert "".join(t for t, _, _ in pieces[:-1]) == text
-    tok = load_tokenizer(train_tokenizer([path], kind="bpe", vocab_size=300, out_dir=tmp_path,
+    tok = load_tokenizer(train_tokenizer([path], kind="bpe", vocab_size=300, out_dir=tmp_path / "tok",
                                          show_progress=False))
     whole = tok.encode(text).ids
     assert sum((tok.encode(t).ids for t, _, _ in pieces[:-1]), []) == whole
