@@ -34,8 +34,8 @@ KNOWN_UPWARD: set[tuple[str, str]] = set()
 KNOWN_CIRCLES: set[tuple[str, str]] = {
     ("lmforge.models.registry", "lmforge.models.heads"),
 }
-KNOWN_LONG_FILES: set[str] = {"lmforge.train.loop"}
-KNOWN_LONG_FUNCTIONS: set[str] = {"lmforge.train.loop:train"}
+KNOWN_LONG_FILES: set[str] = set()
+KNOWN_LONG_FUNCTIONS: set[str] = set()
 
 
 def _module_name(path: Path) -> str:

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 import faultkit as fk
 from lmforge.cli import main
 from lmforge.checkpoint import load_checkpoint
-from lmforge.train.entry import resolve_resume
+from lmforge.train.run import resolve_resume
 
 
 @pytest.fixture(scope="module")

@@ -91,8 +91,6 @@ def test_config_file_not_utf8_is_an_error_naming_the_file(data: Path, tmp_path: 
     assert not (tmp_path / "enc").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="the message is train/loop.py's (steps_per_epoch == 0): it blames "
-                                       "batch_size; remove this marker with the fix there")
 def test_context_longer_than_the_data_names_model_context(data: Path, tmp_path: Path):
     """A packed LM sample is model.context tokens: a context longer than the training split gives
     no sample at all, and the fix is a smaller model.context, not a smaller batch."""

@@ -194,7 +194,7 @@ def test_config_typos_and_bad_values_are_reported_at_once(data: Path, tmp_path: 
 
 
 def test_resuming_with_a_changed_config_prints_the_difference(tmp_path: Path):
-    from lmforge.train.entry import resolve_resume
+    from lmforge.train.run import resolve_resume
 
     run = fk.copy_run(fk.baseline(_Factory(tmp_path)), tmp_path / "run")
     err = io.StringIO()

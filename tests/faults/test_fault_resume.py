@@ -14,7 +14,7 @@ import pytest
 import faultkit as fk
 from lmforge.checkpoint import load_checkpoint
 from lmforge.checkpoint.retention import find_latest
-from lmforge.train.entry import resolve_resume
+from lmforge.train.run import resolve_resume
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,9 @@ from lmforge.data.collate import pad_collate
 from lmforge.models.registry import architecture, model_from_architecture
 from lmforge.base.runtime import setup_runtime
 from lmforge.checkpoint import load_checkpoint
-from lmforge.train.loop import LoopState, _forward_backward, train
+from lmforge.train.loop import train
+from lmforge.train.state import LoopState
+from lmforge.train.step import forward_backward
 from lmforge.train.log import RunLogger
 from lmforge.train.tasks import make_task
 
@@ -41,11 +43,11 @@ def test_accumulated_micro_batches_equal_one_large_batch(lm_data: Path, tmp_path
     # ragged samples: padding makes the per-micro-batch target counts differ
     samples = [{"input_ids": torch.randint(0, 300, (n,))} for n in (32, 20, 9, 27, 32, 14)]
     big = pad_collate(samples, task.pad_id)
-    _forward_backward(model, task, [big], LoopState(), rt, None, log)
+    forward_backward(model, task, [big], LoopState(), rt, None, log)
     one = _grads(model)
     model.zero_grad(set_to_none=True)
     micro = [pad_collate(samples[i:i + 2], task.pad_id) for i in (0, 2, 4)]
-    _forward_backward(model, task, micro, LoopState(), rt, None, log)
+    forward_backward(model, task, micro, LoopState(), rt, None, log)
     for a, b in zip(one, _grads(model)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
@@ -53,7 +55,7 @@ def test_accumulated_micro_batches_equal_one_large_batch(lm_data: Path, tmp_path
 def test_out_of_memory_splits_the_batch_and_keeps_the_gradients(lm_data: Path, tmp_path: Path):
     model, task, rt = _model_and_task(lm_data, tmp_path)
     batch = pad_collate([{"input_ids": torch.randint(0, 300, (32,))} for _ in range(4)], task.pad_id)
-    _forward_backward(model, task, [batch], LoopState(), rt, None, RunLogger(tmp_path, enabled=False))
+    forward_backward(model, task, [batch], LoopState(), rt, None, RunLogger(tmp_path, enabled=False))
     expected = _grads(model)
     model.zero_grad(set_to_none=True)
     real = task.loss_and_metrics
@@ -65,13 +67,13 @@ def test_out_of_memory_splits_the_batch_and_keeps_the_gradients(lm_data: Path, t
 
     task.loss_and_metrics = small_only
     state = LoopState()
-    _forward_backward(model, task, [batch], state, rt, None, RunLogger(tmp_path, enabled=False))
+    forward_backward(model, task, [batch], state, rt, None, RunLogger(tmp_path, enabled=False))
     assert state.micro_split == 4
     for a, b in zip(expected, _grads(model)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     task.loss_and_metrics = lambda m, b: (_ for _ in ()).throw(torch.OutOfMemoryError("simulated"))
     with pytest.raises(RuntimeError, match="micro-batch of one sample"):
-        _forward_backward(model, task, [batch], LoopState(), rt, None, RunLogger(tmp_path, enabled=False))
+        forward_backward(model, task, [batch], LoopState(), rt, None, RunLogger(tmp_path, enabled=False))
 
 
 def test_training_lowers_the_loss_and_writes_the_run_folder(lm_data: Path, tmp_path: Path):

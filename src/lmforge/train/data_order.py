@@ -1,10 +1,13 @@
-"""The order samples are seen in: a seeded permutation per epoch, cut into optimizer-step windows.
+"""The order samples are seen in: a seeded permutation per epoch, cut into optimizer-step
+windows, and the run's position in it.
 
 The order depends only on (seed, epoch), so a resumed run seeks straight to its position
 instead of replaying the batches before it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -27,3 +30,30 @@ def window_indices(permutation: torch.Tensor, sample_start: int, batch_size: int
     chunk = permutation[start:start + window].tolist()
     assert len(chunk) == window, "the loop never asks past the last full window"
     return [chunk[i:i + batch_size] for i in range(0, window, batch_size)]
+
+
+@dataclass
+class DataPosition:
+    """Where a run is in its sample order; saved in every checkpoint so a resume seeks straight to it."""
+
+    epoch: int = 0
+    epoch_sample: int = 0
+    """Samples of this epoch's permutation already consumed (by all ranks together)."""
+
+    def turn_epoch_if_done(self, window: int, num_samples: int) -> bool:
+        """Start the next epoch when another full window of `window` samples no longer fits in
+        this one (the remainder is left out); True when it did."""
+        if self.epoch_sample + window <= num_samples:
+            return False
+        self.epoch, self.epoch_sample = self.epoch + 1, 0
+        return True
+
+    def epochs(self, num_samples: int) -> float:
+        """Fractional epochs, by samples (whatever the world size)."""
+        return round(self.epoch + self.epoch_sample / num_samples, 4)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "epoch_sample": self.epoch_sample}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.epoch_sample = int(state["epoch"]), int(state["epoch_sample"])

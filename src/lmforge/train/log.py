@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,16 @@ class RunLogger:
             self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
 
     def line(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if not self.quiet:
+        """A line for the console (unless quiet) and train.log."""
+        if self.enabled and not self.quiet:
             tqdm.write(text, file=sys.stdout)
-        self._log.write(text + "\n")
-        self._log.flush()
+        self.note(text)
+
+    def note(self, text: str) -> None:
+        """A line for train.log alone (what the caller already told the user, or chose not to)."""
+        if self.enabled:
+            self._log.write(text + "\n")
+            self._log.flush()
 
     def event(self, kind: str, **fields: Any) -> None:
         if not self.enabled:
@@ -45,6 +50,22 @@ class RunLogger:
         for handle in (self._log, self._metrics):
             if handle is not None:
                 handle.close()
+
+
+@dataclass
+class Interval:
+    """What the next train event covers: metrics summed since the last one, tokens, the examples
+    count at its start, and when it started (the loop leaves evaluating and saving out of its time)."""
+
+    start: float
+    examples: int
+    tokens: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+
+    def add(self, tokens: int, sums: dict[str, float]) -> None:
+        self.tokens += tokens
+        for key, value in sums.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
@@ -66,31 +87,44 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
 
 
 def format_train_line(step: int, total: int, epoch: float, loss: float, accuracy: float | None,
-                      lr: float, tokens_per_s: float, mfu: float | None, eta_s: float,
-                      extras: dict[str, float] | None = None) -> str:
-    """The console / train.log line of a train event. `extras` come from the task's
-    `console_extras`; one named "<unit>/s" (see `throughput_extra`) is the task's own throughput
-    and is shown in place of tok/s (classify: ex/s, mlm: pairs/s)."""
-    extras = dict(extras or {})
-    rates = {k: extras.pop(k) for k in [k for k in extras if k.endswith("/s")]}
+                      lr: float, rate: float, mfu: float | None, eta_s: float,
+                      extras: dict[str, float] | None = None, unit: str = "tok") -> str:
+    """The console / train.log line of a train event. `rate` is the throughput in the task's
+    `throughput_unit` per second (tok/s; classify ex/s, mlm pairs/s); `extras` are the task's
+    `console_extras`."""
     parts = [f"step {step}/{total}", f"epoch {epoch:.2f}", f"loss {loss:.4f}"]
     if accuracy is not None:
         parts.append(f"acc {accuracy:.1%}")
-    parts += [f"{k} {v:.4f}" for k, v in extras.items()]
+    parts += [f"{k} {v:.4f}" for k, v in (extras or {}).items()]
     parts.append(f"lr {lr:.2e}")
-    parts += [f"{_rate(v)} {k}" for k, v in rates.items()] or [f"{tokens_per_s:,.0f} tok/s"]
+    parts.append(f"{rate:,.0f} tok/s" if unit == "tok" else f"{_rate(rate)} {unit}/s")
     if mfu is not None:
         parts.append(f"MFU {mfu:.1%}")
     parts.append(f"ETA {format_duration(eta_s)}")
     return " | ".join(parts)
 
 
-def throughput_extra(unit: str, metrics: dict[str, float]) -> dict[str, float]:
-    """For a task's `console_extras`: {"<unit>/s": rate} when the loop logged "<unit>_per_s" for
-    this interval (the task's `throughput_unit`; in metrics.jsonl under that key), else {}
-    (eval lines, or the tok unit, whose rate is tokens_per_s)."""
-    key = f"{unit}_per_s"
-    return {f"{unit}/s": metrics[key]} if key in metrics else {}
+def format_eval_line(kind: str, step: int, result: dict[str, float], perplexity: bool,
+                     extras: dict[str, float], on_train: dict[str, float] | None = None) -> str:
+    """The console / train.log line of an evaluation: validation loss (perplexity where the task
+    reports it), accuracy, the task's extras, and the same on training batches when given."""
+    line = (f"{kind} step {step} | val loss {result['loss']:.4f}"
+            + (f" | ppl {result['perplexity']:.2f}" if perplexity else "")
+            + (f" | acc {result['accuracy']:.1%}" if "accuracy" in result else "")
+            + "".join(f" | {k} {v:.4f}" for k, v in extras.items()))
+    if on_train is not None:
+        line += f" | train loss {on_train['loss']:.4f} | train acc {on_train['accuracy']:.1%}"
+    return line
+
+
+def throughput(unit: str, tokens: float, samples: float, seconds: float) -> dict[str, float]:
+    """An interval's rates for metrics.jsonl: tokens_per_s always (MFU counts tokens), and
+    "<unit>_per_s" for a task whose `throughput_unit` counts samples."""
+    seconds = max(1e-9, seconds)
+    rates = {"tokens_per_s": tokens / seconds}
+    if unit != "tok":
+        rates[f"{unit}_per_s"] = samples / seconds
+    return rates
 
 
 def _rate(per_s: float) -> str:

@@ -5,14 +5,13 @@ model into a `SequenceClassifier` (and freezing by `train.trainable`), and the e
 report: full train / val / test accuracy, per-class precision, recall and F1 and the confusion
 matrix, computed with the best checkpoint's weights (`final` events in metrics.jsonl).
 
-Beyond the contract of `lmforge.train.tasks` the loop uses: `prepare_model(model, arch)`,
-`eval_train` (evaluate a few train batches next to val), `best_metric` (the default of
-`train.best_metric`) and `final_report(model, rt, log, position)`.
+Of the optional hooks of `lmforge.train.tasks.Task` it uses `prepare_model`, `eval_train`,
+`best_metric` (val accuracy) and `final_report`. `evaluate_split` (also `lmforge eval`'s for a
+classifier) runs the one evaluation loop of `lmforge.train.evaluate`.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +24,10 @@ from lmforge.base.config import Config
 from lmforge.data.collate import pad_collate
 from lmforge.data.store import TokenStore
 from lmforge.base.metrics import classification_metrics, confusion_matrix, format_classification
+from lmforge.checkpoint import load_model, read_manifest
 from lmforge.models.heads import SequenceClassifier, apply_trainable, classifier_architecture
-from lmforge.train.log import throughput_extra
-from lmforge.train.tasks import StepStats
+from lmforge.train.evaluate import evaluation_sums
+from lmforge.train.tasks import StepStats, Task
 
 
 class ClassifyDataset(Dataset):
@@ -53,7 +53,7 @@ class ClassifyDataset(Dataset):
         return {"input_ids": torch.from_numpy(ids), "label": torch.tensor(int(self.store.labels[i]))}
 
 
-class ClassifyTask:
+class ClassifyTask(Task):
     """Sequence classification: one label per text, loss = mean cross-entropy over texts."""
 
     name = "classify"
@@ -100,13 +100,7 @@ class ClassifyTask:
         n = max(1.0, sums.get("targets", 0.0))
         return {"loss": sums["loss_sum"] / n, "accuracy": sums["correct"] / n}
 
-    def console_extras(self, metrics: dict[str, float]) -> dict[str, float]:
-        return throughput_extra(self.throughput_unit, metrics)  # ex/s on the console, not tok/s
-
-    def samples(self, model: nn.Module, runtime) -> list[dict]:
-        return []
-
-    # -- hooks beyond the base contract ---------------------------------------------------------
+    # -- optional hooks -------------------------------------------------------------------------
 
     def prepare_model(self, model: nn.Module, arch: dict) -> tuple[nn.Module, dict]:
         """A backbone (from scratch or model.init_from) gets a fresh head; a classifier is checked."""
@@ -126,12 +120,7 @@ class ClassifyTask:
         best = self.cfg.run_dir / "checkpoints" / "best"
         which = "final weights"
         if (best / "manifest.json").exists():
-            from lmforge.models.registry import load_weights
-            from lmforge.checkpoint import load_checkpoint, read_manifest
-
-            ckpt = load_checkpoint(best)
-            model = copy.deepcopy(model)
-            load_weights(model, ckpt.state_dict, best)
+            model, _ = load_model(best, device=rt.device)
             which = f"best checkpoint (step {read_manifest(best).get('step')})"
         log.line(f"final metrics of the {which}:")
         results = {}
@@ -147,31 +136,20 @@ class ClassifyTask:
         return results
 
 
-@torch.no_grad()
-def predict(model: nn.Module, task, dataset, batch_size: int, rt) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(targets (N,), probabilities (N, L), summed loss) over a whole labelled dataset, in eval mode."""
-    was_training = model.training
-    model.eval()
-    targets, probs, loss_sum = [], [], 0.0
-    try:
-        for start in range(0, len(dataset), batch_size):
-            batch = task.collate([dataset[i] for i in range(start, min(len(dataset), start + batch_size))])
-            batch = {k: v.to(rt.device) for k, v in batch.items()}
-            with rt.autocast():
-                logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).float()  # (B, L)
-            loss_sum += float(F.cross_entropy(logits, batch["label"], reduction="sum"))
-            targets.append(batch["label"].cpu())
-            probs.append(logits.softmax(dim=-1).cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(targets), torch.cat(probs), loss_sum
-
-
-def evaluate_split(model: nn.Module, task, dataset, batch_size: int, rt) -> dict | None:
+def evaluate_split(model: nn.Module, task: ClassifyTask, dataset, batch_size: int, rt) -> dict | None:
     """Loss, accuracy, per-class precision/recall/F1 and the confusion matrix over all of `dataset`."""
     if len(dataset) == 0:
         return None
-    targets, probs, loss_sum = predict(model, task, dataset, batch_size, rt)
-    cm = confusion_matrix(targets, probs.argmax(dim=-1), len(task.label_names))
-    return {"loss": loss_sum / len(targets), "samples": len(targets),
-            **classification_metrics(cm, task.label_names)}
+    num_labels = len(task.label_names)
+
+    def measure(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).float()  # (B, L)
+        target = batch["label"]  # (B,)
+        return {"loss_sum": F.cross_entropy(logits, target, reduction="sum").double(),
+                "samples": torch.tensor(target.numel(), device=target.device),
+                "confusion": confusion_matrix(target, logits.argmax(dim=-1), num_labels)}  # (L, L)
+
+    sums = evaluation_sums(model, task, dataset, batch_size, rt, measure)
+    samples = int(sums["samples"])
+    return {"loss": float(sums["loss_sum"]) / samples, "samples": samples,
+            **classification_metrics(sums["confusion"].cpu(), task.label_names)}

@@ -14,14 +14,15 @@ from lmforge.data.store import TokenStore
 from lmforge.inference.generate import SamplingConfig, generate
 from lmforge.base.metrics import IGNORE_INDEX, shift_labels
 from lmforge.base.tokenizer import load_tokenizer
-from lmforge.train.tasks import StepStats
+from lmforge.train.tasks import StepStats, Task
 
 
-class LMTask:
+class LMTask(Task):
     """Next-token prediction on a packed token stream (GPT pretraining)."""
 
     name = "lm"
     throughput_unit = "tok"
+    reports_perplexity = True
 
     def __init__(self, cfg: Config, meta: dict, context: int):
         self.cfg = cfg
@@ -51,9 +52,6 @@ class LMTask:
 
     def summarize(self, sums: dict[str, float]) -> dict[str, float]:
         return token_means(sums)
-
-    def console_extras(self, metrics: dict[str, float]) -> dict[str, float]:
-        return {}
 
     def samples(self, model: nn.Module, runtime) -> list[dict]:
         """A few generations from the configured prompts, for the log and the report."""

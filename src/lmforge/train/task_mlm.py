@@ -21,11 +21,10 @@ from lmforge.base.config import Config
 from lmforge.data.collate import IGNORE_INDEX
 from lmforge.data.mlm import MLMCollator, SentencePairDataset
 from lmforge.data.store import TokenStore
-from lmforge.train.log import throughput_extra
-from lmforge.train.tasks import StepStats
+from lmforge.train.tasks import StepStats, Task
 
 
-class MLMTask:
+class MLMTask(Task):
     """Masked-LM + next-sentence prediction on sentence pairs (BERT pretraining)."""
 
     name = "mlm"
@@ -45,6 +44,9 @@ class MLMTask:
         store = TokenStore(Path(self.cfg.data.path), split)
         return SentencePairDataset(store, self.context, self.cls_id, self.sep_id, seed=self.cfg.train.seed,
                                    premask=split != "train", mask_id=self.mask_id, vocab_size=self.vocab_size)
+
+    def start_epoch(self, dataset: SentencePairDataset, epoch: int) -> None:
+        dataset.set_epoch(epoch)  # sentence pairs are drawn anew per epoch
 
     def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         return self._collate(samples)
@@ -82,8 +84,4 @@ class MLMTask:
                 "mlm_accuracy": mlm_accuracy, "nsp_accuracy": sums["nsp_correct"] / pairs}
 
     def console_extras(self, metrics: dict[str, float]) -> dict[str, float]:
-        return {"mlm": metrics["mlm_loss"], "nsp": metrics["nsp_loss"], "nsp_acc": metrics["nsp_accuracy"],
-                **throughput_extra(self.throughput_unit, metrics)}  # pairs/s on the console, not tok/s
-
-    def samples(self, model: nn.Module, runtime) -> list[dict]:
-        return []
+        return {"mlm": metrics["mlm_loss"], "nsp": metrics["nsp_loss"], "nsp_acc": metrics["nsp_accuracy"]}

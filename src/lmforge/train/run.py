@@ -1,0 +1,153 @@
+"""Training from a config as one library call: resolve the config and the point to start from
+(fresh, resumed, or an elastic restart under torchrun), train, write the report.
+
+`run_training` is the library's entry for training; `lmforge train` is a thin call of it
+(`lmforge.train.entry`). Cleaning the leftovers of interrupted saves happens here, once, before
+a checkpoint is picked.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import yaml
+
+from lmforge.base.config import Config, config_diff, config_from_dict, load_config
+from lmforge.base.distributed import world_from_env
+from lmforge.checkpoint import CheckpointError, clean_stale_temp, find_latest
+from lmforge.train.loop import TrainResult, train
+
+ConfigSource = Config | dict | str | Path
+"""A resolved Config, a dict shaped as a YAML config file, or the path of one."""
+
+
+def _to_stderr(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def run_training(config: ConfigSource | None, overrides: Sequence[str] = (), *, resume: Path | str | None = None,
+                 quiet: bool = False, show_progress: bool = True, handle_signals: bool = False) -> TrainResult:
+    """Train from `config` with `overrides` ("section.key=value"), or continue the run folder or
+    checkpoint `resume` (with `config` and `overrides` changing its saved config); write the
+    run's report.html at the end (rank 0); return how the run ended.
+
+    quiet: no console lines and no progress bar; notes (such as a changed config on resume) still
+    go to stderr. show_progress=False: nothing on stdout or stderr at all. Either way train.log
+    and metrics.jsonl record everything. handle_signals: SIGTERM / SIGINT stop the run
+    gracefully (main thread only); for a process that is nothing but this run, as the CLI's.
+    """
+    notes: list[str] = []
+
+    def note(text: str) -> None:
+        notes.append(text)
+        if show_progress:
+            _to_stderr(text)
+
+    cfg, checkpoint = resolve_run(config, overrides, resume, note)
+    result = train(cfg, resume_from=checkpoint, quiet=quiet or not show_progress, handle_signals=handle_signals,
+                   notes=notes)
+    if result.is_main:
+        from lmforge.report import write_report  # matplotlib: imported only once the run is over
+
+        result.report = write_report(result.run_dir)
+    return result
+
+
+def resolve_run(config: ConfigSource | None, overrides: Sequence[str], resume: Path | str | None,
+                note: Callable[[str], None] = _to_stderr) -> tuple[Config, Path | None]:
+    """The config to train with and the checkpoint to continue from (None: from step 0)."""
+    if resume is not None:
+        cfg, checkpoint = resolve_resume(Path(resume), config, overrides, note=note)
+    elif config is None:
+        raise ValueError("nothing to train: give a config (a YAML file such as configs/gpt-shakespeare.yaml, "
+                         "a dict or a Config) or a run folder to resume")
+    else:
+        cfg = load_config(None, list(overrides), base=_config_dict(config)) \
+            if isinstance(config, (Config, dict)) else load_config(str(config), list(overrides))
+        checkpoint = _start_point(cfg, note)
+    if cfg.model.init_from is not None:
+        check_tokenizer_match(Path(cfg.model.init_from) / "tokenizer.json", Path(cfg.data.path), "model.init_from")
+    return cfg, checkpoint
+
+
+def resolve_resume(resume: Path, config: ConfigSource | None = None, overrides: Sequence[str] = (), *,
+                   note: Callable[[str], None] = _to_stderr) -> tuple[Config, Path | None]:
+    """The config and checkpoint to continue from: a run folder's newest complete checkpoint,
+    or an explicit checkpoint folder. A wrong or incomplete path is an error, never a fresh start.
+
+    A run folder that stopped before its first checkpoint (config.yaml, no checkpoint, not even
+    a partial one) gives checkpoint None: the run starts again from step 0, which is exact."""
+    if (resume / "manifest.json").exists():
+        checkpoint, run_dir = resume, resume.parent.parent
+    elif resume.is_dir() and (resume / "checkpoints").is_dir():
+        run_dir = resume
+        clean_stale_temp(resume / "checkpoints")  # a crash between two renames may have left `last` hidden
+        checkpoint = find_latest(resume / "checkpoints")
+        if checkpoint is None and any((resume / "checkpoints").iterdir()):
+            raise CheckpointError(f"{resume}/checkpoints: no complete checkpoint to resume from")
+    elif (resume / "config.yaml").is_file() and (resume / "metrics.jsonl").is_file():
+        run_dir, checkpoint = resume, None  # killed before the first save
+    elif resume.is_dir() and any(resume.iterdir()) and not (resume / "config.yaml").exists():
+        raise CheckpointError(f"--resume {resume}: incomplete checkpoint (no manifest.json)")
+    else:
+        raise FileNotFoundError(f"--resume {resume}: not a run folder (with checkpoints/) nor a checkpoint")
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        raise FileNotFoundError(f"{saved_path}: the run's resolved config is missing")
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
+    base = _config_dict(config) if config is not None else saved
+    cfg = load_config(None, list(overrides), base=base)
+    cfg.run.out_dir, cfg.run.name = str(run_dir.parent), run_dir.name
+    changes = config_diff(config_from_dict(saved, str(saved_path)).to_dict(), cfg.to_dict())
+    if changes:
+        note("resuming with a changed config:\n  " + "\n  ".join(changes))
+    if checkpoint is None:
+        note(f"note: {run_dir} stopped before its first checkpoint; starting it again from step 0")
+    else:
+        check_tokenizer_match(checkpoint / "tokenizer.json", Path(cfg.data.path), "--resume")
+    return cfg, checkpoint
+
+
+def check_tokenizer_match(model_tokenizer: Path, data_dir: Path, what: str) -> None:
+    """Refuse data tokenized with another vocabulary than the model's (same size or not)."""
+    data_tokenizer = data_dir / "tokenizer.json"
+    if not (model_tokenizer.is_file() and data_tokenizer.is_file()):
+        return  # a missing data folder is reported by the loop, with its own fix
+    if model_tokenizer.read_bytes() == data_tokenizer.read_bytes():
+        return
+    from lmforge.base.tokenizer import load_tokenizer
+
+    model_vocab = load_tokenizer(model_tokenizer).get_vocab(with_added_tokens=True)
+    data_vocab = load_tokenizer(data_tokenizer).get_vocab(with_added_tokens=True)
+    if model_vocab != data_vocab:
+        raise ValueError(f"{what}: the model's tokenizer ({model_tokenizer}, {len(model_vocab)} tokens) is not "
+                         f"the one the data in {data_dir} was prepared with ({data_tokenizer}, "
+                         f"{len(data_vocab)} tokens); prepare the data again with "
+                         f"`lmforge prepare --tokenizer {model_tokenizer}`")
+
+
+def _start_point(cfg: Config, note: Callable[[str], None]) -> Path | None:
+    """None for a new run; after torchrun restarted the workers (--max-restarts), the newest
+    complete checkpoint of this run (none yet: the failed attempt saved nothing, start over).
+    Rank 0 first cleans the leftovers of interrupted saves (the other ranks read no checkpoint
+    folder before the loop's first barrier)."""
+    ckpt_dir = cfg.run_dir / "checkpoints"
+    if world_from_env().rank == 0:
+        clean_stale_temp(ckpt_dir)  # leftovers of a save the last attempt did not finish
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+        return None
+    latest = find_latest(ckpt_dir)
+    if latest is not None:
+        note(f"elastic restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming from {latest}")
+    return latest
+
+
+def _config_dict(config: Config | dict | str | Path) -> dict:
+    if isinstance(config, Config):
+        return config.to_dict()
+    if isinstance(config, dict):
+        return config
+    return load_config(str(config)).to_dict()
