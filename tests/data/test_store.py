@@ -131,3 +131,32 @@ def test_counts_and_edits_after_writing(tmp_path):
     assert TokenStore(tmp_path, "val")[0].tolist() == [5, 6, 7]
     assert len(TokenStore(tmp_path, "test")) == 0
     assert not (tmp_path / ".single.bin").exists()
+
+
+def test_an_empty_labelled_split_still_has_its_labels_file(tmp_path):
+    with TokenStoreWriter(tmp_path, "val", 100, labelled=True) as w:
+        pass
+    write_meta(tmp_path, meta_for(100, label_names=["a", "b"]))
+    store = TokenStore(tmp_path, "val")
+    assert len(store) == 0 and store.labels is not None and len(store.labels) == 0
+
+
+def test_values_are_checked_on_open_but_not_in_a_worker_reopening_the_store(tmp_path):
+    import pickle
+
+    write_split(tmp_path, "train", [[1, 2], [3]], vocab_size=300)
+    write_meta(tmp_path, meta_for(10))
+    assert len(TokenStore(tmp_path, "train")) == 2
+    write_meta(tmp_path, meta_for(3))
+    with pytest.raises(ValueError, match=r"train.bin: token id 3 at position 2 is outside the vocabulary of 3"):
+        TokenStore(tmp_path, "train")
+    unchecked = TokenStore(tmp_path, "train", check=False)
+    assert len(pickle.loads(pickle.dumps(unchecked))) == 2
+
+
+def test_roles_other_than_user_and_reply_are_named(tmp_path):
+    roles = RolesWriter(tmp_path, "train")
+    roles.add([0, 1, 1, 2])
+    roles.close()
+    with pytest.raises(ValueError, match=r"train.roles: role 2 at token 3; roles are 0 \(user\) or 1 \(reply\)"):
+        read_roles(tmp_path, "train", 4)
