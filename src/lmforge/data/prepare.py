@@ -13,7 +13,9 @@ checks the task name and hands the options each task takes to that task's module
 
 They share the steps of `lmforge.data.pipeline` and write through `lmforge.data.store` into a
 temp folder renamed into place at the end (`lmforge.data.staging`), so a crash never leaves a
-half-written folder that looks complete.
+half-written folder that looks complete. One prepare at a time writes a given folder (the
+second gets an error naming the first's pid); an existing non-empty folder is replaced only
+with `overwrite`, and only when it holds prepared data (`lmforge.base.outputs`).
 """
 
 from __future__ import annotations

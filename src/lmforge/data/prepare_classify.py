@@ -16,6 +16,9 @@ sorted label names. The split is stratified: each class is shuffled with the see
 the fractions, so every split keeps the class proportions; each split is then shuffled, so the
 first batches of val hold every class. `balance=True` first undersamples every class to the
 size of the smallest (as chapter 6 of "Build a Large Language Model (From Scratch)" does).
+A val or test split asked for that comes out empty (too few texts per class) is an error
+naming the counts; a label that some wanted split has no example of (one seen once lands in
+train) gets a note on stderr, as does a label of `labels` without any example.
 
 The records are held in memory (labelled sets are small next to pretraining corpora); the
 token store is written through a temp folder renamed into place, as for every task

@@ -27,7 +27,9 @@ Input formats (by extension; `.gz` of any of them is read directly):
   `{"messages": [{"role": "user"|"assistant"|..., "content": "..."}, ...]}`.
 
 CRLF, a byte-order mark and whitespace around utterances are dropped. A dialogue whose
-turns are all empty is counted and skipped. With `max_len`, a dialogue longer than that
+turns are all empty is counted and skipped. A split holding dialogues but no reply token
+(every dialogue a lone user turn) is an error naming the dialogues and reply tokens per split,
+which meta.json keeps as `splits.{split}.reply_tokens`. With `max_len`, a dialogue longer than that
 keeps its most recent whole turns (`build_sample`); the task trims again to the model
 context when it reads, so the same folder serves models of any context.
 """

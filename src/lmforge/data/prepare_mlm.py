@@ -11,7 +11,9 @@ holds each sentence's paragraph number (counted per split), which is what
 
 Every paragraph goes to train, val or test by the same seeded draw as the "lm" task
 (`lmforge.data.pipeline.Splitter`); the folder is written to a temp folder and renamed into
-place (`lmforge.data.staging`).
+place (`lmforge.data.staging`). Pretraining draws its next-sentence pairs from consecutive
+sentences of one paragraph: a train split without such a pair, or a val / test split asked for
+without one, is an error naming the counts (meta.json keeps them as `splits.{split}.pairs`).
 """
 
 from __future__ import annotations

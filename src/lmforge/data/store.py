@@ -11,7 +11,8 @@ A data folder holds, per split (train, val, optional test):
 
 and one `meta.json` (see `write_meta`) and a copy of the tokenizer (`tokenizer.json`).
 Writing streams through small buffers; reading memory-maps, so neither ever holds a whole
-split in memory. No pickle. The few edits prepare makes after writing (moving a sample
+split in memory, and opening a split checks its offsets, token ids and labels
+(`lmforge.data.integrity`). No pickle. The few edits prepare makes after writing (moving a sample
 between splits, cutting a lone sample into splits) are here too, so no other module opens
 these files by name.
 """
