@@ -49,7 +49,7 @@ def _quickstart(args: argparse.Namespace) -> int:
 def _add_init(sub) -> None:
     p = sub.add_parser("init", help="write an example run config to start from (no NAME: list them)")
     p.add_argument("name", nargs="?", help="a task (lm, mlm, classify, dialogue) or an example's name")
-    p.add_argument("--out", type=Path, default=None, help="the file (or folder) to write; default ./NAME.yaml")
+    p.add_argument("--out", default=None, help="the file (or folder: ending in /) to write; default ./NAME.yaml")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     p.set_defaults(run=_init)
 
@@ -169,10 +169,18 @@ def _add_sampling(p, *, length_flag: str, length: int, top_k: int | None, repeti
     p.add_argument("--device", default="auto")
 
 
-def _sampling(args: argparse.Namespace, max_new_tokens: int) -> SamplingConfig:
+def _sampling(args: argparse.Namespace, length_flag: str) -> SamplingConfig:
+    """The sampling options as a SamplingConfig; its errors name the flags."""
     from lmforge.inference.generate import SamplingConfig
-    return SamplingConfig(max_new_tokens=max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    fields = {"max_new_tokens": length_flag, "temperature": "--temperature", "top_k": "--top-k",
+              "top_p": "--top-p", "repetition_penalty": "--repetition-penalty", "seed": "--seed"}
+    try:
+        return SamplingConfig(**{field: getattr(args, flag[2:].replace("-", "_")) for field, flag in fields.items()})
+    except ValueError as err:
+        message = str(err).removeprefix("invalid sampling config: ")
+        for field, flag in fields.items():
+            message = message.replace(f"{field}=", f"{flag} ").replace(" or None", "")
+        raise ValueError(message) from None
 
 
 def _add_generate(sub) -> None:
@@ -185,7 +193,7 @@ def _add_generate(sub) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     from lmforge.commands.generate import generate_command
-    generate_command(sys.stdout, args.checkpoint, args.prompt, _sampling(args, args.max_new_tokens),
+    generate_command(sys.stdout, args.checkpoint, args.prompt, _sampling(args, "--max-new-tokens"),
                      num_samples=args.num_samples, device=args.device)
     return 0
 
@@ -207,7 +215,7 @@ def _add_chat(sub) -> None:
 
 def _chat(args: argparse.Namespace) -> int:
     from lmforge.commands.chat import run_chat
-    return run_chat(args.checkpoint, _sampling(args, args.max_reply_tokens), max_history=args.max_history,
+    return run_chat(args.checkpoint, _sampling(args, "--max-reply-tokens"), max_history=args.max_history,
                     device=args.device, transcript=args.transcript)
 
 
@@ -215,7 +223,8 @@ def _add_classify(sub) -> None:
     p = sub.add_parser("classify", help="label texts with a fine-tuned classifier")
     p.add_argument("checkpoint", help="a classifier checkpoint, or a run folder (uses best, else last)")
     p.add_argument("texts", nargs="*", help="texts to classify (prints label and probability)")
-    p.add_argument("--input", type=Path, help="a file of texts (.txt: one per line; .csv/.tsv/.jsonl: --column)")
+    p.add_argument("--input", type=Path, help="a file of texts (.txt: one per line, a blank line is an empty "
+                                              "text; .csv/.tsv/.jsonl: --column); row i of the output is text i")
     p.add_argument("--output", type=Path, help="CSV of text,label,probability for --input (default: stdout)")
     p.add_argument("--column", default="text", help="CSV/TSV column or JSONL field of the text in --input")
     p.add_argument("--batch-size", type=int, default=32)
@@ -251,7 +260,9 @@ def _add_embed(sub) -> None:
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (uses best, else last)")
     p.add_argument("text", nargs="?", help="the text (BERT: sentence A)")
     p.add_argument("text_b", nargs="?", help="BERT: sentence B of a pair")
-    p.add_argument("--input", type=Path, help="many texts: one per line (.txt) or a \"text\" field (.jsonl)")
+    p.add_argument("--input", type=Path, help="many texts: one per line (.txt; a blank line is an empty text), "
+                                              "a \"text\" field (.jsonl) or column (.csv/.tsv); row i of the "
+                                              "output is text i")
     p.add_argument("--out", type=Path, help=".json (default: stdout) or .npy (sentence vectors only)")
     p.add_argument("--pooling", choices=["mean", "cls"], default="mean", help="sentence vector for .npy")
     p.add_argument("--per-token", action="store_true", help="JSON: add the per-token vectors")

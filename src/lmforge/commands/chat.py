@@ -1,22 +1,27 @@
 """`lmforge chat`: an interactive loop for a terminal and a scripted one for pipes.
 
 The interactive loop knows /reset, /history, /save FILE and /quit; Ctrl-C stops a reply,
-Ctrl-D leaves. The scripted loop reads each input line as a user turn and writes exactly one
-output line (a blank input line starts a new conversation and gets an empty line back, as
-blank lines separate dialogues in the corpus).
+Ctrl-D leaves; a line that is not valid UTF-8 is refused with a note and the chat goes on.
+The scripted loop reads each input line as a user turn and writes exactly one output line (a
+blank input line starts a new conversation and gets an empty line back, as blank lines
+separate dialogues in the corpus); a line that is not valid UTF-8 stops it with an error
+naming the line. `--transcript` is checked before the chat starts (a file in a folder that
+exists) and written when it ends.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
 import torch
 
+from lmforge.commands.files import check_output_file
 from lmforge.inference.chat_session import COMMANDS, ChatSession, speaker_name
+from lmforge.inference.checks import check_text
 from lmforge.inference.generate import SamplingConfig
 from lmforge.inference.loaded import load_for_inference
 
@@ -54,12 +59,16 @@ def chat_interactive(session: ChatSession, out: TextIO, read_line: Callable[[str
     out.write(f"commands: {COMMANDS} | Ctrl-C stops a reply, Ctrl-D leaves\n")
     while True:
         try:
-            line = read_line("you> ").strip()
+            line = check_text(read_line("you> "), "that line").strip()
         except EOFError:
             out.write("\n")
             return
         except KeyboardInterrupt:
             out.write("\n(Ctrl-D or /quit to leave)\n")
+            continue
+        except ValueError as err:  # check_text, or input()'s UnicodeDecodeError
+            reason = err if not isinstance(err, UnicodeDecodeError) else "that line is not valid UTF-8"
+            out.write(f"({reason}; type it again)\n")
             continue
         if not line:
             continue
@@ -85,7 +94,7 @@ def chat_interactive(session: ChatSession, out: TextIO, read_line: Callable[[str
 def chat_scripted(session: ChatSession, lines: TextIO, out: TextIO) -> int:
     """One reply line per input line; a blank line starts a new conversation. Returns replies made."""
     replies = 0
-    for line in lines:
+    for line in _input_lines(lines):
         if not line.strip():
             session.reset()
             out.write("\n")
@@ -97,12 +106,29 @@ def chat_scripted(session: ChatSession, lines: TextIO, out: TextIO) -> int:
     return replies
 
 
+def _input_lines(stream: TextIO) -> Iterator[str]:
+    """The lines of `stream`, each valid UTF-8 or a ValueError naming its line; a stream with a
+    byte buffer (standard input) is decoded here, line by line, rather than by its text layer."""
+    raw = getattr(stream, "buffer", None)
+    for n, line in enumerate(raw if raw is not None else stream, 1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"standard input, line {n}: not valid UTF-8 (bytes {line[err.start:err.end]!r} "
+                                 f"at byte {err.start} of the line); send UTF-8 text, for example through "
+                                 "`iconv -f latin1 -t utf-8`") from None
+        yield check_text(line, f"standard input, line {n}")
+
+
 def run_chat(checkpoint: str | Path, sampling: SamplingConfig, *, max_history: int = 3,
              device: str = "auto", transcript: Path | None = None, stdin: TextIO | None = None,
              stdout: TextIO | None = None) -> int:
     """The `lmforge chat` command: interactive on a terminal, scripted when stdin is a pipe."""
     stdin = sys.stdin if stdin is None else stdin
     stdout = sys.stdout if stdout is None else stdout
+    if transcript is not None:
+        transcript = check_output_file(transcript, "--transcript")
     loaded = load_for_inference(checkpoint, device)
     if not hasattr(loaded.model, "new_kv_cache"):
         raise ValueError(f"{loaded.path}: chat needs a GPT checkpoint (a dialogue fine-tune)")

@@ -1,5 +1,8 @@
 """`lmforge classify`: label texts with a fine-tuned classifier (`lmforge.inference.classifier`)
-and print `label<TAB>probability` per text, or write a CSV for a file of texts."""
+and print `label<TAB>probability` per text, or write a CSV for a file of texts.
+
+Row i of the output is text i: every line (or record, or row) of `--input` is one text, a
+blank line an empty text that is classified too (`lmforge.commands.files`)."""
 
 from __future__ import annotations
 
@@ -8,15 +11,9 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from lmforge.base.readers import check_inputs, iter_documents
+from lmforge.commands.files import check_output_file, read_input_texts
+from lmforge.inference.checks import check_count
 from lmforge.inference.classifier import load_classifier, predict_texts
-
-
-def read_texts(path: Path, text_column: str | int = "text") -> list[str]:
-    """Texts to classify: one per line (.txt), or a column (.csv/.tsv) or field (.jsonl)."""
-    (path,) = check_inputs([path])
-    return [doc.text for doc in iter_documents(path, text_field=str(text_column), text_column=text_column,
-                                               doc_split="line")]
 
 
 def classify_command(out: TextIO, checkpoint: str | Path, texts: list[str], *, input_file: Path | None = None,
@@ -24,8 +21,11 @@ def classify_command(out: TextIO, checkpoint: str | Path, texts: list[str], *, i
                      device: str = "auto") -> list[tuple[str, float]]:
     """`lmforge classify`: print `label<TAB>probability` per text; with `input_file`, write a CSV of
     text, label, probability to `output` (or to `out` when no output is given)."""
+    check_count(batch_size, "--batch-size")
+    if output is not None:
+        output = check_output_file(output, "--output", inputs=(input_file,))
     if input_file is not None:
-        texts = [*texts, *read_texts(input_file, text_column)]
+        texts = [*texts, *read_input_texts(input_file, text_column)]
     if not texts:
         raise ValueError("nothing to classify: give a text or --input FILE")
     loaded, labels = load_classifier(checkpoint, device)

@@ -1,5 +1,8 @@
 """`lmforge embed`: read the texts, embed them (`lmforge.inference.embedder`), and write JSON
-(to stdout or a .json file) or the sentence vectors as a .npy array."""
+(to stdout or a .json file) or the sentence vectors as a .npy array.
+
+Row i of the output is text i: the command-line text first, then every line of `--input`
+(`lmforge.commands.files`: a blank line is an empty text and gets its vectors)."""
 
 from __future__ import annotations
 
@@ -10,29 +13,9 @@ from typing import TextIO
 
 import numpy as np
 
+from lmforge.commands.files import check_output_file, read_input_texts
 from lmforge.inference.embedder import Embeddings, embed
 from lmforge.inference.loaded import load_for_inference
-
-
-def read_texts(path: Path) -> list[str]:
-    """One text per non-empty line of a .txt file; the "text" field of each line of a .jsonl file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--input {path}: file not found")
-    texts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}: line {n}: expected a JSON object with a \"text\" field") from None
-        else:
-            texts.append(line)
-    if not texts:
-        raise ValueError(f"--input {path}: no texts (one per line)")
-    return texts
 
 
 def embed_command(checkpoint: str | Path, texts: list[str], text_b: str | None = None, *,
@@ -41,8 +24,14 @@ def embed_command(checkpoint: str | Path, texts: list[str], text_b: str | None =
     """`lmforge embed`: JSON to stdout or `out` (.json), or the sentence vectors as `out` (.npy)."""
     if pooling not in ("mean", "cls"):
         raise ValueError(f"--pooling {pooling!r}: choose mean or cls")
+    if out is not None:
+        out = check_output_file(out, "--out", inputs=(input_file,))
+        if per_token and out.suffix == ".npy":
+            raise ValueError("--per-token vectors have different lengths per text; write them as .json")
+    if text_b is not None and (input_file is not None or len(texts) != 1):
+        raise ValueError("a second text (sentence B) pairs with one TEXT; it cannot go with --input")
     if input_file is not None:
-        texts = texts + read_texts(input_file)
+        texts = texts + read_input_texts(input_file)
     if not texts:
         raise ValueError("nothing to embed: give a TEXT or --input FILE")
     loaded = load_for_inference(checkpoint, device)
@@ -50,9 +39,7 @@ def embed_command(checkpoint: str | Path, texts: list[str], text_b: str | None =
     if pooling == "cls" and result.cls is None:
         raise ValueError("--pooling cls needs a BERT checkpoint; GPT sentence vectors are mean-pooled")
     vectors = result.cls if pooling == "cls" else result.mean
-    if out is not None and Path(out).suffix == ".npy":
-        if per_token:
-            raise ValueError("--per-token vectors have different lengths per text; write them as .json")
+    if out is not None and out.suffix == ".npy":
         np.save(out, vectors.astype(np.float32))
         print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} {pooling} vectors to {out}", file=sys.stderr)
         return result

@@ -15,6 +15,7 @@ from lmforge.base.metrics import format_classification
 from lmforge.base.runtime import setup_runtime
 from lmforge.checkpoint import load_checkpoint, load_model, resolve_checkpoint
 from lmforge.data.store import read_meta
+from lmforge.inference.checks import check_count, inference_device
 from lmforge.models.heads import label_names_of
 from lmforge.train.evaluate import evaluate
 from lmforge.train.task_classify import evaluate_split
@@ -24,6 +25,8 @@ from lmforge.train.tasks import make_task
 def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str = "test",
                         batch_size: int = 32, device: str = "auto") -> dict:
     """Metrics of a checkpoint (or run folder) on `split` of the prepared folder `data_dir`."""
+    check_count(batch_size, "--batch-size")
+    inference_device(device)  # a bad --device is refused before the checkpoint is read
     path = resolve_checkpoint(Path(checkpoint))
     ckpt = load_checkpoint(path)
     meta = read_meta(Path(data_dir))

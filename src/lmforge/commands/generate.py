@@ -7,6 +7,7 @@ from typing import TextIO
 
 import torch
 
+from lmforge.inference.checks import check_count, check_text
 from lmforge.inference.generate import SamplingConfig
 from lmforge.inference.loaded import load_for_inference
 from lmforge.inference.text import stream_text
@@ -19,6 +20,8 @@ def generate_command(out: TextIO, checkpoint: str | Path, prompt: str, cfg: Samp
     The samples share one generator, seeded from `cfg.seed` (else at random), so they differ
     from each other and a seeded command prints the same text every time.
     """
+    check_count(num_samples, "--num-samples")
+    check_text(prompt, "--prompt")
     loaded = load_for_inference(checkpoint, device)
     generator = torch.Generator(device=loaded.device)
     generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())

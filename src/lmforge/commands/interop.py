@@ -1,37 +1,59 @@
 """Hugging Face interop: `import_hf` (a transformers folder -> an lmforge checkpoint) and
 `export_hf` (an lmforge checkpoint -> a folder transformers loads), for BERT and GPT-2.
 
-Owns the folder-level work: reading config.json / model.safetensors (or a `pytorch_model.bin`,
-read only with `torch.load(weights_only=True)`), config translation and the tokenizer files.
-Weight names are mapped by `lmforge.models.hf`. Export reads the checkpoint's state dict and
-never builds a model; import builds one only to check the mapped weights fit it.
+Owns the folder-level work: config translation, the checks, and writing. Reading the
+transformers folder is `lmforge.commands.hf_folder`; weight names are mapped by
+`lmforge.models.hf`. Export reads the checkpoint's state dict and never builds a model.
 
-Tokenizers: lmforge's tokenizer.json has no post-processor template (callers add [CLS]/[SEP]
-themselves), so on import a template that adds special tokens is removed, as are fixed
-truncation/padding settings; a folder with only `vocab.txt` (BERT) or `vocab.json` +
-`merges.txt` (GPT-2) gets a tokenizer.json built from them. On export a BERT tokenizer gets
-transformers' "[CLS] A [SEP] B [SEP]" template back, plus tokenizer_config.json,
-special_tokens_map.json and vocab.txt, so `AutoTokenizer.from_pretrained` encodes as BERT does.
+Import checks config.json against the weights before anything is allocated: the names and
+shapes come from the safetensors headers, go through the name map as meta tensors, and must be
+exactly what the architecture holds (`lmforge.checkpoint.model.check_weights_fit`), so a
+config.json with a width of 1e9 or 48 layers over 1-layer weights is refused in a moment.
+
+Both write through `lmforge.base.outputs.check_output_folder` (an output may not be, contain or
+sit inside its input; an existing folder needs --overwrite and is only replaced by one of the
+same kind) while holding the target (`lmforge.base.locks.hold_folder`), and swap the new folder
+in whole, so a failed write leaves the old one.
+
+On export a BERT tokenizer gets transformers' "[CLS] A [SEP] B [SEP]" template back, plus
+tokenizer_config.json, special_tokens_map.json and vocab.txt, so
+`AutoTokenizer.from_pretrained` encodes as BERT does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, processors
 
-from lmforge.models import hf
-from lmforge.models.registry import model_from_architecture
+from lmforge.base.locks import hold_folder
+from lmforge.base.outputs import check_output_folder
 from lmforge.base.tokenizer import load_tokenizer, special_ids
 from lmforge.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from lmforge.checkpoint.model import check_weights_fit
+from lmforge.commands.hf_folder import import_tokenizer, read_json_object, read_weights, weight_files, weight_shapes
+from lmforge.data.staging import staged_folder
+from lmforge.models import hf
+from lmforge.models.registry import model_from_architecture
 
-_ADDS_SPECIALS = ("TemplateProcessing", "BertProcessing", "RobertaProcessing")
+_FRESH_HEADS = ("cls.", "bert.pooler.")  # a bare BertModel has none: they start from initialisation
+
+
+@contextlib.contextmanager
+def _writing(out: Path, inputs: tuple[Path, ...], overwrite: bool, kind: str, what: str) -> Iterator[Path]:
+    """Hold `out` for the block, once `check_output_folder` allows writing a `kind` folder there.
+
+    Checked before the lock too: an output that is its own input is refused by what it is, not
+    reported as busy while the input's own writer holds it."""
+    check_output_folder(out, inputs=inputs, overwrite=overwrite, kind=kind)
+    with hold_folder(out, what):
+        yield check_output_folder(out, inputs=inputs, overwrite=overwrite, kind=kind)
 
 
 def import_hf(src: Path, out: Path, *, overwrite: bool = False) -> Path:
@@ -40,106 +62,62 @@ def import_hf(src: Path, out: Path, *, overwrite: bool = False) -> Path:
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src / 'config.json'} not found: pass a transformers model folder "
                                 "(config.json, model.safetensors, tokenizer.json or vocab files)")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"{out} already exists; choose another --out or pass --overwrite")
-    hf_config = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    kind = hf_config.get("model_type")
-    if kind not in ("bert", "gpt2"):
-        raise ValueError(f"{src / 'config.json'}: model_type {kind!r} is not supported (bert, gpt2)")
-    arch = hf.bert_config_from_hf(hf_config) if kind == "bert" else hf.gpt2_config_from_hf(hf_config)
-    # not lmforge.checkpoint.load_model: there is no checkpoint yet, the weights come in under HF names
-    model = model_from_architecture(arch)
-    expected = list(model.state_dict())
-    mapper = hf.bert_from_hf if kind == "bert" else hf.gpt2_from_hf
-    state, missing = mapper(_read_hf_weights(src), expected)
-    fresh = {k for k in missing if k.startswith(("cls.", "bert.pooler."))}
-    if set(missing) - fresh:
-        raise ValueError(f"{src}: the weights lack {sorted(set(missing) - fresh)[:5]} "
-                         f"({len(set(missing) - fresh)} tensors); is this a complete {kind} checkpoint?")
-    if fresh:  # a bare BertModel: its pretraining heads start from lmforge's initialisation
-        heads = sorted({".".join(k.split(".")[:2]) for k in fresh})
-        print(f"note: {src} has no {', '.join(heads)} weights (a bare BertModel); they start from a fresh "
-              "initialisation: fine for embed and classify, train them before using the MLM/NSP heads")
-        state.update({k: v for k, v in model.state_dict().items() if k in fresh})
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatch
-        raise ValueError(f"{src}: weights do not fit config.json ({err})") from None
-    if result.unexpected_keys:
-        raise ValueError(f"{src}: unexpected weights {result.unexpected_keys[:5]} for a {kind} model")
-    with tempfile.TemporaryDirectory() as tmp:
-        tok_file = Path(tmp) / "tokenizer.json"
-        _import_tokenizer(src, kind).save(str(tok_file))
-        vocab = load_tokenizer(tok_file).get_vocab_size(with_added_tokens=True)
-        if vocab > arch["vocab_size"]:
-            raise ValueError(f"{src}: the tokenizer has {vocab} tokens but the model only "
-                             f"{arch['vocab_size']} embeddings; the files do not belong together")
-        save_checkpoint(out, model_state=model.state_dict(), model_config=arch, tokenizer_file=tok_file)
+    with _writing(out, (src,), overwrite, "checkpoint", "checkpoint"):
+        kind, arch = _architecture(src / "config.json")
+        files = weight_files(src)
+        mapper = hf.bert_from_hf if kind == "bert" else hf.gpt2_from_hf
+        fresh = _check_weights(arch, mapper, weight_shapes(files), src)
+        with tempfile.TemporaryDirectory() as tmp:
+            tok_file = Path(tmp) / "tokenizer.json"
+            import_tokenizer(src, kind).save(str(tok_file))
+            vocab = load_tokenizer(tok_file).get_vocab_size(with_added_tokens=True)
+            if vocab > arch["vocab_size"]:
+                raise ValueError(f"{src}: the tokenizer has {vocab} tokens but the model only "
+                                 f"{arch['vocab_size']} embeddings; the files do not belong together")
+            state, _ = mapper(read_weights(files), [])
+            model = model_from_architecture(arch)
+            if fresh:
+                heads = sorted({".".join(k.split(".")[:2]) for k in fresh})
+                print(f"note: {src} has no {', '.join(heads)} weights (a bare BertModel); they start from a "
+                      "fresh initialisation: fine for embed and classify, train them before using the "
+                      "MLM/NSP heads")
+                state.update({k: v for k, v in model.state_dict().items() if k in fresh})
+            model.load_state_dict(state, strict=False)  # names and shapes were checked against the headers
+            save_checkpoint(out, model_state=model.state_dict(), model_config=arch, tokenizer_file=tok_file)
     return out
 
 
-def _read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
-    if (src / "model.safetensors").is_file():
-        return load_file(str(src / "model.safetensors"))
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(str(src / shard)))
-        return state
-    if (src / "pytorch_model.bin").is_file():
-        try:  # pickle, but only tensors and plain containers are allowed to unpickle
-            state = torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"{src / 'pytorch_model.bin'}: refused, it holds more than plain tensors "
-                             f"and lmforge never unpickles code ({err}); convert it to model.safetensors "
-                             "with transformers (save_pretrained(..., safe_serialization=True))") from None
-        if not isinstance(state, dict):
-            raise ValueError(f"{src / 'pytorch_model.bin'}: not a state dict")
-        return state
-    raise FileNotFoundError(f"{src}: no model.safetensors (or model.safetensors.index.json / "
-                            "pytorch_model.bin) with the weights")
+def _architecture(file: Path) -> tuple[str, dict]:
+    """The folder's model_type and the lmforge architecture its config.json describes."""
+    hf_config = read_json_object(file)
+    kind = hf_config.get("model_type")
+    if kind not in ("bert", "gpt2"):
+        raise ValueError(f"{file}: model_type {kind!r} is not supported (bert, gpt2)")
+    try:
+        arch = hf.bert_config_from_hf(hf_config) if kind == "bert" else hf.gpt2_config_from_hf(hf_config)
+    except (TypeError, ValueError) as err:  # a field of the wrong type, a feature lmforge lacks
+        raise ValueError(f"{file}: {err}") from None
+    return kind, arch
 
 
-def _import_tokenizer(src: Path, kind: str) -> Tokenizer:
-    if (src / "tokenizer.json").is_file():
-        data = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
-        post = data.get("post_processor") or {}
-        if post.get("type") in _ADDS_SPECIALS:
-            data["post_processor"] = None
-        data["truncation"], data["padding"] = None, None
-        return Tokenizer.from_str(json.dumps(data))
-    tok_cfg = {}
-    if (src / "tokenizer_config.json").is_file():
-        tok_cfg = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
-    if kind == "bert" and (src / "vocab.txt").is_file():
-        return _wordpiece_from_vocab(src / "vocab.txt", tok_cfg)
-    if kind == "gpt2" and (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
-        tok = Tokenizer(models.BPE.from_file(str(src / "vocab.json"), str(src / "merges.txt")))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-        tok.add_special_tokens(["<|endoftext|>"])
-        return tok
-    wanted = "vocab.txt" if kind == "bert" else "vocab.json + merges.txt"
-    raise FileNotFoundError(f"{src}: no tokenizer.json (or {wanted}); the checkpoint needs its tokenizer")
-
-
-def _wordpiece_from_vocab(vocab_file: Path, tok_cfg: dict) -> Tokenizer:
-    """A BERT WordPiece tokenizer from vocab.txt, as transformers' BertTokenizerFast builds it."""
-    vocab = {}
-    for i, line in enumerate(vocab_file.read_text(encoding="utf-8").splitlines()):
-        vocab.setdefault(line.rstrip("\n"), i)
-    tok = Tokenizer(models.WordPiece(vocab, unk_token=tok_cfg.get("unk_token", "[UNK]"),
-                                     max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=tok_cfg.get("tokenize_chinese_chars", True),
-        strip_accents=tok_cfg.get("strip_accents"), lowercase=tok_cfg.get("do_lower_case", True))
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    tok.add_special_tokens([t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab])
-    return tok
+def _check_weights(arch: dict, mapper, hf_shapes: dict[str, tuple[int, ...]], src: Path) -> set[str]:
+    """Refuse weights that do not fit config.json, from names and shapes alone; the names of the
+    BERT heads the weights lack (they start fresh)."""
+    meta = {name: torch.empty(shape, device="meta") for name, shape in hf_shapes.items()}
+    shapes = {name: tuple(t.shape) for name, t in mapper(meta, [])[0].items()}
+    # A one-layer model on the meta device: config.json's values checked, and the BERT heads' shapes.
+    layers = arch.get("n_layer")
+    probe = dict(arch, n_layer=min(layers, 1)) if isinstance(layers, int) else arch
+    try:
+        with torch.device("meta"):
+            probe_shapes = {k: tuple(v.shape) for k, v in model_from_architecture(probe).state_dict().items()}
+    except (RuntimeError, OverflowError, TypeError, ValueError) as err:
+        raise ValueError(f"{src / 'config.json'}: {str(err).splitlines()[0]}") from None
+    fresh = {k for k in probe_shapes if arch["model_type"] == "bert" and k.startswith(_FRESH_HEADS)
+             and k not in shapes}
+    shapes.update({k: probe_shapes[k] for k in fresh})
+    check_weights_fit(arch, shapes, src / "config.json")
+    return fresh
 
 
 def export_hf(checkpoint: Path, out: Path, *, overwrite: bool = False) -> Path:
@@ -148,34 +126,26 @@ def export_hf(checkpoint: Path, out: Path, *, overwrite: bool = False) -> Path:
     BERT loads with `BertForPreTraining.from_pretrained(out)`, GPT with
     `GPT2LMHeadModel.from_pretrained(out)`; both tokenizers with `AutoTokenizer.from_pretrained(out)`.
     """
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"{out} already exists; choose another --out or pass --overwrite")
-    ckpt = load_checkpoint(resolve_checkpoint(Path(checkpoint)))
-    arch = ckpt.model_config
-    kind = arch.get("model_type")
-    if kind not in ("gpt", "bert"):
-        raise ValueError(f"{ckpt.path}: model_type {kind!r} cannot be exported to the HF format "
-                         "(gpt and bert can)")
-    tok = load_tokenizer(ckpt.tokenizer_file)
-    ids = special_ids(tok)
-    if kind == "bert":
-        config, weights = hf.bert_config_to_hf(arch, ids.pad), hf.bert_to_hf(ckpt.state_dict)
-    else:
-        config = hf.gpt2_config_to_hf(arch, ids.bos, ids.eos, ids.pad)
-        weights = hf.gpt2_to_hf(ckpt.state_dict)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _export_tokenizer(tok, kind, arch["context"], tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    source = Path(checkpoint)
+    path = resolve_checkpoint(source)
+    with _writing(Path(out), (path, source), overwrite, "hf-model", "export target") as out:
+        ckpt = load_checkpoint(path)
+        arch = ckpt.model_config
+        kind = arch.get("model_type")
+        if kind not in ("gpt", "bert"):
+            raise ValueError(f"{ckpt.path}: model_type {kind!r} cannot be exported to the HF format "
+                             "(gpt and bert can)")
+        tok = load_tokenizer(ckpt.tokenizer_file)
+        ids = special_ids(tok)
+        if kind == "bert":
+            config, weights = hf.bert_config_to_hf(arch, ids.pad), hf.bert_to_hf(ckpt.state_dict)
+        else:
+            config = hf.gpt2_config_to_hf(arch, ids.bos, ids.eos, ids.pad)
+            weights = hf.gpt2_to_hf(ckpt.state_dict)
+        with staged_folder(out) as tmp:  # the old folder stays until the new one is complete
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            _export_tokenizer(tok, kind, arch["context"], tmp)
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from importlib import resources
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 from lmforge.base.config import load_config
+from lmforge.base.outputs import check_output_folder
 
 # A model that learns visible structure (speaker names, verse lines) in minutes on 2 CPU cores.
 QUICKSTART_MODEL = {"preset": None, "n_layer": 4, "n_head": 4, "n_embd": 192, "context": 128}
@@ -22,16 +24,26 @@ def bundled_corpus() -> Path:
 
 
 def quickstart(out: Path, minutes: float = 3.0) -> dict:
-    """Run the whole pipeline in `out`; returns the final validation metrics."""
+    """Run the whole pipeline in `out`; returns the final validation metrics.
+
+    `out` gets tokenizer/, data/ and gpt/ (the run); run again, the quickstart replaces its own
+    three folders, and refuses before any work where one of them holds something else."""
     from lmforge.data.prepare import prepare
     from lmforge.report import write_report
     from lmforge.base.tokenizer import train_tokenizer
     from lmforge.train.loop import train
 
+    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not 0 < minutes < math.inf:
+        raise ValueError(f"--minutes {minutes!r}: must be a number of minutes > 0")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; choose a folder")
+    for name, kind in (("tokenizer", "tokenizer"), ("data", "data"), ("gpt", "run")):
+        check_output_folder(out / name, overwrite=True, kind=kind, flag="the quickstart folder")
     started = time.perf_counter()
     corpus = bundled_corpus()
     print(f"[1/4] tokenizer: byte-level BPE on {corpus.name}")
-    tokenizer = train_tokenizer([corpus], kind="bpe", vocab_size=2048, out_dir=out / "tokenizer")
+    tokenizer = train_tokenizer([corpus], kind="bpe", vocab_size=2048, out_dir=out / "tokenizer", overwrite=True)
     print("[2/4] token store")
     prepare("lm", [corpus], tokenizer, out / "data", val_fraction=0.1, seed=1337, overwrite=True,
             doc_split="file")

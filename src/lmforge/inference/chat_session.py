@@ -6,7 +6,8 @@ over the last `max_history` turns (the new user turn included, as GPT2-chitchat 
 with older whole turns dropped until it fits the model context with room for the reply.
 The reply is streamed by `lmforge.inference.generate.stream_generate`, stopping at [SEP].
 
-Text the vocabulary does not know becomes [UNK]; nothing typed can crash a session.
+Text the vocabulary does not know becomes [UNK]; nothing typed can crash a session (text
+that is not valid UTF-8 is a ValueError the caller reports).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tokenizers import Tokenizer, models
 from torch import nn
 
 from lmforge.data.dialogue_format import RESPONSE, USER, build_sample, dialogue_specials
+from lmforge.inference.checks import check_text
 from lmforge.inference.generate import SamplingConfig, stream_generate
 from lmforge.base.tokenizer import special_ids
 
@@ -108,8 +110,10 @@ class ChatSession:
         tokenizer.encode_special_tokens = True  # typed "[SEP]" is text, not a turn boundary
 
     def encode(self, text: str) -> list[int]:
-        """The turn's token ids; text that leaves no token (control characters) becomes [UNK]."""
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        """The turn's token ids; text that leaves no token (control characters) becomes [UNK].
+
+        Text that is not valid Unicode (lone surrogates: bytes that were not UTF-8) is a ValueError."""
+        ids = self.tokenizer.encode(check_text(text, "the turn"), add_special_tokens=False).ids
         if not ids and text.strip():
             unk = self.specials.unk
             ids = [unk] if unk is not None else []

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from lmforge.inference.checks import check_count, check_text
 from lmforge.inference.loaded import LoadedModel, load_for_inference
 from lmforge.models.heads import label_names_of
 
@@ -26,7 +27,13 @@ def load_classifier(checkpoint: str | Path, device: str = "auto") -> tuple[Loade
 @torch.inference_mode()
 def predict_texts(loaded: LoadedModel, label_names: list[str], texts: list[str],
                   batch_size: int = 32) -> list[tuple[str, float]]:
-    """(label, probability of that label) for every text, encoded as `prepare --task classify` does."""
+    """(label, probability of that label) for every text, encoded as `prepare --task classify` does.
+
+    An empty text is classified too (GPT: the end-of-text token alone; BERT: `[CLS] [SEP]`), so
+    result i is always text i."""
+    check_count(batch_size, "batch_size")
+    for i, text in enumerate(texts):
+        check_text(text, f"text {i + 1}")
     specials, context = loaded.specials, loaded.model.config.context
     wrap = specials.cls is not None and specials.sep is not None
     pad = specials.pad if specials.pad is not None else 0

@@ -8,6 +8,10 @@ vectors are the [CLS] hidden state (`cls`, as HF's last_hidden_state[:, 0], not 
 and the mean over real tokens (`mean`, specials included, as sentence-transformers pools).
 GPT: the text's tokens as they are (a pair joined by the end-of-text token); the sentence
 vector is the mean of the last hidden states (after ln_f) over the tokens.
+
+Every text gets its vectors, the empty one too (BERT: `[CLS] [SEP]`; GPT: the end-of-text
+token alone, the state a new document starts from), so result row i is always text i.
+A classifier checkpoint is refused: its backbone was tuned for its labels, not for embeddings.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 
 from lmforge.data.collate import pad_collate
 from lmforge.data.mlm import truncate_pair
+from lmforge.inference.checks import check_count, check_text
 from lmforge.inference.loaded import LoadedModel
 from lmforge.models.bert import BertConfig
 
@@ -39,10 +44,13 @@ def encode_texts(loaded: LoadedModel, texts: list[str], texts_b: list[str] | Non
     tok, sp = loaded.tokenizer, loaded.specials
     context = loaded.model.config.context
     is_bert = isinstance(loaded.model.config, BertConfig)
+    if is_bert and (sp.cls is None or sp.sep is None):
+        raise ValueError(f"{loaded.path}: a BERT checkpoint whose tokenizer has no [CLS]/[SEP] tokens; a BERT "
+                         "reads [CLS] text [SEP]: train it with a WordPiece tokenizer (--kind wordpiece)")
     samples = []
     for i, text in enumerate(texts):
-        a = tok.encode(text).ids
-        b = tok.encode(texts_b[i]).ids if texts_b is not None else None
+        a = tok.encode(check_text(text, f"text {i + 1}")).ids
+        b = tok.encode(check_text(texts_b[i], f"second text {i + 1}")).ids if texts_b is not None else None
         if is_bert:
             budget = context - (3 if b is not None else 2)
             la, lb = truncate_pair(len(a), len(b), budget) if b is not None else (min(len(a), budget), 0)
@@ -54,13 +62,22 @@ def encode_texts(loaded: LoadedModel, texts: list[str], texts_b: list[str] | Non
                 types += [1] * (len(b) + 1)
         else:
             joiner = [sp.eos] if sp.eos is not None else []
-            ids = a + (joiner + b if b is not None else [])
-            ids = ids[:context]
+            ids = (a + (joiner + b if b is not None else []))[:context] or joiner
             types = [0] * len(ids)
         if not ids:
-            raise ValueError(f"text {i} ({text!r}) has no tokens; nothing to embed")
+            raise ValueError(f"text {i + 1} ({text!r}) has no tokens, and this tokenizer has no end-of-text "
+                             "token to stand for an empty text; give some text")
         samples.append({"input_ids": torch.tensor(ids), "token_type_ids": torch.tensor(types)})
     return samples
+
+
+def check_embedder(loaded: LoadedModel) -> None:
+    """A ValueError unless the checkpoint is a BERT or a GPT (what `embed` takes)."""
+    kind = loaded.architecture.get("model_type")
+    if kind not in ("bert", "gpt"):
+        raise ValueError(f"{loaded.path}: a {kind!r} checkpoint; embed takes a BERT or GPT checkpoint (a "
+                         "pretrained, imported or language-model run), not a fine-tuned classifier: use "
+                         "`lmforge classify` for that, or embed with the checkpoint it was fine-tuned from")
 
 
 @torch.inference_mode()
@@ -69,6 +86,8 @@ def embed(loaded: LoadedModel, texts: list[str], texts_b: list[str] | None = Non
     """Hidden states of the last layer for each text (or pair A/B) and their pooled vectors."""
     if texts_b is not None and len(texts_b) != len(texts):
         raise ValueError(f"{len(texts)} first texts but {len(texts_b)} second texts; give one B per A")
+    check_count(batch_size, "batch_size")
+    check_embedder(loaded)
     is_bert = isinstance(loaded.model.config, BertConfig)
     samples = encode_texts(loaded, texts, texts_b)
     pad = loaded.specials.pad if loaded.specials.pad is not None else 0

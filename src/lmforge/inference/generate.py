@@ -14,6 +14,7 @@ step, so both paths give the same tokens.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -46,18 +47,29 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         self.stop_ids = tuple(int(i) for i in self.stop_ids)
         errors = []
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            errors.append(f"max_new_tokens={self.max_new_tokens!r}: must be an integer >= 0")
-        if not self.temperature >= 0:
-            errors.append(f"temperature={self.temperature!r}: must be >= 0 (0 = greedy)")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            errors.append(f"max_new_tokens={self.max_new_tokens!r}: must be an integer >= 1")
+        if not (_is_number(self.temperature) and 0 <= self.temperature < math.inf):
+            errors.append(f"temperature={self.temperature!r}: must be a finite number >= 0 (0 = greedy)")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             errors.append(f"top_k={self.top_k!r}: must be an integer >= 1 or None")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
+        if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
             errors.append(f"top_p={self.top_p!r}: must be in (0, 1] or None")
-        if not self.repetition_penalty > 0:
-            errors.append(f"repetition_penalty={self.repetition_penalty!r}: must be > 0 (1 = off)")
+        if not (_is_number(self.repetition_penalty) and 0 < self.repetition_penalty < math.inf):
+            errors.append(f"repetition_penalty={self.repetition_penalty!r}: must be a finite number > 0 (1 = off)")
+        if self.seed is not None and not _is_int(self.seed):
+            errors.append(f"seed={self.seed!r}: must be an integer or None")
         if errors:
             raise ValueError("invalid sampling config: " + "; ".join(errors))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    """A real number (NaN fails every comparison the checks make)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def apply_repetition_penalty(logits: Tensor, context_ids: Tensor | Sequence[int], penalty: float) -> Tensor:
@@ -121,8 +133,6 @@ def stream_generate(model: GPT, prompt_ids: Sequence[int], cfg: SamplingConfig,
     """
     if len(prompt_ids) == 0:
         raise ValueError("prompt_ids is empty: give at least one token id (e.g. the eos id to start from nothing)")
-    if cfg.max_new_tokens == 0:
-        return
     context = model.config.context
     device = model.transformer.wte.weight.device
     if generator is None and cfg.seed is not None and cfg.temperature > 0:
@@ -135,7 +145,8 @@ def stream_generate(model: GPT, prompt_ids: Sequence[int], cfg: SamplingConfig,
         with torch.inference_mode():
             # prompt + output so far: the repetition penalty sees all of it, the model the last `context`
             n = len(prompt_ids)
-            ids = torch.empty(n + cfg.max_new_tokens, dtype=torch.long, device=device)
+            # grown as it fills: a huge max_new_tokens that a stop id ends early allocates nothing
+            ids = torch.empty(n + min(cfg.max_new_tokens, 1024), dtype=torch.long, device=device)
             ids[:n] = torch.as_tensor(prompt_ids, dtype=torch.long)
             cache = model.new_kv_cache(1, context) if use_cache else None
             decoder = Decoder(model) if use_cache and isinstance(model, GPT) else None  # else: modules
@@ -150,6 +161,8 @@ def stream_generate(model: GPT, prompt_ids: Sequence[int], cfg: SamplingConfig,
                 token_id = int(token)
                 if token_id in stop:
                     return
+                if n == len(ids):
+                    ids = torch.cat((ids, torch.empty_like(ids)))
                 ids[n] = token_id
                 n += 1
             yield token_id

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.base.runtime import pick_device
 from lmforge.base.tokenizer import load_tokenizer, special_ids
 from lmforge.checkpoint import load_model
+from lmforge.inference.checks import inference_device
 
 
 @dataclass
@@ -35,8 +35,10 @@ class LoadedModel:
 
 
 def load_for_inference(checkpoint: str | Path, device: str = "auto") -> LoadedModel:
-    """A checkpoint folder (or a run folder: its best, else last checkpoint) ready for inference."""
-    dev, _ = pick_device(device)
+    """A checkpoint folder (or a run folder: its best, else last checkpoint) ready for inference.
+
+    `device` is checked before the checkpoint is read (`inference_device`)."""
+    dev = inference_device(device)
     model, ckpt = load_model(checkpoint, device=dev)
     model.eval()
     path = ckpt.path

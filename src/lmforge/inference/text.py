@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
+from lmforge.inference.checks import check_text
 from lmforge.inference.generate import SamplingConfig, generate, stream_generate
 from lmforge.inference.loaded import LoadedModel
 from lmforge.models.gpt import GPT
@@ -59,7 +60,7 @@ def _text_config(loaded: LoadedModel, cfg: SamplingConfig) -> SamplingConfig:
 
 def _prompt_ids(loaded: LoadedModel, prompt: str, index: int = 0) -> list[int]:
     """The prompt's token ids; an empty prompt starts a new document (after the end-of-text token)."""
-    ids = loaded.tokenizer.encode(prompt).ids
+    ids = loaded.tokenizer.encode(check_text(prompt, f"prompt {index}")).ids
     if ids:
         return ids
     if loaded.specials.eos is None:

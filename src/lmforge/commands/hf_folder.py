@@ -1,0 +1,172 @@
+"""Reading a transformers model folder for `import-hf`: config.json, the weights' names and
+shapes (from the safetensors headers, before any tensor is read), the weights, the tokenizer.
+
+Every file is named in its error: a config.json that is no JSON object, a weights file whose
+header is damaged or cut short, a shard index that names missing files, a pickle that holds
+more than tensors (`pytorch_model.bin` is only read with `torch.load(weights_only=True)`), a
+tokenizer.json the tokenizers library does not read.
+
+Tokenizers: lmforge's tokenizer.json has no post-processor template (callers add [CLS]/[SEP]
+themselves), so a template that adds special tokens is removed, as are fixed
+truncation/padding settings; a folder with only `vocab.txt` (BERT) or `vocab.json` +
+`merges.txt` (GPT-2) gets a tokenizer.json built from them.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+_ADDS_SPECIALS = ("TemplateProcessing", "BertProcessing", "RobertaProcessing")
+_INDEX = "model.safetensors.index.json"
+
+
+def read_json_object(file: Path) -> dict:
+    """The JSON object in `file`, or a ValueError naming the file and what is wrong."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, found a {type(data).__name__}")
+    return data
+
+
+def weight_files(src: Path) -> list[Path]:
+    """The files that hold the weights: model.safetensors, the shards an index names, or pytorch_model.bin."""
+    if (src / "model.safetensors").is_file():
+        return [src / "model.safetensors"]
+    index = src / _INDEX
+    if index.is_file():
+        weight_map = read_json_object(index).get("weight_map")
+        if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())):
+            raise ValueError(f'{index}: no "weight_map" from tensor names to shard files')
+        shards = sorted(set(weight_map.values()))
+        outside = [s for s in shards if Path(s).name != s or s in (".", "..")]
+        if outside:
+            raise ValueError(f"{index}: shard names must be files beside it, not paths: {outside[:3]}")
+        missing = [s for s in shards if not (src / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index}: shard file(s) {missing[:3]} not found in {src}")
+        return [src / s for s in shards]
+    if (src / "pytorch_model.bin").is_file():
+        return [src / "pytorch_model.bin"]
+    raise FileNotFoundError(f"{src}: no model.safetensors (or {_INDEX} / pytorch_model.bin) with the weights")
+
+
+def weight_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape over all weight files; safetensors headers only, no tensor is read."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        if file.suffix == ".bin":
+            shapes.update({name: tuple(t.shape) for name, t in _read_bin(file).items()})
+            continue
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+        except SafetensorError as err:
+            raise _damaged(file, err) from None
+    return shapes
+
+
+def read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        if file.suffix == ".bin":
+            state.update(_read_bin(file))
+            continue
+        try:
+            state.update(load_file(str(file)))
+        except SafetensorError as err:
+            raise _damaged(file, err) from None
+    return state
+
+
+def _damaged(file: Path, err: Exception) -> ValueError:
+    return ValueError(f"{file}: not a readable safetensors file ({err}); it is damaged or cut short: "
+                      "download or save it again")
+
+
+def _read_bin(file: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict, memory-mapped; only tensors and plain containers may unpickle."""
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:  # an old (not zip) file cannot be memory-mapped
+            if "mmap" not in str(err):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{file}: refused, it holds more than plain tensors and lmforge never unpickles "
+                         f"code ({str(err).splitlines()[0][:200]}); convert it to model.safetensors with "
+                         "transformers (save_pretrained(..., safe_serialization=True))") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{file}: not a readable PyTorch weights file ({str(err).splitlines()[0][:200]}); "
+                         "it is damaged or cut short") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ValueError(f"{file}: not a state dict of tensor names to tensors")
+    return state
+
+
+def import_tokenizer(src: Path, kind: str) -> Tokenizer:
+    """The folder's tokenizer as lmforge keeps it (see the module docstring)."""
+    if (src / "tokenizer.json").is_file():
+        data = read_json_object(src / "tokenizer.json")
+        post = data.get("post_processor") or {}
+        if isinstance(post, dict) and post.get("type") in _ADDS_SPECIALS:
+            data["post_processor"] = None
+        data["truncation"], data["padding"] = None, None
+        return _built(src / "tokenizer.json", lambda: Tokenizer.from_str(json.dumps(data)))
+    tok_cfg = read_json_object(src / "tokenizer_config.json") if (src / "tokenizer_config.json").is_file() else {}
+    if kind == "bert" and (src / "vocab.txt").is_file():
+        return _built(src / "vocab.txt", lambda: _wordpiece_from_vocab(src / "vocab.txt", tok_cfg))
+    if kind == "gpt2" and (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
+        return _built(src / "vocab.json", lambda: _byte_level_bpe(src))
+    wanted = "vocab.txt" if kind == "bert" else "vocab.json + merges.txt"
+    raise FileNotFoundError(f"{src}: no tokenizer.json (or {wanted}); the checkpoint needs its tokenizer")
+
+
+def _built(file: Path, build) -> Tokenizer:
+    try:
+        return build()
+    except ValueError:
+        raise
+    except Exception as err:  # the tokenizers library raises plain Exceptions
+        raise ValueError(f"{file}: the tokenizers library cannot read it ({err})") from None
+
+
+def _byte_level_bpe(src: Path) -> Tokenizer:
+    tok = Tokenizer(models.BPE.from_file(str(src / "vocab.json"), str(src / "merges.txt")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens(["<|endoftext|>"])
+    return tok
+
+
+def _wordpiece_from_vocab(vocab_file: Path, tok_cfg: dict) -> Tokenizer:
+    """A BERT WordPiece tokenizer from vocab.txt, as transformers' BertTokenizerFast builds it."""
+    try:
+        lines = vocab_file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{vocab_file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    vocab = {}
+    for i, line in enumerate(lines):
+        vocab.setdefault(line.rstrip("\n"), i)
+    tok = Tokenizer(models.WordPiece(vocab, unk_token=tok_cfg.get("unk_token", "[UNK]"),
+                                     max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=tok_cfg.get("tokenize_chinese_chars", True),
+        strip_accents=tok_cfg.get("strip_accents"), lowercase=tok_cfg.get("do_lower_case", True))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.add_special_tokens([t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab])
+    return tok
