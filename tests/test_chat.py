@@ -184,6 +184,27 @@ def test_interactive_commands_ctrl_c_and_transcript(tok_file: Path, tmp_path: Pa
     assert len(records) == 2 and records[1]["messages"][0] == {"role": "user", "content": "晚安"}
 
 
+def test_a_line_that_is_not_utf8_gets_a_note_and_the_chat_goes_on(tok_file: Path):
+    tok = load_tokenizer(tok_file)
+    model = FixedLogits([0.0] * tok.get_vocab_size())
+    model.logits[tok.token_to_id("好")] = 5.0
+    session = ChatSession(model, tok, SamplingConfig(max_new_tokens=1, temperature=0))
+    lines = iter(["caf\udce9", UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "你好", EOFError()])
+
+    def read_line(prompt: str) -> str:
+        item = next(lines)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    out = io.StringIO()
+    chat_interactive(session, out, read_line)
+    assert out.getvalue().count("not valid UTF-8") == 2 and "bot> 好" in out.getvalue()
+    assert [t.text for t in session.history] == ["你好", "好"]
+    with pytest.raises(ValueError, match="standard input, line 2"):
+        chat_scripted(session, io.StringIO("你好\ncaf\udce9\n"), io.StringIO())
+
+
 def test_stream_decoder_joins_wordpieces_like_the_text(tok_file: Path):
     tok = load_tokenizer(tok_file)
     assert decode_text(tok, tok.encode("今天天气怎么样").ids) == "今天天气怎么样"

@@ -153,6 +153,10 @@ def test_sampling_config_validation():
         SamplingConfig(temperature=-1)
     with pytest.raises(ValueError, match="top_k=0"):
         SamplingConfig(top_k=0)
+    for field, value in (("temperature", float("inf")), ("temperature", float("nan")), ("max_new_tokens", 0),
+                         ("repetition_penalty", float("inf")), ("top_p", 0.0), ("seed", -1)):
+        with pytest.raises(ValueError, match=f"{field}="):
+            SamplingConfig(**{field: value})
     with pytest.raises(ValueError, match="prompt_ids is empty"):
         generate(GPT(GPTConfig.from_preset("tiny", vocab_size=8)), [], SamplingConfig())
     assert SamplingConfig(stop_ids=[3, 4]).stop_ids == (3, 4)

@@ -278,7 +278,7 @@ def test_generate_num_samples_and_sampling_values_are_checked(models):
     _refused(["generate", gpt, "--num-samples", "0"], "--num-samples 0", ">= 1")
     for flag, value in (("--temperature", "inf"), ("--temperature", "nan"), ("--temperature", "-1"),
                         ("--top-p", "0"), ("--top-p", "1.5"), ("--top-k", "-1"), ("--max-new-tokens", "0"),
-                        ("--repetition-penalty", "0"), ("--repetition-penalty", "inf")):
+                        ("--repetition-penalty", "0"), ("--repetition-penalty", "inf"), ("--seed", str(2**64))):
         _refused(["generate", gpt, flag, value], f"{flag} {value}")
     _refused(["chat", gpt, "--max-reply-tokens", "0"], "--max-reply-tokens 0")
 

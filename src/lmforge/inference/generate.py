@@ -57,8 +57,8 @@ class SamplingConfig:
             errors.append(f"top_p={self.top_p!r}: must be in (0, 1] or None")
         if not (_is_number(self.repetition_penalty) and 0 < self.repetition_penalty < math.inf):
             errors.append(f"repetition_penalty={self.repetition_penalty!r}: must be a finite number > 0 (1 = off)")
-        if self.seed is not None and not _is_int(self.seed):
-            errors.append(f"seed={self.seed!r}: must be an integer or None")
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**64):
+            errors.append(f"seed={self.seed!r}: must be an integer from 0 to 2**64 - 1 or None")
         if errors:
             raise ValueError("invalid sampling config: " + "; ".join(errors))
 
