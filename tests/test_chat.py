@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -145,6 +146,19 @@ def test_unknown_characters_never_crash(checkpoint: Path, tok_file: Path):
     assert all(len(session.context_ids()) <= 16 for _ in range(1))
 
 
+def _typed(items: list) -> Callable[[str], str]:
+    """A stand-in for input(): each call gives the next line, or raises it when it is an exception."""
+    items = iter(items)
+
+    def read_line(prompt: str) -> str:
+        item = next(items)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    return read_line
+
+
 def test_interactive_commands_ctrl_c_and_transcript(tok_file: Path, tmp_path: Path):
     tok = load_tokenizer(tok_file)
     model = FixedLogits([0.0] * tok.get_vocab_size())
@@ -160,15 +174,8 @@ def test_interactive_commands_ctrl_c_and_transcript(tok_file: Path, tmp_path: Pa
 
     chat.stream_generate = interrupted
     saved = tmp_path / "chat.txt"
-    inputs = iter(["你好", KeyboardInterrupt(), "/history", "天气", "/bogus", f"/save {saved}",
-                   "/reset", "/history", "晚安", EOFError()])
-
-    def read_line(prompt: str) -> str:
-        item = next(inputs)
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
+    read_line = _typed(["你好", KeyboardInterrupt(), "/history", "天气", "/bogus", f"/save {saved}",
+                        "/reset", "/history", "晚安", EOFError()])
     out = io.StringIO()
     try:
         chat_interactive(session, out, read_line)
@@ -189,16 +196,9 @@ def test_a_line_that_is_not_utf8_gets_a_note_and_the_chat_goes_on(tok_file: Path
     model = FixedLogits([0.0] * tok.get_vocab_size())
     model.logits[tok.token_to_id("好")] = 5.0
     session = ChatSession(model, tok, SamplingConfig(max_new_tokens=1, temperature=0))
-    lines = iter(["caf\udce9", UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "你好", EOFError()])
-
-    def read_line(prompt: str) -> str:
-        item = next(lines)
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
+    undecodable = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")  # input() in a UTF-8 locale
     out = io.StringIO()
-    chat_interactive(session, out, read_line)
+    chat_interactive(session, out, _typed(["caf\udce9", undecodable, "你好", EOFError()]))
     assert out.getvalue().count("not valid UTF-8") == 2 and "bot> 好" in out.getvalue()
     assert [t.text for t in session.history] == ["你好", "好"]
     with pytest.raises(ValueError, match="standard input, line 2"):
