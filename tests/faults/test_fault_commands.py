@@ -214,6 +214,14 @@ def test_embed_input_keeps_one_row_per_line(models, tmp_path: Path):
     assert records[1]["tokens"] == ["[CLS]", "[SEP]"]  # BERT: the empty text is [CLS] [SEP]
 
 
+def test_embed_input_of_one_line_is_a_list_of_one_row(models, tmp_path: Path):
+    source = tmp_path / "one.txt"
+    source.write_text("the lake\n", encoding="utf-8")
+    code, stdout, err = _cli(["embed", str(models["bert"]), "--input", str(source), "--device", "cpu"])
+    assert code == 0, err
+    assert [r["text"] for r in json.loads(stdout)] == ["the lake"]
+
+
 def test_embed_jsonl_blank_line_is_an_error_naming_the_line(models, tmp_path: Path):
     source = tmp_path / "texts.jsonl"
     source.write_text('{"text": "the lake"}\n\n{"text": "the fox"}\n', encoding="utf-8")

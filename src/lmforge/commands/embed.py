@@ -51,7 +51,8 @@ def embed_command(checkpoint: str | Path, texts: list[str], text_b: str | None =
         if per_token:
             record["token_vectors"] = result.token_vectors[i].tolist()
         records.append(record)
-    payload = json.dumps(records if len(records) > 1 else records[0])
+    # one text on the command line: its object; a file of texts: a list, however many lines it has
+    payload = json.dumps(records[0] if input_file is None and len(records) == 1 else records)
     if out is not None:
         Path(out).write_text(payload + "\n", encoding="utf-8")
     else:
