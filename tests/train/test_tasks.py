@@ -11,7 +11,7 @@ from lmforge.train.tasks import TASKS, Task, task_class
 
 REQUIRED = {"name", "throughput_unit", "dataset", "collate", "count_targets", "count_tokens",
             "loss_and_metrics", "summarize"}
-OPTIONAL = {"best_metric", "eval_train", "reports_perplexity", "prepare_model", "start_epoch",
+OPTIONAL = {"best_metric", "eval_train", "reports_perplexity", "model_types", "prepare_model", "start_epoch",
             "console_extras", "samples", "final_report"}
 
 

@@ -18,6 +18,6 @@ def train_command(config_path: str | None, overrides: list[str], *, resume: Path
         raise ValueError("lmforge train: give a config file (e.g. configs/gpt-shakespeare.yaml) or --resume RUN_DIR")
     result = run_training(config_path, overrides, resume=resume, quiet=quiet, handle_signals=True)
     if result.is_main and not quiet:
-        print(f"run folder: {result.run_dir}\nreport: {result.report}")
+        print(f"run folder: {result.run_dir}" + (f"\nreport: {result.report}" if result.report else ""))
     leave_job(result.steps, result.exit_code)  # returns only in a single process
     return result.exit_code

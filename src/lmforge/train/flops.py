@@ -82,6 +82,26 @@ def raise_peak(device: torch.device, observed: float, dtype: torch.dtype = torch
         _write_cache(_device_key(device, size, dtype), observed)
 
 
+class MFUMeter:
+    """A run's MFU from its tokens/s: against `configured` (train.peak_flops), else the measured
+    peak of `dtype`, raised (and cached) when the run goes faster than a peak measured on busy cores."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, flops_per_token: int, world_size: int,
+                 configured: float | None = None) -> None:
+        self.device, self.dtype, self.flops_per_token, self.world = device, dtype, flops_per_token, world_size
+        self.configured = configured
+        self.peak = configured or measured_peak_flops(device, dtype)
+
+    def __call__(self, tokens_per_s: float) -> float | None:
+        if not self.peak:
+            return None
+        mfu = self.flops_per_token * tokens_per_s / (self.peak * self.world)
+        if mfu > 1.0 and not self.configured:
+            self.peak, mfu = self.flops_per_token * tokens_per_s / self.world, 1.0
+            raise_peak(self.device, self.peak, self.dtype)
+        return mfu
+
+
 def _write_cache(key: str, peak: float) -> None:
     cached = _read_cache()
     cached[key] = peak

@@ -86,6 +86,21 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+def last_end(run_dir: Path) -> dict | None:
+    """The last "end" event of the run's metrics.jsonl (None: the run never ended, or no file)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    for line in reversed(path.read_text(encoding="utf-8").splitlines()):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if isinstance(record, dict) and record.get("event") == "end":
+            return record
+    return None
+
+
 def format_train_line(step: int, total: int, epoch: float, loss: float, accuracy: float | None,
                       lr: float, rate: float, mfu: float | None, eta_s: float,
                       extras: dict[str, float] | None = None, unit: str = "tok") -> str:

@@ -13,6 +13,7 @@ tests can replace them here.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lmforge.base.config import Config
-from lmforge.base.distributed import all_reduce_sum, barrier
+from lmforge.base.distributed import all_reduce_sum, barrier, world_from_env
 from lmforge.base.faults import fault_point
 from lmforge.base.runtime import setup_runtime
 from lmforge.checkpoint import prune_epochs, save_checkpoint
@@ -31,14 +32,17 @@ from lmforge.data.store import read_meta
 from lmforge.models.registry import flops_per_token, load_weights
 from lmforge.train.data_order import epoch_permutation, window_indices
 from lmforge.train.evaluate import evaluate
-from lmforge.train.flops import measured_peak_flops, raise_peak
+from lmforge.train.flops import MFUMeter
+from lmforge.train.init_from import check_resume_architecture, settle_init_from
 from lmforge.train.log import Interval, format_eval_line, format_train_line, throughput
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
 from lmforge.train.parallel import (NamedOptimizerState, check_strategy, full_model_state, plain_model, unwrap,
                                     wrap_model)
-from lmforge.train.setup import build_model, check_run_folder_free, open_run_folder, read_resume
+from lmforge.train.resume import finished_detail, reached_its_end, resumed_data_lines
+from lmforge.train.setup import (build_model, check_run_folder_free, hold_run_folder, open_run_folder, read_resume,
+                                 steps_per_epoch)
 from lmforge.train.signals import StopSignal
-from lmforge.train.state import LoopState, RngState, upgrade_training_state
+from lmforge.train.state import DataIdentity, LoopState, RngState, upgrade_training_state
 from lmforge.train.step import forward_backward
 from lmforge.train.tasks import best_score
 from lmforge.train.update import DeviceCounters, defers_host_sync, device_update, host_update
@@ -51,7 +55,8 @@ class TrainResult:
     run_dir: Path
     steps: int
     reason: str
-    """max_steps, max_time, early_stop, signal or non_finite."""
+    """max_steps, max_time, early_stop, signal, non_finite, or finished (a resumed run that had
+    already reached its length: nothing was done, `detail` says so)."""
     best_val_loss: float
     last_eval: dict = field(default_factory=dict)
     elapsed: float = 0.0
@@ -60,6 +65,8 @@ class TrainResult:
     """Whether this process is rank 0, the one that writes the run folder."""
     report: Path | None = None
     """report.html, once `lmforge.train.run.run_training` wrote it."""
+    detail: str = ""
+    """Why nothing was trained (a finished run), for the caller to say."""
 
 
 def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False, handle_signals: bool = False,
@@ -69,17 +76,23 @@ def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False, 
     quiet: no console lines and no progress bar (train.log and metrics.jsonl are written alike).
     handle_signals: SIGTERM / SIGINT stop the run gracefully (`lmforge.train.signals`); the CLI
     asks, a library caller's process keeps its handlers. notes: lines for train.log alone.
+
+    The run folder is this process's for the whole run (rank 0 holds it under torchrun; another
+    process training into it gets an error naming this one).
     """
-    return Trainer(cfg, resume_from=resume_from, quiet=quiet, notes=notes).run(handle_signals=handle_signals)
+    with hold_run_folder(cfg.run_dir, enabled=world_from_env().rank == 0):
+        return Trainer(cfg, resume_from=resume_from, quiet=quiet, notes=notes).run(handle_signals=handle_signals)
 
 
 class Trainer:
     """One run: `__init__` sets it up (and restores a resumed run's state), `run` steps until a
     stop reason, each `step` followed by its log line, `validate` and `save` when due, and
-    `finish` closes the run."""
+    `finish` closes the run. A resumed run that had already finished is left as it is
+    (`finished`): nothing is opened or written."""
 
     def __init__(self, cfg: Config, *, resume_from: Path | None = None, quiet: bool = False,
                  notes: Sequence[str] = ()) -> None:
+        cfg = settle_init_from(cfg)  # model.init_from's architecture: config.yaml records the model trained
         self.cfg, self.quiet = cfg, quiet
         t = cfg.train
         self.rt = setup_runtime(t.device, t.precision, t.seed, t.collective_timeout)
@@ -94,11 +107,19 @@ class Trainer:
         barrier(0, "start")
         resumed = read_resume(resume_from) if resume_from is not None else None
         if resumed is not None:
+            check_resume_architecture(self.arch, resumed.model_config, resumed.path)
             load_weights(model, resumed.state_dict, resumed.path)
         self._setup_optimizer(model)
         if resumed is not None:
             self.load_state_dict(resumed.training_state)
+        self.finished = resumed is not None and reached_its_end(self.run_dir, self.state.step, self.total_steps)
+        if self.finished:
+            return
         self.log = open_run_folder(cfg, self.rt, self.state.step if resumed is not None else None, quiet, notes)
+        if resumed is not None:  # what changed in the data since the checkpoint
+            for line in resumed_data_lines(self.data_identity, self.state.position, self.window,
+                                           len(self.train_ds), self.data_dir):
+                self.log.line(line)
         self.forward_model = torch.compile(self.model) if t.compile else self.model
         self._describe()
 
@@ -107,18 +128,11 @@ class Trainer:
     def _setup_data(self, meta: dict, context: int) -> None:
         t = self.cfg.train
         self.train_ds, self.val_ds = self.task.dataset("train"), self.task.dataset(self.cfg.data.val_split)
-        if len(self.train_ds) == 0:  # not the batch size's fault: no sample at all fits the context
-            tokens = (meta.get("splits") or {}).get("train", {}).get("tokens")  # older data folders lack it
-            raise ValueError(f"{self.data_dir}: the training split" + (f" ({tokens:,} tokens)" if tokens else "")
-                             + f" holds no sample of model.context={context:,} tokens; lower model.context "
-                             "or add data")
         self.window = t.batch_size * t.grad_accum * self.rt.world_size  # samples per optimizer step
-        self.steps_per_epoch = len(self.train_ds) // self.window
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{self.data_dir}: {len(self.train_ds)} training samples, fewer than one optimizer "
-                             f"step needs (batch_size {t.batch_size} x grad_accum {t.grad_accum} x "
-                             f"{self.rt.world_size} processes); lower them or add data")
+        self.steps_per_epoch = steps_per_epoch(len(self.train_ds), meta, self.cfg, context, self.rt.world_size)
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+        self.data_identity = DataIdentity({"content_sha256": meta.get("content_sha256"),
+                                           "train_samples": len(self.train_ds), "val_samples": len(self.val_ds)})
 
     def _setup_optimizer(self, model: nn.Module) -> None:
         self.model = wrap_model(model, self.cfg.train.strategy, self.rt.device, self.rt.world_size)
@@ -126,13 +140,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.rt.device.type) if self.rt.precision == "fp16" else None
         self.state = LoopState()
         self.parts = {"loop": self.state, "optimizer": NamedOptimizerState(self.model, self.optimizer),
-                      "rng": RngState(self.rt.device), "scaler": self.scaler}
+                      "rng": RngState(self.rt.device), "scaler": self.scaler, "data": self.data_identity}
 
     def _describe(self) -> None:
         rt, t = self.rt, self.cfg.train
-        self.compute_dtype = rt.autocast_dtype or torch.float32  # MFU is against the peak of the units in use
-        self.peak = t.peak_flops or measured_peak_flops(rt.device, self.compute_dtype)
-        self.flops_per_token = flops_per_token(unwrap(self.model).config)
+        # MFU is against the peak of the units in use
+        self.mfu = MFUMeter(rt.device, rt.autocast_dtype or torch.float32, flops_per_token(unwrap(self.model).config),
+                            rt.world_size, t.peak_flops)
         self.log.line(f"lmforge train | {self.run_dir} | {rt.describe()}")
         self.log.line(f"model {self.arch['model_type']} {sum(p.numel() for p in self.model.parameters()):,} "
                       f"parameters | train {len(self.train_ds):,} samples, {self.steps_per_epoch:,} steps/epoch | "
@@ -155,14 +169,20 @@ class Trainer:
     def load_state_dict(self, training: dict) -> None:
         training = upgrade_training_state(training)
         for name, part in self.parts.items():
-            if part is None or (name == "scaler" and name not in training):
-                continue  # fp16 resuming an fp32 run: the loss scale starts afresh
+            # fp16 resuming an fp32 run: the loss scale starts afresh; a checkpoint from before the
+            # data part: nothing to compare the data with
+            if part is None or (name in ("scaler", "data") and name not in training):
+                continue
             part.load_state_dict(training[name])
 
     # -- the run --------------------------------------------------------------------------------
 
     def run(self, handle_signals: bool = False) -> TrainResult:
         """Step until a stop reason, then finish; see `train` for handle_signals."""
+        if self.finished:  # nothing to do, and nothing was opened
+            return TrainResult(run_dir=self.run_dir, steps=self.state.step, reason="finished", is_main=self.rt.is_main,
+                               best_val_loss=self.state.best_val_loss,
+                               detail=finished_detail(self.cfg.train, self.run_dir, self.state.step, self.total_steps))
         with StopSignal(handle_signals) as self.stop:
             self._start()
             reason = "max_steps"
@@ -269,7 +289,7 @@ class Trainer:
         metrics = self.task.summarize(self.interval.sums)
         session_step, session_start = self.session
         eta = (self.total_steps - state.step) * (now - session_start) / max(1, state.step - session_step)
-        mfu = self._mfu(rates["tokens_per_s"])
+        mfu = self.mfu(rates["tokens_per_s"])
         where = state.where(len(self.train_ds))
         self.log.event("train", **where, **metrics, lr=lr, grad_norm=grad_norm, **rates, mfu=mfu,
                        time=now - self.start_time)
@@ -277,16 +297,6 @@ class Trainer:
                                         metrics.get("accuracy"), lr, rates.get(f"{unit}_per_s", rates["tokens_per_s"]),
                                         mfu, eta, self.task.console_extras(metrics), unit=unit))
         self.interval = Interval(start=time.perf_counter(), examples=state.examples)
-
-    def _mfu(self, tokens_per_s: float) -> float | None:
-        if not self.peak:
-            return None
-        world = self.rt.world_size
-        mfu = self.flops_per_token * tokens_per_s / (self.peak * world)
-        if mfu > 1.0 and not self.cfg.train.peak_flops:  # the peak was measured on busy cores
-            self.peak, mfu = self.flops_per_token * tokens_per_s / world, 1.0
-            raise_peak(self.rt.device, self.peak, self.compute_dtype)
-        return mfu
 
     def _after_step(self, flags: dict[str, float]) -> str | None:
         """Evaluation, checkpoints and the stop decisions that follow a step; a stop reason or None."""
@@ -375,8 +385,9 @@ class Trainer:
         self.elapsed = time.perf_counter() - self.start_time
         self.log.event("end", **state.where(len(self.train_ds)), reason=reason, best_val_loss=state.best_val_loss,
                        time=self.elapsed)
-        self.log.line(f"done: {reason} at step {state.step} in {self.elapsed:.1f}s | best val loss "
-                      f"{state.best_val_loss:.4f}")
+        best = (f"best val loss {state.best_val_loss:.4f}" if math.isfinite(state.best_val_loss)
+                else "no validation ran")
+        self.log.line(f"done: {reason} at step {state.step} in {self.elapsed:.1f}s | {best}")
         self.log.close()
 
     def _samples_and_report(self, plain: nn.Module) -> None:

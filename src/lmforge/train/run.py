@@ -2,8 +2,11 @@
 (fresh, resumed, or an elastic restart under torchrun), train, write the report.
 
 `run_training` is the library's entry for training; `lmforge train` is a thin call of it
-(`lmforge.train.entry`). Cleaning the leftovers of interrupted saves happens here, once, before
-a checkpoint is picked.
+(`lmforge.train.entry`). The run folder is held (`lmforge.train.setup.hold_run_folder`) from
+before anything is written to it, the cleaning of interrupted saves included, until the report
+is written. Cleaning the leftovers of interrupted saves happens here, once, before a checkpoint
+is picked. A new run from model.init_from gets the checkpoint's architecture in its config, the
+model.* keys the user gave checked against it (`lmforge.train.init_from.settle_init_from`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import yaml
 from lmforge.base.config import Config, config_diff, config_from_dict, load_config
 from lmforge.base.distributed import world_from_env
 from lmforge.checkpoint import CheckpointError, clean_stale_temp, find_latest
+from lmforge.train.init_from import fields_set, settle_init_from
 from lmforge.train.loop import TrainResult, train
+from lmforge.train.setup import hold_run_folder
 
 ConfigSource = Config | dict | str | Path
 """A resolved Config, a dict shaped as a YAML config file, or the path of one."""
@@ -46,14 +51,31 @@ def run_training(config: ConfigSource | None, overrides: Sequence[str] = (), *, 
         if show_progress:
             _to_stderr(text)
 
-    cfg, checkpoint = resolve_run(config, overrides, resume, note)
-    result = train(cfg, resume_from=checkpoint, quiet=quiet or not show_progress, handle_signals=handle_signals,
-                   notes=notes)
-    if result.is_main:
-        from lmforge.report import write_report  # matplotlib: imported only once the run is over
+    folder = run_folder(config, overrides, resume)
+    with hold_run_folder(folder, enabled=world_from_env().rank == 0):
+        cfg, checkpoint = resolve_run(config, overrides, resume, note)
+        result = train(cfg, resume_from=checkpoint, quiet=quiet or not show_progress,
+                       handle_signals=handle_signals, notes=notes)
+        if result.reason == "finished":
+            note(result.detail)
+            report = result.run_dir / "report.html"
+            result.report = report if report.is_file() else None
+        elif result.is_main:
+            from lmforge.report import write_report  # matplotlib: imported only once the run is over
 
-        result.report = write_report(result.run_dir)
+            result.report = write_report(result.run_dir)
     return result
+
+
+def run_folder(config: ConfigSource | None, overrides: Sequence[str], resume: Path | str | None) -> Path | None:
+    """The run folder a call trains into, decided without writing anything (None: no run folder,
+    as for a --resume path that is none; resolving it says so)."""
+    if resume is None:
+        return _fresh_config(config, overrides).run_dir
+    resume = Path(resume)
+    if (resume / "manifest.json").exists():
+        return resume.parent.parent
+    return resume if (resume / "checkpoints").is_dir() or (resume / "config.yaml").is_file() else None
 
 
 def resolve_run(config: ConfigSource | None, overrides: Sequence[str], resume: Path | str | None,
@@ -61,16 +83,36 @@ def resolve_run(config: ConfigSource | None, overrides: Sequence[str], resume: P
     """The config to train with and the checkpoint to continue from (None: from step 0)."""
     if resume is not None:
         cfg, checkpoint = resolve_resume(Path(resume), config, overrides, note=note)
-    elif config is None:
-        raise ValueError("nothing to train: give a config (a YAML file such as configs/gpt-shakespeare.yaml, "
-                         "a dict or a Config) or a run folder to resume")
     else:
-        cfg = load_config(None, list(overrides), base=_config_dict(config)) \
-            if isinstance(config, (Config, dict)) else load_config(str(config), list(overrides))
+        cfg = _fresh_config(config, overrides)
         checkpoint = _start_point(cfg, note)
     if cfg.model.init_from is not None:
         check_tokenizer_match(Path(cfg.model.init_from) / "tokenizer.json", Path(cfg.data.path), "model.init_from")
+        if checkpoint is None:
+            cfg = settle_init_from(cfg, model_keys_given(config, overrides))
     return cfg, checkpoint
+
+
+def _fresh_config(config: ConfigSource | None, overrides: Sequence[str]) -> Config:
+    if config is None:
+        raise ValueError("nothing to train: give a config (a YAML file such as configs/gpt-shakespeare.yaml, "
+                         "a dict or a Config) or a run folder to resume")
+    if isinstance(config, (Config, dict)):
+        return load_config(None, list(overrides), base=_config_dict(config))
+    return load_config(str(config), list(overrides))
+
+
+def model_keys_given(config: ConfigSource | None, overrides: Sequence[str]) -> set[str]:
+    """The model.* keys the user gave: in the YAML file or dict, as overrides, or (a Config built
+    in code) those that differ from their defaults. What model.init_from must honour or refuse."""
+    keys = {item.partition("=")[0].strip().removeprefix("model.") for item in overrides
+            if item.strip().startswith("model.")}
+    if isinstance(config, Config):
+        return keys | fields_set(config.model)
+    raw = config if isinstance(config, dict) else \
+        yaml.safe_load(Path(config).read_text(encoding="utf-8-sig")) if config is not None else None
+    model = raw.get("model") if isinstance(raw, dict) else None
+    return keys | set(model if isinstance(model, dict) else ())
 
 
 def resolve_resume(resume: Path, config: ConfigSource | None = None, overrides: Sequence[str] = (), *,

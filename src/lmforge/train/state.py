@@ -75,3 +75,32 @@ def upgrade_training_state(training: dict) -> dict:
     rng = {"torch": training["rng_torch"], **({"cuda": training["rng_cuda"]} if "rng_cuda" in training else {})}
     return {**training, "rng": rng}
 
+
+
+class DataIdentity:
+    """What the run trains on, as a stateful part: meta.json's content hash of the data folder and
+    the training and validation samples the loop sees. Every checkpoint saves the current one; a
+    resume loads the saved one beside it and says what changed (`changes`)."""
+
+    def __init__(self, current: dict) -> None:
+        self.current, self.saved = current, None
+
+    def state_dict(self) -> dict:
+        return dict(self.current)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.saved = dict(state)
+
+    def changes(self) -> list[str]:
+        """What differs between the saved data and the current one ([] without a saved one)."""
+        if self.saved is None:
+            return []
+        found = []
+        for key, split in (("train_samples", "train"), ("val_samples", "val")):
+            old, new = self.saved.get(key), self.current.get(key)
+            if old is not None and new is not None and old != new:
+                found.append(f"{split} {old:,} -> {new:,} samples")
+        old, new = self.saved.get("content_sha256"), self.current.get("content_sha256")
+        if old and new and old != new:
+            found.append(f"content sha256 {old[:12]}... -> {new[:12]}...")
+        return found

@@ -81,8 +81,16 @@ class DialogueTask(LMTask):
     name = "dialogue"
 
     def dataset(self, split: str) -> DialogueDataset:
+        """The split's dialogues; with loss_on=responses, a split of dialogues without a reply token
+        is an error naming the counts (an older folder, prepare refuses it now: the loss would be 0)."""
         store = TokenStore(Path(self.cfg.data.path), split)
-        return DialogueDataset(store, self.context, self.cfg.train.loss_on)
+        dataset = DialogueDataset(store, self.context, self.cfg.train.loss_on)
+        if dataset.loss_on == "responses" and len(dataset) and not np.count_nonzero(dataset.roles):
+            raise ValueError(f"{store.data_dir}: the {split} split has {len(dataset):,} dialogues "
+                             f"({len(store.tokens):,} tokens) and 0 reply tokens, so train.loss_on=responses has "
+                             "nothing to learn there (its loss would be 0); learn every turn with "
+                             "train.loss_on=all, or prepare the data again from dialogues with replies")
+        return dataset
 
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()

@@ -23,6 +23,7 @@ class LMTask(Task):
     name = "lm"
     throughput_unit = "tok"
     reports_perplexity = True
+    model_types = ("gpt",)
 
     def __init__(self, cfg: Config, meta: dict, context: int):
         self.cfg = cfg

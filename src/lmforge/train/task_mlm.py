@@ -29,10 +29,9 @@ class MLMTask(Task):
 
     name = "mlm"
     throughput_unit = "pairs"
+    model_types = ("bert",)
 
     def __init__(self, cfg: Config, meta: dict, context: int):
-        if cfg.model.kind != "bert" and cfg.model.init_from is None:
-            raise ValueError(f"train.task=mlm needs model.kind=bert (got {cfg.model.kind!r})")
         self.cfg, self.meta, self.context = cfg, meta, context
         ids = meta["special_ids"]
         self.cls_id, self.sep_id, self.mask_id = ids["cls"], ids["sep"], ids["mask"]

@@ -74,6 +74,9 @@ class Task(Protocol):
     """Also evaluate a few training batches at each evaluation (classify: over-fitting shows)."""
     reports_perplexity: bool = False
     """Show perplexity in the evaluation line (it means something for token prediction only)."""
+    model_types: tuple[str, ...] = ("gpt", "bert")
+    """The models it trains, by config.json's model_type ("gpt", "bert", "classifier"): a new
+    model's model.kind and a model.init_from checkpoint are checked against it before loading."""
 
     def prepare_model(self, model: nn.Module, arch: dict) -> tuple[nn.Module, dict]:
         """The model to train and its architecture, from the built (or model.init_from) one."""
@@ -144,11 +147,16 @@ def best_score(cfg: Config, task: Task, result: dict[str, float]) -> float:
     return -result[key] if key == "accuracy" else result[key]
 
 
-def make_task(cfg: Config, meta: dict, context: int) -> Task:
-    """The task object for `cfg.train.task`, checked against the prepared data's task."""
+def task_for_data(cfg: Config, meta: dict) -> type[Task]:
+    """The task class for `cfg.train.task`, checked against the prepared data's task."""
     name = cfg.train.task
     if meta.get("task") != name:
         raise ValueError(f"{cfg.data.path}: the data was prepared for task {meta.get('task')!r}, "
                          f"but train.task={name!r}; prepare it with --task {name} "
                          "or set train.task to match")
-    return task_class(name)(cfg, meta, context)
+    return task_class(name)
+
+
+def make_task(cfg: Config, meta: dict, context: int) -> Task:
+    """The task object for `cfg.train.task`, checked against the prepared data's task."""
+    return task_for_data(cfg, meta)(cfg, meta, context)
