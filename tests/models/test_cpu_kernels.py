@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmforge.ops import kernels
-from lmforge.ops.attention import self_attention
+from lmforge.ops.attention import kernel_attention as self_attention
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.ops.lm_loss import lm_head_cross_entropy

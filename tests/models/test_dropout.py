@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.ops.dropout import Dropout, attention, dropout, keep_mask
+from lmforge.ops.attention import sdpa as attention
+from lmforge.ops.dropout import Dropout, dropout, keep_mask
 
 
 def test_keep_mask_keeps_the_asked_share_and_follows_the_seed():

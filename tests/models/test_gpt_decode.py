@@ -36,3 +36,22 @@ def test_decoder_refuses_training_mode_and_a_full_cache():
         decoder.step(torch.tensor([[2]]), cache)
         with pytest.raises(ValueError, match="KV cache is full"):
             decoder.step(torch.tensor([[3]]), cache)
+
+
+def test_decoder_runs_the_forwards_block_code_with_biases_and_untied_values():
+    """Non-zero biases and LayerNorm parameters: any difference in the order of the additions
+    between the decode step and the forward would show as unequal bits."""
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(vocab_size=61, context=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1)).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    ids = torch.randint(0, 61, (3, 9))
+    with torch.inference_mode():
+        ref_cache, our_cache = model.new_kv_cache(3), model.new_kv_cache(3)
+        model(ids[:, :4], kv_cache=ref_cache)
+        model(ids[:, :4], kv_cache=our_cache)
+        decoder = Decoder(model)
+        for i in range(4, 9):
+            assert torch.equal(decoder.step(ids[:, i:i + 1], our_cache), model(ids[:, i:i + 1], kv_cache=ref_cache))
+        full, first = model(ids), decoder.step(ids[:, :1], model.new_kv_cache(3))
+    torch.testing.assert_close(first, full[:, :1], rtol=0, atol=1e-5)  # and the cache-free forward

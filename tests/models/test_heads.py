@@ -7,9 +7,8 @@ import torch
 
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.gpt import GPT, GPTConfig
-from lmforge.models.heads import (SequenceClassifier, apply_trainable, classifier_architecture,
-                                  classifier_from_architecture)
-from lmforge.models.registry import load_weights, model_from_architecture
+from lmforge.models.heads import SequenceClassifier, apply_trainable, classifier_architecture
+from lmforge.models.registry import classifier_from_architecture, load_weights, model_from_architecture
 
 GPT_ARCH = {"model_type": "gpt", "vocab_size": 50, "context": 16, "n_layer": 2, "n_head": 2, "n_embd": 16,
             "dropout": 0.0}

@@ -25,14 +25,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
-from lmforge.ops import kernels
 from lmforge.models.activations import ACTIVATIONS
 from lmforge.models.arch_config import checked_fields
-from lmforge.ops.attention import self_attention
-from lmforge.ops.dropout import Dropout, attention
+from lmforge.ops.attention import attend_projections
+from lmforge.ops.dropout import Dropout
 
 # vocab_size comes from the tokenizer; intermediate_size defaults to 4 * n_embd.
 BERT_PRESETS: dict[str, dict[str, int]] = {
@@ -138,21 +136,10 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.n_embd, config.n_embd)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
-        B, T, C = x.shape
+        """softmax(q k^T / sqrt(hs)) v per head over the real keys, x (B, T, C) -> (B, T, C)."""
         dropout_p = self.dropout if self.training else 0.0
-        if kernels.applies_to(x):  # one product for q, k, v, read in place by lmforge's CPU kernel
-            weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))  # (3C, C)
-            bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
-            qkv = F.linear(x, weight, bias)  # (B, T, 3C)
-            y = self_attention(qkv, self.n_head, causal=False, key_padding=attn_mask, dropout_p=dropout_p)
-            if y is not None:
-                return y  # (B, T, C)
-            q, k, v = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        else:
-            q, k, v = (proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                       for proj in (self.query, self.key, self.value))  # 3 x (B, nh, T, hs)
-        y = attention(q, k, v, attn_mask, False, dropout_p)  # (B, nh, T, hs)
-        return y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return attend_projections(x, self.query, self.key, self.value, self.n_head, key_padding=attn_mask,
+                                  dropout_p=dropout_p)  # (B, T, C)
 
 
 class BertSelfOutput(nn.Module):

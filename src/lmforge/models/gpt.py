@@ -1,7 +1,10 @@
-"""GPT-2 architecture (nanoGPT style) and its KV cache for generation.
+"""GPT-2 (nanoGPT style): the config, the model, and the block both training and decoding run.
 
-Owns: `GPTConfig` (+ validation and presets), the `GPT` module, `KVCache`, parameter
-counting and the FLOPs-per-token estimate used for MFU.
+Owns: `GPTConfig` (+ validation and presets), the `GPT` module, `block` (one pre-LN block as
+a function of its tensors, which `Block.forward` and the decode step of models/gpt_decode.py
+both call), parameter counting and the FLOPs-per-token estimate used for MFU. The fast paths
+(attention kernels, dropout, the fused output layer, the KV cache) are lmforge.ops' and are
+called here in one line each.
 
 Parameter names follow Hugging Face `GPT2LMHeadModel` (transformer.wte, transformer.h.0.attn.c_attn,
 ...), so interop is an explicit key map; we use `nn.Linear` where HF uses `Conv1D`, so the
@@ -12,17 +15,21 @@ c_attn / c_proj / c_fc weights are transposed relative to HF. `lm_head.weight` i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.models.activations import ACTIVATIONS
 from lmforge.models.arch_config import checked_fields
-from lmforge.ops.attention import right_padded_lengths, self_attention
-from lmforge.ops.dropout import Dropout, attention
+from lmforge.ops.attention import attend, causal_mask
+from lmforge.ops.decode import KVCache
+from lmforge.ops.dropout import Dropout
+from lmforge.ops.linear import add_projection
 from lmforge.ops.lm_loss import lm_head_cross_entropy
 
 # vocab_size comes from the tokenizer, except for "gpt2", which pins GPT-2's own vocabulary.
@@ -105,40 +112,54 @@ class GPTConfig:
         return cls.from_dict({**GPT_PRESETS[name], **overrides})
 
 
-def add_projection(residual: Tensor, linear: nn.Linear, x: Tensor, dropout: nn.Dropout) -> Tensor:
-    """residual + dropout(linear(x)). Without dropout the matrix product adds itself onto
-    residual + bias in place: one pass over the output fewer than a product, then a sum."""
-    if (linear.bias is None or (dropout.training and dropout.p > 0)
-            or torch.is_autocast_enabled(x.device.type) or x.dtype != residual.dtype):
-        return residual + dropout(linear(x))
-    out = torch.add(residual.reshape(-1, residual.shape[-1]), linear.bias)  # a new (B*T, C) tensor
-    return out.addmm_(x.reshape(-1, x.shape[-1]), linear.weight.t()).view(residual.shape)
+class Affine(NamedTuple):
+    """The weight (out, in) and bias of a Linear or LayerNorm, as plain tensors."""
+
+    weight: Tensor
+    bias: Tensor | None
 
 
-class KVCache:
-    """Preallocated keys/values of every layer, filled in place as tokens are processed.
+class BlockParts(NamedTuple):
+    """What `block` reads of one Block: its tensors and settings. `Block.forward` takes them from
+    the modules at every call; the decode step once (models/gpt_decode.py)."""
 
-    Buffers are (n_layer, B, n_head, max_len, head_dim); `length` is the number of positions
-    already stored, which is also the position of the next token.
+    ln_1: Affine
+    c_attn: Affine
+    attn_proj: Affine
+    ln_2: Affine
+    c_fc: Affine
+    mlp_proj: Affine
+    act: Callable[[Tensor], Tensor]
+    n_head: int
+    eps: float
+    attn_dropout: float
+    """Dropout on the attention probabilities (0 in eval mode)."""
+    resid_dropout: nn.Dropout
+    mlp_dropout: nn.Dropout
+
+
+def block(x: Tensor, p: BlockParts, attn_mask: Tensor | None, is_causal: bool,
+          kv: tuple[Tensor, Tensor] | None, start: int) -> Tensor:
+    """GPT-2's pre-LN block on x (B, T, C): x + attn(ln_1(x)), then x + mlp(ln_2(x)).
+
+    attn_mask / is_causal: which keys each query sees (`ops.attention.causal_mask`); kv: this
+    layer's KV cache buffers, written at position `start` (None without a cache). A decode step
+    passes x as (B, C), one position per row, and every line below reads it so.
     """
-
-    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        shape = (n_layer, batch, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        # Per-layer views made once, so the forward pass does no indexing to find them.
-        self.layers = [(self.k[i], self.v[i]) for i in range(n_layer)]
-        self.batch = batch
-        self.max_len = max_len
-        self.length = 0
-
-    def reset(self) -> None:
-        """Forget the stored positions (buffers are overwritten on the next use)."""
-        self.length = 0
+    C = x.shape[-1]  # torch.layer_norm: F.layer_norm without its Python wrapper (a decode step is tiny calls)
+    h = torch.layer_norm(x, (C,), p.ln_1.weight, p.ln_1.bias, p.eps)  # (B, T, C)
+    qkv = F.linear(h, p.c_attn.weight, p.c_attn.bias)  # (B, T, 3C)
+    y = attend(qkv, p.n_head, causal=is_causal, attn_mask=attn_mask, kv=kv, start=start,
+               dropout_p=p.attn_dropout)  # (B, T, C): softmax(q k^T / sqrt(hs)) v, heads side by side
+    x = add_projection(x, p.attn_proj, y, p.resid_dropout)  # (B, T, C): x + dropout(c_proj(y))
+    h = torch.layer_norm(x, (C,), p.ln_2.weight, p.ln_2.bias, p.eps)  # (B, T, C)
+    h = p.act(F.linear(h, p.c_fc.weight, p.c_fc.bias))  # (B, T, 4C)
+    return add_projection(x, p.mlp_proj, h, p.mlp_dropout)  # (B, T, C): x + dropout(c_proj(h))
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention's weights: c_attn makes q, k, v; c_proj mixes the heads."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.n_head = config.n_head
@@ -147,29 +168,10 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = Dropout(config.dropout)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool,
-                kv: tuple[Tensor, Tensor] | None, start: int, residual: Tensor) -> Tensor:
-        """residual + the attention output of x (B, T, C)."""
-        B, T, C = x.shape
-        qkv = self.c_attn(x)  # (B, T, 3C)
-        if kv is None and attn_mask is None and is_causal:
-            # (B, T, C), or None where lmforge's kernel does not apply
-            y = self_attention(qkv, self.n_head, causal=True, dropout_p=self.dropout if self.training else 0.0)
-            if y is not None:
-                return add_projection(residual, self.c_proj, y, self.resid_dropout)  # (B, T, C)
-        qkv = qkv.view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
-        if kv is not None:
-            k_buf, v_buf = kv  # (B, nh, max_len, hs), written in place
-            k_buf.narrow(2, start, T).copy_(k)
-            v_buf.narrow(2, start, T).copy_(v)
-            k, v = k_buf.narrow(2, 0, start + T), v_buf.narrow(2, 0, start + T)  # (B, nh, start+T, hs)
-        y = attention(q, k, v, attn_mask, is_causal, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return add_projection(residual, self.c_proj, y, self.resid_dropout)  # (B, T, C)
-
 
 class MLP(nn.Module):
+    """The feed-forward weights: c_fc widens to 4C, the activation, c_proj back to C."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
@@ -177,13 +179,10 @@ class MLP(nn.Module):
         self.dropout = Dropout(config.dropout)
         self.act = ACTIVATIONS[config.activation]
 
-    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        """residual + the MLP output of x (B, T, C)."""
-        hidden = self.act(self.c_fc(x))  # (B, T, 4C)
-        return add_projection(residual, self.c_proj, hidden, self.dropout)  # (B, T, C)
-
 
 class Block(nn.Module):
+    """One transformer block; its math is `block`."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
@@ -193,36 +192,22 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool,
                 kv: tuple[Tensor, Tensor] | None, start: int) -> Tensor:
-        x = self.attn(self.ln_1(x), attn_mask, is_causal, kv, start, residual=x)  # (B, T, C)
-        return self.mlp(self.ln_2(x), residual=x)  # (B, T, C)
+        return block(x, self.parts(), attn_mask, is_causal, kv, start)  # (B, T, C)
 
-
-def _right_padded_on_cpu(attention_mask: Tensor) -> bool:
-    """Whether every row is real tokens then padding only. Causal attention alone then gives the
-    real positions the same outputs as the mask (the padded ones are meaningless either way), and
-    takes the faster kernels. Checked on a CPU only, where reading the answer costs no device sync."""
-    if attention_mask.device.type != "cpu" or torch.compiler.is_compiling():
-        return False  # under torch.compile reading the answer would break the graph
-    return right_padded_lengths(attention_mask) is not None
-
-
-def _attention_mask(attention_mask: Tensor, start: int, T: int) -> Tensor:
-    """Causal + key-padding boolean mask (B, 1, T, S), True = may attend.
-
-    `attention_mask` is (B, S) of 1 (real) / 0 (pad) over all S = start + T keys. Every query
-    may also attend to itself, so no row is fully masked (that would give NaN); the outputs
-    at pad positions are meaningless either way and are ignored by the losses.
-    """
-    S = attention_mask.shape[1]
-    keys = torch.arange(S, device=attention_mask.device)  # (S,)
-    queries = torch.arange(start, start + T, device=attention_mask.device)[:, None]  # (T, 1)
-    causal = keys <= queries  # (T, S)
-    allowed = attention_mask.bool()[:, None, None, :] | (keys == queries)  # (B, 1, T, S)
-    return allowed & causal  # (B, 1, T, S)
+    def parts(self) -> BlockParts:
+        """This block's tensors and settings, as they are now (training flag included)."""
+        attn, mlp = self.attn, self.mlp
+        return BlockParts(
+            ln_1=Affine(self.ln_1.weight, self.ln_1.bias), c_attn=Affine(attn.c_attn.weight, attn.c_attn.bias),
+            attn_proj=Affine(attn.c_proj.weight, attn.c_proj.bias), ln_2=Affine(self.ln_2.weight, self.ln_2.bias),
+            c_fc=Affine(mlp.c_fc.weight, mlp.c_fc.bias), mlp_proj=Affine(mlp.c_proj.weight, mlp.c_proj.bias),
+            act=mlp.act, n_head=attn.n_head, eps=self.ln_1.eps, attn_dropout=attn.dropout if self.training else 0.0,
+            resid_dropout=attn.resid_dropout, mlp_dropout=mlp.dropout)
 
 
 class GPT(nn.Module):
-    """GPT-2: learned positions, pre-LayerNorm blocks, tanh-GELU MLP, tied input/output embeddings."""
+    """GPT-2: learned positions, pre-LayerNorm blocks, a GELU MLP (exact by default, GPT-2's tanh
+    form for its checkpoints: `GPTConfig.activation`), tied input/output embeddings."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -277,18 +262,10 @@ class GPT(nn.Module):
             if start + T > kv_cache.max_len or B != kv_cache.batch:
                 raise ValueError(f"KV cache holds {kv_cache.batch} x {kv_cache.max_len} positions ({start} used); "
                                  f"cannot add {B} x {T}; make a new one with model.new_kv_cache()")
-        if attention_mask is not None:
-            if attention_mask.shape != (B, start + T):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, start + T)} "
-                                 "(1 real token, 0 right padding; with a KV cache it covers the cached positions too)")
-            if start == 0 and _right_padded_on_cpu(attention_mask):
-                return start, None, True  # real tokens never see the padding after them: plain causal
-            return start, _attention_mask(attention_mask, start, T), False
-        if start == 0 or T == 1:
-            return start, None, start == 0  # a single new query attends to every cached key: no mask
-        # several new tokens after cached ones: causal with an offset, which is_causal can't express
-        all_real = torch.ones(B, start + T, dtype=torch.bool, device=input_ids.device)
-        return start, _attention_mask(all_real, start, T), False
+        if attention_mask is not None and attention_mask.shape != (B, start + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, start + T)} "
+                             "(1 real token, 0 right padding; with a KV cache it covers the cached positions too)")
+        return start, *causal_mask(attention_mask, start, T, B, input_ids.device)
 
     def _run(self, input_ids: Tensor, attention_mask: Tensor | None, kv_cache: KVCache | None) -> Tensor:
         """Token ids (B, T) -> final hidden states (B, T, C), after ln_f; advances kv_cache."""
@@ -297,8 +274,8 @@ class GPT(nn.Module):
         x = self.transformer.wte(input_ids) + self.transformer.wpe.weight[start:start + T]  # (B, T, C)
         x = self.transformer.drop(x)
         layers = kv_cache.layers if kv_cache is not None else [None] * self.config.n_layer
-        for block, kv in zip(self.transformer.h, layers):
-            x = block(x, attn_mask, is_causal, kv, start)  # (B, T, C)
+        for layer, kv in zip(self.transformer.h, layers):
+            x = layer(x, attn_mask, is_causal, kv, start)  # (B, T, C)
         if kv_cache is not None:
             kv_cache.length = start + T
         return self.transformer.ln_f(x)  # (B, T, C)

@@ -9,7 +9,8 @@ export of the backbone stays a key map), plus a linear `classifier` on one vecto
   without a padding mask, on the fast causal kernel.
 - pooling "cls" (BERT): the pooler output (tanh(dense(h_[CLS]))), as BertForSequenceClassification.
 
-A classifier checkpoint's config.json is `{"model_type": "classifier", "vocab_size", "num_labels",
+A classifier checkpoint's config.json (`classifier_architecture`; the registry builds the model
+from it) is `{"model_type": "classifier", "vocab_size", "num_labels",
 "label_names", "pooling", "dropout", "backbone": {...the backbone's own config.json...}}`.
 
 `apply_trainable` freezes parameters for `train.trainable`: "all", "head" (the classifier only)
@@ -144,24 +145,6 @@ def classifier_architecture(backbone_arch: dict, label_names: list[str], pooling
     return {"model_type": "classifier", "vocab_size": backbone_arch["vocab_size"],
             "num_labels": len(label_names), "label_names": list(label_names),
             "pooling": pooling or POOLING[kind], "dropout": dropout, "backbone": dict(backbone_arch)}
-
-
-def classifier_from_architecture(arch: dict) -> SequenceClassifier:
-    """Build a SequenceClassifier from its config.json (weights initialised, not loaded)."""
-    from lmforge.models.registry import model_from_architecture  # registry imports this module
-
-    missing = [k for k in ("backbone", "num_labels", "pooling") if k not in arch]
-    if missing:
-        raise ValueError(f"config.json: a classifier needs {', '.join(missing)}")
-    backbone_arch = dict(arch["backbone"])
-    dropout = float(arch.get("dropout", 0.0))
-    if "dropout" in backbone_arch:  # model.dropout of a fine-tune applies to the backbone too
-        backbone_arch["dropout"] = dropout
-    labels = arch.get("label_names")
-    if labels is not None and len(labels) != arch["num_labels"]:
-        raise ValueError(f"config.json: {len(labels)} label_names for num_labels={arch['num_labels']}")
-    return SequenceClassifier(model_from_architecture(backbone_arch), int(arch["num_labels"]),
-                              arch["pooling"], dropout)
 
 
 def label_names_of(arch: dict) -> list[str]:

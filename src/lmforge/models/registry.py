@@ -12,6 +12,7 @@ from lmforge.models.bert import BERT_PRESETS, Bert, BertConfig
 from lmforge.models.bert import flops_per_token as bert_flops_per_token
 from lmforge.models.gpt import GPT, GPT_PRESETS, GPTConfig
 from lmforge.models.gpt import flops_per_token as gpt_flops_per_token
+from lmforge.models.heads import SequenceClassifier
 
 
 def architecture(cfg: ModelConfig, vocab_size: int) -> dict:
@@ -39,13 +40,24 @@ def model_from_architecture(arch: dict) -> nn.Module:
     if kind == "bert":
         return Bert(BertConfig.from_dict({k: v for k, v in arch.items() if k != "model_type"}))
     if kind == "classifier":  # a GPT/BERT backbone + classification head (lmforge.models.heads)
-        from lmforge.models.heads import classifier_from_architecture
         return classifier_from_architecture(arch)
     raise ValueError(f"config.json: unknown model_type {kind!r} (valid: gpt, bert, classifier)")
 
 
-def model_context(model: nn.Module) -> int:
-    return model.config.context
+def classifier_from_architecture(arch: dict) -> SequenceClassifier:
+    """Build a SequenceClassifier from its config.json (weights initialised, not loaded)."""
+    missing = [k for k in ("backbone", "num_labels", "pooling") if k not in arch]
+    if missing:
+        raise ValueError(f"config.json: a classifier needs {', '.join(missing)}")
+    backbone_arch = dict(arch["backbone"])
+    dropout = float(arch.get("dropout", 0.0))
+    if "dropout" in backbone_arch:  # model.dropout of a fine-tune applies to the backbone too
+        backbone_arch["dropout"] = dropout
+    labels = arch.get("label_names")
+    if labels is not None and len(labels) != arch["num_labels"]:
+        raise ValueError(f"config.json: {len(labels)} label_names for num_labels={arch['num_labels']}")
+    return SequenceClassifier(model_from_architecture(backbone_arch), int(arch["num_labels"]),
+                              arch["pooling"], dropout)
 
 
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: Path | str) -> None:

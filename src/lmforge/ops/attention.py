@@ -1,34 +1,125 @@
-"""Self-attention through lmforge's CPU kernel (float32), where it applies.
+"""Self-attention: the one seam for its fast paths and the torch path they are compared with.
 
-On a CPU, torch's flash-attention kernel runs T = 256, hs = 64 heads at about a third of the
-matrix-product peak, and the model must copy q, k, v out of the qkv projection into
-(B, nh, T, hs) and the output back; with attention dropout or a padding mask, torch has no
-fused CPU kernel at all and materialises the (B, nh, T, T) probabilities. `lmforge.ops.kernels`'
-self_attention reads the projection's (B, T, 3C) output as it is, writes the (B, T, C) input
-of the next one, skips the keys a query cannot see (the future, the padding), and drops
-probabilities with a mask it regenerates in the backward from a seed drawn from torch's
-generator (so torch.manual_seed still fixes a run).
+`attend(qkv, n_head, ...)` goes from the qkv projection's (B, T, 3C) output to the (B, T, C)
+input of the output projection, for GPT (causal, padding masks, the KV cache) and, through
+`attend_projections`, for BERT (key padding, separate query / key / value projections). It
+takes lmforge's C++ kernel where it applies, else splits the heads and calls `sdpa`: torch's
+`F.scaled_dot_product_attention` (flash attention on a GPU, under autocast too), with the CPU
+path with dropout written out. `sdpa` with the kernels off is the reference the fast paths are
+tested against (tests/models/test_cpu_kernels.py, tests/ops/test_attention.py).
+
+Why a kernel: on a CPU, torch's flash-attention kernel runs T = 256, hs = 64 heads at about a
+third of the matrix-product peak, and the model must copy q, k, v out of the qkv projection
+into (B, nh, T, hs) and the output back; with attention dropout or a padding mask, torch has
+no fused CPU kernel at all and materialises the (B, nh, T, T) probabilities. The kernel
+(`kernels/self_attention.cpp`) reads the projection's output as it is, writes the next one's
+input, skips the keys a query cannot see (the future, the padding), and drops probabilities
+with a mask it regenerates in the backward from a seed drawn from torch's generator (so
+torch.manual_seed still fixes a run).
+
+Why dropout is written out: `F.scaled_dot_product_attention` with dropout has no fast CPU
+kernel; torch falls back to its math path, which took 3x the time of the flash kernel per
+layer. `sdpa` writes that path out with lmforge's dropout (`ops.dropout`).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from lmforge.ops import kernels
+from lmforge.ops.decode import append_to_cache
+from lmforge.ops.dropout import dropout
 
 _SEED_RANGE = 2**62
 
 
-def self_attention(qkv: Tensor, n_head: int, *, causal: bool, key_padding: Tensor | None = None,
-                   dropout_p: float = 0.0) -> Tensor | None:
-    """dropout(softmax(q k^T / sqrt(hs) over the visible keys)) v of qkv (B, T, 3C) as (B, T, C).
+def attend(qkv: Tensor, n_head: int, *, causal: bool, attn_mask: Tensor | None = None,
+           key_padding: Tensor | None = None, kv: tuple[Tensor, Tensor] | None = None, start: int = 0,
+           dropout_p: float = 0.0) -> Tensor:
+    """dropout(softmax(q k^T / sqrt(hs) over the visible keys)) v per head, of qkv (B, T, 3C), as
+    (B, T, C); or of qkv (B, 3C), one position per row (a decode step), as (B, C).
 
-    Visible: the keys up to the query (causal) and, with key_padding (True = real key, any shape
-    that views as (B, T)), the real ones. None where the kernel does not apply: see
-    `kernels.applies_to`, padding that is not all at the end of its row, dropout_p outside [0, 1).
+    causal: each query sees the keys up to its own position. attn_mask: boolean (B, 1, T, S),
+    True = may attend (GPT's padding masks). key_padding: boolean (B, 1, 1, S), True = a real
+    key (BERT). kv: this layer's KV cache buffers (B, nh, max_len, hs); the new keys and values
+    are written at `start` and the queries see keys 0 .. start + T.
     """
+    if kv is None and attn_mask is None and qkv.dim() == 3:
+        y = kernel_attention(qkv, n_head, causal=causal, key_padding=key_padding, dropout_p=dropout_p)
+        if y is not None:
+            return y  # (B, T, C)
+    B, C = qkv.shape[0], qkv.shape[-1] // 3
+    q, k, v = qkv.view(B, -1, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, hs)
+    if kv is not None:
+        k, v = append_to_cache(kv, start, k, v)  # (B, nh, start + T, hs)
+    y = sdpa(q, k, v, attn_mask if key_padding is None else key_padding, causal, dropout_p).transpose(1, 2)
+    return y.reshape(B, -1, C) if qkv.dim() == 3 else y.reshape(B, C)  # (B, T, C), or (B, C)
+
+
+def attend_projections(x: Tensor, query: nn.Linear, key: nn.Linear, value: nn.Linear, n_head: int, *,
+                       key_padding: Tensor | None, dropout_p: float) -> Tensor:
+    """Bidirectional `attend` of x (B, T, C) through three projections (BERT's), as (B, T, C).
+    Where the kernel applies, one product over the three weights gives the qkv it reads in place."""
+    B, T, C = x.shape
+    if kernels.applies_to(x):
+        weight = torch.cat((query.weight, key.weight, value.weight))  # (3C, C)
+        bias = torch.cat((query.bias, key.bias, value.bias))
+        qkv = F.linear(x, weight, bias)  # (B, T, 3C)
+        return attend(qkv, n_head, causal=False, key_padding=key_padding, dropout_p=dropout_p)  # (B, T, C)
+    q, k, v = (proj(x).view(B, T, n_head, C // n_head).transpose(1, 2)
+               for proj in (query, key, value))  # 3 x (B, nh, T, hs)
+    y = sdpa(q, k, v, key_padding, False, dropout_p)  # (B, nh, T, hs)
+    return y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, dropout_p: float) -> Tensor:
+    """F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal) for (B, nh, T, hs).
+
+    attn_mask is boolean (True = may attend) or additive. Every query must be allowed at least
+    one key: a fully masked row gives NaN here, where torch's math path gives zeros.
+    """
+    if dropout_p == 0.0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
+    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)  # (B, nh, T, S)
+    if is_causal:
+        T, S = scores.shape[-2:]
+        scores.masked_fill_(torch.ones(T, S, dtype=torch.bool, device=q.device).triu_(1), -math.inf)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores.masked_fill_(attn_mask.logical_not(), -math.inf)
+        else:
+            scores.add_(attn_mask)
+    return torch.matmul(dropout(torch.softmax(scores, dim=-1), dropout_p, True), v)  # (B, nh, T, hs)
+
+
+def causal_mask(attention_mask: Tensor | None, start: int, T: int, batch: int,
+                device: torch.device) -> tuple[Tensor | None, bool]:
+    """(attn_mask, is_causal) for `attend` of T queries at positions start .. start + T - 1.
+
+    attention_mask: (B, start + T) of 1 real / 0 right padding, or None. Rows of real tokens
+    then padding only need no mask at all from position 0 (see `_right_padded_on_cpu`); a
+    single new query after cached keys sees all of them; several need an offset causal mask.
+    """
+    if attention_mask is not None:
+        if start == 0 and _right_padded_on_cpu(attention_mask):
+            return None, True
+        return _padded_causal_mask(attention_mask, start, T), False
+    if start == 0 or T == 1:
+        return None, start == 0
+    all_real = torch.ones(batch, start + T, dtype=torch.bool, device=device)
+    return _padded_causal_mask(all_real, start, T), False
+
+
+def kernel_attention(qkv: Tensor, n_head: int, *, causal: bool, key_padding: Tensor | None = None,
+                     dropout_p: float = 0.0) -> Tensor | None:
+    """`attend` through lmforge's CPU kernel, or None where it does not apply: see
+    `kernels.applies_to`, padding that is not all at the end of its row, dropout_p outside [0, 1).
+    key_padding: True = real key, any shape that views as (B, T)."""
     if not kernels.applies_to(qkv) or not 0.0 <= dropout_p < 1.0:
         return None
     lengths = None
@@ -46,6 +137,30 @@ def right_padded_lengths(real: Tensor) -> Tensor | None:
     if real.shape[1] > 1 and not bool((real[:, 1:] <= real[:, :-1]).all()):
         return None
     return real.sum(dim=1)
+
+
+def _right_padded_on_cpu(attention_mask: Tensor) -> bool:
+    """Whether every row is real tokens then padding only. Causal attention alone then gives the
+    real positions the same outputs as the mask (the padded ones are meaningless either way), and
+    takes the faster kernels. Checked on a CPU only, where reading the answer costs no device sync."""
+    if attention_mask.device.type != "cpu" or torch.compiler.is_compiling():
+        return False  # under torch.compile reading the answer would break the graph
+    return right_padded_lengths(attention_mask) is not None
+
+
+def _padded_causal_mask(attention_mask: Tensor, start: int, T: int) -> Tensor:
+    """Causal + key-padding boolean mask (B, 1, T, S), True = may attend.
+
+    `attention_mask` is (B, S) of 1 (real) / 0 (pad) over all S = start + T keys. Every query
+    may also attend to itself, so no row is fully masked (that would give NaN); the outputs
+    at pad positions are meaningless either way and are ignored by the losses.
+    """
+    S = attention_mask.shape[1]
+    keys = torch.arange(S, device=attention_mask.device)  # (S,)
+    queries = torch.arange(start, start + T, device=attention_mask.device)[:, None]  # (T, 1)
+    causal = keys <= queries  # (T, S)
+    allowed = attention_mask.bool()[:, None, None, :] | (keys == queries)  # (B, 1, T, S)
+    return allowed & causal  # (B, 1, T, S)
 
 
 class _SelfAttention(torch.autograd.Function):

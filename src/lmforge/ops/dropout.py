@@ -5,11 +5,9 @@ that was 22% of a dialogue fine-tuning step (configs/chitchat-zh.yaml). Here eac
 draw of torch's generator gives four 16-bit uniforms, and an element is kept when its uniform
 is below round((1 - p) * 65536). That makes p exact to 1/65536 and the mask about 4x cheaper.
 The draws come from torch's global generator, so seeding, and the RNG state a checkpoint
-restores, cover them as before. On other devices `F.dropout` is used unchanged.
-
-`F.scaled_dot_product_attention` with dropout has no fast CPU kernel: torch falls back to its
-math path, which took 3x the time of the flash kernel per layer. `attention` writes that path
-out with this dropout; without dropout, or off a CPU, it is the torch function.
+restores, cover them as before. On other devices `F.dropout` is used unchanged; on a CPU,
+`x * mask / (1 - p)` with the same mask is the reference (tests/models/test_dropout.py).
+Attention dropout is `ops.attention`'s.
 """
 
 from __future__ import annotations
@@ -62,22 +60,3 @@ class Dropout(nn.Dropout):
     def forward(self, x: Tensor) -> Tensor:
         return dropout(x, self.p, self.training)
 
-
-def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, dropout_p: float) -> Tensor:
-    """F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal) for (B, nh, T, hs).
-
-    attn_mask is boolean (True = may attend) or additive. Every query must be allowed at least
-    one key: a fully masked row gives NaN here, where torch's math path gives zeros.
-    """
-    if dropout_p == 0.0 or q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
-    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)  # (B, nh, T, S)
-    if is_causal:
-        T, S = scores.shape[-2:]
-        scores.masked_fill_(torch.ones(T, S, dtype=torch.bool, device=q.device).triu_(1), -math.inf)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores.masked_fill_(attn_mask.logical_not(), -math.inf)
-        else:
-            scores.add_(attn_mask)
-    return torch.matmul(dropout(torch.softmax(scores, dim=-1), dropout_p, True), v)  # (B, nh, T, hs)

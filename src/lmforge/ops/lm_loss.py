@@ -62,6 +62,12 @@ def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor) -> tu
         grads = torch.is_grad_enabled()
         return _LMHeadCrossEntropy.apply(hidden, weight, targets, dtype, grads and hidden.requires_grad,
                                          grads and weight.requires_grad)
+    return reference_lm_head_cross_entropy(hidden, weight, targets)
+
+
+def reference_lm_head_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`lm_head_cross_entropy` the plain way: the projection, then `F.cross_entropy` (the path
+    under fp16 autocast and torch.compile, and the reference the fused path is tested against)."""
     logits = F.linear(hidden, weight).float()
     loss_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     correct, counted = count_correct(logits, targets)
