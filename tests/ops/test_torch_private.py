@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.optim import Optimizer
 
-from lmforge.ops.torch_private import clear_step_inputs, set_found_inf, set_grad_scale, unguarded
+from lmforge.ops.torch_private import (clear_step_inputs, compiled_original, set_found_inf, set_grad_scale,
+                                       unguarded)
 
 
 def moved(hook: str, problem: str, consequence: str) -> str:
@@ -79,6 +80,7 @@ def test_cpu_bf16_probes_are_still_there(probe):
 def test_compiled_module_still_keeps_the_original_as_orig_mod():
     model = torch.nn.Linear(2, 2)
     compiled = torch.compile(model)  # not run: wrapping compiles nothing
-    assert getattr(compiled, "_orig_mod", None) is model, moved(
+    assert compiled_original(compiled) is model, moved(
         "torch.compile(model)._orig_mod", "is gone",
-        "base/distributed.py unwrap would save compiled models under `_orig_mod.` names")
+        "train/parallel.py unwrap would save compiled models under `_orig_mod.` names")
+    assert compiled_original(model) is model

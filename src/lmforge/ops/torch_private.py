@@ -11,10 +11,10 @@ and names the hook and the version when one has moved or gone.
 - `set_grad_scale` / `set_found_inf` / `clear_step_inputs`: the fused AdamW reads the
   optimizer attributes `grad_scale` (every gradient is divided by it as it is read) and
   `found_inf` (nonzero: the update is skipped on the device), the inputs GradScaler gives it.
+- `compiled_original`: torch.compile wraps a module in one that keeps it as `_orig_mod`.
 
-Two more are used in base/, below this layer, and are checked by the same test:
-`torch.cpu._is_amx_tile_supported` / `_is_avx512_bf16_supported` (base/runtime.py) and the
-`_orig_mod` of a torch.compile'd module (base/distributed.py).
+Used in base/, below this layer, and checked by the same test: the bf16 probes
+`torch.cpu._is_amx_tile_supported` / `_is_avx512_bf16_supported` (base/runtime.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import inspect
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 _STEP_INPUTS = ("grad_scale", "found_inf")
 
@@ -46,3 +47,8 @@ def clear_step_inputs(optimizer: torch.optim.Optimizer) -> None:
     """Remove `grad_scale` and `found_inf` after a step, so no later step reads them."""
     for name in _STEP_INPUTS:
         optimizer.__dict__.pop(name, None)
+
+
+def compiled_original(model: nn.Module) -> nn.Module:
+    """The module torch.compile wrapped, or `model` itself when it is not a compiled wrapper."""
+    return getattr(model, "_orig_mod", model)
