@@ -6,9 +6,8 @@ backward in `lmforge.train.step`, the update in `lmforge.train.update`), logging
 checkpoints, early stopping, non-finite recovery and the end of a run. A checkpoint's training
 state is the composition of the state dicts of the run's stateful parts.
 
-The sample order (`epoch_permutation`, `window_indices`), `evaluate`, `save_checkpoint`,
-`defers_host_sync` and `fault_point` are looked up in this module when they are called, so the
-tests can replace them here.
+The sample order (`epoch_permutation`, `window_indices`), `evaluate`, `save_checkpoint`, `defers_host_sync`
+and `fault_point` are looked up in this module when called, so the tests can replace them here.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from lmforge.base.runtime import setup_runtime
 from lmforge.checkpoint import prune_epochs, save_checkpoint
 from lmforge.data.store import read_meta
 from lmforge.models.registry import flops_per_token, load_weights
+from lmforge.ops.kernels import prepare_for_training
 from lmforge.train.data_order import epoch_permutation, window_indices
 from lmforge.train.evaluate import evaluate
 from lmforge.train.flops import MFUMeter
@@ -126,7 +126,7 @@ class Trainer:
     # -- set-up ---------------------------------------------------------------------------------
 
     def _setup_data(self, meta: dict, context: int) -> None:
-        t = self.cfg.train
+        t, self.context = self.cfg.train, context
         self.train_ds, self.val_ds = self.task.dataset("train"), self.task.dataset(self.cfg.data.val_split)
         self.window = t.batch_size * t.grad_accum * self.rt.world_size  # samples per optimizer step
         self.steps_per_epoch = steps_per_epoch(len(self.train_ds), meta, self.cfg, context, self.rt.world_size)
@@ -148,15 +148,15 @@ class Trainer:
         self.mfu = MFUMeter(rt.device, rt.autocast_dtype or torch.float32, flops_per_token(unwrap(self.model).config),
                             rt.world_size, t.peak_flops)
         self.log.line(f"lmforge train | {self.run_dir} | {rt.describe()}")
+        self.log.line(prepare_for_training(rt.device))  # builds lmforge's CPU kernels on a first run
         self.log.line(f"model {self.arch['model_type']} {sum(p.numel() for p in self.model.parameters()):,} "
                       f"parameters | train {len(self.train_ds):,} samples, {self.steps_per_epoch:,} steps/epoch | "
                       f"global batch {self.window} (micro {t.batch_size} x accum {t.grad_accum} x world "
                       f"{rt.world_size}) | {self.total_steps:,} steps"
                       + (f" | resumed at step {self.state.step}" if self.state.step else ""))
         if len(self.val_ds) == 0:
-            self.log.line(f"warning: split {self.cfg.data.val_split!r} has no samples of "
-                          f"{unwrap(self.model).config.context} tokens; evaluation and the best checkpoint "
-                          "are skipped")
+            self.log.line(f"warning: split {self.cfg.data.val_split!r} has no samples of {self.context} tokens; "
+                          "evaluation and the best checkpoint are skipped")
 
     # -- state ----------------------------------------------------------------------------------
 
