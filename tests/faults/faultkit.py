@@ -6,6 +6,8 @@ the prepared data, and the uninterrupted baseline run that the resume scenarios 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import resource
@@ -127,3 +129,21 @@ def leftovers(checkpoints: Path) -> list[str]:
 def peak_child_rss_mb() -> float:
     """Peak resident memory of the largest child process waited for so far (Linux: KiB)."""
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def run_cli(argv: list[str], *, merged: bool = False) -> tuple[int, str]:
+    """(exit status, stderr) of `lmforge ARGV` in this process; with `merged`, stdout and stderr."""
+    from lmforge.cli import main
+
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(err if merged else out):
+        code = main(argv)
+    return code, err.getvalue()
+
+
+def clean_error(code: int, message: str, *expected: str) -> None:
+    """A user's mistake: exit status 2, an `error:` line naming each of `expected`, no traceback."""
+    assert code == 2, message
+    assert "Traceback" not in message and "\nerror: " in "\n" + message, message
+    for text in expected:
+        assert text in message, (text, message)

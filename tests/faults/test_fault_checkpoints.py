@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -15,7 +13,6 @@ import torch
 from safetensors.torch import save_file
 
 import faultkit as fk
-from lmforge.cli import main
 from lmforge.checkpoint import load_checkpoint
 from lmforge.train.run import resolve_resume
 
@@ -28,13 +25,6 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory) -> Path:
     return fk.baseline(tmp_path_factory)
-
-
-def _cli(argv: list[str]) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main(argv)
-    return code, err.getvalue()
 
 
 def _fix_manifest(ckpt: Path, name: str) -> None:
@@ -132,7 +122,7 @@ def test_a_flipped_byte_or_truncation_in_any_file_names_the_file(baseline: Path,
                 load_checkpoint(ckpt, with_training_state=True)
             expected = "sha256 mismatch" if damage == "flip" else "manifest says"
             assert str(ckpt / name) in str(err.value) and expected in str(err.value)
-    code, message = _cli(["generate", str(tmp_path / "flip-model.safetensors"), "--max-new-tokens", "2"])
+    code, message = fk.run_cli(["generate", str(tmp_path / "flip-model.safetensors"), "--max-new-tokens", "2"])
     assert code == 2 and "sha256 mismatch" in message and "Traceback" not in message
 
 
@@ -180,7 +170,7 @@ def test_a_pickle_payload_in_training_state_cannot_run(baseline: Path, tmp_path:
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", recording_load)
-    code, message = _cli(["train", "--resume", str(run), "--quiet"])
+    code, message = fk.run_cli(["train", "--resume", str(run), "--quiet"])
     assert code == 2 and "refused to load" in message and str(ckpt / "training_state.pt") in message
     assert "weights_only=False" not in message  # no advice to load it unsafely
     assert not marker.exists()
@@ -195,7 +185,7 @@ def test_a_bogus_safetensors_header_is_refused(header: bytes, baseline: Path, tm
     shutil.copytree(baseline / "checkpoints" / "last", ckpt)
     (ckpt / "model.safetensors").write_bytes(header)
     _fix_manifest(ckpt, "model.safetensors")
-    code, message = _cli(["generate", str(ckpt), "--max-new-tokens", "2"])
+    code, message = fk.run_cli(["generate", str(ckpt), "--max-new-tokens", "2"])
     assert code == 2 and "not a valid safetensors file" in message and "model.safetensors" in message
 
 
@@ -207,8 +197,8 @@ def test_weights_with_nan_are_refused(baseline: Path, data: Path, tmp_path: Path
     state[name].view(-1)[0] = float("nan")
     save_file(state, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
     _fix_manifest(ckpt, "model.safetensors")
-    code, message = _cli(["generate", str(ckpt), "--max-new-tokens", "2"])
+    code, message = fk.run_cli(["generate", str(ckpt), "--max-new-tokens", "2"])
     assert code == 2 and "NaN" in message and name in message
     cfg = fk.run_config(data, tmp_path, "finetune")
-    code, message = _cli(["train", str(cfg), f"model.init_from={ckpt}", "--quiet"])
+    code, message = fk.run_cli(["train", str(cfg), f"model.init_from={ckpt}", "--quiet"])
     assert code == 2 and "NaN" in message and not (tmp_path / "finetune" / "checkpoints").exists()

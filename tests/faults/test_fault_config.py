@@ -4,8 +4,6 @@ longer than the data. Each error names the dotted key or the file, and nothing i
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import typing
 from pathlib import Path
@@ -15,19 +13,11 @@ import yaml
 
 import faultkit as fk
 from lmforge.base import config_schema
-from lmforge.cli import main
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return fk.tiny_data(tmp_path_factory)
-
-
-def _cli(argv: list[str]) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main(argv)
-    return code, err.getvalue()
 
 
 def _files(root: Path) -> set[Path]:
@@ -51,7 +41,7 @@ def test_every_float_key_refuses_inf_and_nan(data: Path, tmp_path: Path):
     keys = _float_keys()
     for values in (["inf", "nan"], ["-inf", ".nan"]):  # override spellings; YAML's .inf below
         overrides = [f"{key}={values[i % 2]}" for i, key in enumerate(keys)]
-        code, message = _cli(["train", str(cfg), *overrides, "--quiet"])
+        code, message = fk.run_cli(["train", str(cfg), *overrides, "--quiet"])
         assert code == 2 and "Traceback" not in message, message
         assert f"{len(keys)} problem(s)" in message, message
         for key in keys:
@@ -62,7 +52,7 @@ def test_every_float_key_refuses_inf_and_nan(data: Path, tmp_path: Path):
     yaml_cfg.write_text(yaml.safe_dump(raw))
     assert "lr: .inf" in yaml_cfg.read_text()
     before.add(yaml_cfg)
-    code, message = _cli(["train", str(yaml_cfg), "--quiet"])
+    code, message = fk.run_cli(["train", str(yaml_cfg), "--quiet"])
     assert code == 2 and "train.lr: must be a finite number, got inf" in message, message
     assert _files(tmp_path) == before  # stopped before any work
 
@@ -73,7 +63,7 @@ def test_run_name_cannot_leave_the_runs_folder(data: Path, tmp_path: Path, monke
     monkeypatch.chdir(tmp_path)
     cfg = fk.run_config(data, tmp_path / "runs", "base", max_steps=1)
     before = _files(tmp_path)
-    code, message = _cli(["train", str(cfg), f"run.name={name}", "--quiet"])
+    code, message = fk.run_cli(["train", str(cfg), f"run.name={name}", "--quiet"])
     assert code == 2 and "Traceback" not in message, message
     assert f"run.name: {name!r}: must be one folder name" in message and "run.out_dir" in message, message
     assert _files(tmp_path) == before
@@ -84,7 +74,7 @@ def test_config_file_not_utf8_is_an_error_naming_the_file(data: Path, tmp_path: 
     text = f"# caf\u00e9 run\ndata:\n  path: {data}\nrun:\n  out_dir: {tmp_path}\n  name: enc\n"
     cfg = tmp_path / f"{encoding}.yaml"
     cfg.write_bytes(text.encode(encoding))
-    code, message = _cli(["train", str(cfg), "--quiet"])
+    code, message = fk.run_cli(["train", str(cfg), "--quiet"])
     assert code == 2 and "Traceback" not in message, message
     assert str(cfg) in message and "UTF-8" in message and "iconv" in message, message
     assert ("line 1: not valid UTF-8" if encoding == "latin-1" else "the file is UTF-16") in message
@@ -96,7 +86,7 @@ def test_context_longer_than_the_data_names_model_context(data: Path, tmp_path: 
     no sample at all, and the fix is a smaller model.context, not a smaller batch."""
     train_tokens = json.loads((data / "meta.json").read_text())["splits"]["train"]["tokens"]
     cfg = fk.run_config(data, tmp_path, "long", max_steps=1)
-    code, message = _cli(["train", str(cfg), "model.context=100000", "--quiet"])
+    code, message = fk.run_cli(["train", str(cfg), "model.context=100000", "--quiet"])
     assert code == 2 and "Traceback" not in message, message
     assert "model.context" in message and "100000" in message.replace(",", ""), message
     assert str(train_tokens) in message.replace(",", ""), message  # the limit: the split's tokens

@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 
 import faultkit as fk
-from lmforge.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -32,20 +31,6 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def corpus(data: Path) -> Path:
     return data.parent / "corpus.txt"
-
-
-def _cli(argv: list[str]) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main(argv)
-    return code, err.getvalue()
-
-
-def _clean_error(code: int, message: str, *expected: str) -> None:
-    assert code == 2, message
-    assert "Traceback" not in message and "\nerror: " in "\n" + message, message
-    for text in expected:
-        assert text in message, (text, message)
 
 
 def _child(args: list[str], fault: str, cwd: Path) -> subprocess.Popen:
@@ -90,27 +75,27 @@ def test_tokenizer_train_never_replaces_the_tokenizer_of_a_data_folder_or_checkp
         _fake_checkpoint(tmp_path / "run" / "checkpoints" / "last", data / "tokenizer.json")
     before = (out / "tokenizer.json").read_bytes()
     train = ["tokenizer", "train", "--input", str(corpus), "--vocab-size", "300", "--out", str(out)]
-    _clean_error(*_cli(train), str(out), "already exists and is not empty", "--overwrite")
+    fk.clean_error(*fk.run_cli(train), str(out), "already exists and is not empty", "--overwrite")
     kind = "prepared data folder" if target == "data_folder" else "checkpoint"
-    _clean_error(*_cli([*train, "--overwrite"]), f"holds a {kind}, not a tokenizer")
+    fk.clean_error(*fk.run_cli([*train, "--overwrite"]), f"holds a {kind}, not a tokenizer")
     assert (out / "tokenizer.json").read_bytes() == before
     tok = tmp_path / "tok"
-    assert _cli(train[:-1] + [str(tok)])[0] == 0
-    assert _cli(train[:-1] + [str(tok)])[0] == 2  # another tokenizer: only with --overwrite
-    assert _cli(train[:-1] + [str(tok), "--overwrite"])[0] == 0
+    assert fk.run_cli(train[:-1] + [str(tok)])[0] == 0
+    assert fk.run_cli(train[:-1] + [str(tok)])[0] == 2  # another tokenizer: only with --overwrite
+    assert fk.run_cli(train[:-1] + [str(tok), "--overwrite"])[0] == 0
 
 
 def test_prepare_never_replaces_a_checkpoint_or_a_tokenizer_folder(data: Path, corpus: Path, tmp_path: Path):
     checkpoint = _fake_checkpoint(tmp_path / "ckpt", data / "tokenizer.json")
-    _clean_error(*_cli(_prepare_args(corpus, data, checkpoint, "--overwrite")),
-                 "holds a checkpoint, not a prepared data folder")
+    fk.clean_error(*fk.run_cli(_prepare_args(corpus, data, checkpoint, "--overwrite")),
+                   "holds a checkpoint, not a prepared data folder")
     for task in ("lm", "classify", "dialogue", "mlm"):
         tok = tmp_path / f"tok-{task}"
         kind = "wordpiece" if task == "mlm" else "bpe"
-        assert _cli(["tokenizer", "train", "--kind", kind, "--input", str(corpus), "--vocab-size", "300",
-                     "--out", str(tok)])[0] == 0
-        _clean_error(*_cli([*_prepare_args(corpus, tok, tok, "--overwrite"), "--task", task]),
-                     "holds a tokenizer, not a prepared data folder")
+        assert fk.run_cli(["tokenizer", "train", "--kind", kind, "--input", str(corpus), "--vocab-size", "300",
+                          "--out", str(tok)])[0] == 0
+        fk.clean_error(*fk.run_cli([*_prepare_args(corpus, tok, tok, "--overwrite"), "--task", task]),
+                       "holds a tokenizer, not a prepared data folder")
         assert sorted(p.name for p in tok.iterdir()) == ["tokenizer.json"]
     assert sorted(p.name for p in checkpoint.iterdir()) == ["config.json", "manifest.json", "tokenizer.json"]
 
@@ -144,11 +129,11 @@ def test_a_second_writer_into_the_same_folder_names_the_first_ones_pid(
     try:
         _wait_for_lock(first, out)
         what = "data folder" if command == "prepare" else "tokenizer folder"
-        _clean_error(*_cli(args), f"{what} {out} is in use by process {first.pid}")
+        fk.clean_error(*fk.run_cli(args), f"{what} {out} is in use by process {first.pid}")
     finally:
         first.kill()
         first.communicate()
-    assert _cli(args)[0] == 0  # the killed holder's lock is taken over
+    assert fk.run_cli(args)[0] == 0  # the killed holder's lock is taken over
     assert _hidden(out) == []
 
 
@@ -162,7 +147,7 @@ def test_kill_9_while_preparing_leaves_no_temp_folder_after_the_next_prepare(
     child.communicate()
     assert child.returncode == 137 and not out.exists()
     assert _hidden(out, lock=False) == [f".data.tmp-{child.pid}"]
-    code, message = _cli(_prepare_args(corpus, data, out))
+    code, message = fk.run_cli(_prepare_args(corpus, data, out))
     assert code == 0, message
     assert _hidden(out) == [] and (out / "meta.json").is_file()
 
@@ -173,7 +158,7 @@ def test_kill_9_between_the_renames_of_overwrite_finishes_the_swap(
     from lmforge.data.store import TokenStore
 
     out = tmp_path / "data"
-    assert _cli(_prepare_args(corpus, data, out, "--seed", "1"))[0] == 0
+    assert fk.run_cli(_prepare_args(corpus, data, out, "--seed", "1"))[0] == 0
     child = _child(_prepare_args(corpus, data, out, "--seed", "2", "--overwrite"), "prepare_between_renames",
                    tmp_path)
     child.communicate()
@@ -185,7 +170,7 @@ def test_kill_9_between_the_renames_of_overwrite_finishes_the_swap(
         assert "finished replacing" in err.getvalue()
         assert json.loads((out / "meta.json").read_text())["seed"] == 2  # the new, complete folder
     else:
-        code, message = _cli(_prepare_args(corpus, data, out, "--seed", "3", "--overwrite"))
+        code, message = fk.run_cli(_prepare_args(corpus, data, out, "--seed", "3", "--overwrite"))
         assert code == 0, message
         assert json.loads((out / "meta.json").read_text())["seed"] == 3
     assert _hidden(out, lock=then == "prepare_again") == []
@@ -212,9 +197,9 @@ def test_dialogues_without_a_reply_are_an_error_at_prepare(data: Path, tmp_path:
     source = tmp_path / "monologues.jsonl"
     source.write_text("".join(json.dumps({"turns": [f"hello number {i}"]}) + "\n" for i in range(30)))
     out = tmp_path / "out" / "dialogue"
-    code, message = _cli(_prepare_args(source, data, out, "--task", "dialogue"))
-    _clean_error(code, message, str(source), "no reply to learn in the train and val split(s)",
-                 "dialogue(s), 0 reply tokens", "the user's turn alone")
+    code, message = fk.run_cli(_prepare_args(source, data, out, "--task", "dialogue"))
+    fk.clean_error(code, message, str(source), "no reply to learn in the train and val split(s)",
+                   "dialogue(s), 0 reply tokens", "the user's turn alone")
     assert not out.exists() and list(out.parent.iterdir()) == []
 
 
@@ -232,11 +217,11 @@ def test_an_empty_val_split_is_an_error_at_prepare_naming_the_counts(task: str, 
                     "--val-fraction (now 0.05)")
         extra = ("--task", "mlm", "--val-fraction", "0.05")
         tok = tmp_path / "wordpiece"
-        assert _cli(["tokenizer", "train", "--kind", "wordpiece", "--input", str(data.parent / "corpus.txt"),
-                     "--vocab-size", "300", "--out", str(tok)])[0] == 0
+        assert fk.run_cli(["tokenizer", "train", "--kind", "wordpiece", "--input", str(data.parent / "corpus.txt"),
+                          "--vocab-size", "300", "--out", str(tok)])[0] == 0
         data = tok
     out = tmp_path / "out" / "data"
-    _clean_error(*_cli([*_prepare_args(source, data, out), *extra]), str(source), *expected)
+    fk.clean_error(*fk.run_cli([*_prepare_args(source, data, out), *extra]), str(source), *expected)
     assert not out.exists() and list(out.parent.iterdir()) == []
 
 
@@ -244,14 +229,14 @@ def test_a_classify_label_seen_once_is_noted(data: Path, tmp_path: Path):
     source = tmp_path / "labels.csv"
     rows = [f"message {i},{'spam' if i % 2 else 'ham'}" for i in range(40)] + ["one of a kind,eggs"]
     source.write_text("text,label\n" + "\n".join(rows) + "\n")
-    code, message = _cli([*_prepare_args(source, data, tmp_path / "cls"), "--task", "classify"])
+    code, message = fk.run_cli([*_prepare_args(source, data, tmp_path / "cls"), "--task", "classify"])
     assert code == 0, message
     assert "label(s) 'eggs' (1 example) are only in train: val and test have none of them" in message
 
 
 def test_a_vocabulary_smaller_than_asked_is_said(corpus: Path, tmp_path: Path):
-    code, message = _cli(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "10000000",
-                          "--out", str(tmp_path / "tok")])
+    code, message = fk.run_cli(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "10000000",
+                               "--out", str(tmp_path / "tok")])
     assert code == 0, message
     from tokenizers import Tokenizer
 
@@ -275,7 +260,7 @@ def test_a_damaged_tokenizer_json_is_named_with_what_is_wrong(
     file.write_text('{"version": "1.0", "model": {"type": "BPE",' if damage == "broken_json" else "[1, 2, 3]\n")
     expected = ("broken JSON at line 1" if damage == "broken_json" else "the JSON is a list", str(file),
                 "lmforge tokenizer train")
-    _clean_error(*_cli(_prepare_args(corpus, folder, tmp_path / "out")), *expected)
+    fk.clean_error(*fk.run_cli(_prepare_args(corpus, folder, tmp_path / "out")), *expected)
     with pytest.raises(ValueError) as e:
         load_tokenizer(folder)
     assert all(text in str(e.value) for text in expected), str(e.value)
@@ -284,7 +269,7 @@ def test_a_damaged_tokenizer_json_is_named_with_what_is_wrong(
 def _classify_store(data: Path, tmp_path: Path) -> Path:
     source = tmp_path / "labels.csv"
     source.write_text("text,label\n" + "".join(f"text number {i},{'ab'[i % 2]}\n" for i in range(30)))
-    assert _cli([*_prepare_args(source, data, tmp_path / "cls"), "--task", "classify"])[0] == 0
+    assert fk.run_cli([*_prepare_args(source, data, tmp_path / "cls"), "--task", "classify"])[0] == 0
     return tmp_path / "cls"
 
 
@@ -334,7 +319,7 @@ def test_a_damaged_token_store_is_named_when_opened(store: str, damage: str, dat
 def test_meta_json_records_a_content_hash_and_the_samples_per_split(data: Path, corpus: Path, tmp_path: Path):
     metas = []
     for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
-        assert _cli(_prepare_args(corpus, data, tmp_path / name, "--seed", seed))[0] == 0
+        assert fk.run_cli(_prepare_args(corpus, data, tmp_path / name, "--seed", seed))[0] == 0
         metas.append(json.loads((tmp_path / name / "meta.json").read_text()))
     a, b, c = metas
     assert a["content_sha256"] == b["content_sha256"] != c["content_sha256"]

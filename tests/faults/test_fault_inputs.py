@@ -30,20 +30,13 @@ def tokenizer(data: Path) -> Path:
     return data / "tokenizer.json"
 
 
-def _cli(argv: list[str]) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main(argv)
-    return code, err.getvalue()
-
-
 def _prepare_fails(tmp_path: Path, tokenizer: Path, name: str, content: bytes, *expected: str,
                    extra: tuple[str, ...] = ()) -> str:
     source = tmp_path / name
     source.write_bytes(content)
     out = tmp_path / "out" / "data"
-    code, message = _cli(["prepare", "--input", str(source), "--tokenizer", str(tokenizer), "--out", str(out),
-                          *extra])
+    code, message = fk.run_cli(["prepare", "--input", str(source), "--tokenizer", str(tokenizer), "--out", str(out),
+                               *extra])
     assert code == 2, message
     assert "Traceback" not in message and "\nerror: " in "\n" + message
     for text in (str(source), *expected):
@@ -160,11 +153,11 @@ def test_a_tokenizer_that_does_not_match_the_model_is_refused(data: Path, tmp_pa
     prepare("lm", [corpus], other_tok, tmp_path / "other_data", val_fraction=0.1, show_progress=False)
     baseline = fk.baseline(_Factory(tmp_path))
     cfg = fk.run_config(tmp_path / "other_data", tmp_path, "finetune")
-    code, message = _cli(["train", str(cfg), f"model.init_from={baseline / 'checkpoints' / 'last'}", "--quiet"])
+    code, message = fk.run_cli(["train", str(cfg), f"model.init_from={baseline / 'checkpoints' / 'last'}", "--quiet"])
     assert code == 2 and "model.init_from" in message and "prepare the data again" in message, message
     assert not (tmp_path / "finetune").exists()
     run = fk.copy_run(baseline, tmp_path / "run")
-    code, message = _cli(["train", "--resume", str(run), f"data.path={tmp_path / 'other_data'}", "--quiet"])
+    code, message = fk.run_cli(["train", "--resume", str(run), f"data.path={tmp_path / 'other_data'}", "--quiet"])
     assert code == 2 and "--resume" in message and str(tmp_path / "other_data") in message, message
     assert "data.path:" in message  # the changed config was printed first
 
@@ -183,8 +176,8 @@ class _Factory:
 
 def test_config_typos_and_bad_values_are_reported_at_once(data: Path, tmp_path: Path):
     cfg = fk.run_config(data, tmp_path, "typos")
-    code, message = _cli(["train", str(cfg), "train.lerning_rate=1e-3", "train.max_steps=-5",
-                          "train.batch_size=0", "train.epochs=many", "model.n_layers=2", "--quiet"])
+    code, message = fk.run_cli(["train", str(cfg), "train.lerning_rate=1e-3", "train.max_steps=-5",
+                               "train.batch_size=0", "train.epochs=many", "model.n_layers=2", "--quiet"])
     assert code == 2 and "Traceback" not in message
     assert "5 problem(s)" in message, message
     for text in ("train.lerning_rate: unknown key; did you mean 'lr'?", "train.max_steps", "train.batch_size",

@@ -9,7 +9,6 @@ Runs go through `lmforge.cli.main` in this process (the error paths stop before 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import re
@@ -23,7 +22,6 @@ import pytest
 import yaml
 
 import faultkit as fk
-from lmforge.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -34,21 +32,6 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory) -> Path:
     return fk.baseline(tmp_path_factory)
-
-
-def _cli(argv: list[str]) -> tuple[int, str]:
-    """(exit status, stdout + stderr) of `lmforge ARGV` in this process."""
-    out = io.StringIO()
-    with contextlib.redirect_stderr(out), contextlib.redirect_stdout(out):
-        code = main(argv)
-    return code, out.getvalue()
-
-
-def _clean_error(code: int, message: str, *expected: str) -> None:
-    assert code == 2, message
-    assert "Traceback" not in message and "\nerror: " in "\n" + message, message
-    for text in expected:
-        assert text in message, (text, message)
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -99,14 +82,14 @@ def test_two_trains_on_one_run_folder_the_second_names_the_holder(data: Path, tm
             assert time.monotonic() < deadline, "the first run never reached step 2"
             time.sleep(0.1)
         before = _snapshot(run)
-        code, message = _cli(["train", str(cfg), "--quiet"])
-        _clean_error(code, message, f"run folder {run} is in use by process {first.pid}")
+        code, message = fk.run_cli(["train", str(cfg), "--quiet"], merged=True)
+        fk.clean_error(code, message, f"run folder {run} is in use by process {first.pid}")
         assert _snapshot(run) == before  # nothing of the first run touched
     finally:
         first.kill()
         first.communicate()
     assert (tmp_path / ".race.lock").exists()  # what the killed holder left
-    code, message = _cli(["train", str(cfg), "--quiet"])
+    code, message = fk.run_cli(["train", str(cfg), "--quiet"], merged=True)
     assert code == 0, message
     assert [e["step"] for e in fk.events(run, "train")] == [1, 2, 3, 4]  # one run's history
     assert not (tmp_path / ".race.lock").exists()
@@ -123,8 +106,8 @@ def dialogues(data: Path, tmp_path_factory) -> Path:
     lines = [json.dumps({"turns": [" ".join(words[i:i + 6]), " ".join(words[i + 6:i + 12])]})
              for i in range(0, 40 * 12, 12)]
     (root / "chat.jsonl").write_text("\n".join(lines) + "\n")
-    code, message = _cli(["prepare", "--task", "dialogue", "--input", str(root / "chat.jsonl"), "--tokenizer",
-                          str(data / "tokenizer.json"), "--out", str(root / "data")])
+    code, message = fk.run_cli(["prepare", "--task", "dialogue", "--input", str(root / "chat.jsonl"), "--tokenizer",
+                               str(data / "tokenizer.json"), "--out", str(root / "data")], merged=True)
     assert code == 0, message
     return root / "data"
 
@@ -138,10 +121,10 @@ def test_dialogue_responses_without_a_reply_token_is_an_error_naming_the_counts(
     roles.write_bytes(bytes(roles.stat().st_size))  # every token the user's
     samples = json.loads((old / "meta.json").read_text())["splits"]["train"]["samples"]
     cfg = fk.run_config(old, tmp_path, "chat", task="dialogue", batch_size=4, max_steps=3)
-    code, message = _cli(["train", str(cfg), "--quiet"])
-    _clean_error(code, message, "train split", f"{samples:,} dialogues", "0 reply tokens", "train.loss_on=all")
+    code, message = fk.run_cli(["train", str(cfg), "--quiet"], merged=True)
+    fk.clean_error(code, message, "train split", f"{samples:,} dialogues", "0 reply tokens", "train.loss_on=all")
     assert not (tmp_path / "chat" / "checkpoints").exists()
-    assert _cli(["train", str(cfg), "train.loss_on=all", "--quiet"])[0] == 0  # every turn: something to learn
+    assert fk.run_cli(["train", str(cfg), "train.loss_on=all", "--quiet"], merged=True)[0] == 0  # every turn: something to learn
 
 
 # -- 3. model.init_from and the model.* fields -------------------------------------------------------
@@ -160,8 +143,8 @@ def test_init_from_refuses_model_fields_the_checkpoint_fixes(override: str, expe
                                                              baseline: Path, tmp_path: Path):
     cfg = _config(data, tmp_path, "tuned", model={}, max_steps=2)
     init = baseline / "checkpoints" / "last"
-    code, message = _cli(["train", str(cfg), f"model.init_from={init}", override, "--quiet"])
-    _clean_error(code, message, f"model.init_from {init}", *expected)
+    code, message = fk.run_cli(["train", str(cfg), f"model.init_from={init}", override, "--quiet"], merged=True)
+    fk.clean_error(code, message, f"model.init_from {init}", *expected)
     assert not (tmp_path / "tuned").exists()
 
 
@@ -171,7 +154,7 @@ def test_init_from_honours_a_shorter_context_and_records_what_was_trained(data: 
 
     init = baseline / "checkpoints" / "last"
     cfg = _config(data, tmp_path, "short", model={"init_from": str(init)}, max_steps=2)
-    assert _cli(["train", str(cfg), "model.context=16", "model.dropout=0.1", "--quiet"])[0] == 0
+    assert fk.run_cli(["train", str(cfg), "model.context=16", "model.dropout=0.1", "--quiet"], merged=True)[0] == 0
     saved = yaml.safe_load((tmp_path / "short" / "config.yaml").read_text())["model"]
     assert {k: saved[k] for k in ("kind", "preset", "n_layer", "n_head", "n_embd", "context", "activation",
                                   "dropout")} == {"kind": "gpt", "preset": None, "n_layer": 2, "n_head": 2,
@@ -182,7 +165,7 @@ def test_init_from_honours_a_shorter_context_and_records_what_was_trained(data: 
     assert tuple(trained.state_dict["transformer.wpe.weight"].shape) == (16, 32)
     # no model.* field set at all (preset "mini" is only the default): the checkpoint's shape, recorded
     cfg = _config(data, tmp_path, "plain", model={"init_from": str(init)}, max_steps=1)
-    assert _cli(["train", str(cfg), "--quiet"])[0] == 0
+    assert fk.run_cli(["train", str(cfg), "--quiet"], merged=True)[0] == 0
     saved = yaml.safe_load((tmp_path / "plain" / "config.yaml").read_text())["model"]
     assert (saved["preset"], saved["n_embd"], saved["context"]) == (None, 32, 32)
 
@@ -212,29 +195,29 @@ def _fake_checkpoint(path: Path, data: Path, arch: dict | None = None, *, classi
 def test_a_model_the_task_cannot_train_is_a_clear_error(data: Path, dialogues: Path, baseline: Path,
                                                         tmp_path: Path):
     cfg = fk.run_config(data, tmp_path, "lm", max_steps=2)
-    _clean_error(*_cli(["train", str(cfg), "model.kind=bert", "--quiet"]), "train.task=lm", "model.kind=bert",
-                 "gpt")
+    fk.clean_error(*fk.run_cli(["train", str(cfg), "model.kind=bert", "--quiet"], merged=True), "train.task=lm", "model.kind=bert",
+                   "gpt")
     chat = fk.run_config(dialogues, tmp_path, "chat", task="dialogue", batch_size=4, max_steps=2)
-    _clean_error(*_cli(["train", str(chat), "model.kind=bert", "--quiet"]), "train.task=dialogue",
-                 "model.kind=bert")
+    fk.clean_error(*fk.run_cli(["train", str(chat), "model.kind=bert", "--quiet"], merged=True), "train.task=dialogue",
+                   "model.kind=bert")
     plain = _config(data, tmp_path, "tuned", model={}, max_steps=2)
     classifier = _fake_checkpoint(tmp_path / "classifier", data, classifier_of=baseline / "checkpoints" / "last")
-    _clean_error(*_cli(["train", str(plain), f"model.init_from={classifier}", "--quiet"]),
-                 f"model.init_from {classifier}", "a classifier", "train.task=lm needs a gpt")
+    fk.clean_error(*fk.run_cli(["train", str(plain), f"model.init_from={classifier}", "--quiet"], merged=True),
+                   f"model.init_from {classifier}", "a classifier", "train.task=lm needs a gpt")
     bert = _fake_checkpoint(tmp_path / "bert", data, {"model_type": "bert", "vocab_size": 384, "n_layer": 1,
                                                       "n_head": 2, "n_embd": 32, "context": 32})
-    _clean_error(*_cli(["train", str(plain), f"model.init_from={bert}", "--quiet"]),
-                 f"model.init_from {bert}", "a bert checkpoint", "train.task=lm needs a gpt")
+    fk.clean_error(*fk.run_cli(["train", str(plain), f"model.init_from={bert}", "--quiet"], merged=True),
+                   f"model.init_from {bert}", "a bert checkpoint", "train.task=lm needs a gpt")
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["bert", "classifier"]  # no run began
 
 
 def test_resume_with_a_changed_architecture_is_a_clear_error(baseline: Path, tmp_path: Path):
     run = fk.copy_run(baseline, tmp_path / "run")
     before = _snapshot(run)
-    code, message = _cli(["train", "--resume", str(run), "model.n_embd=64", "model.context=16",
-                          "train.max_steps=14", "--quiet"])
-    _clean_error(code, message, "--resume", "model.n_embd: 32 in the checkpoint, 64 now",
-                 "model.context: 32 in the checkpoint, 16 now")
+    code, message = fk.run_cli(["train", "--resume", str(run), "model.n_embd=64", "model.context=16",
+                               "train.max_steps=14", "--quiet"], merged=True)
+    fk.clean_error(code, message, "--resume", "model.n_embd: 32 in the checkpoint, 64 now",
+                   "model.context: 32 in the checkpoint, 16 now")
     assert _snapshot(run) == before
 
 
@@ -244,7 +227,7 @@ def test_resume_with_a_changed_architecture_is_a_clear_error(baseline: Path, tmp
 def test_a_run_without_validation_prints_no_best_val_loss(data: Path, tmp_path: Path):
     """A context longer than the val split: no evaluation ran, and the end line does not say inf."""
     cfg = fk.run_config(data, tmp_path, "noval", batch_size=4, max_steps=2)
-    code, message = _cli(["train", str(cfg), "model.context=320"])
+    code, message = fk.run_cli(["train", str(cfg), "model.context=320"], merged=True)
     assert code == 0, message
     log = (tmp_path / "noval" / "train.log").read_text()
     done = [line for line in log.splitlines() if line.startswith("done:")]
@@ -262,13 +245,13 @@ def test_resume_on_changed_data_warns_with_counts_and_hash(data: Path, baseline:
     shutil.copytree(data, new_data)
     half = tmp_path / "half.txt"
     half.write_text((data.parent / "corpus.txt").read_text()[:3000])
-    assert _cli(["prepare", "--input", str(half), "--tokenizer", str(data / "tokenizer.json"), "--out",
-                 str(new_data), "--overwrite"])[0] == 0
+    assert fk.run_cli(["prepare", "--input", str(half), "--tokenizer", str(data / "tokenizer.json"), "--out",
+                      str(new_data), "--overwrite"], merged=True)[0] == 0
     run = fk.copy_run(baseline, tmp_path / "run")
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["data"]["path"] = str(new_data)  # the run's own data folder, prepared again
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    code, message = _cli(["train", "--resume", str(run), "train.max_steps=14"])
+    code, message = fk.run_cli(["train", "--resume", str(run), "train.max_steps=14"], merged=True)
     assert code == 0, message
     old_hash = json.loads((data / "meta.json").read_text())["content_sha256"]
     new_hash = json.loads((new_data / "meta.json").read_text())["content_sha256"]
@@ -281,12 +264,12 @@ def test_resume_on_changed_data_warns_with_counts_and_hash(data: Path, baseline:
 def test_resume_of_a_finished_run_changes_nothing(baseline: Path, tmp_path: Path):
     run = fk.copy_run(baseline, tmp_path / "run")
     before = _snapshot(run)
-    code, message = _cli(["train", "--resume", str(run)])
+    code, message = fk.run_cli(["train", "--resume", str(run)], merged=True)
     assert code == 0, message
     assert "finished" in message and "train.max_steps" in message, message
     assert _snapshot(run) == before
     # raising the length continues it, as ever
-    code, message = _cli(["train", "--resume", str(run), "train.max_steps=13", "--quiet"])
+    code, message = fk.run_cli(["train", "--resume", str(run), "train.max_steps=13", "--quiet"], merged=True)
     assert code == 0, message
     assert [e["step"] for e in fk.events(run, "train")][-2:] == [12, 13]
     assert len(fk.events(run, "end")) == 1
