@@ -17,16 +17,6 @@ from lmforge.checkpoint import load_checkpoint
 from lmforge.train.run import resolve_resume
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return fk.tiny_data(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory) -> Path:
-    return fk.baseline(tmp_path_factory)
-
-
 def _fix_manifest(ckpt: Path, name: str) -> None:
     """Make the manifest vouch for a tampered file, as an attacker who controls the folder would."""
     manifest = json.loads((ckpt / "manifest.json").read_text())

@@ -15,11 +15,6 @@ import faultkit as fk
 from lmforge.base import config_schema
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return fk.tiny_data(tmp_path_factory)
-
-
 def _files(root: Path) -> set[Path]:
     return set(root.rglob("*"))
 

@@ -24,11 +24,6 @@ import faultkit as fk
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return fk.tiny_data(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def corpus(data: Path) -> Path:
     return data.parent / "corpus.txt"
 

@@ -21,11 +21,6 @@ from lmforge.train import task_lm
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return fk.tiny_data(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def tokenizer(data: Path) -> Path:
     return data / "tokenizer.json"
 

@@ -18,11 +18,6 @@ from lmforge.train.run import resolve_resume
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return fk.tiny_data(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def baseline(tmp_path_factory) -> Path:
     run = fk.baseline(tmp_path_factory)
     assert len(fk.losses(run)) == fk.BASE_STEPS

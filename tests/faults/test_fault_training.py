@@ -24,16 +24,6 @@ import yaml
 import faultkit as fk
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return fk.tiny_data(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory) -> Path:
-    return fk.baseline(tmp_path_factory)
-
-
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 

@@ -9,9 +9,6 @@ manifest.json, written last: ``{"format": 1, "files": {name: {"size", "sha256"}}
 from __future__ import annotations
 
 import errno
-import hashlib
-import os
-import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,29 +43,3 @@ def ignore_sigxfsz() -> None:
     """Make writes past RLIMIT_FSIZE fail with EFBIG (reported as disk full) instead of killing us."""
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    if os.name == "nt":  # Windows cannot open a directory for fsync; NTFS journals renames.
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def remove_path(path: Path) -> None:
-    """Delete a folder, a file or a link; a link is removed itself, never what it points to."""
-    if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
-        os.unlink(path)
-    elif os.path.isdir(path):
-        shutil.rmtree(path)

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from lmforge.checkpoint.format import (MANIFEST, MANIFEST_FORMAT, REQUIRED_FILES, Checkpoint, CheckpointError,
-                                       sha256_of)
+from lmforge.base.files import sha256_of
+from lmforge.checkpoint.format import MANIFEST, MANIFEST_FORMAT, REQUIRED_FILES, Checkpoint, CheckpointError
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

@@ -7,7 +7,8 @@ import os
 import re
 from pathlib import Path
 
-from lmforge.checkpoint.format import CheckpointError, fsync_dir, remove_path
+from lmforge.base.files import fsync_dir, remove_path
+from lmforge.checkpoint.format import CheckpointError
 from lmforge.checkpoint.load import read_manifest
 
 _LEFTOVER_RE = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old|del)-(?P<pid>\d+)")

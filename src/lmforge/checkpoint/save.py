@@ -33,8 +33,8 @@ from safetensors.torch import save_file
 
 from lmforge.base.faults import fault_point
 from lmforge.base.version import __version__
-from lmforge.checkpoint.format import (DISK_FULL_ERRNOS, MANIFEST, MANIFEST_FORMAT, PLAIN_SCALARS, CheckpointError,
-                                       fsync_dir, remove_path, sha256_of)
+from lmforge.base.files import fsync_dir, remove_path, sha256_of
+from lmforge.checkpoint.format import DISK_FULL_ERRNOS, MANIFEST, MANIFEST_FORMAT, PLAIN_SCALARS, CheckpointError
 
 
 def save_checkpoint(

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmforge.base.faults import fault_point
+from lmforge.base.files import fsync_dir, remove_path
 from lmforge.base.locks import pid_alive
 
 
@@ -34,12 +35,6 @@ def _sibling(out_dir: Path, kind: str, pid: int) -> Path:
     return out_dir.parent / f".{out_dir.name}.{kind}-{pid}"
 
 
-def _remove(path: Path) -> None:
-    """Delete a folder, or only the link when `path` is a symbolic link (never through it)."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    else:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -61,19 +56,13 @@ def staged_folder(out_dir: Path) -> Iterator[Path]:
         raise
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_folder(folder: Path) -> None:
     for p in folder.iterdir():
         with open(p, "rb") as f:
             os.fsync(f.fileno())
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def move_into_place(tmp: Path, out_dir: Path) -> None:
@@ -82,7 +71,7 @@ def move_into_place(tmp: Path, out_dir: Path) -> None:
     if os.path.lexists(out_dir):
         old = _sibling(out_dir, "old", os.getpid())
         if os.path.lexists(old):
-            _remove(old)
+            remove_path(old)
         os.replace(out_dir, old)
         try:
             fault_point("prepare_between_renames")
@@ -90,10 +79,10 @@ def move_into_place(tmp: Path, out_dir: Path) -> None:
         except BaseException:
             os.replace(old, out_dir)
             raise
-        _remove(old)
+        remove_path(old)
     else:
         os.replace(tmp, out_dir)
-    _fsync_dir(out_dir.parent)
+    fsync_dir(out_dir.parent)
 
 
 def dead_leftovers(out_dir: Path) -> dict[int, dict[str, Path]]:
@@ -125,7 +114,7 @@ def recover_folder(out_dir: Path, *, clean: bool = False) -> list[str]:
                 if tmp is not None and not os.path.lexists(tmp):
                     tmp = None  # moved into place
             if tmp is not None and (clean or old is not None):
-                _remove(tmp)
+                remove_path(tmp)
                 notes.append(f"removed {tmp}, left half-written by a prepare (pid {pid}) that was killed")
         except OSError:  # another process (a rank of the same job) settled it at the same moment
             continue
@@ -135,11 +124,11 @@ def recover_folder(out_dir: Path, *, clean: bool = False) -> list[str]:
 def _settle_swap(out_dir: Path, old: Path, tmp: Path | None, pid: int) -> str:
     killed = f"a prepare --overwrite (pid {pid}) was killed while swapping folders"
     if os.path.lexists(out_dir):
-        _remove(old)
+        remove_path(old)
         return f"removed {old}, the folder {out_dir} replaced before {killed}"
     if tmp is not None and (tmp / "meta.json").is_file():
         os.replace(tmp, out_dir)
-        _remove(old)
+        remove_path(old)
         return f"finished replacing {out_dir} with the new data: {killed}"
     os.replace(old, out_dir)
     return f"restored the previous {out_dir} from {old}: {killed}"
