@@ -57,8 +57,10 @@ def attend(qkv: Tensor, n_head: int, *, causal: bool, attn_mask: Tensor | None =
     q, k, v = qkv.view(B, -1, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, hs)
     if kv is not None:
         k, v = append_to_cache(kv, start, k, v)  # (B, nh, start + T, hs)
-    y = sdpa(q, k, v, attn_mask if key_padding is None else key_padding, causal, dropout_p).transpose(1, 2)
-    return y.reshape(B, -1, C) if qkv.dim() == 3 else y.reshape(B, C)  # (B, T, C), or (B, C)
+    y = sdpa(q, k, v, attn_mask if key_padding is None else key_padding, causal, dropout_p)  # (B, nh, T, hs)
+    if qkv.dim() == 2:  # one position per row: (B, nh, 1, hs) is already (B, C) in memory order
+        return y.reshape(B, C)
+    return y.transpose(1, 2).reshape(B, -1, C)  # (B, T, C)
 
 
 def attend_projections(x: Tensor, query: nn.Linear, key: nn.Linear, value: nn.Linear, n_head: int, *,
