@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -147,3 +148,14 @@ def clean_error(code: int, message: str, *expected: str) -> None:
     assert "Traceback" not in message and "\nerror: " in "\n" + message, message
     for text in expected:
         assert text in message, (text, message)
+
+
+# The suite's common fixtures; a scenario file imports the ones it uses by name.
+@pytest.fixture(scope="module", name="data")
+def data_fixture(tmp_path_factory) -> Path:
+    return tiny_data(tmp_path_factory)
+
+
+@pytest.fixture(scope="module", name="baseline")
+def baseline_fixture(tmp_path_factory) -> Path:
+    return baseline(tmp_path_factory)

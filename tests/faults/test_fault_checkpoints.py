@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import faultkit as fk
+from faultkit import data_fixture, baseline_fixture  # noqa: F401  (fixtures)
 from lmforge.checkpoint import load_checkpoint
 from lmforge.train.run import resolve_resume
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 import faultkit as fk
+from faultkit import data_fixture  # noqa: F401  (fixtures)
 from lmforge.base import config_schema
 
 

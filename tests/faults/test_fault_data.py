@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import faultkit as fk
+from faultkit import data_fixture  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")

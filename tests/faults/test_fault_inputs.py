@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import faultkit as fk
+from faultkit import data_fixture  # noqa: F401  (fixtures)
 from lmforge.cli import main
 from lmforge.train import task_lm
 

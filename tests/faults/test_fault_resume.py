@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import faultkit as fk
+from faultkit import data_fixture  # noqa: F401  (fixtures)
 from lmforge.checkpoint import load_checkpoint
 from lmforge.checkpoint.retention import find_latest
 from lmforge.train.run import resolve_resume

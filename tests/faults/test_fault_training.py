@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 import faultkit as fk
+from faultkit import data_fixture, baseline_fixture  # noqa: F401  (fixtures)
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
