@@ -29,11 +29,6 @@ ENTRY_MODULES = {"lmforge", "lmforge.cli", "lmforge.api", "lmforge.__main__"}
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 80
 
-# Debts being paid off by the redesign; each entry must go.
-KNOWN_UPWARD: set[tuple[str, str]] = set()
-KNOWN_CIRCLES: set[tuple[str, str]] = set()
-KNOWN_LONG_FILES: set[str] = set()
-KNOWN_LONG_FUNCTIONS: set[str] = set()
 
 
 def _module_name(path: Path) -> str:
@@ -87,8 +82,7 @@ def test_every_module_sits_in_a_layer_and_imports_only_downwards():
         for target in imported:
             if _layer_of(target) > _layer_of(module):
                 upward.add((module, target))
-    assert upward <= KNOWN_UPWARD, "upward imports:\n" + "\n".join(
-        f"  {a} -> {b}" for a, b in sorted(upward - KNOWN_UPWARD))
+    assert not upward, "upward imports:\n" + "\n".join(f"  {a} -> {b}" for a, b in sorted(upward))
 
 
 def test_no_import_circles():
@@ -108,7 +102,6 @@ def test_no_import_circles():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
-    circles = [c for c in circles if (c[0], c[1]) not in KNOWN_CIRCLES]
     assert not circles, "import circles:\n" + "\n".join("  " + " -> ".join(c) for c in circles)
 
 
@@ -128,10 +121,8 @@ def test_functions_and_files_are_small():
         if lines > MAX_FILE_LINES:
             long_files.add(f"{_module_name(path)} ({lines} lines)")
         long_functions |= set(_long_functions(path))
-    strip = lambda items: {item.split(" (")[0] for item in items}  # noqa: E731
-    assert strip(long_files) <= KNOWN_LONG_FILES, f"files over {MAX_FILE_LINES} lines: {sorted(long_files)}"
-    assert strip(long_functions) <= KNOWN_LONG_FUNCTIONS, \
-        f"functions over {MAX_FUNCTION_LINES} lines: {sorted(long_functions)}"
+    assert not long_files, f"files over {MAX_FILE_LINES} lines: {sorted(long_files)}"
+    assert not long_functions, f"functions over {MAX_FUNCTION_LINES} lines: {sorted(long_functions)}"
 
 
 @pytest.mark.parametrize("layer", [name for name, _ in LAYERS[:-1]])
