@@ -15,6 +15,7 @@ from torch import nn
 
 from lmforge.base.runtime import Runtime
 from lmforge.models.registry import load_weights, model_from_architecture
+from lmforge.ops.torch_private import compiled_original
 
 FSDP_MIN_TORCH = (2, 6)  # torch.distributed.fsdp.fully_shard (FSDP2) is public from 2.6
 
@@ -49,7 +50,7 @@ def wrap_model(model: nn.Module, strategy: str, device: torch.device, world_size
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DDP / torch.compile wrappers (FSDP2 shards in place: no wrapper)."""
-    model = getattr(model, "_orig_mod", model)
+    model = compiled_original(model)
     return getattr(model, "module", model)
 
 
