@@ -39,7 +39,8 @@ def _module_name(path: Path) -> str:
 
 
 def _layer_of(module: str) -> int:
-    if module in ENTRY_MODULES:
+    # cli.py's argument groups may live beside it as cli_<group>.py (e.g. cli_serve.py).
+    if module in ENTRY_MODULES or module.startswith("lmforge.cli_"):
         return len(LAYERS) - 1
     second = module.split(".")[1]
     names = [name for name, _ in LAYERS]
