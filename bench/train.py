@@ -18,9 +18,15 @@ two more show lmforge without its malloc tuning and without its C++ CPU kernels.
 Two more rows leave the fp32 workload for bf16 autocast on both sides (BENCH_BF16=0 drops
 them): on a CPU with AMX units that is the faster setting.
 
+- nanoGPT: its own `train.py`, unmodified, from ../shared/peers/nanoGPT, as its README runs
+  it on a CPU (`--device=cpu --compile=False`, fp32, GPT-2's biases, dropout 0) on the same
+  token stream; a step's rate is 2048 tokens over the iteration time it prints. The ablation
+  row runs nanoGPT's model with fused AdamW, torch.compile and lmforge's malloc tuning in a
+  plain loop: the fastest setup of that model found here (bench/nanogpt_peer.py). Where
+  ../shared is absent the table says so instead.
+
 Each side runs in its own worker process (see bench/common.py); rounds interleave A B A B.
-The first WARMUP steps of every round are dropped. nanoGPT cannot be installed here: its line
-is the issue's quoted numbers, labelled as such.
+The first WARMUP steps of every round are dropped.
 
     python bench/train.py           # BENCH_ROUNDS=3 BENCH_TRAIN_STEPS=12 BENCH_ABLATIONS=1
 """
@@ -32,17 +38,16 @@ import sys
 import time
 from pathlib import Path
 
-from common import (BENCH_DIR, ROUNDS, SEED, WORKLOAD, Worker, interleave, log, loop_runner, machine, matmul_peak,
+import nanogpt_peer
+from common import (BENCH_DIR, ROUND_MEDIANS, ROUNDS, SEED, WORKLOAD, Worker, interleave, log, loop_runner, machine, matmul_peak,
                     median, paired_ratio, shakespeare_data, table, write_summary)
 
 STEPS = int(os.environ.get("BENCH_TRAIN_STEPS", "12"))
 WARMUP = 2
 TOKENS_PER_STEP = WORKLOAD["batch_size"] * WORKLOAD["context"]
-# The issue's numbers for nanoGPT (not installable here): interleaved with GPT2LMHeadModel +
-# default AdamW, nanoGPT's model with fused AdamW ran x1.31 and the Trainer's setup (fused
-# AdamW) x1.06, so nanoGPT ~ x1.31 / 1.06 = x1.24 of the Trainer.
-NANOGPT_QUOTED = "2,500-2,850 tokens/s (issue, single runs)"
-NANOGPT_OVER_TRAINER = 1.31 / 1.06
+MODEL = {k: WORKLOAD[k] for k in ("n_layer", "n_head", "n_embd", "context")}
+NANOGPT = "nanoGPT train.py"
+NANOGPT_STACKED = "nanoGPT model, fused AdamW + torch.compile + malloc tuning, plain loop"
 
 
 # -- the sides (run inside worker processes) ------------------------------------------------------
@@ -123,6 +128,30 @@ def trainer_runner(data: str, activation: str = "gelu_new", bf16: bool = False):
 # -- the comparison -------------------------------------------------------------------------------
 
 
+def rates_of(result) -> list[float]:
+    return result["rates"] if isinstance(result, dict) else result
+
+
+def nanogpt_workers(data: str, ablations: bool) -> dict:
+    if not nanogpt_peer.available():
+        return {}
+    kwargs = dict(data=data, model=MODEL, batch=WORKLOAD["batch_size"], warmup=WARMUP)
+    workers = {NANOGPT: Worker("nanogpt_peer:train_py_runner", **kwargs)}
+    if ablations:
+        workers[NANOGPT_STACKED] = Worker("nanogpt_peer:model_loop_runner", **kwargs)
+    return workers
+
+
+def nanogpt_ratios() -> dict[str, str]:
+    if not nanogpt_peer.available():
+        return {"nanoGPT": nanogpt_peer.ABSENT}
+    ratios = {f"lmforge / {NANOGPT}": f"{paired_ratio('lmforge', NANOGPT):.2f}x (its train.py, unmodified, "
+                                      "--device=cpu --compile=False; target >= 1.2x)"}
+    if NANOGPT_STACKED in ROUND_MEDIANS:
+        ratios["lmforge / nanoGPT's stacked plain loop"] = f"{paired_ratio('lmforge', NANOGPT_STACKED):.2f}x"
+    return ratios
+
+
 def main() -> None:
     from lmforge.models.gpt import GPTConfig, flops_per_token
 
@@ -148,8 +177,9 @@ def main() -> None:
         workers["transformers Trainer, bf16=True"] = Worker("train:trainer_runner", data=data, bf16=True)
     if os.environ.get("BENCH_COMPILE") == "1":
         workers["lmforge, train.compile=true"] = Worker("train:lmforge_runner", data=data, compile=True)
+    workers.update(nanogpt_workers(data, ablations))
     try:
-        sides = {name: (lambda w=w: w(steps=STEPS)) for name, w in workers.items()}
+        sides = {name: (lambda w=w: rates_of(w(steps=STEPS))) for name, w in workers.items()}
         sides["matmul peak"] = lambda: [matmul_peak() / 1e9]
         labels = {"lmforge": "lmforge train", "matmul peak": "matmul 2048^3 fp32"}
         rates = interleave(sides, ROUNDS, "tokens/s",
@@ -160,18 +190,13 @@ def main() -> None:
             w.close()
     peak = median(rates.pop("matmul peak")) * 1e9
     medians = {name: median(values) for name, values in rates.items()}
-    trainer = medians["transformers Trainer"]
     rows = [(name, rate, f"MFU {flops_tok * rate / peak:.1%}" + (" of the fp32 peak" if "bf16" in name else ""))
             for name, rate in medians.items()]
-    nanogpt = trainer * NANOGPT_OVER_TRAINER
-    rows.append(("nanoGPT (QUOTED, estimated: Trainer x1.24)", nanogpt, f"not run here; {NANOGPT_QUOTED}"))
     lines = table("train: GPT-2 4x256, context 256, vocab 8192, batch 8, fp32, AdamW", rows, "tokens/s",
                   "transformers Trainer", extra={
                       "lmforge / Trainer": f"{paired_ratio('lmforge', 'transformers Trainer'):.2f}x "
                                            "(median of per-round ratios; target >= 1.5x)",
-                      "lmforge / nanoGPT (estimate from the issue's quoted ratio)":
-                          f"{paired_ratio('lmforge', 'transformers Trainer') / NANOGPT_OVER_TRAINER:.2f}x "
-                          "(target >= 1.2x)",
+                      **nanogpt_ratios(),
                       "MFU": f"flops_per_token x tokens/s / peak = {flops_tok:,} x tokens/s / "
                              f"{peak / 1e9:.1f} GFLOP/s (median of the rounds' 2048^3 fp32 matmul); "
                              "flops_per_token = 6N + 12 L C T (N: parameters without the position table)",
