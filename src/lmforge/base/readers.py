@@ -1,7 +1,9 @@
-"""Streaming readers: raw corpus files (.txt, .jsonl, .csv, .tsv) -> a stream of documents.
+"""Streaming readers: raw corpus files (.txt, .jsonl, .csv, .tsv, .parquet, .arrow, `datasets`
+folders) -> a stream of documents.
 
 Owns cutting decoded text into documents: .txt blocks (or lines, or whole files), .jsonl
-fields, .csv/.tsv cells, and the pieces of very long documents. The bytes come from
+fields, .csv/.tsv cells, the text column of a table, and the pieces of very long documents;
+and the list of inputs (`check_inputs`: globs expanded, folders refused unless `datasets` wrote them). The bytes come from
 `lmforge.base.sources` (read in 1 MiB chunks for .txt, line by line otherwise, strict UTF-8
 with errors that name the file, the line and the byte offset). Used by `lmforge.base.tokenizer`
 (training) and the lm and mlm preparation of `lmforge.data` (tokenizing into a token store).
@@ -18,6 +20,10 @@ whole) and its format comes from the extension before `.gz` (`a.jsonl.gz` is JSO
 - `.csv` / `.tsv`: the document is the cell in `text_column`. A column name means the first
   row is a header; an int (or a string of digits) is a 0-based index and there is no header.
   `.tsv` is read without quote handling (tab-separated text often holds lone `"`).
+- Parquet, Arrow (IPC file or stream) and `datasets` save_to_disk folders, known by their first
+  bytes or a `.parquet` / `.arrow` name (`lmforge.base.readers_arrow`, streamed by record batch):
+  the document is the value in the column `text_column` names, or `text_field` when only that
+  one is given (`--column` / `--field`: a name or a 0-based index); a null is skipped like a blank.
 
 CRLF line endings read as "\\n" and a UTF-8 byte-order mark is dropped. Blank documents are
 skipped. Other compressed files (.bz2, .xz, .zst, .zip, .7z, .tgz, .tar.gz) are refused with a
@@ -34,6 +40,7 @@ when 4 * max_chars characters hold no such place: then the cut falls where it mu
 from __future__ import annotations
 
 import csv
+import glob
 import itertools
 import json
 import re
@@ -42,7 +49,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from lmforge.base.sources import format_suffix, iter_chunks, iter_lines
+from lmforge.base.readers_arrow import columnar_format, is_dataset_folder, iter_rows
+from lmforge.base.sources import READ_FORMATS, format_suffix, iter_chunks, iter_lines, sniff_binary
 
 MAX_DOC_CHARS = 1 << 20
 
@@ -61,7 +69,16 @@ class Document(NamedTuple):
 
 def input_format(path: Path) -> str:
     """'txt', 'jsonl', 'csv' or 'tsv' for `path`, by extension (the one before `.gz` for a gzip
-    file); ValueError for unsupported ones."""
+    file); 'parquet', 'arrow' or 'dataset' for a table (by its first bytes, or a .parquet/.arrow
+    name); ValueError for unsupported ones and for other binary files."""
+    path = Path(path)
+    gz = path.suffix.lower() == ".gz"  # its content is checked as it is read (lmforge.base.sources)
+    columnar = None if gz else columnar_format(path)
+    if columnar is not None:
+        return columnar
+    known = None if gz or path.is_dir() else sniff_binary(path)
+    if known is not None:
+        raise ValueError(f"{path}: this is a {known[1]} file (binary), not text; lmforge reads {READ_FORMATS}")
     suffix = format_suffix(path)
     if suffix == ".json":
         raise ValueError(f"{path}: .json is not supported; write one JSON object per line and "
@@ -69,19 +86,36 @@ def input_format(path: Path) -> str:
     return {".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv"}.get(suffix, "txt")
 
 
-def check_inputs(paths: Iterable[Path], *, kinds: str = ".txt/.jsonl/.csv/.tsv (or .gz of them)",
-                 check_format: bool = True) -> list[Path]:
-    """The inputs as Paths; FileNotFoundError listing every missing one, ValueError for folders
-    (and, with `check_format`, for formats these readers do not take)."""
-    paths = [Path(p) for p in paths]
+def expand_globs(paths: Iterable[Path | str]) -> list[Path]:
+    """Each path, or the sorted files a pattern with * ? or [ matches (`data/train-*.parquet`,
+    `**` for any depth); FileNotFoundError naming a pattern that matches nothing."""
+    out: list[Path] = []
+    for p in paths:
+        text = str(p)
+        if not any(c in text for c in "*?[") or Path(text).exists():
+            out.append(Path(p))
+            continue
+        matches = sorted(glob.glob(text, recursive=True))
+        if not matches:
+            raise FileNotFoundError(f"no file matches the pattern {text!r}")
+        out += [Path(m) for m in matches]
+    return out
+
+
+def check_inputs(paths: Iterable[Path], *, kinds: str = READ_FORMATS, check_format: bool = True) -> list[Path]:
+    """The inputs as Paths, globs expanded; FileNotFoundError listing every missing one,
+    ValueError for folders other than `datasets` ones (and, with `check_format`, for formats
+    these readers do not take)."""
+    paths = expand_globs(paths)
     if not paths:
-        raise ValueError(f"no input files given; pass at least one {kinds} file")
+        raise ValueError(f"no input files given; pass at least one of {kinds}")
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
-    folders = [str(p) for p in paths if p.is_dir()]
+    folders = [str(p) for p in paths if p.is_dir() and not is_dataset_folder(p)]
     if folders:
-        raise ValueError(f"input(s) {', '.join(folders)} are folders; pass the files inside them")
+        raise ValueError(f"input(s) {', '.join(folders)} are folders; pass the files inside them (a folder "
+                         f"is read only when `datasets` save_to_disk wrote it)")
     for p in paths if check_format else ():
         input_format(p)
     return paths
@@ -92,6 +126,8 @@ def iter_documents(path: Path, *, text_field: str = "text", text_column: str | i
     """Stream the documents of one file (format by extension, see the module docstring)."""
     path = Path(path)
     fmt = input_format(path)
+    if fmt in ("parquet", "arrow", "dataset"):
+        return _table_column_documents(path, text_column if text_column != "text" else text_field)
     if fmt == "jsonl":
         return _jsonl_documents(path, text_field)
     if fmt in ("csv", "tsv"):
@@ -121,7 +157,9 @@ _LEADING_BLANKS = re.compile(r"(?:[^\S\n]*\n)+")
 _FILE_END = "\n\x00\x00"
 _FILE_SEPARATOR = re.compile(re.escape(_FILE_END))
 DOC_SPLITS = ("blank_line", "line", "file")
-_LINE_CUT = re.compile(r"\n(?=\S)")  # after a line end that a non-space character follows
+# After a line end between two non-space characters: after a blank line or trailing spaces,
+# byte-level BPE would join the whitespace run at a piece's end into one token.
+_LINE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
 _SPACE_CUT = re.compile(r"(?<=\S) (?=\S)")  # a space between two non-space characters
 
 
@@ -133,7 +171,7 @@ def _find_cut(text: str, max_chars: int, by_lines: bool) -> int | None:
     if by_lines:
         i = window.rfind("\n", 0, len(window) - 1)
         while i >= 0:
-            if not window[i + 1].isspace():
+            if not window[i + 1].isspace() and i > 0 and not window[i - 1].isspace():
                 return i + 1
             i = window.rfind("\n", 0, i)
     i = window.rfind(" ", 0, len(window) - 1)
@@ -252,6 +290,21 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
                              f"{type(value).__name__}, not a string")
         if value.strip():
             yield Document(value, path, line_no, True, offset)
+
+
+# -- Parquet / Arrow / datasets folders ----------------------------------------------------------
+
+
+def _table_column_documents(path: Path, column: str | int) -> Iterator[Document]:
+    for row in iter_rows(path, [column], flag="--column (or --field)"):
+        value = row.values[0]
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise ValueError(f"{path}: row {row.number}: column {column!r} holds {type(value).__name__}, not "
+                             f"text; choose the text column with --column (or --field)")
+        if value.strip():
+            yield Document(value, path, row.number, True, row.position)
 
 
 # -- .csv / .tsv ---------------------------------------------------------------------------------

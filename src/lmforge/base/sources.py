@@ -13,7 +13,11 @@ readers of `lmforge.data`):
   error, a NUL byte, a UTF-16 or an unnamed gzip file is a ValueError naming the file, the
   line and the byte offset.
 - progress bars count the bytes read of the file on disk (the compressed position of a .gz),
-  so they end at its size.
+  so they end at its size (`input_size`: of a folder, the sum of its files).
+- a binary file is known by its first bytes (`sniff_binary`): Parquet and Arrow files are read
+  as tables (`lmforge.base.readers_arrow`) whatever their name; any other binary (zip, bzip2,
+  xz, zstd, 7z, PDF, NumPy, pickle, safetensors, SQLite, images, executables) read as text is a
+  ValueError naming what it is and the formats lmforge reads (`binary_error`), not a UTF-8 error.
 """
 
 from __future__ import annotations
@@ -33,6 +37,78 @@ _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _COMPRESSED = {".bz2", ".xz", ".zst", ".zip", ".7z", ".tgz", ".tar"}  # refused (.gz is read)
 # What a damaged or cut-short gzip stream raises while it is read.
 _GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+
+
+# (leading bytes, trailing bytes, the format lmforge reads it as or None, what it is). A check on
+# both ends where a text file could start with the bytes ("PAR1 ...").
+_MAGIC: tuple[tuple[bytes, bytes, str | None, str], ...] = (
+    (b"PAR1", b"PAR1", "parquet", "Parquet"),
+    (b"ARROW1", b"ARROW1", "arrow", "Arrow IPC"),
+    (b"\xff\xff\xff\xff", b"", "arrow", "Arrow IPC stream"),
+    (b"PK\x03\x04", b"", None, "zip archive"),
+    (b"7z\xbc\xaf\x27\x1c", b"", None, "7z archive"),
+    (b"\xfd7zXZ\x00", b"", None, "xz-compressed"),
+    (b"\x28\xb5\x2f\xfd", b"", None, "zstd-compressed"),
+    (b"%PDF-", b"", None, "PDF"),
+    (b"\x93NUMPY", b"", None, "NumPy .npy"),
+    (b"SQLite format 3\x00", b"", None, "SQLite database"),
+    (b"\x89PNG\r\n\x1a\n", b"", None, "PNG image"),
+    (b"\xff\xd8\xff", b"", None, "JPEG image"),
+    (b"\x7fELF", b"", None, "executable (ELF)"),
+) + tuple((b"\x80" + bytes([v]), b"", None, "Python pickle") for v in (2, 3, 4, 5))
+READ_FORMATS = (".txt, .jsonl, .csv, .tsv (or .gz of them), .parquet, .arrow, or a folder written by "
+                "`datasets` save_to_disk")
+"""What lmforge reads, for error messages."""
+
+
+def sniff_binary(path: Path, head: bytes | None = None) -> tuple[str | None, str] | None:
+    """(the format lmforge reads it as, or None; what it is) for a binary file known by its first
+    bytes (`head`: the first bytes already read, e.g. of a decompressed stream), else None."""
+    path = Path(path)
+    if head is None:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    for start, end, fmt, what in _MAGIC:
+        if head.startswith(start) and (not end or _ends_with(path, end)):
+            return fmt, what
+    if bz2_magic(head) or _safetensors_head(head):
+        return None, "bzip2-compressed" if bz2_magic(head) else "safetensors weights"
+    return None
+
+
+def bz2_magic(head: bytes) -> bool:
+    return len(head) >= 10 and head[:3] == b"BZh" and head[3:4].isdigit() and head[4:10] == b"1AY&SY"
+
+
+def _safetensors_head(head: bytes) -> bool:
+    """An 8-byte little-endian header length (well under 4 GiB), then the JSON header."""
+    return len(head) >= 10 and head[4:8] == b"\0\0\0\0" and head[8:10] in (b"{\"", b"{}")
+
+
+def _ends_with(path: Path, end: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            if f.tell() < len(end) * 2:
+                return False
+            f.seek(-len(end), 2)
+            return f.read() == end
+    except OSError:
+        return False
+
+
+def binary_error(path: Path, what: str, inside_gzip: bool = False) -> ValueError:
+    """The error for a binary file read as text: what it is, and what lmforge reads."""
+    where = "the gzip file holds " if inside_gzip else "this is "
+    return ValueError(f"{path}: {where}a {what} file (binary), not text; lmforge reads {READ_FORMATS}")
+
+
+def input_size(path: Path) -> int:
+    """Bytes on disk of an input: a file's size, a folder's files summed (for progress bars)."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return path.stat().st_size
 
 
 def is_gzip(path: Path) -> bool:
@@ -103,6 +179,19 @@ def _check_start(path: Path, head: bytes) -> None:
     if head.startswith(_GZIP_MAGIC) and not is_gzip(path):
         raise ValueError(f"{path}: the file is gzip-compressed (it starts with the gzip magic bytes); "
                          f"name it {path.name}.gz and it is decompressed while read")
+    known = _sniff_inside_gzip(head) if is_gzip(path) else sniff_binary(path)
+    if known is not None:
+        raise binary_error(path, known[1], inside_gzip=is_gzip(path))
+
+
+def _sniff_inside_gzip(head: bytes) -> tuple[str | None, str] | None:
+    """What a decompressed stream holds, by its first bytes alone (no file end to check)."""
+    for start, _, fmt, what in _MAGIC:
+        if head.startswith(start) and start not in (b"PAR1", b"ARROW1"):
+            return fmt, what
+    if head.startswith(b"PAR1\x15") or head.startswith(b"ARROW1\0"):
+        return None, "Parquet" if head.startswith(b"PAR1") else "Arrow IPC"
+    return (None, "bzip2-compressed") if bz2_magic(head) else None
 
 
 def _nul_error(path: Path, line_no: int) -> ValueError:

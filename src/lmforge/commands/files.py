@@ -7,7 +7,8 @@ file are empty texts (they get their vectors, or their label), not skipped. A .j
 holds one JSON object per line, the text under `column`; a blank line there is an error (it
 is no record; an empty text is `{"text": ""}`). A .csv/.tsv file gives the cell in `column`
 (a name means a header row; a 0-based index, no header) of every row, an empty cell being
-an empty text. Files are decoded as strict UTF-8 by `lmforge.base.sources`, so a bad byte is
+an empty text; a Parquet / Arrow file or a `datasets` folder gives the value in `column` of
+every row (a null is an empty text). Files are decoded as strict UTF-8 by `lmforge.base.sources`, so a bad byte is
 an error naming the file and the line; .gz files are read directly.
 
 An output file may not be a folder, sit in a folder that does not exist, or be one of the
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmforge.base.readers import check_inputs, input_format, parse_json_line
+from lmforge.base.readers_arrow import iter_rows
 from lmforge.base.sources import iter_lines
 
 
@@ -33,6 +35,8 @@ def read_input_texts(path: Path, column: str | int = "text", flag: str = "--inpu
         texts = list(_jsonl_texts(path, str(column)))
     elif fmt in ("csv", "tsv"):
         texts = list(_table_texts(path, column, "\t" if fmt == "tsv" else ","))
+    elif fmt in ("parquet", "arrow", "dataset"):  # a null is an empty text: row i stays text i
+        texts = ["" if row.values[0] is None else str(row.values[0]) for row in iter_rows(path, [column])]
     else:
         texts = [text.removesuffix("\n") for _, text, _ in iter_lines(path)]
     if not texts:

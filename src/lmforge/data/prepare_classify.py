@@ -8,6 +8,8 @@ stratified train/val/test split, and writing one labelled sample per text.
   ["label", "text"]) or by 0-based indices. `.tsv` is read without quote handling.
 - `.jsonl`: one object per line with the text and label fields.
 - any of these gzip-compressed (`.csv.gz`, ...): decompressed while read.
+- Parquet, Arrow and `datasets` save_to_disk folders: the two columns by name or index; an
+  integer label of a `datasets` ClassLabel column becomes its class name.
 - `fmt="sms"`: the SMS Spam Collection as distributed (`label<TAB>text`, no header, any file
   name); the same as a header-less `.tsv` with columns ["label", "text"].
 
@@ -42,6 +44,7 @@ from typing import Iterator, Literal, NamedTuple
 import numpy as np
 
 from lmforge.base.readers import check_inputs
+from lmforge.base.readers_arrow import class_names, columnar_format, iter_rows
 from lmforge.base.sources import format_suffix, iter_lines
 from lmforge.data.pipeline import (SPLIT_NAMES, OpenTokenizer, check_numbers, check_wanted_splits, open_tokenizer,
                                    split_names, wanted_splits, write_folder_meta, writing_folder)
@@ -153,6 +156,8 @@ def read_records(path: Path, *, fmt: Format = "auto", text_column: str | int = "
                  columns: list[str] | None = None, allowed: list[str] | None = None) -> list[Record]:
     """The (text, label) records of one file; ValueError naming the line for a bad one."""
     path = Path(path)
+    if fmt == "auto" and columnar_format(path) is not None:
+        fmt = "table"
     if fmt == "auto":
         # format_suffix: the extension before .gz (a .gz is decompressed while read)
         fmt = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}.get(format_suffix(path), "")
@@ -163,8 +168,12 @@ def read_records(path: Path, *, fmt: Format = "auto", text_column: str | int = "
     if fmt == "sms":
         fmt, header, columns = "tsv", False, ["label", "text"]
         text_column, label_column = "text", "label"
-    rows = _jsonl_rows(path, text_column, label_column) if fmt == "jsonl" else \
-        _table_rows(path, fmt, text_column, label_column, header, columns)
+    if fmt == "table":
+        rows = _columnar_rows(path, text_column, label_column)
+    elif fmt == "jsonl":
+        rows = _jsonl_rows(path, text_column, label_column)
+    else:
+        rows = _table_rows(path, fmt, text_column, label_column, header, columns)
     records = []
     for line, text, label in rows:
         if text is None or not str(text).strip():
@@ -205,6 +214,16 @@ def _table_rows(path: Path, fmt: str, text_column: str | int, label_column: str 
                    row[label_at] if label_at < len(row) else None)
     except csv.Error as e:
         raise ValueError(f"{path}: line {reader.line_num}: malformed {fmt.upper()} ({e})") from None
+
+
+def _columnar_rows(path: Path, text_column: str | int, label_column: str | int
+                   ) -> Iterator[tuple[int, str | None, str | None]]:
+    names = class_names(path, label_column)
+    for row in iter_rows(path, [text_column, label_column], flag="--column / --label-column"):
+        text, label = row.values
+        if names is not None and isinstance(label, int) and 0 <= label < len(names):
+            label = names[label]
+        yield row.number, text, None if label is None else str(label)
 
 
 def _position(path: Path, names: list[str] | None, column: str | int, what: str, header: bool) -> int:

@@ -25,6 +25,8 @@ Input formats (by extension; `.gz` of any of them is read directly):
   utterances separated by `__eou__`.
 - `.jsonl`: one dialogue per line, `{"turns": ["...", ...]}` or
   `{"messages": [{"role": "user"|"assistant"|..., "content": "..."}, ...]}`.
+- Parquet, Arrow and `datasets` save_to_disk folders: one dialogue per row, in a `messages` or
+  `turns` column shaped as in JSONL.
 
 CRLF, a byte-order mark and whitespace around utterances are dropped. A dialogue whose
 turns are all empty is counted and skipped. A split holding dialogues but no reply token
@@ -46,6 +48,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge.base.readers import check_inputs, parse_json_line
+from lmforge.base.readers_arrow import column_names, columnar_format, iter_rows
 from lmforge.base.sources import format_suffix, iter_lines
 from lmforge.data.dialogue_format import ROLE_NAMES, build_sample, dialogue_specials
 from lmforge.data.pipeline import (Splitter, check_numbers, check_wanted_splits, open_tokenizer, parallelism,
@@ -106,8 +109,8 @@ def _text_dialogues(path: Path) -> Iterator[Dialogue]:
         yield _dialogue(block, _alternating(len(block)), path, start)
 
 
-def _jsonl_dialogue(record: object, path: Path, line_no: int) -> Dialogue:
-    where = f"{path}: line {line_no}"
+def _jsonl_dialogue(record: object, path: Path, line_no: int, unit: str = "line") -> Dialogue:
+    where = f"{path}: {unit} {line_no}"
     if isinstance(record, dict) and isinstance(record.get("turns"), list):
         turns = record["turns"]
         if not all(isinstance(t, str) for t in turns):
@@ -138,9 +141,20 @@ def _jsonl_dialogues(path: Path) -> Iterator[Dialogue]:
         yield _jsonl_dialogue(parse_json_line(path, line_no, text), path, line_no)
 
 
+def _table_dialogues(path: Path) -> Iterator[Dialogue]:
+    names = column_names(path)
+    key = next((k for k in ("messages", "turns") if k in names), None)
+    if key is None:
+        raise ValueError(f"{path}: no \"messages\" or \"turns\" column; the columns are {names}")
+    for row in iter_rows(path, [key]):
+        yield _jsonl_dialogue({key: row.values[0]}, path, row.number, unit="row")
+
+
 def iter_dialogues(path: Path) -> Iterator[Dialogue]:
     """Stream the dialogues of one file (format by extension, see the module docstring)."""
     path = Path(path)
+    if columnar_format(path) is not None and path.suffix.lower() != ".gz":
+        return _table_dialogues(path)
     suffix = format_suffix(path)  # the one before .gz; refuses other compressed files
     if suffix == ".jsonl":
         return _jsonl_dialogues(path)

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge.base.readers import check_inputs, iter_documents
+from lmforge.base.sources import input_size
 from lmforge.data.pipeline import (Splitter, check_numbers, open_tokenizer, parallelism, split_names,
                                    wanted_splits, write_folder_meta, writing_folder)
 from lmforge.data.store import TokenStoreWriter, cut_sample, dtype_for, move_last_sample, split_counts
@@ -88,7 +89,7 @@ def _tokenize_into(tok, paths: list[Path], writers: dict[str, TokenStoreWriter],
     # One worker thread encodes and writes batches in order while this thread reads the next
     # ones: the Rust encoder releases the GIL, so reading overlaps with tokenizing.
     pending: deque[Future] = deque()
-    total = sum(p.stat().st_size for p in paths)
+    total = sum(input_size(p) for p in paths)
     with ThreadPoolExecutor(max_workers=1) as pool, \
             tqdm(total=total, unit="B", unit_scale=True, desc="prepare", file=sys.stderr,
                  disable=not show_progress, mininterval=0.5) as bar:
@@ -116,7 +117,7 @@ def _tokenize_into(tok, paths: list[Path], writers: dict[str, TokenStoreWriter],
                     if len(texts) >= batch_size or batch_chars >= _BATCH_CHARS:
                         submit(base + doc.offset)
                         batch_chars = 0
-                base += path.stat().st_size
+                base += input_size(path)
             if texts:
                 submit(total)
             while pending:

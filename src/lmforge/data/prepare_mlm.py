@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge.base.readers import check_inputs, iter_documents
+from lmforge.base.sources import input_size
 from lmforge.data.pipeline import (Splitter, check_numbers, check_wanted_splits, open_tokenizer, parallelism,
                                    split_names, write_folder_meta, writing_folder)
 from lmforge.data.store import TokenStoreWriter, split_counts
@@ -113,7 +114,7 @@ def _write_sentences(tok, paths: list[Path], writers: dict[str, TokenStoreWriter
             pairs[split] += len(kept) - 1
         batch.clear()
 
-    total = sum(p.stat().st_size for p in paths)
+    total = sum(input_size(p) for p in paths)
     with tqdm(total=total, unit="B", unit_scale=True, desc="prepare mlm", file=sys.stderr,
               disable=not show_progress, mininterval=0.5) as bar:
         base, pieces = 0, []
@@ -130,7 +131,7 @@ def _write_sentences(tok, paths: list[Path], writers: dict[str, TokenStoreWriter
                 if len(batch) >= batch_size:
                     flush()
                     bar.update(base + doc.offset - bar.n)
-            base += path.stat().st_size
+            base += input_size(path)
         flush()
         bar.update(total - bar.n)
     return paragraphs, pairs
