@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -38,6 +37,7 @@ from lmforge.train.log import Interval, format_eval_line, format_train_line, thr
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
 from lmforge.train.parallel import (NamedOptimizerState, check_strategy, full_model_state, plain_model, unwrap,
                                     wrap_model)
+from lmforge.train.result import TrainResult
 from lmforge.train.resume import finished_detail, reached_its_end, resumed_data_lines
 from lmforge.train.setup import (build_model, check_run_folder_free, hold_run_folder, open_run_folder, read_resume,
                                  steps_per_epoch)
@@ -46,27 +46,6 @@ from lmforge.train.state import DataIdentity, LoopState, RngState, upgrade_train
 from lmforge.train.step import forward_backward
 from lmforge.train.tasks import best_score
 from lmforge.train.update import DeviceCounters, defers_host_sync, device_update, host_update
-
-
-@dataclass
-class TrainResult:
-    """How a run ended."""
-
-    run_dir: Path
-    steps: int
-    reason: str
-    """max_steps, max_time, early_stop, signal, non_finite, or finished (a resumed run that had
-    already reached its length: nothing was done, `detail` says so)."""
-    best_val_loss: float
-    last_eval: dict = field(default_factory=dict)
-    elapsed: float = 0.0
-    exit_code: int = 0
-    is_main: bool = True
-    """Whether this process is rank 0, the one that writes the run folder."""
-    report: Path | None = None
-    """report.html, once `lmforge.train.run.run_training` wrote it."""
-    detail: str = ""
-    """Why nothing was trained (a finished run), for the caller to say."""
 
 
 def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False, handle_signals: bool = False,
