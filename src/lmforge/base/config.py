@@ -112,13 +112,15 @@ def _parse_override(item: str) -> dict[str, Any]:
         raise ValueError(f"override {item!r}: expected section.key=value")
     key, _, text = item.partition("=")
     parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
+    if len(parts) < 2 or not all(parts):
         raise ValueError(f"override {item!r}: the key must look like section.key (e.g. train.lr=3e-4)")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
-    return {parts[0]: {parts[1]: value}}
+    for part in reversed(parts):  # section.key, or section.group.key (train.lora.rank=8)
+        value = {part: value}
+    return value
 
 
 def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:

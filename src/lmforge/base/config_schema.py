@@ -67,6 +67,40 @@ class DataConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class LoRAConfig:
+    """Low-rank adapters (LoRA): the model's weights stay frozen and each targeted linear layer
+    learns W + (alpha / rank) * B @ A, B (out, rank) starting at zero, A (rank, in)."""
+
+    rank: int = 0
+    """The adapters' rank r; 0 turns LoRA off. Needs model.init_from (the frozen base)."""
+    alpha: float = 16.0
+    """The scale is alpha / rank (as peft's lora_alpha)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (as peft's lora_dropout)."""
+    targets: list[str] = field(default_factory=list)
+    """Which linear layers get adapters, by name: a layer matches a name equal to its last
+    components (c_attn, attn.c_proj, query) or a regular expression matching its whole name;
+    empty: every linear layer inside the transformer blocks."""
+    trainable: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapters, by name as for targets (a classifier's
+    head, `classifier`, always is); saved with the adapter (peft's modules_to_save)."""
+
+    def __post_init__(self) -> None:
+        _check_finite(self, "train.lora")
+        errors: list[str] = []
+        _check(errors, self.rank >= 0, "train.lora.rank", "must be >= 0 (0: no LoRA)")
+        _check(errors, self.alpha > 0, "train.lora.alpha", "must be positive")
+        _check(errors, 0.0 <= self.dropout < 1.0, "train.lora.dropout", "must be in [0, 1)")
+        for name in ("targets", "trainable"):
+            for i, pattern in enumerate(getattr(self, name)):
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    errors.append(f"train.lora.{name}[{i}]: {pattern!r} is not a regular expression ({err})")
+        _raise_if(errors)
+
+
+@dataclass(kw_only=True, slots=True)
 class TrainConfig:
     task: Task = "lm"
     """What is learned; must match the prepared data's task."""
@@ -129,8 +163,14 @@ class TrainConfig:
     sample_tokens: int = 200
     """New tokens per sample generation."""
     trainable: str = "all"
-    """Which parameters a fine-tune trains (classify): all, head, or last_blocks:K (the head,
-    the last K blocks and the final norm; chapter 6 of the book uses last_blocks:1)."""
+    """Which parameters a fine-tune trains (every task): all, head (the output layer: the
+    classifier, GPT's tied lm_head, BERT's pretraining heads), or last_blocks:K (the head, the
+    last K blocks and the final norm / pooler; chapter 6 of the book uses last_blocks:1)."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Low-rank adapters on a frozen model.init_from (`train.lora.rank=8`); see LoRAConfig."""
+    activation_checkpointing: bool = False
+    """Keep only each block's input in the forward and recompute the block in the backward:
+    less activation memory for about one more forward pass of compute."""
     best_metric: BestMetric = "auto"
     """Which validation metric picks the best checkpoint; auto: val_accuracy for classify,
     val_loss otherwise."""
@@ -160,6 +200,9 @@ class TrainConfig:
         _check(errors, self.sample_tokens >= 0, "train.sample_tokens", "must be >= 0")
         _check(errors, re.fullmatch(r"all|head|last_blocks:\d+", self.trainable) is not None,
                "train.trainable", f"{self.trainable!r}: choose all, head or last_blocks:K (e.g. last_blocks:1)")
+        _check(errors, self.lora.rank == 0 or self.trainable == "all", "train.trainable",
+               f"{self.trainable!r} with train.lora: the adapters are what trains; list modules to train "
+               "in full in train.lora.trainable")
         _raise_if(errors)
 
 

@@ -44,7 +44,9 @@ def load_checkpoint(
 
     Raises FileNotFoundError if the folder does not exist and CheckpointError (naming the
     file or tensor) if it is incomplete, damaged, holds non-finite weights or a training
-    state that is not plain data.
+    state that is not plain data. An adapter checkpoint's state dict is complete: its frozen
+    base's weights (checked against the recorded sha256) under the adapted model's names, then
+    the adapter's own tensors.
     """
     path = Path(path)
     if not path.is_dir():
@@ -54,6 +56,8 @@ def load_checkpoint(
     model_config = _read_json(path / "config.json")
     run_config = _read_json(path / "run_config.json") if "run_config.json" in manifest["files"] else None
     state_dict = _read_weights(path / "model.safetensors", map_location)
+    if "lora" in model_config:
+        state_dict = {**_base_weights(path, model_config["lora"], map_location), **state_dict}
     training_state = None
     if with_training_state:
         if "training_state.pt" not in manifest["files"]:
@@ -62,6 +66,38 @@ def load_checkpoint(
     return Checkpoint(path=path, model_config=model_config, state_dict=state_dict,
                       tokenizer_file=path / "tokenizer.json", run_config=run_config,
                       training_state=training_state)
+
+
+def base_reference(path: Path, prefix: str = "") -> dict[str, str]:
+    """How an adapter names its frozen base checkpoint: absolute path, the sha256 of its weights
+    (from its manifest) and the prefix its tensor names take in the adapted model."""
+    path = Path(path).absolute()
+    entry = read_manifest(path)["files"].get("model.safetensors")
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        raise CheckpointError(f"{path / MANIFEST}: no sha256 for model.safetensors")
+    return {"path": str(path), "sha256": entry["sha256"], "prefix": prefix}
+
+
+def _base_weights(path: Path, lora: Any, map_location: str | torch.device) -> dict[str, torch.Tensor]:
+    """The frozen base's weights under the adapted model's names, checked against the sha256 the
+    adapter recorded."""
+    base = lora.get("base") if isinstance(lora, dict) else None
+    if not (isinstance(base, dict) and all(isinstance(base.get(k), str) for k in ("path", "sha256", "prefix"))):
+        raise CheckpointError(f"{path / 'config.json'}: the lora entry names no base checkpoint "
+                              '("base": {"path", "sha256", "prefix"})')
+    where = Path(base["path"])
+    if not (where / MANIFEST).is_file():
+        raise CheckpointError(f"{path}: a LoRA adapter whose frozen base checkpoint {where} (model.safetensors "
+                              f"sha256 {base['sha256'][:16]}...) is not there; put the base back at that path, "
+                              "or use a merged export (lmforge export --format hf --merge) made while it was")
+    found = base_reference(where)["sha256"]
+    if found != base["sha256"]:
+        raise CheckpointError(f"{path}: its base checkpoint {where} has changed (model.safetensors sha256 "
+                              f"{found[:16]}..., the adapter was trained on {base['sha256'][:16]}...)")
+    ckpt = load_checkpoint(where, map_location=map_location)
+    if "lora" in ckpt.model_config:
+        raise CheckpointError(f"{path}: its base {where} is itself an adapter; merge it first")
+    return {base["prefix"] + k: v for k, v in ckpt.state_dict.items()}
 
 
 def _verify_files(path: Path, files: dict[str, Any]) -> None:

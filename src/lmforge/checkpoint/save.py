@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from lmforge.base.faults import fault_point
 from lmforge.base.version import __version__
 from lmforge.base.files import fsync_dir, remove_path, sha256_of
+from lmforge.models.lora import adapter_state
 from lmforge.checkpoint.format import DISK_FULL_ERRNOS, MANIFEST, MANIFEST_FORMAT, PLAIN_SCALARS, CheckpointError
 
 
@@ -60,7 +61,7 @@ def save_checkpoint(
         raise FileNotFoundError(f"{tokenizer_file}: tokenizer file not found (pass the model's tokenizer.json)")
     if not isinstance(model_config, dict) or not isinstance(model_config.get("model_type"), str):
         raise ValueError('model_config: needs a "model_type" string ("gpt" or "bert")')
-    tensors, aliases = _unique_tensors(model_state)
+    tensors, aliases = _unique_tensors(_saved_part(model_state, model_config))
     if training_state is not None:
         _check_plain(training_state, "training_state")
     step, epoch = _step_and_epoch(step, epoch, training_state)
@@ -115,6 +116,13 @@ def save_checkpoint(
         raise
     _swap_in(tmp, path)
     return path
+
+
+def _saved_part(state: dict[str, torch.Tensor], model_config: dict) -> dict[str, torch.Tensor]:
+    """What the folder holds of the weights: all of them, or for a model with low-rank adapters (a
+    "lora" entry in its config) the adapters and the modules it trains in full; the frozen base
+    stays where the entry's path and sha256 name it."""
+    return adapter_state(state, model_config["lora"]) if "lora" in model_config else state
 
 
 def _swap_in(tmp: Path, path: Path) -> None:

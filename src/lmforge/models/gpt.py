@@ -21,7 +21,6 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.models.activations import ACTIVATIONS
@@ -31,6 +30,7 @@ from lmforge.ops.decode import KVCache
 from lmforge.ops.dropout import Dropout
 from lmforge.ops.linear import add_projection
 from lmforge.ops.lm_loss import lm_head_cross_entropy
+from lmforge.ops.lora import LoRALinear, project
 
 # vocab_size comes from the tokenizer, except for "gpt2", which pins GPT-2's own vocabulary.
 GPT_PRESETS: dict[str, dict[str, int]] = {
@@ -148,12 +148,12 @@ def block(x: Tensor, p: BlockParts, attn_mask: Tensor | None, is_causal: bool,
     """
     C = x.shape[-1]  # torch.layer_norm: F.layer_norm without its Python wrapper (a decode step is tiny calls)
     h = torch.layer_norm(x, (C,), p.ln_1.weight, p.ln_1.bias, p.eps)  # (B, T, C)
-    qkv = F.linear(h, p.c_attn.weight, p.c_attn.bias)  # (B, T, 3C)
+    qkv = project(h, p.c_attn)  # (B, T, 3C)
     y = attend(qkv, p.n_head, causal=is_causal, attn_mask=attn_mask, kv=kv, start=start,
                dropout_p=p.attn_dropout)  # (B, T, C): softmax(q k^T / sqrt(hs)) v, heads side by side
     x = add_projection(x, p.attn_proj, y, p.resid_dropout)  # (B, T, C): x + dropout(c_proj(y))
     h = torch.layer_norm(x, (C,), p.ln_2.weight, p.ln_2.bias, p.eps)  # (B, T, C)
-    h = p.act(F.linear(h, p.c_fc.weight, p.c_fc.bias))  # (B, T, 4C)
+    h = p.act(project(h, p.c_fc))  # (B, T, 4C)
     return add_projection(x, p.mlp_proj, h, p.mlp_dropout)  # (B, T, C): x + dropout(c_proj(h))
 
 
@@ -198,11 +198,17 @@ class Block(nn.Module):
         """This block's tensors and settings, as they are now (training flag included)."""
         attn, mlp = self.attn, self.mlp
         return BlockParts(
-            ln_1=Affine(self.ln_1.weight, self.ln_1.bias), c_attn=Affine(attn.c_attn.weight, attn.c_attn.bias),
-            attn_proj=Affine(attn.c_proj.weight, attn.c_proj.bias), ln_2=Affine(self.ln_2.weight, self.ln_2.bias),
-            c_fc=Affine(mlp.c_fc.weight, mlp.c_fc.bias), mlp_proj=Affine(mlp.c_proj.weight, mlp.c_proj.bias),
+            ln_1=Affine(self.ln_1.weight, self.ln_1.bias), c_attn=_affine(attn.c_attn),
+            attn_proj=_affine(attn.c_proj), ln_2=Affine(self.ln_2.weight, self.ln_2.bias),
+            c_fc=_affine(mlp.c_fc), mlp_proj=_affine(mlp.c_proj),
             act=mlp.act, n_head=attn.n_head, eps=self.ln_1.eps, attn_dropout=attn.dropout if self.training else 0.0,
             resid_dropout=attn.resid_dropout, mlp_dropout=mlp.dropout)
+
+
+def _affine(linear: nn.Linear) -> Affine | LoRALinear:
+    """A Linear's weight and bias for `block`; a layer with a low-rank adapter stays a module
+    (`lmforge.ops.lora.project` runs its adapter's path too)."""
+    return linear if isinstance(linear, LoRALinear) else Affine(linear.weight, linear.bias)
 
 
 class GPT(nn.Module):

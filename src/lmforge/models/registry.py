@@ -13,6 +13,7 @@ from lmforge.models.bert import flops_per_token as bert_flops_per_token
 from lmforge.models.gpt import GPT, GPT_PRESETS, GPTConfig
 from lmforge.models.gpt import flops_per_token as gpt_flops_per_token
 from lmforge.models.heads import SequenceClassifier
+from lmforge.models.lora import add_adapters, without_lora
 
 
 def architecture(cfg: ModelConfig, vocab_size: int) -> dict:
@@ -34,6 +35,8 @@ def architecture(cfg: ModelConfig, vocab_size: int) -> dict:
 
 
 def model_from_architecture(arch: dict) -> nn.Module:
+    if "lora" in arch:  # the model underneath, with low-rank adapters (lmforge.models.lora)
+        return add_adapters(model_from_architecture(without_lora(arch)), arch["lora"])
     kind = arch.get("model_type")
     if kind == "gpt":
         return GPT(GPTConfig.from_dict({k: v for k, v in arch.items() if k != "model_type"}))

@@ -34,6 +34,7 @@ from torch.autograd.function import once_differentiable
 from lmforge.ops import kernels
 from lmforge.ops.decode import append_to_cache
 from lmforge.ops.dropout import dropout
+from lmforge.ops.lora import LoRALinear
 
 _SEED_RANGE = 2**62
 
@@ -68,6 +69,9 @@ def attend_projections(x: Tensor, query: nn.Linear, key: nn.Linear, value: nn.Li
     """Bidirectional `attend` of x (B, T, C) through three projections (BERT's), as (B, T, C).
     Where the kernel applies, one product over the three weights gives the qkv it reads in place."""
     B, T, C = x.shape
+    if kernels.applies_to(x) and any(isinstance(p, LoRALinear) for p in (query, key, value)):
+        qkv = torch.cat([proj(x) for proj in (query, key, value)], dim=-1)  # (B, T, 3C), adapters included
+        return attend(qkv, n_head, causal=False, key_padding=key_padding, dropout_p=dropout_p)  # (B, T, C)
     if kernels.applies_to(x):
         weight = torch.cat((query.weight, key.weight, value.weight))  # (3C, C)
         bias = torch.cat((query.bias, key.bias, value.bias))

@@ -1,8 +1,8 @@
 """A residual projection fused into its matrix product: residual + dropout(linear(x)).
 
 Without dropout, the product adds itself onto residual + bias in place (`addmm_`): one pass
-over the output fewer than a product followed by a sum. Under autocast, with dropout, or
-without a bias, it is the plain sum.
+over the output fewer than a product followed by a sum. Under autocast, with dropout, without a
+bias, or with a low-rank adapter (`lmforge.ops.lora`), it is the plain sum.
 """
 
 from __future__ import annotations
@@ -10,10 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lmforge.ops.lora import LoRALinear
+
 
 def add_projection(residual: Tensor, linear: nn.Linear, x: Tensor, dropout: nn.Dropout) -> Tensor:
     """residual + dropout(linear(x)) for x (..., in) and residual (..., out); `linear` is anything
     with a `weight` (out, in) and a `bias`."""
+    if isinstance(linear, LoRALinear):  # the adapter's path is a product of its own
+        return residual + dropout(linear(x))
     if (linear.bias is None or (dropout.training and dropout.p > 0) or x.dtype != residual.dtype
             or torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type)):  # x.device: slow in a decode step
         return residual + dropout(torch.nn.functional.linear(x, linear.weight, linear.bias))

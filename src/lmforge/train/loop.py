@@ -39,8 +39,8 @@ from lmforge.train.parallel import (NamedOptimizerState, check_strategy, full_mo
                                     wrap_model)
 from lmforge.train.result import TrainResult
 from lmforge.train.resume import finished_detail, reached_its_end, resumed_data_lines
-from lmforge.train.setup import (build_model, check_run_folder_free, hold_run_folder, open_run_folder, read_resume,
-                                 steps_per_epoch)
+from lmforge.train.setup import (build_model, check_run_folder_free, hold_run_folder, model_summary, open_run_folder,
+                                 read_resume, steps_per_epoch)
 from lmforge.train.signals import StopSignal
 from lmforge.train.state import DataIdentity, LoopState, RngState, upgrade_training_state
 from lmforge.train.step import forward_backward
@@ -128,8 +128,8 @@ class Trainer:
                             rt.world_size, t.peak_flops)
         self.log.line(f"lmforge train | {self.run_dir} | {rt.describe()}")
         self.log.line(prepare_for_training(rt.device))  # builds lmforge's CPU kernels on a first run
-        self.log.line(f"model {self.arch['model_type']} {sum(p.numel() for p in self.model.parameters()):,} "
-                      f"parameters | train {len(self.train_ds):,} samples, {self.steps_per_epoch:,} steps/epoch | "
+        self.log.line(f"{model_summary(unwrap(self.model), self.arch, t, self.context)} "
+                      f"| train {len(self.train_ds):,} samples, {self.steps_per_epoch:,} steps/epoch | "
                       f"global batch {self.window} (micro {t.batch_size} x accum {t.grad_accum} x world "
                       f"{rt.world_size}) | {self.total_steps:,} steps"
                       + (f" | resumed at step {self.state.step}" if self.state.step else ""))

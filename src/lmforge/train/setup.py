@@ -20,9 +20,13 @@ from lmforge.base.locks import hold_folder
 from lmforge.base.runtime import Runtime
 from lmforge.checkpoint import Checkpoint, load_checkpoint, load_model
 from lmforge.models.registry import architecture, model_from_architecture
+from lmforge.models.lora import merged_state, without_lora
+from lmforge.train.activation_checkpointing import enable as enable_checkpointing
 from lmforge.train.init_from import check_task_model, with_context
+from lmforge.train.lora import adapt
 from lmforge.train.log import RunLogger, truncate_metrics
 from lmforge.train.tasks import Task, task_for_data
+from lmforge.train.trainable import apply_trainable, model_summary  # noqa: F401  (model_summary: the loop's header)
 
 _held = threading.local()
 
@@ -60,7 +64,9 @@ def check_run_folder_free(run_dir: Path) -> None:
 def build_model(cfg: Config, meta: dict, device: torch.device) -> tuple[nn.Module, dict, Task]:
     """(model on `device`, its architecture, the task): new or from model.init_from (its
     architecture already settled into `cfg`, `lmforge.train.init_from.settle_init_from`), as the
-    task prepares it (classify adds a head). A model the task cannot train is refused first."""
+    task prepares it (classify adds a head), with what trains chosen (`train.lora`'s adapters,
+    else `train.trainable`) and activation checkpointing on when asked. A model the task cannot
+    train is refused first."""
     task_cls = task_for_data(cfg, meta)
     vocab_size = int(meta["vocab_size"])
     if cfg.model.init_from is None:
@@ -72,6 +78,12 @@ def build_model(cfg: Config, meta: dict, device: torch.device) -> tuple[nn.Modul
     model.to(device)
     task = task_cls(cfg, meta, model.config.context)
     model, arch = task.prepare_model(model, arch)
+    if cfg.train.lora.rank:  # adapters on the frozen model; otherwise train.trainable picks
+        model, arch = adapt(model, arch, cfg)
+    else:
+        apply_trainable(model, cfg.train.trainable)
+    if cfg.train.activation_checkpointing:
+        enable_checkpointing(model)
     return model.to(device), arch, task
 
 
@@ -85,7 +97,10 @@ def _init_from(cfg: Config, vocab_size: int, task_cls: type[Task]) -> tuple[nn.M
         raise ValueError(f"model.init_from {cfg.model.init_from}: its vocabulary has "
                          f"{ckpt.model_config.get('vocab_size')} tokens but the data in {cfg.data.path} "
                          f"was tokenized with {vocab_size}; prepare the data with the checkpoint's tokenizer")
-    arch, state = with_context(ckpt.model_config, ckpt.state_dict, cfg.model.context)
+    arch, state = ckpt.model_config, ckpt.state_dict
+    if "lora" in arch:  # a LoRA run's checkpoint: its adapters merged into the weights
+        arch, state = without_lora(arch), merged_state(state, arch["lora"])
+    arch, state = with_context(arch, state, cfg.model.context)
     arch = dict(arch, dropout=cfg.model.dropout)
     model, _ = load_model(ckpt.path, checkpoint=dataclasses.replace(ckpt, model_config=arch, state_dict=state))
     return model, arch

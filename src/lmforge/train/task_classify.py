@@ -1,7 +1,7 @@
 """The classify task: fine-tune a GPT or BERT backbone with a linear head on labelled texts.
 
 Owns the labelled-text Dataset, the cross-entropy loss and accuracy per batch, turning the loop's
-model into a `SequenceClassifier` (and freezing by `train.trainable`), and the end-of-training
+model into a `SequenceClassifier` (`train.trainable` is applied by the set-up, for every task), and the end-of-training
 report: full train / val / test accuracy, per-class precision, recall and F1 and the confusion
 matrix, computed with the best checkpoint's weights (`final` events in metrics.jsonl).
 
@@ -25,7 +25,7 @@ from lmforge.data.collate import pad_collate
 from lmforge.data.store import TokenStore
 from lmforge.base.metrics import classification_metrics, confusion_matrix, format_classification
 from lmforge.checkpoint import load_model, read_manifest
-from lmforge.models.heads import SequenceClassifier, apply_trainable, classifier_architecture
+from lmforge.models.heads import SequenceClassifier, classifier_architecture
 from lmforge.train.evaluate import evaluation_sums
 from lmforge.train.tasks import StepStats, Task
 
@@ -113,7 +113,6 @@ class ClassifyTask(Task):
         else:
             arch = classifier_architecture(arch, self.label_names, dropout=self.cfg.model.dropout)
             model = SequenceClassifier(model, len(self.label_names), arch["pooling"], self.cfg.model.dropout)
-        apply_trainable(model, self.cfg.train.trainable)
         return model, arch
 
     def final_report(self, model: nn.Module, rt, log, position: dict) -> dict[str, dict]:

@@ -1,0 +1,113 @@
+"""train.lora: adapters on a frozen base for every task, adapter-only checkpoints naming the base
+by path and sha256, optimizer state for the adapters alone, exact resume, merging."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import TINY_MODEL, tiny_run
+from lmforge.base.config import ConfigError, load_config
+from lmforge.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from lmforge.models.lora import merge_adapters
+from lmforge.models.registry import model_from_architecture
+from lmforge.ops.lora import LoRALinear
+from lmforge.train.loop import train
+
+LORA = {"rank": 4, "alpha": 8.0}
+
+
+@pytest.fixture(scope="module")
+def gpt_base(lm_data, tmp_path_factory) -> Path:
+    """A random tiny GPT saved as a checkpoint (what model.init_from names)."""
+    torch.manual_seed(0)
+    vocab = json.loads((lm_data / "meta.json").read_text())["vocab_size"]
+    arch = {"model_type": "gpt", "vocab_size": vocab, "context": 32, "n_layer": 2, "n_head": 2, "n_embd": 32,
+            "dropout": 0.0, "activation": "gelu"}
+    path = tmp_path_factory.mktemp("base") / "gpt"
+    save_checkpoint(path, model_state=model_from_architecture(arch).state_dict(), model_config=arch,
+                    tokenizer_file=lm_data / "tokenizer.json")
+    return path
+
+
+def lora_run(lm_data: Path, out: Path, base: Path, name: str = "lora", **train_opts) -> dict:
+    cfg = tiny_run(lm_data, out, **{"max_steps": 6, "eval_every": 3, "lora": dict(LORA), **train_opts})
+    cfg["model"] = {"init_from": str(base)}
+    cfg["run"]["name"] = name
+    return cfg
+
+
+def test_a_lora_run_trains_the_adapters_only_and_saves_them_alone(lm_data, gpt_base, tmp_path, capsys):
+    result = train(load_config(None, base=lora_run(lm_data, tmp_path, gpt_base)))
+    header = capsys.readouterr().out
+    assert "trainable (" in header and "LoRA rank 4" in header and "AdamW state" in header
+    last = result.run_dir / "checkpoints" / "last"
+    with safe_open(str(last / "model.safetensors"), framework="pt") as f:
+        stored = sorted(f.keys())
+    # 2 blocks x (c_attn, attn.c_proj, c_fc, mlp.c_proj) x (A, B): no copy of the frozen base
+    assert len(stored) == 16 and all(".lora_A." in k or ".lora_B." in k for k in stored)
+    config = json.loads((last / "config.json").read_text())
+    base_manifest = json.loads((gpt_base / "manifest.json").read_text())
+    assert config["lora"]["base"] == {"path": str(gpt_base.absolute()), "prefix": "",
+                                      "sha256": base_manifest["files"]["model.safetensors"]["sha256"]}
+    ckpt = load_checkpoint(last, with_training_state=True)
+    base = load_checkpoint(gpt_base).state_dict
+    for name, tensor in base.items():  # the frozen base is bitwise what it was
+        assert torch.equal(ckpt.state_dict[name], tensor), name
+    assert any(not torch.equal(ckpt.state_dict[k], torch.zeros_like(ckpt.state_dict[k]))
+               for k in stored if ".lora_B." in k)  # B started at zero and learned
+    # optimizer state exists for the adapter parameters alone
+    optim_state = ckpt.training_state["optimizer"]["state"]
+    assert sorted(optim_state) == stored
+
+
+def test_merged_weights_are_base_plus_scale_b_a_and_give_the_same_logits(lm_data, gpt_base, tmp_path):
+    result = train(load_config(None, base=lora_run(lm_data, tmp_path, gpt_base)), quiet=True)
+    model, ckpt = load_model(result.run_dir / "checkpoints" / "last")
+    model.eval()
+    ids = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        adapted = model(ids)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    expected = {name: m.weight + 2.0 * (m.lora_B.weight @ m.lora_A.weight) for name, m in layers.items()}
+    merged = merge_adapters(model)
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    for name, weight in expected.items():
+        assert torch.equal(merged.get_submodule(name).weight, weight), name
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_a_lora_run_resumes_exactly(lm_data, gpt_base, tmp_path):
+    whole = train(load_config(None, base=lora_run(lm_data, tmp_path, gpt_base, "whole")), quiet=True)
+    first = train(load_config(None, base=lora_run(lm_data, tmp_path, gpt_base, "parts", max_time=None,
+                                                  save_every=3)), quiet=True)
+    assert first.steps == 6
+    cut = lora_run(lm_data, tmp_path, gpt_base, "halves", save_every=3)
+    cut["train"]["max_steps"] = 3
+    train(load_config(None, base=cut), quiet=True)
+    cut["train"]["max_steps"] = 6
+    resumed = train(load_config(None, base=cut), resume_from=tmp_path / "halves" / "checkpoints" / "last",
+                    quiet=True)
+    assert resumed.steps == 6
+    a = load_checkpoint(whole.run_dir / "checkpoints" / "last").state_dict
+    b = load_checkpoint(resumed.run_dir / "checkpoints" / "last").state_dict
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_settings_are_checked(lm_data, gpt_base, tmp_path):
+    with pytest.raises(ConfigError, match="train.lora.rank"):
+        load_config(None, base=tiny_run(lm_data, tmp_path, lora={"rank": -1}))
+    with pytest.raises(ConfigError, match="train.trainable"):
+        load_config(None, base=tiny_run(lm_data, tmp_path, trainable="head", lora={"rank": 2}))
+    cfg = load_config(None, overrides=["data.path=" + str(lm_data), "train.lora.rank=2"], base={})
+    assert cfg.train.lora.rank == 2
+    with pytest.raises(ValueError, match="model.init_from"):
+        train(load_config(None, base=tiny_run(lm_data, tmp_path, lora={"rank": 2})), quiet=True)
+    with pytest.raises(ValueError, match="match no linear layer"):
+        train(load_config(None, base=lora_run(lm_data, tmp_path, gpt_base, lora={"rank": 2, "targets": ["qkv"]})),
+              quiet=True)
