@@ -1,5 +1,6 @@
 """Using a fine-tuned classifier: `load_classifier` (a checkpoint and its label names) and
-`predict_texts` (label and probability per text, encoded as `prepare --task classify` does)."""
+`predict_texts` (label and probability per text, encoded as `prepare --task classify` does),
+`class_probabilities` (every label's probability)."""
 
 from __future__ import annotations
 
@@ -24,20 +25,26 @@ def load_classifier(checkpoint: str | Path, device: str = "auto") -> tuple[Loade
     return loaded, label_names_of(arch)
 
 
-@torch.inference_mode()
 def predict_texts(loaded: LoadedModel, label_names: list[str], texts: list[str],
                   batch_size: int = 32) -> list[tuple[str, float]]:
     """(label, probability of that label) for every text, encoded as `prepare --task classify` does.
 
     An empty text is classified too (GPT: the end-of-text token alone; BERT: `[CLS] [SEP]`), so
     result i is always text i."""
+    probs, best = class_probabilities(loaded, texts, batch_size).max(dim=-1)  # (N,), (N,)
+    return [(label_names[k], float(p)) for k, p in zip(best.tolist(), probs.tolist())]
+
+
+@torch.inference_mode()
+def class_probabilities(loaded: LoadedModel, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+    """The probability of every label for every text, (N, labels) in float32 on the CPU."""
     check_count(batch_size, "batch_size")
     for i, text in enumerate(texts):
         check_text(text, f"text {i + 1}")
     specials, context = loaded.specials, loaded.model.config.context
     wrap = specials.cls is not None and specials.sep is not None
     pad = specials.pad if specials.pad is not None else 0
-    results: list[tuple[str, float]] = []
+    results: list[torch.Tensor] = []
     for start in range(0, len(texts), batch_size):
         encoded = loaded.tokenizer.encode_batch(texts[start:start + batch_size], add_special_tokens=False)
         rows = []
@@ -52,6 +59,5 @@ def predict_texts(loaded: LoadedModel, label_names: list[str], texts: list[str],
             input_ids[i, :len(ids)] = torch.tensor(ids)
             mask[i, :len(ids)] = 1
         logits = loaded.model(input_ids.to(loaded.device), attention_mask=mask.to(loaded.device))  # (B, L)
-        probs, best = logits.float().softmax(dim=-1).max(dim=-1)  # (B,), (B,)
-        results += [(label_names[k], float(p)) for k, p in zip(best.tolist(), probs.tolist())]
-    return results
+        results.append(logits.float().softmax(dim=-1).cpu())  # (B, L)
+    return torch.cat(results) if results else torch.zeros((0, int(loaded.architecture["num_labels"])))

@@ -1,0 +1,139 @@
+"""Decoding many sequences at once, each joining and leaving when it likes: the GPT side of serving.
+
+Owns `BatchDecoder`: one preallocated KV cache of `slots` rows, a prefill that puts a new
+prompt in a free row, and a step that feeds one token to every busy row in one forward.
+
+The rows do not share a length, so the cache is a timeline of columns rather than positions:
+every step writes the new keys and values of all busy rows at the same column `t`, and a
+boolean mask says which columns each row owns. A GPT's position enters through its learned
+position embedding only, which the step adds per row (`wpe[position]`), so where a row's keys
+sit in the timeline does not change its numbers; this lets every step run the model's own
+`block` function (models/gpt.py) on plain cache views, as the single-sequence decoder does.
+A new prompt is written in the columns just before `t` of its row; when the timeline is full,
+each row's columns are packed to the left (rare: the timeline is twice the context).
+
+Busy rows are kept at the front (rows 0 .. n - 1, in the order of `self.owners`): a row that
+leaves is replaced by the last one, so every step works on views of the cache, not copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmforge.models.gpt import GPT, block
+from lmforge.models.gpt_decode import Decoder
+
+
+class BatchDecoder:
+    """`add(key, prompt)` -> logits of the prompt's last position; `step(tokens)` -> logits (n, V)
+    of the next token of every busy row, in the order of `owners`; `remove(key)` frees a row."""
+
+    def __init__(self, model: GPT, slots: int) -> None:
+        if not isinstance(model, GPT):
+            raise ValueError(f"batched decoding runs GPT checkpoints; this one is a {type(model).__name__}")
+        if slots < 1:
+            raise ValueError(f"slots={slots}: must be >= 1")
+        self.parts = Decoder(model)  # the model's tensors, read once (refuses a model in training mode)
+        self.context = model.config.context
+        self.columns = 2 * self.context
+        c = model.config
+        shape = (c.n_layer, slots, c.n_head, self.columns, c.head_dim)  # as KVCache's, a longer timeline
+        weight = model.transformer.wte.weight
+        self.k = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
+        self.v = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
+        self.owned = torch.zeros((slots, self.columns), dtype=torch.bool, device=weight.device)
+        self.positions = torch.zeros(slots, dtype=torch.long, device=weight.device)  # next position per row
+        self.owners: list[object] = []
+        self.slots = slots
+        self.t = 0  # the column the next step writes
+
+    @property
+    def free(self) -> int:
+        return self.slots - len(self.owners)
+
+    def add(self, key: object, prompt: Sequence[int]) -> Tensor:
+        """Prefill `prompt` into a free row owned by `key`; logits (V,) for the token after it."""
+        n = len(prompt)
+        if not 1 <= n < self.context:
+            raise ValueError(f"a prompt of {n} tokens: must be 1 to {self.context - 1} (the context leaves "
+                             "room for at least one new token)")
+        if not self.free:
+            raise ValueError("no free row; remove a finished sequence first")
+        if max(self.t, n) >= self.columns:
+            self._pack()
+        row = len(self.owners)
+        start = self.t - n if self.t >= n else 0
+        self.t = max(self.t, n)
+        p = self.parts
+        ids = torch.as_tensor(list(prompt), dtype=torch.long, device=self.k.device)
+        x = F.embedding(ids, p.wte)[None] + p.wpe[:n]  # (1, n, C)
+        visible = torch.zeros((1, 1, n, start + n), dtype=torch.bool, device=self.k.device)
+        visible[0, 0, :, start:] = torch.ones(n, n, dtype=torch.bool, device=self.k.device).tril()
+        for parts, layer in zip(p.blocks, range(len(p.blocks))):
+            kv = (self.k[layer, row:row + 1], self.v[layer, row:row + 1])  # (1, nh, columns, hs)
+            x = block(x, parts, visible, False, kv, start)  # (1, n, C)
+        self.owned[row] = False
+        self.owned[row, start:start + n] = True
+        self.positions[row] = n
+        self.owners.append(key)
+        return self._logits(x[0, -1:])[0]  # (V,)
+
+    def step(self, tokens: Sequence[int]) -> Tensor:
+        """Feed tokens[i] to busy row i (as ordered in `owners`); logits (n, V) of what follows each."""
+        n = len(self.owners)
+        if len(tokens) != n or n == 0:
+            raise ValueError(f"{len(tokens)} tokens for {n} busy rows")
+        if int(self.positions[:n].max()) >= self.context:
+            raise ValueError(f"a row is at the end of the context ({self.context} positions); remove it first")
+        if self.t >= self.columns:
+            self._pack()
+        t, p = self.t, self.parts
+        ids = torch.as_tensor(list(tokens), dtype=torch.long, device=self.k.device)
+        x = F.embedding(ids, p.wte) + p.wpe[self.positions[:n]]  # (n, C): one new position per row
+        self.owned[:n, t] = True
+        visible = self.owned[:n, None, None, :t + 1]  # (n, 1, 1, t + 1): each row's own columns
+        for parts, layer in zip(p.blocks, range(len(p.blocks))):
+            x = block(x, parts, visible, False, (self.k[layer, :n], self.v[layer, :n]), t)  # (n, C)
+        self.positions[:n] += 1
+        self.t = t + 1
+        return self._logits(x)
+
+    def position(self, key: object) -> int:
+        """How many tokens the row of `key` holds (prompt + fed tokens)."""
+        return int(self.positions[self.owners.index(key)])
+
+    def remove(self, key: object) -> None:
+        """Free the row of `key`: the last busy row moves into it."""
+        row, last = self.owners.index(key), len(self.owners) - 1
+        if row != last:
+            self.k[:, row, :, :self.t] = self.k[:, last, :, :self.t]
+            self.v[:, row, :, :self.t] = self.v[:, last, :, :self.t]
+            self.owned[row] = self.owned[last]
+            self.positions[row] = self.positions[last]
+            self.owners[row] = self.owners[last]
+        self.owners.pop()
+        self.owned[last] = False
+        if not self.owners:
+            self.t = 0
+
+    def _pack(self) -> None:
+        """Move each busy row's columns to the front of the timeline, in order."""
+        longest = 0
+        for row in range(len(self.owners)):
+            cols = self.owned[row].nonzero().flatten()  # (m,)
+            m = cols.numel()
+            self.k[:, row, :, :m] = self.k[:, row, :, cols]
+            self.v[:, row, :, :m] = self.v[:, row, :, cols]
+            self.owned[row] = False
+            self.owned[row, :m] = True
+            longest = max(longest, m)
+        self.t = longest
+
+    def _logits(self, x: Tensor) -> Tensor:
+        """Final hidden rows (n, C) -> logits (n, V) in float32."""
+        p = self.parts
+        return F.linear(torch.layer_norm(x, p.shape, *p.ln_f, p.eps), p.lm_head).float()
