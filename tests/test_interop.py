@@ -165,8 +165,8 @@ def test_pickle_weights_are_read_safely_or_refused(tmp_path: Path, corpus: Path)
 
 def test_unsupported_folder_is_a_clear_error(tmp_path: Path):
     (tmp_path / "x").mkdir()
-    (tmp_path / "x" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
+    (tmp_path / "x" / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    with pytest.raises(ValueError, match="model_type 'mixtral' is not supported"):
         import_hf(tmp_path / "x", tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="config.json"):
         import_hf(tmp_path / "missing", tmp_path / "out")

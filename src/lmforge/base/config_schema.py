@@ -23,10 +23,12 @@ BestMetric = Literal["auto", "val_loss", "val_accuracy"]
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
-    kind: Literal["gpt", "bert"] = "gpt"
-    """Architecture family."""
+    kind: Literal["gpt", "bert", "llama"] = "gpt"
+    """Architecture family: gpt (GPT-2), bert, llama (Llama-class: rotary positions, RMSNorm,
+    SwiGLU, grouped-query attention; Llama, Mistral, Qwen2 and SmolLM shapes)."""
     preset: str | None = "mini"
-    """Named size (see `lmforge.models.gpt.GPT_PRESETS`); fields below override it."""
+    """Named size (`lmforge.models.gpt.GPT_PRESETS`, `bert.BERT_PRESETS`, `llama_config.LLAMA_PRESETS`:
+    tiny, mini, small, medium, smollm-135m, qwen2-0.5b); fields below override it."""
     n_layer: int | None = None
     """Transformer blocks."""
     n_head: int | None = None
@@ -34,7 +36,25 @@ class ModelConfig:
     n_embd: int | None = None
     """Hidden width; must be divisible by n_head."""
     context: int | None = None
-    """Maximum sequence length (learned positions)."""
+    """Maximum sequence length (learned positions; llama: rotary positions, the KV cache's bound)."""
+    intermediate_size: int | None = None
+    """Width of the feed-forward; null: 4 x n_embd (gpt, bert), 8/3 x n_embd rounded up to 64 (llama)."""
+    n_kv_head: int | None = None
+    """llama: key / value heads (grouped-query attention), dividing n_head; 1 is multi-query; null: n_head."""
+    rope_theta: float | None = None
+    """llama: base of the rotary angles (null: 10000, or the preset's)."""
+    rope_scaling: Literal["none", "linear"] = "none"
+    """llama: rotary scaling of a new model: none, or linear (positions divided by rope_scaling_factor)."""
+    rope_scaling_factor: float = 1.0
+    """llama: the linear rope scaling factor."""
+    rms_norm_eps: float | None = None
+    """llama: RMSNorm epsilon (null: 1e-5, or the preset's)."""
+    attention_bias: Literal["none", "qkv", "all"] | None = None
+    """llama: biases of the attention projections: none (Llama), qkv (Qwen2), all; null: the preset's."""
+    mlp_bias: bool | None = None
+    """llama: biases in the SwiGLU projections (null: none)."""
+    tie_embeddings: bool | None = None
+    """llama: the output layer is the input embedding (null: the preset's; untied otherwise). GPT always ties."""
     dropout: float = 0.0
     """Dropout on embeddings, attention and residual paths."""
     activation: Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "relu"] = "gelu"
@@ -47,9 +67,11 @@ class ModelConfig:
         _check_finite(self, "model")
         errors: list[str] = []
         _check(errors, 0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
-        for name in ("n_layer", "n_head", "n_embd", "context"):
+        for name in ("n_layer", "n_head", "n_embd", "context", "intermediate_size", "n_kv_head",
+                     "rope_theta", "rms_norm_eps"):
             value = getattr(self, name)
             _check(errors, value is None or value > 0, f"model.{name}", "must be positive")
+        _check(errors, self.rope_scaling_factor >= 1.0, "model.rope_scaling_factor", "must be >= 1")
         _raise_if(errors)
 
 

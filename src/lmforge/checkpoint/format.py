@@ -1,7 +1,8 @@
 """What a checkpoint folder is: its files, its manifest, its errors, and the loaded form.
 
 A checkpoint is a folder (``checkpoints/last``, ``best``, ``epoch-N``) holding config.json,
-model.safetensors, tokenizer.json, optional run_config.json and training_state.pt, and
+model.safetensors, tokenizer.json, optional run_config.json and training_state.pt (and, for an
+imported model, the `TOKENIZER_EXTRAS` beside tokenizer.json), and
 manifest.json, written last: ``{"format": 1, "files": {name: {"size", "sha256"}}, "step",
 "epoch", "created", "lmforge_version"}``. A folder without a manifest is not a checkpoint.
 """
@@ -19,6 +20,8 @@ import torch
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+TOKENIZER_EXTRAS = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+"""Files an imported model keeps beside tokenizer.json (chat template, special tokens, generation defaults)."""
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 PLAIN_SCALARS = (bool, int, float, str, type(None))
 

@@ -26,7 +26,7 @@ import re
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -35,7 +35,7 @@ from lmforge.base.faults import fault_point
 from lmforge.base.version import __version__
 from lmforge.base.files import fsync_dir, remove_path, sha256_of
 from lmforge.models.lora import adapter_state
-from lmforge.checkpoint.format import DISK_FULL_ERRNOS, MANIFEST, MANIFEST_FORMAT, PLAIN_SCALARS, CheckpointError
+from lmforge.checkpoint.format import DISK_FULL_ERRNOS, MANIFEST, MANIFEST_FORMAT, PLAIN_SCALARS, TOKENIZER_EXTRAS, CheckpointError
 
 
 def save_checkpoint(
@@ -48,6 +48,7 @@ def save_checkpoint(
     training_state: dict | None = None,
     step: int | None = None,
     epoch: float | None = None,
+    tokenizer_extras: Sequence[Path] = (),
 ) -> Path:
     """Write a checkpoint folder at ``path`` atomically, replacing any previous one.
 
@@ -76,6 +77,7 @@ def save_checkpoint(
         ("model.safetensors", lambda p: save_file(tensors, str(p), metadata=meta)),
         ("tokenizer.json", lambda p: _write_bytes(p, tokenizer_file.read_bytes())),
     ]
+    writers += [(Path(extra).name, _copier(Path(extra))) for extra in tokenizer_extras]
     if run_config is not None:
         writers.append(("run_config.json", lambda p: _write_bytes(p, jsons["run_config.json"])))
     if training_state is not None:
@@ -123,6 +125,14 @@ def _saved_part(state: dict[str, torch.Tensor], model_config: dict) -> dict[str,
     "lora" entry in its config) the adapters and the modules it trains in full; the frozen base
     stays where the entry's path and sha256 name it."""
     return adapter_state(state, model_config["lora"]) if "lora" in model_config else state
+
+
+def _copier(extra: Path) -> Callable[[Path], None]:
+    """The writer of one of `TOKENIZER_EXTRAS` (an imported model's tokenizer_config.json with its chat
+    template, generation_config.json, special_tokens_map.json), kept under its own name."""
+    if extra.name not in TOKENIZER_EXTRAS or not extra.is_file():
+        raise ValueError(f"{extra}: not a tokenizer file a checkpoint keeps ({', '.join(TOKENIZER_EXTRAS)})")
+    return lambda p: _write_bytes(p, extra.read_bytes())
 
 
 def _swap_in(tmp: Path, path: Path) -> None:

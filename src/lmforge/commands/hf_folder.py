@@ -9,7 +9,10 @@ tokenizer.json the tokenizers library does not read.
 Tokenizers: lmforge's tokenizer.json has no post-processor template (callers add [CLS]/[SEP]
 themselves), so a template that adds special tokens is removed, as are fixed
 truncation/padding settings; a folder with only `vocab.txt` (BERT) or `vocab.json` +
-`merges.txt` (GPT-2) gets a tokenizer.json built from them.
+`merges.txt` (GPT-2) gets a tokenizer.json built from them. A Llama, Qwen2 or Mistral tokenizer
+is kept whole, post-processor included, so a prompt starts with BOS where the model expects
+one, as in transformers; its tokenizer_config.json (chat template, special tokens),
+generation_config.json and special_tokens_map.json are kept beside it (`import_tokenizer_extras`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 _ADDS_SPECIALS = ("TemplateProcessing", "BertProcessing", "RobertaProcessing")
+LLAMA_FAMILIES = ("llama", "qwen2", "mistral")
+"""transformers model types whose tokenizer keeps its post-processor (a Llama's BOS)."""
 _INDEX = "model.safetensors.index.json"
 
 
@@ -121,7 +126,7 @@ def import_tokenizer(src: Path, kind: str) -> Tokenizer:
     if (src / "tokenizer.json").is_file():
         data = read_json_object(src / "tokenizer.json")
         post = data.get("post_processor") or {}
-        if isinstance(post, dict) and post.get("type") in _ADDS_SPECIALS:
+        if isinstance(post, dict) and post.get("type") in _ADDS_SPECIALS and kind not in LLAMA_FAMILIES:
             data["post_processor"] = None
         data["truncation"], data["padding"] = None, None
         return _built(src / "tokenizer.json", lambda: Tokenizer.from_str(json.dumps(data)))
@@ -130,8 +135,49 @@ def import_tokenizer(src: Path, kind: str) -> Tokenizer:
         return _built(src / "vocab.txt", lambda: _wordpiece_from_vocab(src / "vocab.txt", tok_cfg))
     if kind == "gpt2" and (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
         return _built(src / "vocab.json", lambda: _byte_level_bpe(src))
+    if kind in LLAMA_FAMILIES:
+        raise FileNotFoundError(f"{src}: no tokenizer.json; lmforge reads the fast tokenizer's file (a folder with "
+                                "only tokenizer.model: load it with transformers' AutoTokenizer and save_pretrained "
+                                "it, which writes tokenizer.json)")
     wanted = "vocab.txt" if kind == "bert" else "vocab.json + merges.txt"
     raise FileNotFoundError(f"{src}: no tokenizer.json (or {wanted}); the checkpoint needs its tokenizer")
+
+
+def import_tokenizer_extras(src: Path, dest: Path) -> list[Path]:
+    """Copy the folder's tokenizer_config.json, generation_config.json and special_tokens_map.json
+    to `dest` (each checked to be a JSON object); a chat template kept in chat_template.jinja (or
+    chat_template.json) goes into tokenizer_config.json's "chat_template", the one place lmforge
+    reads it. Returns the files written."""
+    written = []
+    config = read_json_object(src / "tokenizer_config.json") if (src / "tokenizer_config.json").is_file() else None
+    template = _chat_template_file(src)
+    if template is not None and (config is None or not config.get("chat_template")):
+        config = {**(config or {}), "chat_template": template}
+    if config is not None:
+        config.pop("auto_map", None)  # code a model repository would run: lmforge never does
+        (dest / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                    encoding="utf-8")
+        written.append(dest / "tokenizer_config.json")
+    for name in ("generation_config.json", "special_tokens_map.json"):
+        if (src / name).is_file():
+            data = read_json_object(src / name)
+            (dest / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            written.append(dest / name)
+    return written
+
+
+def _chat_template_file(src: Path) -> str | None:
+    if (src / "chat_template.jinja").is_file():
+        try:
+            return (src / "chat_template.jinja").read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{src / 'chat_template.jinja'}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if (src / "chat_template.json").is_file():
+        template = read_json_object(src / "chat_template.json").get("chat_template")
+        if not isinstance(template, str):
+            raise ValueError(f'{src / "chat_template.json"}: no "chat_template" string')
+        return template
+    return None
 
 
 def _built(file: Path, build) -> Tokenizer:

@@ -1,5 +1,6 @@
 """Hugging Face interop: `import_hf` (a transformers folder -> an lmforge checkpoint) and
-`export_hf` (an lmforge checkpoint -> a folder transformers loads), for BERT and GPT-2.
+`export_hf` (an lmforge checkpoint -> a folder transformers loads), for BERT, GPT-2 and the
+Llama class (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM; `lmforge.models.hf_llama`).
 
 Owns the folder-level work: config translation, the checks, and writing. Reading the
 transformers folder is `lmforge.commands.hf_folder`; weight names are mapped by
@@ -18,6 +19,11 @@ in whole, so a failed write leaves the old one.
 On export a BERT tokenizer gets transformers' "[CLS] A [SEP] B [SEP]" template back, plus
 tokenizer_config.json, special_tokens_map.json and vocab.txt, so
 `AutoTokenizer.from_pretrained` encodes as BERT does.
+
+An imported model's tokenizer_config.json (with its chat template and special tokens),
+generation_config.json and special_tokens_map.json live in the checkpoint beside
+tokenizer.json; export writes them back as they are. A Llama trained by lmforge gets a
+tokenizer_config.json and a generation_config.json made from its tokenizer's special tokens.
 """
 
 from __future__ import annotations
@@ -36,10 +42,12 @@ from lmforge.base.locks import hold_folder
 from lmforge.base.outputs import check_output_folder
 from lmforge.base.tokenizer import load_tokenizer, special_ids
 from lmforge.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from lmforge.checkpoint.format import TOKENIZER_EXTRAS
 from lmforge.checkpoint.model import check_weights_fit
-from lmforge.commands.hf_folder import import_tokenizer, read_json_object, read_weights, weight_files, weight_shapes
+from lmforge.commands.hf_folder import (LLAMA_FAMILIES, import_tokenizer, import_tokenizer_extras, read_json_object,
+                                        read_weights, weight_files, weight_shapes)
 from lmforge.data.staging import staged_folder
-from lmforge.models import hf
+from lmforge.models import hf, hf_llama
 from lmforge.models.registry import model_from_architecture
 
 _FRESH_HEADS = ("cls.", "bert.pooler.")  # a bare BertModel has none: they start from initialisation
@@ -65,11 +73,12 @@ def import_hf(src: Path, out: Path, *, overwrite: bool = False) -> Path:
     with _writing(out, (src,), overwrite, "checkpoint", "checkpoint"):
         kind, arch = _architecture(src / "config.json")
         files = weight_files(src)
-        mapper = hf.bert_from_hf if kind == "bert" else hf.gpt2_from_hf
+        mapper = {"bert": hf.bert_from_hf, "gpt2": hf.gpt2_from_hf}.get(kind, hf_llama.llama_from_hf)
         fresh = _check_weights(arch, mapper, weight_shapes(files), src)
         with tempfile.TemporaryDirectory() as tmp:
             tok_file = Path(tmp) / "tokenizer.json"
             import_tokenizer(src, kind).save(str(tok_file))
+            extras = import_tokenizer_extras(src, Path(tmp))
             vocab = load_tokenizer(tok_file).get_vocab_size(with_added_tokens=True)
             if vocab > arch["vocab_size"]:
                 raise ValueError(f"{src}: the tokenizer has {vocab} tokens but the model only "
@@ -83,7 +92,8 @@ def import_hf(src: Path, out: Path, *, overwrite: bool = False) -> Path:
                       "MLM/NSP heads")
                 state.update({k: v for k, v in model.state_dict().items() if k in fresh})
             model.load_state_dict(state, strict=False)  # names and shapes were checked against the headers
-            save_checkpoint(out, model_state=model.state_dict(), model_config=arch, tokenizer_file=tok_file)
+            save_checkpoint(out, model_state=model.state_dict(), model_config=arch, tokenizer_file=tok_file,
+                            tokenizer_extras=extras)
     return out
 
 
@@ -91,12 +101,18 @@ def _architecture(file: Path) -> tuple[str, dict]:
     """The folder's model_type and the lmforge architecture its config.json describes."""
     hf_config = read_json_object(file)
     kind = hf_config.get("model_type")
-    if kind not in ("bert", "gpt2"):
-        raise ValueError(f"{file}: model_type {kind!r} is not supported (bert, gpt2)")
+    if kind not in ("bert", "gpt2", *LLAMA_FAMILIES):
+        raise ValueError(f"{file}: model_type {kind!r} is not supported (bert, gpt2, {', '.join(LLAMA_FAMILIES)})")
+    notes: list[str] = []
     try:
-        arch = hf.bert_config_from_hf(hf_config) if kind == "bert" else hf.gpt2_config_from_hf(hf_config)
+        if kind in LLAMA_FAMILIES:
+            arch, notes = hf_llama.llama_config_from_hf(hf_config)
+        else:
+            arch = hf.bert_config_from_hf(hf_config) if kind == "bert" else hf.gpt2_config_from_hf(hf_config)
     except (TypeError, ValueError) as err:  # a field of the wrong type, a feature lmforge lacks
         raise ValueError(f"{file}: {err}") from None
+    for note in notes:
+        print(f"note: {file}: {note}")
     return kind, arch
 
 
@@ -132,13 +148,16 @@ def export_hf(checkpoint: Path, out: Path, *, overwrite: bool = False) -> Path:
         ckpt = load_checkpoint(path)
         arch = ckpt.model_config
         kind = arch.get("model_type")
-        if kind not in ("gpt", "bert"):
+        if kind not in ("gpt", "bert", "llama"):
             raise ValueError(f"{ckpt.path}: model_type {kind!r} cannot be exported to the HF format "
-                             "(gpt and bert can)")
+                             "(gpt, bert and llama can)")
         tok = load_tokenizer(ckpt.tokenizer_file)
         ids = special_ids(tok)
         if kind == "bert":
             config, weights = hf.bert_config_to_hf(arch, ids.pad), hf.bert_to_hf(ckpt.state_dict)
+        elif kind == "llama":
+            config = hf_llama.llama_config_to_hf(arch, ids.bos, ids.eos, ids.pad)
+            weights = hf_llama.llama_to_hf(ckpt.state_dict, bool(arch.get("tie_embeddings")))
         else:
             config = hf.gpt2_config_to_hf(arch, ids.bos, ids.eos, ids.pad)
             weights = hf.gpt2_to_hf(ckpt.state_dict)
@@ -146,7 +165,19 @@ def export_hf(checkpoint: Path, out: Path, *, overwrite: bool = False) -> Path:
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
             save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             _export_tokenizer(tok, kind, arch["context"], tmp)
+            _export_tokenizer_extras(ckpt.path, kind, config, tmp)
     return out
+
+
+def _export_tokenizer_extras(checkpoint: Path, kind: str, config: dict, folder: Path) -> None:
+    """The checkpoint's own tokenizer_config.json, generation_config.json and special_tokens_map.json
+    (an imported model's) over the ones made here; a Llama without them gets a generation_config.json."""
+    kept = [name for name in TOKENIZER_EXTRAS if (checkpoint / name).is_file()]
+    for name in kept:
+        (folder / name).write_bytes((checkpoint / name).read_bytes())
+    if kind == "llama" and "generation_config.json" not in kept:
+        generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None}
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
 
 
 def _export_tokenizer(tok: Tokenizer, kind: str, context: int, folder: Path) -> None:

@@ -72,10 +72,10 @@ def encode_texts(loaded: LoadedModel, texts: list[str], texts_b: list[str] | Non
 
 
 def check_embedder(loaded: LoadedModel) -> None:
-    """A ValueError unless the checkpoint is a BERT or a GPT (what `embed` takes)."""
+    """A ValueError unless the checkpoint is a BERT, a GPT or a Llama (what `embed` takes)."""
     kind = loaded.architecture.get("model_type")
-    if kind not in ("bert", "gpt"):
-        raise ValueError(f"{loaded.path}: a {kind!r} checkpoint; embed takes a BERT or GPT checkpoint (a "
+    if kind not in ("bert", "gpt", "llama"):
+        raise ValueError(f"{loaded.path}: a {kind!r} checkpoint; embed takes a BERT, GPT or Llama checkpoint (a "
                          "pretrained, imported or language-model run), not a fine-tuned classifier: use "
                          "`lmforge classify` for that, or embed with the checkpoint it was fine-tuned from")
 

@@ -1,4 +1,5 @@
-"""Sampling from a GPT: temperature, top-k, top-p, repetition penalty, stop tokens, KV cache.
+"""Sampling from a causal LM (GPT or Llama-class): temperature, top-k, top-p, repetition penalty,
+stop tokens, KV cache.
 
 Owns: `SamplingConfig`, `stream_generate` / `generate`, and the logit filters they use.
 Generation sees token ids only (tokenizing and decoding belong to the caller) and draws
@@ -9,7 +10,9 @@ prompt is prefilled in one forward and each new token costs one single-token for
 prompt + generated tokens fill the context, the cache cannot grow (learned positions end
 there), so generation slides a window: every further step re-runs the model without a
 cache on the last `context` tokens. That is exactly what the no-cache path does at every
-step, so both paths give the same tokens.
+step, so both paths give the same tokens. The cache holds the positions this call can reach
+(prompt + max_new_tokens, at most the context): a Llama with a 128k context does not allocate
+128k positions for a short answer.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lmforge.models.decoding import decoder_for
 from lmforge.models.gpt import GPT
-from lmforge.models.gpt_decode import Decoder
 
 
 @dataclass(kw_only=True, slots=True)
@@ -134,7 +137,7 @@ def stream_generate(model: GPT, prompt_ids: Sequence[int], cfg: SamplingConfig,
     if len(prompt_ids) == 0:
         raise ValueError("prompt_ids is empty: give at least one token id (e.g. the eos id to start from nothing)")
     context = model.config.context
-    device = model.transformer.wte.weight.device
+    device = next(model.parameters()).device
     if generator is None and cfg.seed is not None and cfg.temperature > 0:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     stop = frozenset(cfg.stop_ids)
@@ -148,8 +151,8 @@ def stream_generate(model: GPT, prompt_ids: Sequence[int], cfg: SamplingConfig,
             # grown as it fills: a huge max_new_tokens that a stop id ends early allocates nothing
             ids = torch.empty(n + min(cfg.max_new_tokens, 1024), dtype=torch.long, device=device)
             ids[:n] = torch.as_tensor(prompt_ids, dtype=torch.long)
-            cache = model.new_kv_cache(1, context) if use_cache else None
-            decoder = Decoder(model) if use_cache and isinstance(model, GPT) else None  # else: modules
+            cache = model.new_kv_cache(1, min(context, min(n, context) + cfg.max_new_tokens)) if use_cache else None
+            decoder = decoder_for(model) if use_cache else None  # None: through the modules
             logits = model(ids[None, max(0, n - context):n], kv_cache=cache, last_only=True)  # (1, 1, V)
         for step in range(1, cfg.max_new_tokens + 1):
             # no yield inside inference_mode: the caller's code between tokens must run in its own mode
@@ -169,7 +172,7 @@ def stream_generate(model: GPT, prompt_ids: Sequence[int], cfg: SamplingConfig,
             if step == cfg.max_new_tokens:
                 return  # limit reached: skip the forward for a token nobody asks for
             with torch.inference_mode():
-                if cache is not None and cache.length < context:  # (1, 1, V)
+                if cache is not None and cache.length < cache.max_len:  # (1, 1, V)
                     logits = decoder.step(token[None], cache) if decoder else model(token[None], kv_cache=cache)
                 else:  # no cache, or cache full: run on the last `context` tokens
                     logits = model(ids[None, max(0, n - context):n], last_only=True)  # (1, 1, V)

@@ -16,7 +16,7 @@ import torch
 from lmforge.inference.checks import check_text
 from lmforge.inference.generate import SamplingConfig, generate, stream_generate
 from lmforge.inference.loaded import LoadedModel
-from lmforge.models.gpt import GPT
+from lmforge.models.decoding import CAUSAL_LMS
 
 
 def stream_text(loaded: LoadedModel, prompt: str, cfg: SamplingConfig,
@@ -48,10 +48,10 @@ def generate_texts(loaded: LoadedModel, prompts: list[str], cfg: SamplingConfig,
 
 
 def _text_config(loaded: LoadedModel, cfg: SamplingConfig) -> SamplingConfig:
-    """`cfg`, stopping at the end-of-text token when it names no stop; a GPT checkpoint is required."""
-    if not isinstance(loaded.model, GPT):
+    """`cfg`, stopping at the end-of-text token when it names no stop; a GPT or Llama checkpoint is required."""
+    if not isinstance(loaded.model, CAUSAL_LMS):
         raise ValueError(f"{loaded.path}: a {type(loaded.model).__name__} checkpoint cannot generate text; "
-                         "generation needs a GPT (use `lmforge embed` for BERT, `lmforge classify` for "
+                         "generation needs a GPT or Llama (use `lmforge embed` for BERT, `lmforge classify` for "
                          "classifiers)")
     if cfg.stop_ids == () and loaded.specials.eos is not None:
         cfg = dataclasses.replace(cfg, stop_ids=(loaded.specials.eos,))

@@ -64,6 +64,8 @@ class GPTConfig:
     """Biases in Linear and LayerNorm layers (GPT-2 has them)."""
     activation: str = "gelu"
     """MLP activation: gelu (exact, as nanoGPT), gelu_new (GPT-2's tanh approximation), relu."""
+    intermediate_size: int | None = None
+    """Width of the MLP; None: 4 * n_embd (GPT-2's n_inner)."""
 
     def __post_init__(self) -> None:
         errors = []
@@ -83,6 +85,9 @@ class GPTConfig:
             errors.append(f"layer_norm_eps={self.layer_norm_eps!r}: must be a positive number")
         if not isinstance(self.bias, bool):
             errors.append(f"bias={self.bias!r}: must be true or false")
+        if self.intermediate_size is not None and (not isinstance(self.intermediate_size, int)
+                                                   or isinstance(self.intermediate_size, bool) or self.intermediate_size < 1):
+            errors.append(f"intermediate_size={self.intermediate_size!r}: must be a positive integer or null")
         if self.activation not in ACTIVATIONS:
             errors.append(f"activation={self.activation!r}: must be one of {', '.join(ACTIVATIONS)}")
         if errors:
@@ -91,6 +96,11 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def ffn(self) -> int:
+        """The MLP's width."""
+        return self.intermediate_size or 4 * self.n_embd
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -170,12 +180,12 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """The feed-forward weights: c_fc widens to 4C, the activation, c_proj back to C."""
+    """The feed-forward weights: c_fc widens to intermediate_size (4C by default), the activation, c_proj back to C."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.ffn, bias=config.bias)
+        self.c_proj = nn.Linear(config.ffn, config.n_embd, bias=config.bias)
         self.dropout = Dropout(config.dropout)
         self.act = ACTIVATIONS[config.activation]
 
@@ -337,6 +347,7 @@ def flops_per_token(config: GPTConfig) -> int:
     """
     L, C, V, T = config.n_layer, config.n_embd, config.vocab_size, config.context
     b = 1 if config.bias else 0
-    per_layer = 12 * C * C + b * 9 * C + (2 + 2 * b) * C  # c_attn, c_proj, c_fc, mlp.c_proj, ln_1, ln_2
+    ffn = config.ffn
+    per_layer = 4 * C * C + 2 * C * ffn + b * (5 * C + ffn) + (2 + 2 * b) * C  # c_attn, c_proj, c_fc, mlp.c_proj, ln_1, ln_2
     n = L * per_layer + (1 + b) * C + V * C  # + ln_f + tied lm_head
     return 6 * n + 12 * L * C * T

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from lmforge.ops.dropout import Dropout
 
-POOLING = {"gpt": "last", "bert": "cls"}
+POOLING = {"gpt": "last", "llama": "last", "bert": "cls"}
 _TRAINABLE = re.compile(r"^(all|head|last_blocks:(\d+))$")
 
 
@@ -87,14 +87,17 @@ def hidden_size(backbone: nn.Module) -> int:
 
 
 def blocks_and_final(backbone: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
-    """(transformer blocks in order, modules after the last block) of a GPT or BERT backbone."""
+    """(transformer blocks in order, modules after the last block) of a GPT, Llama or BERT backbone."""
     transformer = getattr(backbone, "transformer", None)
     if transformer is not None and hasattr(transformer, "h"):  # GPT
         return list(transformer.h), [transformer.ln_f]
+    decoder = getattr(backbone, "model", None)
+    if isinstance(decoder, nn.ModuleDict) and "layers" in decoder:  # Llama
+        return list(decoder.layers), [decoder.norm]
     body = getattr(backbone, "bert", None)
     if body is not None and hasattr(body, "encoder"):  # BERT (post-LN: the pooler comes last)
         return list(body.encoder.layer), [body.pooler]
-    raise ValueError(f"{type(backbone).__name__}: unknown backbone (expected GPT or BERT)")
+    raise ValueError(f"{type(backbone).__name__}: unknown backbone (expected GPT, Llama or BERT)")
 
 
 def apply_trainable(model: SequenceClassifier, spec: str) -> tuple[int, int]:

@@ -12,13 +12,21 @@ from lmforge.models.bert import BERT_PRESETS, Bert, BertConfig
 from lmforge.models.bert import flops_per_token as bert_flops_per_token
 from lmforge.models.gpt import GPT, GPT_PRESETS, GPTConfig
 from lmforge.models.gpt import flops_per_token as gpt_flops_per_token
+from lmforge.models.llama import Llama
+from lmforge.models.llama_config import LLAMA_PRESETS, LlamaConfig
+from lmforge.models.llama_config import flops_per_token as llama_flops_per_token
 from lmforge.models.heads import SequenceClassifier
 from lmforge.models.lora import add_adapters, without_lora
 
 
+PRESETS = {"gpt": GPT_PRESETS, "bert": BERT_PRESETS, "llama": LLAMA_PRESETS}
+LLAMA_FIELDS = ("n_kv_head", "rope_theta", "rms_norm_eps", "mlp_bias", "tie_embeddings")
+"""model.* keys a Llama-class architecture takes as they are (None: the preset's or the default)."""
+
+
 def architecture(cfg: ModelConfig, vocab_size: int) -> dict:
     """The architecture dict (`config.json` of a checkpoint): preset, then explicit fields."""
-    presets = BERT_PRESETS if cfg.kind == "bert" else GPT_PRESETS
+    presets = PRESETS[cfg.kind]
     if cfg.preset is not None and cfg.preset not in presets:
         raise ValueError(f"model.preset: unknown {cfg.kind} preset {cfg.preset!r} (valid: {', '.join(presets)})")
     arch = dict(presets[cfg.preset]) if cfg.preset else {}
@@ -30,8 +38,35 @@ def architecture(cfg: ModelConfig, vocab_size: int) -> dict:
     if missing:
         raise ValueError(f"model: set a preset or all of n_layer, n_head, n_embd, context (missing: {', '.join(missing)})")
     arch.update(vocab_size=vocab_size, dropout=cfg.dropout)
+    if cfg.intermediate_size is not None:
+        arch["intermediate_size"] = cfg.intermediate_size
+    if cfg.kind == "llama":
+        return {"model_type": "llama", **_llama_fields(cfg, arch)}
+    _refuse_llama_fields(cfg)
     arch["hidden_act" if cfg.kind == "bert" else "activation"] = cfg.activation
     return {"model_type": cfg.kind, **arch}
+
+
+def _llama_fields(cfg: ModelConfig, arch: dict) -> dict:
+    """`arch` with the model.* keys only a Llama-class model has."""
+    for name in LLAMA_FIELDS:
+        value = getattr(cfg, name)
+        if value is not None:
+            arch[name] = value
+    if cfg.attention_bias is not None:
+        arch["attention_bias"] = cfg.attention_bias
+    if cfg.rope_scaling != "none":
+        arch["rope_scaling"] = {"rope_type": cfg.rope_scaling, "factor": cfg.rope_scaling_factor}
+    LlamaConfig.from_dict(arch)  # its checks, named, before any work
+    return arch
+
+
+def _refuse_llama_fields(cfg: ModelConfig) -> None:
+    given = [f"model.{name}" for name in (*LLAMA_FIELDS, "attention_bias") if getattr(cfg, name) is not None]
+    given += ["model.rope_scaling"] if cfg.rope_scaling != "none" else []
+    if given:
+        raise ValueError(f"{', '.join(given)}: only a Llama-class model has them; set model.kind=llama "
+                         f"or leave them out (model.kind={cfg.kind})")
 
 
 def model_from_architecture(arch: dict) -> nn.Module:
@@ -42,9 +77,11 @@ def model_from_architecture(arch: dict) -> nn.Module:
         return GPT(GPTConfig.from_dict({k: v for k, v in arch.items() if k != "model_type"}))
     if kind == "bert":
         return Bert(BertConfig.from_dict({k: v for k, v in arch.items() if k != "model_type"}))
+    if kind == "llama":
+        return Llama(LlamaConfig.from_dict(arch))
     if kind == "classifier":  # a GPT/BERT backbone + classification head (lmforge.models.heads)
         return classifier_from_architecture(arch)
-    raise ValueError(f"config.json: unknown model_type {kind!r} (valid: gpt, bert, classifier)")
+    raise ValueError(f"config.json: unknown model_type {kind!r} (valid: gpt, bert, llama, classifier)")
 
 
 def classifier_from_architecture(arch: dict) -> SequenceClassifier:
@@ -66,15 +103,18 @@ def classifier_from_architecture(arch: dict) -> SequenceClassifier:
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: Path | str) -> None:
     """Load a state dict, reporting missing or unexpected names against `source`."""
     result = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in result.missing_keys  # tied to the embeddings (also under "backbone.")
-               if k not in ("lm_head.weight", "backbone.lm_head.weight")]
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # an output layer tied to them
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing = [k for k in result.missing_keys if not (k.endswith("lm_head.weight") and id(params.get(k)) in tied)]
     if missing or result.unexpected_keys:
         raise ValueError(f"{source}: weights do not match the architecture "
                          f"(missing: {missing[:5]}, unexpected: {result.unexpected_keys[:5]})")
 
 
 def flops_per_token(config) -> int:
-    """Training FLOPs per token of a model config, GPT or BERT (for MFU)."""
+    """Training FLOPs per token of a model config, GPT, BERT or Llama (for MFU)."""
     if isinstance(config, BertConfig):
         return bert_flops_per_token(config)
+    if isinstance(config, LlamaConfig):
+        return llama_flops_per_token(config)
     return gpt_flops_per_token(config)

@@ -88,7 +88,7 @@ def settle_init_from(cfg: Config, explicit: Collection[str] | None = None) -> Co
                          f"context={have['context']} ({have['context']} learned positions); leave these "
                          "settings out (or set the checkpoint's values), or train a new model without "
                          "model.init_from")
-    kind = have["kind"] if have["kind"] in ("gpt", "bert") else model.kind
+    kind = have["kind"] if have["kind"] in ("gpt", "bert", "llama") else model.kind
     settled = dataclasses.replace(model, kind=kind, preset=None, n_layer=have["n_layer"], n_head=have["n_head"],
                                   n_embd=have["n_embd"], context=asked.get("context", have["context"]),
                                   activation=have["activation"])

@@ -60,7 +60,7 @@ class ClassifyTask(Task):
     throughput_unit = "ex"
     best_metric = "val_accuracy"
     eval_train = True
-    model_types = ("gpt", "bert", "classifier")
+    model_types = ("gpt", "llama", "bert", "classifier")
 
     def __init__(self, cfg: Config, meta: dict, context: int):
         self.cfg = cfg

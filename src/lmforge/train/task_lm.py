@@ -23,7 +23,7 @@ class LMTask(Task):
     name = "lm"
     throughput_unit = "tok"
     reports_perplexity = True
-    model_types = ("gpt",)
+    model_types = ("gpt", "llama")
 
     def __init__(self, cfg: Config, meta: dict, context: int):
         self.cfg = cfg

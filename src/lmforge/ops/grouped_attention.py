@@ -1,0 +1,74 @@
+"""Grouped-query attention (GQA / MQA): n_head query heads sharing n_kv_head key / value heads.
+
+`attend_grouped(qk, v, n_head, n_kv_head, ...)` is `ops.attention.attend` for a model whose
+queries and keys arrive side by side after the rotary step: qk (B, T, (nh + nkv) * hs) and
+v (B, T, nkv * hs), query head h reading key / value head h // (nh / nkv), as transformers'
+`repeat_kv` has it. The KV cache holds nkv heads, not nh: the cache of a 4-to-1 model is a
+quarter of the size.
+
+- Training and full-sequence forwards go through lmforge's CPU kernel where it applies: the
+  shared heads are repeated into the (B, T, 3C) layout it reads (one copy of k and v, which is
+  small next to the attention itself), and its backward sums the repeated heads' gradients.
+- One new query per row after the cache (a decode step) needs no repetition: the g = nh / nkv
+  query heads of a group are g queries against the group's keys, one SDPA call without a mask.
+- Everything else (a prompt's prefill into the cache, padding masks) repeats the cached heads
+  and calls `ops.attention.sdpa`, the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lmforge.ops import kernels
+from lmforge.ops.attention import kernel_attention, sdpa
+from lmforge.ops.decode import append_to_cache
+
+
+def repeat_heads(x: Tensor, groups: int, dim: int) -> Tensor:
+    """x with each head along `dim` repeated `groups` times in place (head j -> heads j*g .. j*g + g - 1)."""
+    if groups == 1:
+        return x
+    return x.repeat_interleave(groups, dim=dim)
+
+
+def _as_full_qkv(qk: Tensor, v: Tensor, q: Tensor, k: Tensor, groups: int, hs: int) -> Tensor:
+    """(B, T, 3 * nh * hs): q, then every query head's key, then its value (the kernel's layout)."""
+    if groups == 1:
+        return torch.cat((qk, v), dim=-1)
+    k = repeat_heads(k.unflatten(-1, (-1, hs)), groups, 2).flatten(-2)  # (B, T, nh * hs)
+    v = repeat_heads(v.unflatten(-1, (-1, hs)), groups, 2).flatten(-2)  # (B, T, nh * hs)
+    return torch.cat((q, k, v), dim=-1)
+
+
+def attend_grouped(qk: Tensor, v: Tensor, n_head: int, n_kv_head: int, *, causal: bool,
+                   attn_mask: Tensor | None = None, kv: tuple[Tensor, Tensor] | None = None, start: int = 0,
+                   dropout_p: float = 0.0) -> Tensor:
+    """softmax(q k^T / sqrt(hs)) v per query head, as (B, T, nh * hs); rows in, rows out for a
+    decode step (qk (B, (nh + nkv) * hs), v (B, nkv * hs) -> (B, nh * hs)).
+
+    causal / attn_mask / kv / start / dropout_p: as `ops.attention.attend` (kv: this layer's cache
+    buffers (B, nkv, max_len, hs)).
+    """
+    hs = v.shape[-1] // n_kv_head
+    groups = n_head // n_kv_head
+    q, k = qk.split((n_head * hs, n_kv_head * hs), dim=-1)
+    if kv is None and attn_mask is None and qk.dim() == 3 and kernels.applies_to(qk):
+        y = kernel_attention(_as_full_qkv(qk, v, q, k, groups, hs), n_head, causal=causal, dropout_p=dropout_p)
+        if y is not None:
+            return y  # (B, T, nh * hs)
+    B = qk.shape[0]
+    q = q.view(B, -1, n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+    k = k.view(B, -1, n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
+    v = v.view(B, -1, n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
+    if kv is not None:
+        k, v = append_to_cache(kv, start, k, v)  # (B, nkv, start + T, hs)
+    if q.shape[2] == 1 and attn_mask is None and not causal and dropout_p == 0.0:
+        # one query per row sees every cached key: a group's g heads are g queries of one kv head
+        y = sdpa(q.reshape(B, n_kv_head, groups, hs), k, v, None, False, 0.0)  # (B, nkv, g, hs)
+        return y.reshape(B, n_head * hs) if qk.dim() == 2 else y.reshape(B, 1, n_head * hs)
+    k, v = repeat_heads(k, groups, 1), repeat_heads(v, groups, 1)  # (B, nh, S, hs)
+    y = sdpa(q, k, v, attn_mask, causal, dropout_p)  # (B, nh, T, hs)
+    if qk.dim() == 2:
+        return y.reshape(B, n_head * hs)
+    return y.transpose(1, 2).reshape(B, -1, n_head * hs)  # (B, T, nh * hs)

@@ -1,0 +1,116 @@
+"""Rotary position embeddings and RMSNorm: the two pieces of a Llama-class block that GPT lacks.
+
+- `rope_inverse_frequencies(head_dim, theta, scaling)`: the rotation speed of each pair of
+  channels, theta^(-2i / head_dim), with the frequency rewrites imported configs use:
+  "linear" (positions divided by `factor`, as position interpolation) and "llama3" (Llama 3.1's
+  band-wise rewrite: slow channels divided by `factor`, fast ones kept, the band between
+  blended). Any other `rope_type` is refused by `check_rope_scaling`, naming the field.
+- `RopeTables`: cos / sin of every position, made once per device and dtype and sliced per call.
+- `apply_rotary(x, cos, sin, head_dim)`: rotates each head of x (..., heads * head_dim) in the
+  "half split" layout transformers' Llama uses (channel i pairs with channel i + head_dim / 2).
+- `rms_norm(x, weight, eps)`: x / sqrt(mean(x^2) + eps) * weight (torch's fused op where it has one).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ROPE_TYPES = ("default", "linear", "llama3")
+"""Rope scaling types lmforge computes; dynamic NTK, yarn, longrope and the others are refused."""
+
+
+def check_rope_scaling(scaling: Mapping[str, Any] | None) -> list[str]:
+    """Problems with a rope_scaling dict (transformers' form: {"rope_type" or "type", "factor", ...})."""
+    if scaling is None:
+        return []
+    if not isinstance(scaling, Mapping):
+        return [f"rope_scaling={scaling!r}: must be null or an object with rope_type and factor"]
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        return [f"rope_scaling.rope_type={kind!r} is not supported (lmforge computes: {', '.join(ROPE_TYPES)})"]
+    problems = []
+    needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                "original_max_position_embeddings")}.get(kind, ())
+    for name in needed:
+        value = scaling.get(name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            problems.append(f"rope_scaling.{name}={value!r}: must be a positive number for rope_type {kind!r}")
+    if kind == "llama3" and not problems and scaling["low_freq_factor"] >= scaling["high_freq_factor"]:
+        problems.append("rope_scaling: low_freq_factor must be below high_freq_factor")
+    return problems
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: Mapping[str, Any] | None = None) -> Tensor:
+    """(head_dim / 2,) float32 angles per position of each channel pair."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta ** exponents)  # (hs / 2,)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        return _llama3_frequencies(inv_freq, scaling)
+    return inv_freq
+
+
+def _llama3_frequencies(inv_freq: Tensor, scaling: Mapping[str, Any]) -> Tensor:
+    """Channels whose wavelength exceeds the original context / low_freq_factor turn `factor` times
+    slower, those shorter than original context / high_freq_factor stay, and the band between is a
+    linear blend of the two, by where the wavelength falls."""
+    factor, low, high = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    wavelength = 2 * math.pi / inv_freq
+    slow = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    blend = (original / wavelength - low) / (high - low)  # 0 at the slow edge, 1 at the fast edge
+    blended = (1 - blend) * slow / factor + blend * slow
+    between = (wavelength >= original / high) & (wavelength <= original / low)
+    return torch.where(between, blended, slow)
+
+
+class RopeTables:
+    """cos and sin (positions, head_dim) of the rotary angles, per device and dtype, built for the
+    positions asked so far (a 128k context costs nothing until a sequence is that long)."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: Mapping[str, Any] | None, positions: int) -> None:
+        self.inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)
+        self.positions = positions
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    def get(self, device: torch.device, dtype: torch.dtype, length: int) -> tuple[Tensor, Tensor]:
+        """cos, sin (>= length, hs) for positions 0, 1, ..."""
+        key = (device, dtype)
+        if key not in self._tables or self._tables[key][0].shape[0] < length:
+            built = min(self.positions, max(length, 256, 2 * (self._tables[key][0].shape[0] if key in self._tables else 0)))
+            angles = torch.outer(torch.arange(built, dtype=torch.float32), self.inv_freq)  # (P, hs / 2)
+            angles = torch.cat((angles, angles), dim=-1)  # (P, hs): the same angle for both halves of a pair
+            self._tables[key] = (angles.cos().to(device, dtype), angles.sin().to(device, dtype))
+        return self._tables[key]
+
+    def window(self, start: int, length: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin of positions start .. start + length, shaped (length, 1, hs) to broadcast over heads."""
+        cos, sin = self.get(device, dtype, start + length)
+        return cos[start:start + length, None], sin[start:start + length, None]  # (T, 1, hs)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, head_dim: int) -> Tensor:
+    """x (B, T, n * hs) with cos / sin (T, 1, hs), or rows x (B, n * hs) with cos / sin (1, hs):
+    each head's channel pairs (i, i + hs / 2) rotated by their angle; same shape as x."""
+    heads = x.unflatten(-1, (-1, head_dim))  # (B, T, n, hs)
+    half = head_dim // 2
+    x1, x2 = heads[..., :half], heads[..., half:]  # (B, T, n, hs / 2) each
+    rotated = torch.cat((-x2, x1), dim=-1)  # (B, T, n, hs)
+    return (heads * cos + rotated * sin).flatten(-2)  # (B, T, n * hs)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x / sqrt(mean(x^2 over the last dim) + eps) * weight, computed in float32 as transformers does."""
+    if x.dtype == torch.float32 and hasattr(F, "rms_norm"):
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
