@@ -64,7 +64,8 @@ def _add_tokenizer(sub) -> None:
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True)
     p = tok_sub.add_parser("train", help="train a byte-level BPE or WordPiece tokenizer")
     p.add_argument("--input", nargs="+", required=True, type=Path,
-                   help=".txt, .jsonl, .csv or .tsv files, or .gz of them (e.g. corpus.txt.gz, read directly)")
+                   help=".txt, .jsonl, .csv or .tsv files, or .gz of them (e.g. corpus.txt.gz, read directly), "
+                        ".parquet / .arrow files, `datasets` save_to_disk folders; quoted globs are expanded")
     p.add_argument("--kind", choices=["bpe", "wordpiece"], default="bpe",
                    help="bpe: byte-level, GPT-2 style; wordpiece: BERT style, CJK one character per token")
     p.add_argument("--vocab-size", type=int, default=8000)
@@ -72,7 +73,7 @@ def _add_tokenizer(sub) -> None:
     p.add_argument("--special-tokens", nargs="*", default=None, help="override the default special tokens")
     p.add_argument("--min-frequency", type=int, default=2)
     p.add_argument("--field", default="text", help="JSONL field holding the text")
-    p.add_argument("--column", default="text", help="CSV/TSV column (name or 0-based index)")
+    p.add_argument("--column", default="text", help="CSV/TSV/Parquet/Arrow column (name or 0-based index)")
     p.add_argument("--lowercase", action="store_true", help="WordPiece: lowercase (uncased model)")
     p.add_argument("--overwrite", action="store_true", help="replace the tokenizer of an existing folder")
     p.set_defaults(run=_tokenizer)
@@ -93,14 +94,18 @@ def _add_prepare(sub) -> None:
     p.add_argument("--task", choices=["lm", "mlm", "classify", "dialogue"], default="lm")
     p.add_argument("--input", nargs="+", required=True, type=Path,
                    help=".txt, .jsonl, .csv or .tsv files (classify: .csv/.tsv/.jsonl; dialogue: text or "
-                        ".jsonl), or .gz of them (e.g. corpus.txt.gz, read directly)")
+                        ".jsonl), or .gz of them; .parquet / .arrow files and `datasets` save_to_disk folders "
+                        "(every task); quoted globs ('data/train-*.parquet') are expanded")
     p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer.json or its folder")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--val-fraction", type=float, default=None, help="default 0.05 (classify: 0.1)")
     p.add_argument("--test-fraction", type=float, default=None, help="default 0 (classify: 0.2)")
+    p.add_argument("--val", nargs="+", type=Path, default=None, metavar="FILE",
+                   help="your own validation file(s): all of it is val, and no --input document is drawn for val")
+    p.add_argument("--test", nargs="+", type=Path, default=None, metavar="FILE", help="your own test file(s), as --val")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--field", default="text", help="JSONL field holding the text")
-    p.add_argument("--column", default="text", help="CSV/TSV column (name or 0-based index)")
+    p.add_argument("--column", default="text", help="CSV/TSV/Parquet/Arrow column (name or 0-based index)")
     p.add_argument("--doc-split", choices=["blank_line", "line", "file"], default="blank_line",
                    help=".txt: one document per blank-line-separated block, per line, or per file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -120,6 +125,11 @@ def _add_prepare(sub) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    for split in ("val", "test"):
+        if getattr(args, split) and getattr(args, f"{split}_fraction") is not None:
+            raise ValueError(f"--{split} and --{split}-fraction: give one (the --{split} files are the whole "
+                             f"{split} split)")
+    fixed = dict(val_files=args.val, test_files=args.test)
     if args.task == "classify":
         from lmforge.data.prepare_classify import prepare_classify
         prepare_classify(args.input, args.tokenizer, args.out, fmt=args.format,
@@ -129,14 +139,14 @@ def _prepare(args: argparse.Namespace) -> int:
                          val_fraction=0.1 if args.val_fraction is None else args.val_fraction,
                          test_fraction=0.2 if args.test_fraction is None else args.test_fraction,
                          seed=args.seed, balance=args.balance, max_tokens=args.max_tokens,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, **fixed)
         return 0
     from lmforge.data.prepare import prepare
     prepare(args.task, args.input, args.tokenizer, args.out,
             val_fraction=0.05 if args.val_fraction is None else args.val_fraction,
             test_fraction=args.test_fraction or 0.0, seed=args.seed, text_field=args.field,
             text_column=_column(args.column), overwrite=args.overwrite,
-            doc_split=args.doc_split, max_len=args.max_len)
+            doc_split=args.doc_split, max_len=args.max_len, **fixed)
     return 0
 
 

@@ -159,13 +159,14 @@ class Splitter:
 def write_folder_meta(folder: Path, task: str, tokenizer: OpenTokenizer, paths: list[Path],
                       counts: dict[str, dict], *, seed: int, val_fraction: float,
                       test_fraction: float, label_names: list[str] | None = None,
-                      **task_keys) -> dict:
+                      split_sources: dict[str, dict] | None = None, **task_keys) -> dict:
     """Copy the tokenizer into the staged `folder` and write its meta.json: the keys every task
     shares, then `task_keys` (the task's own). Returns the meta dict.
 
     `splits` holds each split's counts (`samples`, `tokens`, and the task's own); `content_sha256`
     is one sha256 over every split's files, `split_sha256` one per split: a resumed run compares
-    them with those it started with."""
+    them with those it started with. `split_sources` (`lmforge.data.fixed_splits`) says where each
+    split came from: {"files": [...]} for a fixed split, {"drawn": fraction} otherwise."""
     write_tokenizer(folder, tokenizer.file)
     content, per_split = content_sha256(folder, list(counts))
     meta = {
@@ -177,6 +178,7 @@ def write_folder_meta(folder: Path, task: str, tokenizer: OpenTokenizer, paths: 
         "special_ids": dataclasses.asdict(tokenizer.ids),
         "label_names": label_names,
         "splits": counts,
+        **({"split_sources": split_sources} if split_sources else {}),
         "content_sha256": content,
         "split_sha256": per_split,
         "lmforge_version": __version__,

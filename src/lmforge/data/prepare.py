@@ -34,7 +34,8 @@ def prepare(task: str, inputs: list[Path], tokenizer_path: Path, out_dir: Path, 
             val_fraction: float = 0.05, test_fraction: float = 0.0, seed: int = 1337,
             text_field: str = "text", text_column: str | int = "text", batch_size: int = 1000,
             workers: int | None = None, show_progress: bool = True, overwrite: bool = False,
-            doc_split: str = "blank_line", max_len: int | None = None) -> dict:
+            doc_split: str = "blank_line", max_len: int | None = None, val_files: list[Path] | None = None,
+            test_files: list[Path] | None = None) -> dict:
     """Tokenize `inputs` into the data folder `out_dir` for `task`; returns the meta.json dict.
 
     `workers`: None = the tokenizer's Rust thread pool on all cores, 1 = single-threaded.
@@ -44,9 +45,11 @@ def prepare(task: str, inputs: list[Path], tokenizer_path: Path, out_dir: Path, 
     `doc_split`: lm and mlm, for .txt inputs: what one document is: a block between blank lines
     ("blank_line"), a line ("line"), or the whole file ("file").
     `max_len`: dialogue only: keep the most recent whole turns that fit (None: keep all).
+    `val_files` / `test_files`: files whose every sample lands in val / test, kept whole instead of
+    drawn from `inputs` (whose fraction for that split is then 0; `lmforge.data.fixed_splits`).
     """
     common = dict(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-                  show_progress=show_progress, overwrite=overwrite)
+                  show_progress=show_progress, overwrite=overwrite, val_files=val_files, test_files=test_files)
     streamed = dict(batch_size=batch_size, workers=workers)
     documents = dict(text_field=text_field, text_column=text_column, doc_split=doc_split)
     if task == "lm":

@@ -18,6 +18,8 @@ sorted label names. The split is stratified: each class is shuffled with the see
 the fractions, so every split keeps the class proportions; each split is then shuffled, so the
 first batches of val hold every class. `balance=True` first undersamples every class to the
 size of the smallest (as chapter 6 of "Build a Large Language Model (From Scratch)" does).
+Texts of `val_files` / `test_files` go to val / test whole (`lmforge.data.fixed_splits`), only
+shuffled with the seed; the stratified draw and the balancing then concern the inputs alone.
 A val or test split asked for that comes out empty (too few texts per class) is an error
 naming the counts; a label that some wanted split has no example of (one seen once lands in
 train) gets a note on stderr, as does a label of `labels` without any example.
@@ -43,11 +45,11 @@ from typing import Iterator, Literal, NamedTuple
 
 import numpy as np
 
-from lmforge.base.readers import check_inputs
 from lmforge.base.readers_arrow import class_names, columnar_format, iter_rows
 from lmforge.base.sources import format_suffix, iter_lines
+from lmforge.data.fixed_splits import SplitPlan, check_fixed_splits, plan_splits
 from lmforge.data.pipeline import (SPLIT_NAMES, OpenTokenizer, check_numbers, check_wanted_splits, open_tokenizer,
-                                   split_names, wanted_splits, write_folder_meta, writing_folder)
+                                   wanted_splits, write_folder_meta, writing_folder)
 from lmforge.data.store import TokenStoreWriter, split_counts
 
 Format = Literal["auto", "csv", "tsv", "jsonl", "sms"]
@@ -66,14 +68,16 @@ def prepare_classify(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
                      columns: list[str] | None = None, labels: list[str] | None = None,
                      val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 1337,
                      balance: bool = False, max_tokens: int | None = None,
-                     overwrite: bool = False, show_progress: bool = True) -> dict:
+                     overwrite: bool = False, show_progress: bool = True, val_files: list[Path] | None = None,
+                     test_files: list[Path] | None = None) -> dict:
     """Read, split and tokenize labelled texts into `out_dir`; returns the meta.json dict."""
     check_numbers(val_fraction, test_fraction)
     if max_tokens is not None and max_tokens < 2:
         raise ValueError(f"max_tokens must be >= 2 or None, got {max_tokens}")
     if labels is not None and len(set(labels)) != len(labels):
         raise ValueError(f"labels {labels}: each label name must appear once")
-    paths = check_inputs(inputs)
+    plan = plan_splits(inputs, val_files, test_files, val_fraction, test_fraction)
+    paths, val_fraction, test_fraction = plan.paths, plan.val_fraction, plan.test_fraction
     tokenizer = open_tokenizer(tokenizer_path)
     tokenizer.tok.no_truncation()
     tokenizer.tok.no_padding()
@@ -82,22 +86,22 @@ def prepare_classify(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
                         columns=columns, allowed=labels)
     with writing_folder(out_dir, paths, overwrite) as tmp:
         records, label_names, y = _read_labelled(paths, labels, read_options)
-        rng = np.random.default_rng(seed)
-        keep = balanced_indices(y, rng) if balance else np.arange(len(y))
-        parts = stratified_split(y, keep, val_fraction, test_fraction, rng)
+        parts = _split_records(records, y, plan, balance, np.random.default_rng(seed))
         ids = tokenizer.ids
         wrap = "cls_sep" if ids.cls is not None and ids.sep is not None else "none"
         counts = {}
-        for split in split_names(test_fraction):
+        for split in plan.split_names():
             texts = [records[i].text for i in parts[split]]
             samples = [_wrap(enc.ids, ids, wrap, max_tokens) for enc in
                        (tokenizer.tok.encode_batch(texts, add_special_tokens=False) if texts else [])]
             counts[split] = _write_split(tmp, split, tokenizer, samples, y[parts[split]], label_names)
         check_wanted_splits(counts, val_fraction, test_fraction, paths, "labelled texts")
+        check_fixed_splits(plan, counts, "labelled texts")
         _note_missing_labels(counts, label_names, wanted_splits(val_fraction, test_fraction))
         meta = write_folder_meta(tmp, "classify", tokenizer, paths, counts, seed=seed,
                                  val_fraction=val_fraction, test_fraction=test_fraction,
-                                 label_names=label_names, special_wrap=wrap, records=len(records),
+                                 label_names=label_names, split_sources=plan.sources(), special_wrap=wrap,
+                                 records=len(records),
                                  balanced=balance, max_tokens=max_tokens)
     if show_progress:
         per_split = " / ".join(f"{s} {c['samples']:,}" for s, c in counts.items())
@@ -120,6 +124,19 @@ def _read_labelled(paths: list[Path], labels: list[str] | None, read_options: di
                          "classification needs at least two")
     label_id = {name: i for i, name in enumerate(label_names)}
     return records, label_names, np.array([label_id[r.label] for r in records], dtype=np.int64)
+
+
+def _split_records(records: list[Record], y: np.ndarray, plan: SplitPlan, balance: bool,
+                   rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Record indices per split: the inputs' balanced (if asked) and stratified, the fixed files'
+    whole, each shuffled."""
+    where = [plan.split_of(r.path) for r in records]
+    drawn = np.array([i for i, s in enumerate(where) if s is None], dtype=np.int64)
+    keep = drawn[balanced_indices(y[drawn], rng)] if balance and len(drawn) else drawn
+    parts = stratified_split(y, keep, plan.val_fraction, plan.test_fraction, rng)
+    for split in plan.fixed:
+        parts[split] = rng.permutation(np.array([i for i, s in enumerate(where) if s == split], dtype=np.int64))
+    return parts
 
 
 def _write_split(folder: Path, split: str, tokenizer: OpenTokenizer, samples: list[list[int]],
@@ -274,7 +291,7 @@ def stratified_split(y: np.ndarray, keep: np.ndarray, val_fraction: float, test_
         parts["test"].append(members[:n_test])
         parts["val"].append(members[n_test:n_test + n_val])
         parts["train"].append(members[n_test + n_val:])
-    return {s: rng.permutation(np.concatenate(p)) for s, p in parts.items()}
+    return {s: rng.permutation(np.concatenate(p)) if p else np.zeros(0, dtype=np.int64) for s, p in parts.items()}
 
 
 def _wrap(token_ids: list[int], ids, wrap: str, max_tokens: int | None) -> list[int]:

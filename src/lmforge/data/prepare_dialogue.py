@@ -51,8 +51,9 @@ from lmforge.base.readers import check_inputs, parse_json_line
 from lmforge.base.readers_arrow import column_names, columnar_format, iter_rows
 from lmforge.base.sources import format_suffix, iter_lines
 from lmforge.data.dialogue_format import ROLE_NAMES, build_sample, dialogue_specials
-from lmforge.data.pipeline import (Splitter, check_numbers, check_wanted_splits, open_tokenizer, parallelism,
-                                   split_names, wanted_splits, write_folder_meta, writing_folder)
+from lmforge.data.fixed_splits import FixedSplitter, check_fixed_splits, plan_splits
+from lmforge.data.pipeline import (check_numbers, check_wanted_splits, open_tokenizer, parallelism, wanted_splits,
+                                   write_folder_meta, writing_folder)
 from lmforge.data.store import ROLES_DTYPE, ROLES_FILE, RolesWriter, TokenStoreWriter
 
 _EOU = "__eou__"
@@ -195,26 +196,29 @@ def prepare_dialogue(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
                      max_len: int | None = None, val_fraction: float = 0.05,
                      test_fraction: float = 0.0, seed: int = 1337, batch_size: int = 1000,
                      workers: int | None = None, show_progress: bool = True,
-                     overwrite: bool = False) -> dict:
+                     overwrite: bool = False, val_files: list[Path] | None = None,
+                     test_files: list[Path] | None = None) -> dict:
     """Tokenize dialogue files into the data folder `out_dir`; returns the meta.json dict.
 
-    Each dialogue goes to train, val or test by a seeded draw (as for `lm`); a wanted val/test
+    Each dialogue goes to train, val or test by a seeded draw (as for `lm`), or whole to val / test
+    for `val_files` / `test_files` (`lmforge.data.fixed_splits`); a wanted (drawn) val/test
     split is never left empty when there are at least two dialogues.
     """
     check_numbers(val_fraction, test_fraction, batch_size, workers)
     if max_len is not None and max_len < 3:
         raise ValueError(f"max_len must be >= 3 ([CLS], one token, [SEP]), got {max_len}")
-    paths = check_dialogue_inputs(inputs)
+    plan = plan_splits(inputs, val_files, test_files, val_fraction, test_fraction, check_format=False)
+    paths, val_fraction, test_fraction = plan.paths, plan.val_fraction, plan.test_fraction
     tokenizer = open_tokenizer(tokenizer_path)
     tokenizer.tok.encode_special_tokens = True  # "[SEP]" typed in a turn is text, not a turn boundary
     cls, sep = dialogue_specials(tokenizer.ids, str(tokenizer.file))
-    splits = split_names(test_fraction)
+    splits = plan.split_names()
     t0 = time.perf_counter()
     with writing_folder(out_dir, paths, overwrite) as tmp:
         with parallelism(workers):
             writers = {s: _SplitWriter(tmp, s, tokenizer.vocab_size) for s in splits}
             try:
-                stats = _write_dialogues(tokenizer.tok, paths, writers, Splitter(seed, val_fraction, test_fraction),
+                stats = _write_dialogues(tokenizer.tok, paths, writers, plan.splitter(seed),
                                          wanted_splits(val_fraction, test_fraction)[1:], (cls, sep, max_len),
                                          batch_size, show_progress)
             finally:
@@ -223,6 +227,7 @@ def prepare_dialogue(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
             raise ValueError(f"no dialogue found in {', '.join(str(p) for p in paths)} "
                              f"({stats['empty']} empty ones skipped)")
         check_wanted_splits(counts, val_fraction, test_fraction, paths, "dialogues")
+        check_fixed_splits(plan, counts, "dialogues")
         _check_replies(counts, paths)
         dialogue = {
             "format": "[CLS] u1 [SEP] u2 [SEP] ...; turns end at the sep id",
@@ -234,7 +239,7 @@ def prepare_dialogue(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
         }
         meta = write_folder_meta(tmp, "dialogue", tokenizer, paths, counts, seed=seed,
                                  val_fraction=val_fraction, test_fraction=test_fraction,
-                                 documents=stats["dialogues"], split_by="document", dialogue=dialogue)
+                                 split_sources=plan.sources(), documents=stats["dialogues"], split_by="document", dialogue=dialogue)
     seconds = time.perf_counter() - t0
     total = sum(c["tokens"] for c in counts.values())
     per_split = " / ".join(f"{s} {c['samples']:,}" for s, c in counts.items())
@@ -256,7 +261,7 @@ def _check_replies(counts: dict[str, dict], paths: list[Path]) -> None:
                          f"item or an \"assistant\" message)")
 
 
-def _write_dialogues(tok, paths: list[Path], writers: dict[str, _SplitWriter], splitter: Splitter,
+def _write_dialogues(tok, paths: list[Path], writers: dict[str, _SplitWriter], splitter: FixedSplitter,
                      wanted: list[str], format_ids: tuple[int, int, int | None], batch_size: int,
                      show_progress: bool) -> dict[str, int]:
     """Read, tokenize and write every dialogue; returns the counts for meta.json. The last train
@@ -280,7 +285,7 @@ def _write_dialogues(tok, paths: list[Path], writers: dict[str, _SplitWriter], s
                 stats["dialogues"] += 1
                 stats["turns"] += len(turns)
                 stats["truncated"] += len(sample[0]) < sum(len(t) + 1 for t in turns) + 1
-                split = splitter.next()
+                split = splitter.next(dialogue.path)
                 if split == "train":
                     if held is not None:
                         writers["train"].add(*held)

@@ -10,7 +10,8 @@ Small corpora get a guarantee: when val_fraction > 0 (or test_fraction > 0) and 
 least two documents, that split is never left empty (the last train document moves there).
 A corpus that is a single document (a .txt without blank lines, or doc_split="file") is split
 by tokens instead: the last val_fraction of its tokens is val (and the last test_fraction
-after it is test).
+after it is test). Documents of `val_files` / `test_files` land in val / test whole and are
+never moved (`lmforge.data.fixed_splits`).
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lmforge.base.readers import check_inputs, iter_documents
+from lmforge.base.readers import iter_documents
 from lmforge.base.sources import input_size
-from lmforge.data.pipeline import (Splitter, check_numbers, open_tokenizer, parallelism, split_names,
-                                   wanted_splits, write_folder_meta, writing_folder)
+from lmforge.data.fixed_splits import FixedSplitter, SplitPlan, check_fixed_splits, plan_splits
+from lmforge.data.pipeline import (check_numbers, open_tokenizer, parallelism, wanted_splits, write_folder_meta,
+                                   writing_folder)
 from lmforge.data.store import TokenStoreWriter, cut_sample, dtype_for, move_last_sample, split_counts
 
 _BATCH_CHARS = 2 << 20  # characters per tokenizer batch at most (bounds memory; ~2 pieces of a huge line)
@@ -38,16 +40,18 @@ def prepare_lm(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
                val_fraction: float = 0.05, test_fraction: float = 0.0, seed: int = 1337,
                text_field: str = "text", text_column: str | int = "text", batch_size: int = 1000,
                workers: int | None = None, show_progress: bool = True, overwrite: bool = False,
-               doc_split: str = "blank_line") -> dict:
+               doc_split: str = "blank_line", val_files: list[Path] | None = None,
+               test_files: list[Path] | None = None) -> dict:
     """Tokenize the documents of `inputs` into the data folder `out_dir`; returns the meta.json
     dict (options as `lmforge.data.prepare.prepare`)."""
     check_numbers(val_fraction, test_fraction, batch_size, workers)
-    paths = check_inputs(inputs)
+    plan = plan_splits(inputs, val_files, test_files, val_fraction, test_fraction)
+    paths, val_fraction, test_fraction = plan.paths, plan.val_fraction, plan.test_fraction
     tokenizer = open_tokenizer(tokenizer_path)
     if tokenizer.ids.eos is None:
         raise ValueError(f"{tokenizer.file}: the tokenizer has no end-of-text token (<|endoftext|> "
                          f"or [SEP]); train one with `lmforge tokenizer train`")
-    splits = split_names(test_fraction)
+    splits = plan.split_names()
     fractions = {"val": val_fraction, "test": test_fraction}
     read_options = dict(text_field=text_field, text_column=text_column, doc_split=doc_split)
 
@@ -56,16 +60,17 @@ def prepare_lm(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
         with parallelism(workers), contextlib.ExitStack() as stack:  # closes the writers, also on errors
             writers = {s: stack.enter_context(TokenStoreWriter(tmp, s, tokenizer.vocab_size))
                        for s in splits}
-            n_docs = _tokenize_into(tokenizer.tok, paths, writers, Splitter(seed, val_fraction, test_fraction),
+            n_docs = _tokenize_into(tokenizer.tok, paths, writers, plan.splitter(seed),
                                     tokenizer.ids.eos, batch_size, show_progress, read_options)
         if n_docs == 0:
             raise ValueError(f"no text found in {', '.join(str(p) for p in paths)}: the corpus is "
                              f"empty (only blank lines, or no rows)")
-        split_by = _rebalance(tmp, splits, fractions, n_docs, dtype_for(tokenizer.vocab_size))
+        split_by = _rebalance(tmp, plan, fractions, dtype_for(tokenizer.vocab_size))
         counts = {s: split_counts(tmp, s) for s in splits}
+        check_fixed_splits(plan, counts, "documents")
         meta = write_folder_meta(tmp, "lm", tokenizer, paths, counts, seed=seed,
                                  val_fraction=val_fraction, test_fraction=test_fraction,
-                                 documents=n_docs, split_by=split_by)
+                                 split_sources=plan.sources(), documents=n_docs, split_by=split_by)
     print(_summary(n_docs, counts, time.perf_counter() - t0))
     return meta
 
@@ -77,7 +82,7 @@ def _summary(n_docs: int, counts: dict[str, dict[str, int]], seconds: float) -> 
             f"{total / max(seconds, 1e-9):,.0f} tokens/s")
 
 
-def _tokenize_into(tok, paths: list[Path], writers: dict[str, TokenStoreWriter], splitter: Splitter,
+def _tokenize_into(tok, paths: list[Path], writers: dict[str, TokenStoreWriter], splitter: FixedSplitter,
                    eos: int, batch_size: int, show_progress: bool, read_options: dict) -> int:
     """Stream, tokenize and write every document; returns the number of documents."""
     texts: list[str] = []  # the batch being read
@@ -106,7 +111,7 @@ def _tokenize_into(tok, paths: list[Path], writers: dict[str, TokenStoreWriter],
             base, batch_chars = 0, 0
             for path in paths:
                 for doc in iter_documents(path, **read_options):
-                    split = splitter.next() if open_split is None else open_split
+                    split = splitter.next(path) if open_split is None else open_split
                     open_split = None if doc.final else split
                     n_docs += doc.final
                     texts.append(doc.text)
@@ -149,10 +154,12 @@ def _batch_writer(tok, writers: dict[str, TokenStoreWriter], eos: int):
     return encode_and_write
 
 
-def _rebalance(folder: Path, splits: list[str], fractions: dict, n_docs: int,
-               dtype: np.dtype) -> str:
-    """Keep wanted splits non-empty (see the module docstring); returns "document" or "tokens"."""
+def _rebalance(folder: Path, plan: SplitPlan, fractions: dict, dtype: np.dtype) -> str:
+    """Keep wanted splits non-empty (see the module docstring); returns "document" or "tokens".
+    Only the drawn splits take part: a fixed split keeps exactly its files' documents."""
     wanted = wanted_splits(fractions["val"], fractions["test"])
+    splits = [s for s in plan.split_names() if s not in plan.fixed]
+    n_docs = sum(split_counts(folder, s)["samples"] for s in splits)
     if n_docs == 1 and len(wanted) > 1:
         holder = next(s for s in splits if split_counts(folder, s)["samples"] == 1)
         n = split_counts(folder, holder)["tokens"]

@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lmforge.base.readers import check_inputs, iter_documents
+from lmforge.base.readers import iter_documents
 from lmforge.base.sources import input_size
-from lmforge.data.pipeline import (Splitter, check_numbers, check_wanted_splits, open_tokenizer, parallelism,
-                                   split_names, write_folder_meta, writing_folder)
+from lmforge.data.fixed_splits import FixedSplitter, check_fixed_splits, plan_splits
+from lmforge.data.pipeline import (check_numbers, check_wanted_splits, open_tokenizer, parallelism, write_folder_meta,
+                                   writing_folder)
 from lmforge.data.store import TokenStoreWriter, split_counts
 
 # Not after an initial ("H. gammarus") or a common title abbreviation ("Mr. Smith").
@@ -52,10 +53,13 @@ def split_sentences(text: str) -> list[str]:
 def prepare_mlm(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *, val_fraction: float = 0.05,
                 test_fraction: float = 0.0, seed: int = 1337, text_field: str = "text",
                 text_column: str | int = "text", batch_size: int = 1000, workers: int | None = None,
-                show_progress: bool = True, overwrite: bool = False, doc_split: str = "blank_line") -> dict:
-    """Tokenize the paragraphs of `inputs` into sentences in `out_dir`; returns the meta.json dict."""
+                show_progress: bool = True, overwrite: bool = False, doc_split: str = "blank_line",
+                val_files: list[Path] | None = None, test_files: list[Path] | None = None) -> dict:
+    """Tokenize the paragraphs of `inputs` into sentences in `out_dir`; returns the meta.json dict.
+    Paragraphs of `val_files` / `test_files` go to val / test (`lmforge.data.fixed_splits`)."""
     check_numbers(val_fraction, test_fraction, batch_size, workers)
-    paths = check_inputs(inputs)
+    plan = plan_splits(inputs, val_files, test_files, val_fraction, test_fraction)
+    paths, val_fraction, test_fraction = plan.paths, plan.val_fraction, plan.test_fraction
     tokenizer = open_tokenizer(tokenizer_path)
     ids = tokenizer.ids
     lacking = [n for n, i in (("[CLS]", ids.cls), ("[SEP]", ids.sep), ("[MASK]", ids.mask), ("[PAD]", ids.pad))
@@ -63,14 +67,14 @@ def prepare_mlm(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *, val_
     if lacking:
         raise ValueError(f"{tokenizer.file}: the tokenizer has no {', '.join(lacking)} token(s), which BERT "
                          "pretraining needs; train one with `lmforge tokenizer train --kind wordpiece`")
-    splits = split_names(test_fraction)
+    splits = plan.split_names()
     t0 = time.perf_counter()
     with writing_folder(out_dir, paths, overwrite) as tmp:
         with parallelism(workers), contextlib.ExitStack() as stack:
             writers = {s: stack.enter_context(TokenStoreWriter(tmp, s, tokenizer.vocab_size, labelled=True))
                        for s in splits}
             paragraphs, pairs = _write_sentences(tokenizer.tok, paths, writers,
-                                                 Splitter(seed, val_fraction, test_fraction), batch_size,
+                                                 plan.splitter(seed), batch_size,
                                                  show_progress, dict(text_field=text_field, text_column=text_column,
                                                                      doc_split=doc_split))
         counts = {s: {**split_counts(tmp, s), "pairs": pairs[s]} for s in splits}
@@ -80,8 +84,10 @@ def prepare_mlm(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *, val_
                              "paragraphs); BERT pretraining draws its sentence pairs from such paragraphs")
         check_wanted_splits(counts, val_fraction, test_fraction, paths,
                             "sentence pairs within a paragraph", key="pairs")
+        check_fixed_splits(plan, counts, "sentence pairs within a paragraph", key="pairs")
         meta = write_folder_meta(tmp, "mlm", tokenizer, paths, counts, seed=seed, val_fraction=val_fraction,
-                                 test_fraction=test_fraction, documents=sum(paragraphs.values()),
+                                 test_fraction=test_fraction, split_sources=plan.sources(),
+                                 documents=sum(paragraphs.values()),
                                  paragraphs=paragraphs, split_by="paragraph")
     seconds = time.perf_counter() - t0
     total = sum(c["tokens"] for c in counts.values())
@@ -90,7 +96,7 @@ def prepare_mlm(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *, val_
     return meta
 
 
-def _write_sentences(tok, paths: list[Path], writers: dict[str, TokenStoreWriter], splitter: Splitter,
+def _write_sentences(tok, paths: list[Path], writers: dict[str, TokenStoreWriter], splitter: FixedSplitter,
                      batch_size: int, show_progress: bool, read_options: dict
                      ) -> tuple[dict[str, int], dict[str, int]]:
     """Read, split and tokenize paragraphs in batches; returns the paragraphs and the sentence
@@ -125,7 +131,7 @@ def _write_sentences(tok, paths: list[Path], writers: dict[str, TokenStoreWriter
                     continue
                 sentences = split_sentences("".join(pieces))
                 pieces = []
-                split = splitter.next()
+                split = splitter.next(path)
                 if split in writers and sentences:
                     batch.append((split, sentences))
                 if len(batch) >= batch_size:
