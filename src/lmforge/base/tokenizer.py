@@ -20,6 +20,7 @@ tokenizer only with `overwrite`. Fault point (`lmforge.base.faults`): tokenizer_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -34,6 +35,7 @@ from lmforge.base.faults import fault_point
 from lmforge.base.locks import hold_folder, pid_alive
 from lmforge.base.outputs import check_output_folder
 from lmforge.base.readers import check_inputs, iter_texts
+from lmforge.base.tokenizer_config import TokenizerSettings
 
 BPE_SPECIALS = ["<|endoftext|>", "<|pad|>"]
 WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -209,8 +211,12 @@ def _damage(file: Path, error: BaseException) -> str:
     return str(error).strip() or type(error).__name__
 
 
-def special_ids(tok: Tokenizer) -> SpecialIds:
-    """Special token ids by name; works for our BPE and WordPiece and for GPT-2/BERT files."""
+def special_ids(tok: Tokenizer, settings: TokenizerSettings | None = None) -> SpecialIds:
+    """Special token ids by name; works for our BPE and WordPiece and for GPT-2/BERT files.
+
+    `settings` (`lmforge.base.tokenizer_config.tokenizer_settings` of the tokenizer's folder):
+    the tokens a Hugging Face folder names (a Llama's <s> and </s>, a Qwen2's <|im_end|>) win
+    over the names guessed here; a folder that names no bos_token has none, as in transformers."""
 
     def find(*names: str) -> int | None:
         for name in names:
@@ -222,12 +228,18 @@ def special_ids(tok: Tokenizer) -> SpecialIds:
     sep = find("[SEP]")
     cls = find("[CLS]")
     endoftext = find("<|endoftext|>")
-    return SpecialIds(
+    ids = SpecialIds(
         eos=endoftext if endoftext is not None else sep,
         pad=find("<|pad|>", "[PAD]"),
         bos=endoftext if endoftext is not None else cls,  # GPT-2: bos = eos; BERT-style: [CLS]
         cls=cls, sep=sep, mask=find("[MASK]"), unk=find("[UNK]", "<|unk|>"),
     )
+    if settings is None or not settings.tokens:
+        return ids
+    named = {key.removesuffix("_token"): tok.token_to_id(text) for key, text in settings.tokens.items()}
+    if "bos" not in named and settings.config and "bos_token" in settings.config:
+        named["bos"] = None  # the config says null: no BOS (Qwen2)
+    return dataclasses.replace(ids, **{k: v for k, v in named.items() if v is not None or k == "bos"})
 
 
 def decode(tok: Tokenizer, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:

@@ -20,6 +20,7 @@ from typing import TextIO
 import torch
 
 from lmforge.commands.files import check_output_file
+from lmforge.inference.chat_format import chat_format_of
 from lmforge.inference.chat_session import COMMANDS, ChatSession, speaker_name
 from lmforge.inference.checks import check_text
 from lmforge.inference.generate import SamplingConfig
@@ -123,8 +124,11 @@ def _input_lines(stream: TextIO) -> Iterator[str]:
 
 def run_chat(checkpoint: str | Path, sampling: SamplingConfig, *, max_history: int = 3,
              device: str = "auto", transcript: Path | None = None, stdin: TextIO | None = None,
-             stdout: TextIO | None = None) -> int:
-    """The `lmforge chat` command: interactive on a terminal, scripted when stdin is a pipe."""
+             stdout: TextIO | None = None, chat_format: str = "auto", system: str | None = None) -> int:
+    """The `lmforge chat` command: interactive on a terminal, scripted when stdin is a pipe.
+
+    `chat_format`: "auto" chats in the checkpoint's chat template when it has one (an imported
+    model, or one fine-tuned from it), else GPT2-chitchat's format; "template" / "chitchat" insist."""
     stdin = sys.stdin if stdin is None else stdin
     stdout = sys.stdout if stdout is None else stdout
     if transcript is not None:
@@ -132,17 +136,18 @@ def run_chat(checkpoint: str | Path, sampling: SamplingConfig, *, max_history: i
     loaded = load_for_inference(checkpoint, device)
     if not hasattr(loaded.model, "new_kv_cache"):
         raise ValueError(f"{loaded.path}: chat needs a GPT checkpoint (a dialogue fine-tune)")
+    fmt = chat_format_of(loaded, chat_format)
     generator = None
     if sampling.temperature > 0:
         generator = torch.Generator(device=loaded.device)
         generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
     session = ChatSession(loaded.model, loaded.tokenizer, sampling, max_history=max_history,
-                          generator=generator)
+                          generator=generator, chat_format=fmt, system=system)
     try:
         if stdin.isatty():
             with contextlib.suppress(ImportError):
                 import readline  # noqa: F401  (line editing and history for input())
-            print(f"chat with {loaded.path} (max_history {max_history})", file=stdout)
+            print(f"chat with {loaded.path} ({fmt.name} format, max_history {max_history})", file=stdout)
             chat_interactive(session, stdout)
         else:
             chat_scripted(session, stdin, stdout)

@@ -1,10 +1,17 @@
-"""Multi-turn chat with a dialogue GPT: the session and its streamed replies.
+"""Multi-turn chat with a dialogue model: the session and its streamed replies.
 
-Owns the conversation: the history is a list of turns kept as token ids; the context for a
-reply is `[CLS] t1 [SEP] ... [SEP] user [SEP]` (the format of `lmforge.data.dialogue_format`)
-over the last `max_history` turns (the new user turn included, as GPT2-chitchat counts),
-with older whole turns dropped until it fits the model context with room for the reply.
-The reply is streamed by `lmforge.inference.generate.stream_generate`, stopping at [SEP].
+Owns the conversation: the history is a list of turns (text and the token ids they were
+typed or generated as); the context for a reply is the last `max_history` turns (the new user
+turn included, as GPT2-chitchat counts), after an optional system message, put into the
+checkpoint's chat format (`lmforge.inference.chat_format`: its own chat template with the
+generation prompt, or GPT2-chitchat's `[CLS] t1 [SEP] ... [SEP] user [SEP]`), with older whole
+turns dropped until it fits the model context with room for the reply. The reply is streamed
+by `lmforge.inference.generate.stream_generate`, stopping at the format's stop ids ([SEP], or
+the template's end-of-turn token and the EOS).
+
+To render a list of OpenAI-style messages without a session (a server, a batch job), use
+`lmforge.inference.chat_format.chat_format_for(tokenizer, folder).prompt_ids(messages,
+max_tokens)` and its `stop_ids`, as this session does.
 
 Text the vocabulary does not know becomes [UNK]; nothing typed can crash a session (text
 that is not valid UTF-8 is a ValueError the caller reports).
@@ -23,10 +30,9 @@ import torch
 from tokenizers import Tokenizer, models
 from torch import nn
 
-from lmforge.data.dialogue_format import RESPONSE, USER, build_sample, dialogue_specials
-from lmforge.inference.checks import check_text
+from lmforge.data.dialogue_format import RESPONSE, USER
+from lmforge.inference.chat_format import ChatFormat, ChitchatFormat
 from lmforge.inference.generate import SamplingConfig, stream_generate
-from lmforge.base.tokenizer import special_ids
 
 COMMANDS = "/reset  /history  /save FILE  /quit"
 # Scripts written without spaces between words: no space is put next to these characters.
@@ -91,42 +97,57 @@ def decode_text(tokenizer: Tokenizer, ids: list[int]) -> str:
 
 
 class ChatSession:
-    """A conversation with a dialogue GPT; `reply(text)` streams the model's answer."""
+    """A conversation with a dialogue model; `reply(text)` streams the model's answer.
+
+    `chat_format`: how turns become a prompt (default: the chitchat format of the tokenizer);
+    `system`: a system message put before the turns (the template format renders it as the
+    template does; the chitchat format as a first user turn)."""
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, sampling: SamplingConfig, *,
-                 max_history: int = 3, generator: torch.Generator | None = None) -> None:
+                 max_history: int = 3, generator: torch.Generator | None = None,
+                 chat_format: ChatFormat | None = None, system: str | None = None) -> None:
         if max_history < 1:
             raise ValueError(f"max_history must be >= 1 (the new turn itself), got {max_history}")
         self.model = model
         self.tokenizer = tokenizer
-        self.specials = special_ids(tokenizer)
-        self.cls, self.sep = dialogue_specials(self.specials)
-        stops = tuple(dict.fromkeys((*sampling.stop_ids, self.sep)))
+        self.format = chat_format if chat_format is not None else ChitchatFormat(tokenizer)
+        stops = tuple(dict.fromkeys((*sampling.stop_ids, *self.format.stop_ids)))
         self.sampling = dataclasses.replace(sampling, stop_ids=stops)
         self.max_history = max_history
         self.generator = generator
+        self.system = system.strip() if system and system.strip() else None
         self.history: list[Turn] = []
         self.transcript: list[Turn | None] = []  # every turn since the start; None marks a /reset
-        tokenizer.encode_special_tokens = True  # typed "[SEP]" is text, not a turn boundary
 
     def encode(self, text: str) -> list[int]:
-        """The turn's token ids; text that leaves no token (control characters) becomes [UNK].
+        """The turn's token ids (special-token text typed is plain text); text that leaves no token
+        (control characters) becomes [UNK].
 
         Text that is not valid Unicode (lone surrogates: bytes that were not UTF-8) is a ValueError."""
-        ids = self.tokenizer.encode(check_text(text, "the turn"), add_special_tokens=False).ids
-        if not ids and text.strip():
-            unk = self.specials.unk
-            ids = [unk] if unk is not None else []
-        return ids
+        return self.format.encode(text)
 
-    def context_ids(self, user_ids: list[int] | None = None) -> list[int]:
-        """The prompt for the next reply: the last max_history turns (with `user_ids` as the newest)."""
-        turns = [t.ids for t in self.history] + ([user_ids] if user_ids is not None else [])
-        roles = [t.role for t in self.history] + ([USER] if user_ids is not None else [])
-        turns, roles = turns[-self.max_history:], roles[-self.max_history:]
+    def messages(self, user_text: str | None = None) -> list[dict]:
+        """The conversation the next reply sees: the system message, then the last max_history
+        turns (with `user_text` as the newest), as OpenAI-style messages with their token ids."""
+        turns = [{"role": "user" if t.role == USER else "assistant", "content": t.text, "token_ids": t.ids}
+                 for t in self.history]
+        if user_text is not None:
+            turns.append({"role": "user", "content": user_text, "token_ids": self.encode(user_text)})
+        turns = turns[-self.max_history:]
+        while self.format.name == "template" and turns and turns[0]["role"] != "user":
+            turns = turns[1:]  # a template may insist on the user first (Llama 2's does)
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + turns
+
+    def context_ids(self, user_text: str | None = None) -> list[int]:
+        """The prompt for the next reply: the last max_history turns (with `user_text` as the newest),
+        cut to the model context with room for the reply."""
+        messages = self.messages(user_text)
+        if not messages:
+            return []
         context = self.model.config.context
         room = min(self.sampling.max_new_tokens, context // 2)  # for the reply
-        return build_sample(turns, roles, self.cls, self.sep, max(3, context - room))[0]
+        return self.format.prompt_ids(messages, max(3, context - room))
 
     def reply(self, text: str) -> Iterator[str]:
         """Add the user's turn, stream the reply as text pieces, and add the reply to the history.
@@ -137,7 +158,7 @@ class ChatSession:
         user = Turn(USER, text, self.encode(text))
         if not user.ids:
             return
-        prompt = self.context_ids(user.ids)
+        prompt = self.context_ids(text)
         self._add(user)
         decoder = StreamDecoder(self.tokenizer)
         new: list[int] = []

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lmforge.base.tokenizer import load_tokenizer, special_ids
+from lmforge.base.tokenizer_config import tokenizer_settings
 from lmforge.checkpoint import load_model
 from lmforge.inference.checks import inference_device
 
@@ -47,5 +48,6 @@ def load_for_inference(checkpoint: str | Path, device: str = "auto") -> LoadedMo
     if vocab > ckpt.model_config["vocab_size"]:
         raise ValueError(f"{path}: tokenizer.json has {vocab} tokens but the model only "
                          f"{ckpt.model_config['vocab_size']}; the files do not belong together")
-    return LoadedModel(model=model, tokenizer=tokenizer, specials=special_ids(tokenizer), device=dev, path=path,
+    specials = special_ids(tokenizer, tokenizer_settings(path))  # an imported model's named eos/bos
+    return LoadedModel(model=model, tokenizer=tokenizer, specials=specials, device=dev, path=path,
                        architecture=ckpt.model_config)

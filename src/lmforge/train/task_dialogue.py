@@ -2,8 +2,10 @@
 
 Samples are whole dialogues `[CLS] u1 [SEP] u2 [SEP] ...` from a folder written by
 `lmforge prepare --task dialogue` (format: `lmforge.data.prepare_dialogue`). A dialogue
-longer than the model context keeps its most recent whole turns. Batches are right-padded
-as GPT2-chitchat does (inputs with the pad id, labels with -100). `train.loss_on`:
+longer than the model context keeps its most recent whole turns. Dialogues rendered with a
+chat template (`lmforge.data.dialogue_samples`) have no [SEP] to cut at: one longer than the
+context keeps its first tokens (prepare's --max-len drops whole turns instead; role 1 marks
+the assistant's turns there). Batches are right-padded as GPT2-chitchat does (inputs with the pad id, labels with -100). `train.loss_on`:
 
 - "responses" (default): labels are -100 on [CLS] and on the user's turns (and their [SEP]),
   so only the replies, and the [SEP] that ends each reply, are learned;
@@ -23,6 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lmforge.data.dialogue_format import RESPONSE, build_sample, split_turns
+from lmforge.data.dialogue_samples import TEMPLATE_FORMAT
 from lmforge.data.store import TokenStore, read_roles
 from lmforge.base.metrics import IGNORE_INDEX
 from lmforge.train.task_lm import LMTask, next_token_stats
@@ -42,7 +45,8 @@ class DialogueDataset(Dataset):
         self.store = store
         self.max_len = max_len
         self.loss_on = loss_on
-        self.cls, self.sep = int(dialogue["cls_id"]), int(dialogue["sep_id"])
+        self.templated = dialogue.get("format") == TEMPLATE_FORMAT  # rendered with a chat template: no [SEP]
+        self.cls, self.sep = (None, None) if self.templated else (int(dialogue["cls_id"]), int(dialogue["sep_id"]))
         self.roles = read_roles(store.data_dir, store.split, len(store.tokens))
 
     def __len__(self) -> int:
@@ -57,7 +61,9 @@ class DialogueDataset(Dataset):
         a, b = int(self.store.offsets[i]), int(self.store.offsets[i + 1])
         ids = np.asarray(self.store.tokens[a:b], dtype=np.int64)
         roles = np.asarray(self.roles[a:b], dtype=np.int64)
-        if len(ids) > self.max_len:
+        if len(ids) > self.max_len and self.templated:
+            ids, roles = ids[:self.max_len], roles[:self.max_len]  # prepare --max-len trims by whole turns
+        elif len(ids) > self.max_len:
             turns, turn_roles = split_turns(ids, roles, self.sep)
             trimmed, trimmed_roles = build_sample(turns, turn_roles, self.cls, self.sep, self.max_len)
             ids, roles = np.asarray(trimmed, np.int64), np.asarray(trimmed_roles, np.int64)
@@ -102,6 +108,7 @@ class DialogueTask(LMTask):
 
     def samples(self, model: nn.Module, runtime) -> list[dict]:
         """One reply to each configured prompt (taken as the user's first turn), for the log and report."""
+        from lmforge.inference.chat_format import chat_format_for
         from lmforge.inference.chat_session import ChatSession
         from lmforge.inference.generate import SamplingConfig
         from lmforge.base.tokenizer import load_tokenizer
@@ -111,11 +118,12 @@ class DialogueTask(LMTask):
         if train.sample_tokens == 0 or not prompts:
             return []
         tokenizer = load_tokenizer(Path(self.cfg.data.path) / "tokenizer.json")
+        fmt = chat_format_for(tokenizer, Path(self.cfg.data.path))  # the data's chat template, if any
         sampling = SamplingConfig(max_new_tokens=min(train.sample_tokens, 64), temperature=0.7,
                                   top_k=8, repetition_penalty=1.2)
         generator = torch.Generator(device=runtime.device).manual_seed(train.seed)
         results = []
         for prompt in prompts:
-            session = ChatSession(model, tokenizer, sampling, generator=generator)
+            session = ChatSession(model, tokenizer, sampling, generator=generator, chat_format=fmt)
             results.append({"prompt": prompt + "\n", "text": "".join(session.reply(prompt))})
         return results
