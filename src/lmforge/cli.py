@@ -123,6 +123,9 @@ def _add_prepare(sub) -> None:
                         "tokens (default: keep all; training trims to the model context anyway)")
     p.set_defaults(run=_prepare)
 
+    p.add_argument("--chat-format", choices=["auto", "template", "chitchat"], default="auto",
+                   help="dialogue: auto renders with the tokenizer folder's chat template when it has one "
+                        "(loss on the assistant's turns), else GPT2-chitchat's [CLS] u1 [SEP] u2 [SEP]")
 
 def _prepare(args: argparse.Namespace) -> int:
     for split in ("val", "test"):
@@ -146,7 +149,7 @@ def _prepare(args: argparse.Namespace) -> int:
             val_fraction=0.05 if args.val_fraction is None else args.val_fraction,
             test_fraction=args.test_fraction or 0.0, seed=args.seed, text_field=args.field,
             text_column=_column(args.column), overwrite=args.overwrite,
-            doc_split=args.doc_split, max_len=args.max_len, **fixed)
+            doc_split=args.doc_split, max_len=args.max_len, **fixed, chat_format=args.chat_format)
     return 0
 
 
@@ -222,11 +225,15 @@ def _add_chat(sub) -> None:
                    help="save the conversation here when the chat ends (.txt, or .jsonl as messages)")
     p.set_defaults(run=_chat)
 
+    p.add_argument("--chat-format", choices=["auto", "template", "chitchat"], default="auto",
+                   help="auto: the checkpoint's chat template when it has one, else GPT2-chitchat's format")
+    p.add_argument("--system", default=None, help="a system message put before the conversation")
 
 def _chat(args: argparse.Namespace) -> int:
     from lmforge.commands.chat import run_chat
     return run_chat(args.checkpoint, _sampling(args, "--max-reply-tokens"), max_history=args.max_history,
-                    device=args.device, transcript=args.transcript)
+                    device=args.device, transcript=args.transcript, chat_format=args.chat_format,
+                    system=args.system)
 
 
 def _add_classify(sub) -> None:

@@ -12,7 +12,8 @@ the same pipeline with its own reader and sample writer:
 3. read, tokenize (`parallelism` sets the tokenizer's threads) and write samples there, each
    document going to train, val or test by a seeded `Splitter` draw (classify splits by class
    instead); a split asked for that came out empty is an error (`check_wanted_splits`);
-4. copy the tokenizer and write meta.json with the keys every task shares
+4. copy the tokenizer (with a Hugging Face folder's tokenizer_config.json: chat template, named
+   special tokens) and write meta.json with the keys every task shares
    (`write_folder_meta`: counts per split, hashes of the tokenizer and of the written splits),
    then rename the folder into place.
 
@@ -35,6 +36,7 @@ from tokenizers import Tokenizer
 from lmforge.base.locks import hold_folder
 from lmforge.base.outputs import check_output_folder
 from lmforge.base.tokenizer import SpecialIds, load_tokenizer, special_ids, tokenizer_file
+from lmforge.base.tokenizer_config import tokenizer_settings, write_settings
 from lmforge.base.version import __version__
 from lmforge.data.integrity import content_sha256, sha256_file
 from lmforge.data.staging import recover_folder, staged_folder
@@ -105,10 +107,12 @@ class OpenTokenizer(NamedTuple):
 
 
 def open_tokenizer(tokenizer_path: Path) -> OpenTokenizer:
-    """Load the tokenizer of a file or folder (FileNotFoundError/ValueError naming it)."""
+    """Load the tokenizer of a file or folder (FileNotFoundError/ValueError naming it); a Hugging
+    Face folder's tokenizer_config.json names its special tokens (`lmforge.base.tokenizer_config`)."""
     file = tokenizer_file(tokenizer_path)
     tok = load_tokenizer(file)
-    return OpenTokenizer(file, tok, special_ids(tok), tok.get_vocab_size(with_added_tokens=True))
+    ids = special_ids(tok, tokenizer_settings(file))
+    return OpenTokenizer(file, tok, ids, tok.get_vocab_size(with_added_tokens=True))
 
 
 @contextlib.contextmanager
@@ -168,6 +172,7 @@ def write_folder_meta(folder: Path, task: str, tokenizer: OpenTokenizer, paths: 
     them with those it started with. `split_sources` (`lmforge.data.fixed_splits`) says where each
     split came from: {"files": [...]} for a fixed split, {"drawn": fraction} otherwise."""
     write_tokenizer(folder, tokenizer.file)
+    write_settings(tokenizer.file, folder, tokenizer.tok)  # the chat template and named tokens travel with it
     content, per_split = content_sha256(folder, list(counts))
     meta = {
         "task": task,

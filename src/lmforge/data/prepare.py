@@ -34,8 +34,8 @@ def prepare(task: str, inputs: list[Path], tokenizer_path: Path, out_dir: Path, 
             val_fraction: float = 0.05, test_fraction: float = 0.0, seed: int = 1337,
             text_field: str = "text", text_column: str | int = "text", batch_size: int = 1000,
             workers: int | None = None, show_progress: bool = True, overwrite: bool = False,
-            doc_split: str = "blank_line", max_len: int | None = None, val_files: list[Path] | None = None,
-            test_files: list[Path] | None = None) -> dict:
+            doc_split: str = "blank_line", max_len: int | None = None, chat_format: str = "auto",
+            val_files: list[Path] | None = None, test_files: list[Path] | None = None) -> dict:
     """Tokenize `inputs` into the data folder `out_dir` for `task`; returns the meta.json dict.
 
     `workers`: None = the tokenizer's Rust thread pool on all cores, 1 = single-threaded.
@@ -45,6 +45,8 @@ def prepare(task: str, inputs: list[Path], tokenizer_path: Path, out_dir: Path, 
     `doc_split`: lm and mlm, for .txt inputs: what one document is: a block between blank lines
     ("blank_line"), a line ("line"), or the whole file ("file").
     `max_len`: dialogue only: keep the most recent whole turns that fit (None: keep all).
+    `chat_format`: dialogue only: "auto" (the tokenizer folder's chat template when it has one,
+    else GPT2-chitchat's format), "template" or "chitchat".
     `val_files` / `test_files`: files whose every sample lands in val / test, kept whole instead of
     drawn from `inputs` (whose fraction for that split is then 0; `lmforge.data.fixed_splits`).
     """
@@ -59,5 +61,6 @@ def prepare(task: str, inputs: list[Path], tokenizer_path: Path, out_dir: Path, 
     if task == "classify":
         return prepare_classify(inputs, tokenizer_path, out_dir, text_column=text_column, **common)
     if task == "dialogue":
-        return prepare_dialogue(inputs, tokenizer_path, out_dir, max_len=max_len, **common, **streamed)
+        return prepare_dialogue(inputs, tokenizer_path, out_dir, max_len=max_len, chat_format=chat_format,
+                                **common, **streamed)
     raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")

@@ -50,7 +50,9 @@ from tqdm import tqdm
 from lmforge.base.readers import check_inputs, parse_json_line
 from lmforge.base.readers_arrow import column_names, columnar_format, iter_rows
 from lmforge.base.sources import format_suffix, iter_lines
-from lmforge.data.dialogue_format import ROLE_NAMES, build_sample, dialogue_specials
+from lmforge.data.dialogue_format import RESPONSE, USER, dialogue_specials
+from lmforge.data.dialogue_samples import ChitchatSamples, TemplateSamples, chat_template_of
+from lmforge.data.messages import alternating, check_messages
 from lmforge.data.fixed_splits import FixedSplitter, check_fixed_splits, plan_splits
 from lmforge.data.pipeline import (check_numbers, check_wanted_splits, open_tokenizer, parallelism, wanted_splits,
                                    write_folder_meta, writing_folder)
@@ -60,12 +62,17 @@ _EOU = "__eou__"
 
 
 class Dialogue(NamedTuple):
-    """One dialogue as read: stripped, non-empty turns and their roles (0 user, 1 reply)."""
+    """One dialogue as read: stripped, non-empty turns, their roles (0 user, 1 reply) and speakers."""
 
     turns: list[str]
     roles: list[int]
     path: Path
     line: int  # 1-based line where the dialogue starts
+    speakers: list[str]  # "system", "user", "assistant" or "tool", one per turn
+
+    def messages(self) -> list[dict[str, str]]:
+        """The dialogue as a conversation for a chat template."""
+        return [{"role": s, "content": t} for s, t in zip(self.speakers, self.turns)]
 
 
 # -- readers -------------------------------------------------------------------------------------
@@ -78,13 +85,10 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
         yield line_no, text.rstrip("\r\n")
 
 
-def _dialogue(texts: list[str], roles: list[int], path: Path, line: int) -> Dialogue:
-    kept = [(t.strip(), r) for t, r in zip(texts, roles) if t.strip()]
-    return Dialogue([t for t, _ in kept], [r for _, r in kept], path, line)
-
-
-def _alternating(n: int) -> list[int]:
-    return [i % 2 for i in range(n)]
+def _dialogue(messages: list[dict[str, str]], path: Path, line: int) -> Dialogue:
+    kept = [(m["content"].strip(), m["role"]) for m in messages if m["content"].strip()]
+    return Dialogue([t for t, _ in kept], [RESPONSE if s == "assistant" else USER for _, s in kept], path, line,
+                    [s for _, s in kept])
 
 
 def _text_dialogues(path: Path) -> Iterator[Dialogue]:
@@ -96,18 +100,17 @@ def _text_dialogues(path: Path) -> Iterator[Dialogue]:
             daily = _EOU in text
         if daily:
             if text.strip():
-                parts = text.split(_EOU)
-                yield _dialogue(parts, _alternating(len(parts)), path, line_no)
+                yield _dialogue(alternating(text.split(_EOU)), path, line_no)
             continue
         if text.strip():
             if not block:
                 start = line_no
             block.append(text)
         elif block:
-            yield _dialogue(block, _alternating(len(block)), path, start)
+            yield _dialogue(alternating(block), path, start)
             block = []
     if block:
-        yield _dialogue(block, _alternating(len(block)), path, start)
+        yield _dialogue(alternating(block), path, start)
 
 
 def _jsonl_dialogue(record: object, path: Path, line_no: int, unit: str = "line") -> Dialogue:
@@ -116,21 +119,9 @@ def _jsonl_dialogue(record: object, path: Path, line_no: int, unit: str = "line"
         turns = record["turns"]
         if not all(isinstance(t, str) for t in turns):
             raise ValueError(f"{where}: every item of \"turns\" must be a string")
-        return _dialogue(turns, _alternating(len(turns)), path, line_no)
-    if isinstance(record, dict) and isinstance(record.get("messages"), list):
-        texts, roles = [], []
-        for i, message in enumerate(record["messages"]):
-            if not (isinstance(message, dict) and isinstance(message.get("content"), str)
-                    and isinstance(message.get("role"), str)):
-                raise ValueError(f"{where}: messages[{i}] must be an object with string "
-                                 f"\"role\" and \"content\"")
-            role = message["role"].strip().lower()
-            if role not in ROLE_NAMES:
-                raise ValueError(f"{where}: messages[{i}]: unknown role {message['role']!r} "
-                                 f"(valid: {', '.join(ROLE_NAMES)})")
-            texts.append(message["content"])
-            roles.append(ROLE_NAMES[role])
-        return _dialogue(texts, roles, path, line_no)
+        return _dialogue(alternating(turns), path, line_no)
+    if isinstance(record, dict) and "messages" in record:
+        return _dialogue(check_messages(record["messages"], where), path, line_no)
     keys = sorted(record) if isinstance(record, dict) else type(record).__name__
     raise ValueError(f"{where}: expected {{\"turns\": [...]}} or {{\"messages\": [...]}}, got {keys}")
 
@@ -196,13 +187,15 @@ def prepare_dialogue(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
                      max_len: int | None = None, val_fraction: float = 0.05,
                      test_fraction: float = 0.0, seed: int = 1337, batch_size: int = 1000,
                      workers: int | None = None, show_progress: bool = True,
-                     overwrite: bool = False, val_files: list[Path] | None = None,
+                     overwrite: bool = False, chat_format: str = "auto", val_files: list[Path] | None = None,
                      test_files: list[Path] | None = None) -> dict:
     """Tokenize dialogue files into the data folder `out_dir`; returns the meta.json dict.
 
     Each dialogue goes to train, val or test by a seeded draw (as for `lm`), or whole to val / test
     for `val_files` / `test_files` (`lmforge.data.fixed_splits`); a wanted (drawn) val/test
-    split is never left empty when there are at least two dialogues.
+    split is never left empty when there are at least two dialogues. `chat_format`: "auto"
+    renders with the tokenizer folder's chat template when it has one, else the chitchat
+    format; "template" or "chitchat" insist (`lmforge.data.dialogue_samples`).
     """
     check_numbers(val_fraction, test_fraction, batch_size, workers)
     if max_len is not None and max_len < 3:
@@ -210,17 +203,19 @@ def prepare_dialogue(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
     plan = plan_splits(inputs, val_files, test_files, val_fraction, test_fraction, check_format=False)
     paths, val_fraction, test_fraction = plan.paths, plan.val_fraction, plan.test_fraction
     tokenizer = open_tokenizer(tokenizer_path)
-    tokenizer.tok.encode_special_tokens = True  # "[SEP]" typed in a turn is text, not a turn boundary
-    cls, sep = dialogue_specials(tokenizer.ids, str(tokenizer.file))
+    template = chat_template_of(tokenizer.file, chat_format)
+    if template is not None:
+        builder = TemplateSamples(tokenizer.tok, template, max_len)
+    else:
+        builder = ChitchatSamples(tokenizer.tok, *dialogue_specials(tokenizer.ids, str(tokenizer.file)), max_len)
     splits = plan.split_names()
     t0 = time.perf_counter()
     with writing_folder(out_dir, paths, overwrite) as tmp:
         with parallelism(workers):
             writers = {s: _SplitWriter(tmp, s, tokenizer.vocab_size) for s in splits}
             try:
-                stats = _write_dialogues(tokenizer.tok, paths, writers, plan.splitter(seed),
-                                         wanted_splits(val_fraction, test_fraction)[1:], (cls, sep, max_len),
-                                         batch_size, show_progress)
+                stats = _write_dialogues(builder, paths, writers, plan.splitter(seed),
+                                         wanted_splits(val_fraction, test_fraction)[1:], batch_size, show_progress)
             finally:
                 counts = {s: writers[s].close() for s in splits}
         if stats["dialogues"] == 0:
@@ -229,14 +224,8 @@ def prepare_dialogue(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
         check_wanted_splits(counts, val_fraction, test_fraction, paths, "dialogues")
         check_fixed_splits(plan, counts, "dialogues")
         _check_replies(counts, paths)
-        dialogue = {
-            "format": "[CLS] u1 [SEP] u2 [SEP] ...; turns end at the sep id",
-            "roles_file": ROLES_FILE,
-            "roles_dtype": ROLES_DTYPE.name,
-            "roles": {"0": "user ([CLS], user turns and their [SEP])",
-                      "1": "response (reply turns and their [SEP])"},
-            "cls_id": cls, "sep_id": sep, "max_len": max_len, **stats,
-        }
+        dialogue = {**builder.meta(), "roles_file": ROLES_FILE, "roles_dtype": ROLES_DTYPE.name,
+                    "max_len": max_len, **stats}
         meta = write_folder_meta(tmp, "dialogue", tokenizer, paths, counts, seed=seed,
                                  val_fraction=val_fraction, test_fraction=test_fraction,
                                  split_sources=plan.sources(), documents=stats["dialogues"], split_by="document", dialogue=dialogue)
@@ -261,30 +250,24 @@ def _check_replies(counts: dict[str, dict], paths: list[Path]) -> None:
                          f"item or an \"assistant\" message)")
 
 
-def _write_dialogues(tok, paths: list[Path], writers: dict[str, _SplitWriter], splitter: FixedSplitter,
-                     wanted: list[str], format_ids: tuple[int, int, int | None], batch_size: int,
+def _write_dialogues(builder: ChitchatSamples | TemplateSamples, paths: list[Path],
+                     writers: dict[str, _SplitWriter], splitter: FixedSplitter, wanted: list[str], batch_size: int,
                      show_progress: bool) -> dict[str, int]:
     """Read, tokenize and write every dialogue; returns the counts for meta.json. The last train
     dialogue goes to the first split of `wanted` that got none, if any."""
-    cls, sep, max_len = format_ids
     stats = {"dialogues": 0, "empty": 0, "truncated": 0, "turns": 0}
     held: tuple[list[int], list[int]] | None = None  # the latest train sample, not written yet
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
     with tqdm(unit=" dialogues", desc="prepare", file=sys.stderr, disable=not show_progress,
               mininterval=0.5) as bar:
         for batch in _batches((d for p in paths for d in iter_dialogues(p)), batch_size):
-            encoded = iter(encode([t for d in batch for t in d.turns], add_special_tokens=False))
-            for dialogue in batch:
-                # roles first: zip then takes exactly len(roles) encodings, no more
-                kept = [(e.ids, r) for r, e in zip(dialogue.roles, encoded) if e.ids]
-                if not kept:
+            for dialogue, built in zip(batch, builder.samples(batch)):  # one (or None) per dialogue
+                if built is None:
                     stats["empty"] += 1
                     continue
-                turns, roles = [t for t, _ in kept], [r for _, r in kept]
-                sample = build_sample(turns, roles, cls, sep, max_len)
+                sample = (built.ids, built.roles)
                 stats["dialogues"] += 1
-                stats["turns"] += len(turns)
-                stats["truncated"] += len(sample[0]) < sum(len(t) + 1 for t in turns) + 1
+                stats["turns"] += built.turns
+                stats["truncated"] += built.truncated
                 split = splitter.next(dialogue.path)
                 if split == "train":
                     if held is not None:
