@@ -210,6 +210,13 @@ def settings_file_dict(path: Path, tok: Tokenizer | None = None) -> dict | None:
     return out
 
 
+def settings_files(folder: Path) -> list[Path]:
+    """The settings files `folder` holds (tokenizer_config.json, generation_config.json,
+    special_tokens_map.json): what a checkpoint keeps beside its tokenizer.json."""
+    return [Path(folder) / name for name in (CONFIG_FILE, GENERATION_FILE, SPECIALS_MAP_FILE)
+            if (Path(folder) / name).is_file()]
+
+
 def write_settings(src: Path, out_folder: Path, tok: Tokenizer | None = None) -> Path | None:
     """Write `settings_file_dict(src)` as `out_folder/tokenizer_config.json` (and copy
     generation_config.json); the path written, or None when `src` has no settings."""

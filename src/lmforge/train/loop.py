@@ -25,6 +25,7 @@ from lmforge.base.config import Config
 from lmforge.base.distributed import all_reduce_sum, barrier, world_from_env
 from lmforge.base.faults import fault_point
 from lmforge.base.runtime import setup_runtime
+from lmforge.base.tokenizer_config import settings_files
 from lmforge.checkpoint import prune_epochs, save_checkpoint
 from lmforge.data.store import read_meta
 from lmforge.models.registry import flops_per_token, load_weights
@@ -339,6 +340,7 @@ class Trainer:
         if self.rt.is_main:
             save_checkpoint(self.ckpt_dir / name, model_state=weights, model_config=self.arch,
                             tokenizer_file=self.data_dir / "tokenizer.json", run_config=self.cfg.to_dict(),
+                            tokenizer_extras=settings_files(self.data_dir),  # chat template, named tokens
                             training_state=training, step=state.step,
                             epoch=state.where(len(self.train_ds))["epoch"])
         barrier(state.step, f"saving checkpoint {name}")
