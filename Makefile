@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch, pinned for the test environment; users get the range in pyproject.toml.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test test-slow faults install install-test clean bench bench-train bench-generate bench-prepare bench-bert bench-startup bench-lm-head bench-dialogue bench-breakdown
+.PHONY: demo test test-slow faults install install-test clean bench bench-train bench-generate bench-prepare bench-bert bench-startup bench-lm-head bench-dialogue bench-breakdown bench-serve
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[test]' $(TORCH_PIN)
 	touch $@
 
+# The chat page's test drives Debian's chromium through its chromedriver (tests/serve/test_browser.py).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(VENV)/.chromium: $(BIN)/python
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }
+	touch $@
+
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
@@ -29,7 +36,7 @@ demo: $(VENV)/.installed
 
 # The fault suite (tests/faults) runs inside `make test` once, with its scoreboard lines.
 FAULTS_PLUGIN := PYTHONPATH=tests/faults$${PYTHONPATH:+:$$PYTHONPATH}
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test $(VENV)/.chromium
 	HF_HUB_OFFLINE=1 $(FAULTS_PLUGIN) $(BIN)/python -m pytest -q -p faults_scoreboard tests
 
 # Crashes, kills, signals, full disks, damaged checkpoints and bad inputs: one line per scenario.
@@ -71,6 +78,9 @@ bench-lm-head: $(VENV)/.installed-bench
 
 bench-dialogue: $(VENV)/.installed-bench
 	$(BENCH_RUN) bench/dialogue.py
+
+bench-serve: $(VENV)/.installed-bench
+	$(BENCH_RUN) bench/serve.py
 
 # Not a comparison of rates: where each side's training step spends its time, operator by operator.
 bench-breakdown: $(VENV)/.installed-bench

@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, str]] = [
     ("report", "plots and the HTML page from metrics.jsonl"),
     ("inference", "generation, loaded models, the chat session, classifier and embedding use"),
     ("train", "the Trainer, tasks, optimizer, update, logging"),
+    ("serve", "the HTTP server: OpenAI-compatible routes, request checks, streaming, the chat page"),
     ("commands", "what each CLI command does"),
     ("entry", "cli, the library API, the package root"),
 ]
