@@ -40,6 +40,7 @@ from lmforge.base.tokenizer_config import TokenizerSettings
 BPE_SPECIALS = ["<|endoftext|>", "<|pad|>"]
 WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 KINDS = ("bpe", "wordpiece")
+VOCAB_TXT = "vocab.txt"  # a BERT vocabulary: `load_tokenizer` builds the WordPiece tokenizer from it
 _BATCH = 1000  # texts handed to the Rust trainer at a time
 
 
@@ -170,8 +171,12 @@ def _save(tok: Tokenizer, out_dir: Path) -> Path:
 
 
 def tokenizer_file(path: Path) -> Path:
-    """The tokenizer.json that `path` names (the file itself or a folder holding one)."""
+    """The tokenizer file that `path` names: a tokenizer.json (the file itself or a folder holding
+    one), or a BERT `vocab.txt` (the file, or a folder holding one and no tokenizer.json, as
+    GPT2-chitchat's model folders do), which `load_tokenizer` builds a WordPiece tokenizer from."""
     path = Path(path)
+    if path.is_dir() and not (path / "tokenizer.json").exists() and (path / VOCAB_TXT).is_file():
+        return path / VOCAB_TXT
     if path.is_dir() and path.name != "tokenizer.json":
         path = path / "tokenizer.json"
     if path.is_dir():
@@ -183,9 +188,12 @@ def tokenizer_file(path: Path) -> Path:
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
-    """Load a tokenizer from a tokenizer.json file or a folder holding one; a damaged file is a
-    ValueError naming it and what is wrong, never a traceback from the Rust side."""
+    """Load a tokenizer from a tokenizer.json file or a folder holding one (or a BERT vocab.txt,
+    see `tokenizer_file`); a damaged file is a ValueError naming it and what is wrong, never a
+    traceback from the Rust side."""
     file = tokenizer_file(path)
+    if file.suffix == ".txt":
+        return wordpiece_from_vocab(file)
     try:
         return Tokenizer.from_file(str(file))
     except (KeyboardInterrupt, SystemExit):
@@ -193,6 +201,38 @@ def load_tokenizer(path: Path) -> Tokenizer:
     except BaseException as e:  # a bare Exception for malformed files; a PanicException (BaseException) may come
         raise ValueError(f"{file}: not a valid tokenizer.json: {_damage(file, e)}; train one with `lmforge "
                          f"tokenizer train`, or put back the tokenizer.json the data or model was made with") from None
+
+
+def wordpiece_from_vocab(vocab_file: Path, options: dict | None = None) -> Tokenizer:
+    """A BERT WordPiece tokenizer from a `vocab.txt` (one token per line, the line number its id),
+    as transformers' BertTokenizerFast builds it: lowercase, Chinese characters one token each,
+    no post-processor (callers add [CLS]/[SEP]). `options` are tokenizer_config.json's keys
+    (do_lower_case, tokenize_chinese_chars, strip_accents, unk_token); None reads the
+    tokenizer_config.json beside the file, if any."""
+    vocab_file = Path(vocab_file)
+    if options is None:
+        config = vocab_file.parent / "tokenizer_config.json"
+        options = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+        options = options if isinstance(options, dict) else {}
+    try:
+        lines = vocab_file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{vocab_file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    vocab: dict[str, int] = {}
+    for i, line in enumerate(lines):
+        vocab.setdefault(line.rstrip("\n"), i)
+    unk = options.get("unk_token", "[UNK]") if isinstance(options.get("unk_token", "[UNK]"), str) else "[UNK]"
+    if unk not in vocab:
+        raise ValueError(f"{vocab_file}: no {unk} token among its {len(vocab):,} lines; a BERT vocab.txt holds "
+                         f"[PAD], [UNK], [CLS], [SEP] and [MASK] as well as the words")
+    tok = Tokenizer(models.WordPiece(vocab, unk_token=unk, max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=options.get("tokenize_chinese_chars", True) is not False,
+        strip_accents=options.get("strip_accents"), lowercase=options.get("do_lower_case", True) is not False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.add_special_tokens([t for t in WORDPIECE_SPECIALS if t in vocab])
+    return tok
 
 
 def _damage(file: Path, error: BaseException) -> str:

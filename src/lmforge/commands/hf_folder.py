@@ -8,7 +8,8 @@ tokenizer.json the tokenizers library does not read.
 
 Tokenizers: lmforge's tokenizer.json has no post-processor template (callers add [CLS]/[SEP]
 themselves), so a template that adds special tokens is removed, as are fixed
-truncation/padding settings; a folder with only `vocab.txt` (BERT) or `vocab.json` +
+truncation/padding settings; a folder with only `vocab.txt` (BERT, or a GPT-2 with a BERT
+vocabulary as GPT2-chitchat saves its models: BertTokenizerFast's WordPiece) or `vocab.json` +
 `merges.txt` (GPT-2) gets a tokenizer.json built from them. A Llama, Qwen2 or Mistral tokenizer
 is kept whole, post-processor included, so a prompt starts with BOS where the model expects
 one, as in transformers; its tokenizer_config.json (chat template, special tokens),
@@ -24,7 +25,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+from lmforge.base.tokenizer import wordpiece_from_vocab
 
 _ADDS_SPECIALS = ("TemplateProcessing", "BertProcessing", "RobertaProcessing")
 LLAMA_FAMILIES = ("llama", "qwen2", "mistral")
@@ -132,7 +135,10 @@ def import_tokenizer(src: Path, kind: str) -> Tokenizer:
         return _built(src / "tokenizer.json", lambda: Tokenizer.from_str(json.dumps(data)))
     tok_cfg = read_json_object(src / "tokenizer_config.json") if (src / "tokenizer_config.json").is_file() else {}
     if kind == "bert" and (src / "vocab.txt").is_file():
-        return _built(src / "vocab.txt", lambda: _wordpiece_from_vocab(src / "vocab.txt", tok_cfg))
+        return _built(src / "vocab.txt", lambda: wordpiece_from_vocab(src / "vocab.txt", tok_cfg))
+    if kind == "gpt2" and (src / "vocab.txt").is_file() and not (src / "vocab.json").is_file():
+        # GPT2-chitchat's layout: GPT-2 weights with a BERT vocab.txt (BertTokenizerFast)
+        return _built(src / "vocab.txt", lambda: wordpiece_from_vocab(src / "vocab.txt", tok_cfg))
     if kind == "gpt2" and (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
         return _built(src / "vocab.json", lambda: _byte_level_bpe(src))
     if kind in LLAMA_FAMILIES:
@@ -195,24 +201,4 @@ def _byte_level_bpe(src: Path) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     tok.add_special_tokens(["<|endoftext|>"])
-    return tok
-
-
-def _wordpiece_from_vocab(vocab_file: Path, tok_cfg: dict) -> Tokenizer:
-    """A BERT WordPiece tokenizer from vocab.txt, as transformers' BertTokenizerFast builds it."""
-    try:
-        lines = vocab_file.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{vocab_file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    vocab = {}
-    for i, line in enumerate(lines):
-        vocab.setdefault(line.rstrip("\n"), i)
-    tok = Tokenizer(models.WordPiece(vocab, unk_token=tok_cfg.get("unk_token", "[UNK]"),
-                                     max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=tok_cfg.get("tokenize_chinese_chars", True),
-        strip_accents=tok_cfg.get("strip_accents"), lowercase=tok_cfg.get("do_lower_case", True))
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    tok.add_special_tokens([t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab])
     return tok

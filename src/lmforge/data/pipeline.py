@@ -40,7 +40,7 @@ from lmforge.base.tokenizer_config import tokenizer_settings, write_settings
 from lmforge.base.version import __version__
 from lmforge.data.integrity import content_sha256, sha256_file
 from lmforge.data.staging import recover_folder, staged_folder
-from lmforge.data.store import dtype_for, write_meta, write_tokenizer
+from lmforge.data.store import dtype_for, tokenizer_path, write_meta, write_tokenizer
 
 SPLIT_NAMES = ("train", "val", "test")
 _RNG_BLOCK = 4096  # split draws are taken in fixed blocks: independent of batch_size
@@ -171,7 +171,10 @@ def write_folder_meta(folder: Path, task: str, tokenizer: OpenTokenizer, paths: 
     is one sha256 over every split's files, `split_sha256` one per split: a resumed run compares
     them with those it started with. `split_sources` (`lmforge.data.fixed_splits`) says where each
     split came from: {"files": [...]} for a fixed split, {"drawn": fraction} otherwise."""
-    write_tokenizer(folder, tokenizer.file)
+    if tokenizer.file.suffix == ".txt":  # a BERT vocab.txt: the folder keeps the tokenizer built from it
+        tokenizer.tok.save(str(tokenizer_path(folder)))
+    else:
+        write_tokenizer(folder, tokenizer.file)
     write_settings(tokenizer.file, folder, tokenizer.tok)  # the chat template and named tokens travel with it
     content, per_split = content_sha256(folder, list(counts))
     meta = {
