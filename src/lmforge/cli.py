@@ -256,22 +256,6 @@ def _classify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="metrics of a checkpoint on a split of a prepared data folder")
-    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (uses best, else last)")
-    p.add_argument("--data", required=True, type=Path, help="a folder written by `lmforge prepare`")
-    p.add_argument("--split", default="test")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
-    p.set_defaults(run=_eval)
-
-
-def _eval(args: argparse.Namespace) -> int:
-    from lmforge.commands.evaluate import eval_command
-    eval_command(sys.stdout, args.checkpoint, args.data, args.split, args.batch_size, args.device)
-    return 0
-
-
 def _add_embed(sub) -> None:
     p = sub.add_parser("embed", help="token and sentence vectors from a BERT or GPT checkpoint")
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (uses best, else last)")
@@ -352,9 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lmforge.base.version import __version__
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    from lmforge import cli_serve
+    from lmforge import cli_eval
     for add in (_add_quickstart, _add_init, _add_tokenizer, _add_prepare, _add_train, _add_generate, _add_classify,
-                _add_eval, _add_chat, _add_embed, _add_interop, _add_report, _add_kernels, cli_serve.add):
+                cli_eval.add, _add_chat, _add_embed, _add_interop, _add_report, _add_kernels):
         add(sub)
     return parser
 

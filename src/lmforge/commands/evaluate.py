@@ -1,12 +1,15 @@
-"""`lmforge eval`: the metrics of a checkpoint of any task on one split of a prepared data folder.
+"""`lmforge eval`: the metrics of a checkpoint of any task on one split of a prepared data folder,
+or (`--text`) the perplexity and bits per byte of a causal LM on raw text files.
 
 For a classifier: accuracy, per-class precision / recall / F1 and the confusion matrix; for the
 other tasks what the task's own evaluation reports (lm: loss, perplexity, token accuracy). The
 checkpoint is evaluated with the dataset options of its run config, pointed at `data_dir`.
+Raw text is scored with a sliding window (`lmforge.inference.perplexity`), one row per file.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TextIO
 
@@ -81,3 +84,32 @@ def eval_command(out: TextIO, checkpoint: str | Path, data_dir: str | Path, spli
                  if isinstance(value, float) and key not in ("task", "split", "checkpoint")]
         out.write(f"{split}: " + " | ".join(parts) + "\n")
     return metrics
+
+
+def text_eval_command(out: TextIO, checkpoint: str | Path, texts: list[Path], *, stride: int | None = None,
+                      batch_size: int = 8, device: str = "auto", as_json: bool = False,
+                      text_field: str = "text", text_column: str | int = "text") -> dict:
+    """`lmforge eval --text`: perplexity and bits per byte per file and in total (a table, or one
+    JSON object with `as_json`)."""
+    from lmforge.inference.loaded import load_for_inference
+    from lmforge.inference.perplexity import check_causal, text_perplexity
+    check_count(batch_size, "--batch-size")
+    loaded = load_for_inference(checkpoint, device)
+    check_causal(loaded)
+    scores, total, context, stride = text_perplexity(loaded, texts, stride=stride, batch_size=batch_size,
+                                                     text_field=text_field, text_column=text_column)
+    result = {"checkpoint": str(loaded.path), "context": context, "stride": stride, **total.as_dict(),
+              "texts": [s.as_dict() for s in scores]}
+    del result["text"]
+    if as_json:
+        out.write(json.dumps(result) + "\n")
+        return result
+    out.write(f"{loaded.path}: context {context}, stride {stride} (each token scored once, with at least "
+              f"{context - stride if stride < context else 0} tokens of context where the text has them)\n")
+    rows = [(s.name, f"{s.tokens:,}", f"{s.scored:,}", f"{s.mean_nll:.4f}", f"{s.perplexity:.3f}",
+             f"{s.bits_per_byte:.4f}") for s in (scores + [total] if len(scores) > 1 else scores)]
+    header = ("text", "tokens", "scored", "nll/token", "perplexity", "bits/byte")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        out.write("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) + "\n")
+    return result
