@@ -337,8 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     from lmforge import cli_eval
+    from lmforge import cli_serve
     for add in (_add_quickstart, _add_init, _add_tokenizer, _add_prepare, _add_train, _add_generate, _add_classify,
-                cli_eval.add, _add_chat, _add_embed, _add_interop, _add_report, _add_kernels):
+                cli_eval.add, _add_chat, _add_embed, _add_interop, _add_report, _add_kernels, cli_serve.add):
         add(sub)
     return parser
 
