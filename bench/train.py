@@ -44,7 +44,6 @@ from common import (BENCH_DIR, ROUND_MEDIANS, ROUNDS, SEED, WORKLOAD, Worker, in
 
 STEPS = int(os.environ.get("BENCH_TRAIN_STEPS", "12"))
 WARMUP = 2
-TOKENS_PER_STEP = WORKLOAD["batch_size"] * WORKLOAD["context"]
 MODEL = {k: WORKLOAD[k] for k in ("n_layer", "n_head", "n_embd", "context")}
 NANOGPT = "nanoGPT train.py"
 NANOGPT_STACKED = "nanoGPT model, fused AdamW + torch.compile + malloc tuning, plain loop"
@@ -54,8 +53,10 @@ NANOGPT_STACKED = "nanoGPT model, fused AdamW + torch.compile + malloc tuning, p
 
 
 def lmforge_runner(data: str, malloc_tuning: bool = True, compile: bool = False, activation: str = "gelu",
-                   precision: str = "fp32", cpu_kernels: bool = True):
-    """A function(steps) -> per-step tokens/s of `lmforge.train.loop.train` on the workload."""
+                   precision: str = "fp32", cpu_kernels: bool = True, model: dict | None = None,
+                   batch: int = WORKLOAD["batch_size"], warmup: int = WARMUP, device: str = "cpu"):
+    """A function(steps) -> per-step tokens/s of `lmforge.train.loop.train` on the workload
+    (or on `model`: n_layer, n_head, n_embd, context; and `batch`)."""
     if malloc_tuning:
         from lmforge.base.runtime import keep_freed_memory
 
@@ -64,30 +65,33 @@ def lmforge_runner(data: str, malloc_tuning: bool = True, compile: bool = False,
         os.environ["LMFORGE_CPU_KERNELS"] = "0"  # torch's attention and softmax (lmforge.ops.kernels)
     from lmforge.base.config import load_config
 
-    model = {k: WORKLOAD[k] for k in ("n_layer", "n_head", "n_embd", "context")}
+    model = model or MODEL
 
     def config(steps: int, name: str):
         return load_config(None, base={
             "model": {"kind": "gpt", "preset": None, "dropout": 0.0, "activation": activation, **model},
             "data": {"path": data},
-            "train": {"task": "lm", "batch_size": WORKLOAD["batch_size"], "grad_accum": 1, "lr": 6e-4,
+            "train": {"task": "lm", "batch_size": batch, "grad_accum": 1, "lr": 6e-4,
                       "warmup_steps": 0, "max_steps": steps, "grad_clip": 1.0, "log_every": 1,
-                      "eval_every": 10**9, "eval_batches": 1, "sample_tokens": 0, "device": "cpu",
+                      "eval_every": 10**9, "eval_batches": 1, "sample_tokens": 0, "device": device,
                       "precision": precision, "compile": compile, "seed": SEED},
             "run": {"out_dir": str(BENCH_DIR / "train-runs"), "name": name}})
 
-    return loop_runner(config, "tokens_per_s", WARMUP)
+    return loop_runner(config, "tokens_per_s", warmup)
 
 
-def trainer_runner(data: str, activation: str = "gelu_new", bf16: bool = False):
+def trainer_runner(data: str, activation: str = "gelu_new", bf16: bool = False, model: dict | None = None,
+                   batch: int = WORKLOAD["batch_size"], warmup: int = WARMUP, device: str = "cpu"):
     """A function(steps) -> per-step tokens/s of transformers' Trainer + GPT2LMHeadModel."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
     from lmforge.data.datasets import PackedLMDataset
-    from lmforge.data.store import TokenStore
+    from lmforge.data.store import TokenStore, read_meta
 
-    blocks = PackedLMDataset(TokenStore(Path(data), "train"), WORKLOAD["context"])
+    shape = model or MODEL
+    blocks = PackedLMDataset(TokenStore(Path(data), "train"), shape["context"])
+    vocab = int(read_meta(Path(data))["vocab_size"])
 
     class Blocks(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -99,10 +103,10 @@ def trainer_runner(data: str, activation: str = "gelu_new", bf16: bool = False):
 
     def run(steps: int) -> list[float]:
         torch.manual_seed(SEED)
-        config = GPT2Config(vocab_size=WORKLOAD["vocab_size"], n_positions=WORKLOAD["context"],
-                            n_embd=WORKLOAD["n_embd"], n_layer=WORKLOAD["n_layer"], n_head=WORKLOAD["n_head"],
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function=activation)
-        model = GPT2LMHeadModel(config)
+        config = GPT2Config(vocab_size=vocab, n_positions=shape["context"], n_embd=shape["n_embd"],
+                            n_layer=shape["n_layer"], n_head=shape["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
+                            attn_pdrop=0.0, activation_function=activation)
+        net = GPT2LMHeadModel(config)
         ends: list[float] = []
 
         class Clock(TrainerCallback):
@@ -114,13 +118,13 @@ def trainer_runner(data: str, activation: str = "gelu_new", bf16: bool = False):
                 ends.append(time.perf_counter())
 
         args = TrainingArguments(
-            output_dir=str(BENCH_DIR / "hf-trainer"), per_device_train_batch_size=WORKLOAD["batch_size"],
-            max_steps=WARMUP + steps, learning_rate=6e-4, weight_decay=0.1, adam_beta2=0.95, warmup_steps=0,
-            max_grad_norm=1.0, logging_strategy="no", save_strategy="no", report_to="none", use_cpu=True,
-            dataloader_num_workers=0, seed=SEED, disable_tqdm=True, bf16=bf16)
-        Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[Clock()]).train()
-        rates = [TOKENS_PER_STEP / (b - a) for a, b in zip(ends, ends[1:])]
-        return rates[WARMUP:]
+            output_dir=str(BENCH_DIR / "hf-trainer"), per_device_train_batch_size=batch,
+            max_steps=warmup + steps, learning_rate=6e-4, weight_decay=0.1, adam_beta2=0.95, warmup_steps=0,
+            max_grad_norm=1.0, logging_strategy="no", save_strategy="no", report_to="none",
+            use_cpu=device == "cpu", dataloader_num_workers=0, seed=SEED, disable_tqdm=True, bf16=bf16)
+        Trainer(model=net, args=args, train_dataset=Blocks(), callbacks=[Clock()]).train()
+        rates = [batch * shape["context"] / (b - a) for a, b in zip(ends, ends[1:])]
+        return rates[warmup:]
 
     return run
 
