@@ -9,6 +9,11 @@
   or a classifier for classify, named before anything is built.
 - A resumed run keeps its architecture (`check_resume_architecture`): every field of the
   checkpoint's config.json but dropout must be the config's.
+- model.init_from pointed at a Hugging Face transformers folder (its config.json names
+  `architectures` or a transformers version, and no manifest.json is beside it) is refused with
+  the `lmforge import-hf` command that converts it (`check_not_transformers`): the conversion
+  checks the weights against config.json and writes a verified checkpoint once, instead of on
+  every run.
 """
 
 from __future__ import annotations
@@ -65,6 +70,19 @@ def read_arch(checkpoint: Path) -> dict | None:
     return arch if isinstance(arch, dict) else None
 
 
+def check_not_transformers(folder: Path, arch: Mapping[str, Any]) -> None:
+    """ValueError with the import-hf command when `folder` is a transformers model folder."""
+    folder = Path(folder)
+    if (folder / "manifest.json").is_file() or not ("architectures" in arch or "transformers_version" in arch):
+        return
+    names = arch.get("architectures")
+    what = names[0] if isinstance(names, list) and names else f"model_type {arch.get('model_type')!r}"
+    target = Path("checkpoints") / (folder.resolve().name or "imported")
+    raise ValueError(f"model.init_from {folder} is a Hugging Face transformers folder ({what}), not an lmforge "
+                     f"checkpoint; convert it once with `lmforge import-hf {folder} --out {target}` (GPT-2, "
+                     f"BERT and Llama-class models) and set model.init_from={target}")
+
+
 def settle_init_from(cfg: Config, explicit: Collection[str] | None = None) -> Config:
     """`cfg` with model.init_from's architecture in its model.* fields (a shorter context and
     dropout kept); ValueError listing every field in `explicit` (default: `fields_set`) that
@@ -73,6 +91,7 @@ def settle_init_from(cfg: Config, explicit: Collection[str] | None = None) -> Co
     arch = read_arch(Path(model.init_from)) if model.init_from is not None else None
     if arch is None:
         return cfg
+    check_not_transformers(Path(model.init_from), arch)
     have = checkpoint_fields(arch)
     explicit = fields_set(model) if explicit is None else set(explicit)
     asked, conflicts = _asked(model, explicit, have)
