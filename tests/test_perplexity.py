@@ -136,3 +136,34 @@ def test_eval_text_refuses_bert_and_a_stride_past_the_context(run, tmp_path, cap
                            model_config={"model_type": "bert", **config.to_dict()}, tokenizer_file=tok)
     assert main(["eval", str(ckpt), "--text", str(tmp_path / "a.txt")]) == 2
     assert "a BERT checkpoint is a masked language model, not a causal one" in capsys.readouterr().err
+
+
+def test_a_llama_class_checkpoint_with_a_bos_equals_transformers(tmp_path):
+    """An imported LlamaForCausalLM whose tokenizer adds <s>: the BOS is the first id, as AutoTokenizer gives."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from lmforge.commands.interop import import_hf
+    words = ["the quick brown fox jumps over the lazy dog", "to be or not to be, that is the question"] * 20
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.train_from_iterator(words, trainers.BpeTrainer(vocab_size=90, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf_model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in hf_model.parameters():
+            p.mul_(6.0)  # far from uniform predictions
+    hf_model.save_pretrained(tmp_path / "hf")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                         unk_token="<unk>").save_pretrained(tmp_path / "hf")
+    ckpt = import_hf(tmp_path / "hf", tmp_path / "llama")
+    text = " ".join(words[:14])
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    result = text_eval_command(io.StringIO(), ckpt, [tmp_path / "t.txt"], stride=24, device="cpu")
+    ids = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")(text, return_tensors="pt").input_ids
+    assert ids[0, 0].item() == 1 and result["tokens"] == ids.size(1) > 2 * 64
+    nll, count, _ = guide_nll(hf_model, ids, 64, 24)
+    assert result["scored"] == count == ids.size(1) - 1
+    assert result["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)

@@ -17,8 +17,10 @@ that is the total NLL for disjoint windows and the first window, and slightly of
 windows of an overlapping pass, so here the per-token NLLs are summed instead (the exact mean).
 
 A text is one input file: a .txt file whole, the documents of a .jsonl / .csv / .tsv / Parquet /
-Arrow file joined by a blank line ("\\n\\n", as the guide joins WikiText's rows). It is tokenized
-without special tokens, as transformers' GPT-2 tokenizer does, in pieces of about 1 MiB cut
+Arrow file joined by a blank line ("\\n\\n", as the guide joins WikiText's rows). Its ids are
+those `AutoTokenizer(text)` gives on the exported model: the text's tokens, with the BOS (and
+EOS) the checkpoint's tokenizer folder adds to every text (a Llama-class tokenizer's BOS; none
+for GPT-2), `lmforge.base.tokenizer_config`. The text is tokenized in pieces of about 1 MiB cut
 after a line end between two non-space characters (byte-level BPE and WordPiece split there
 anyway, so the ids are those of the whole text). Windows are run in batches, the log-softmax
 in float32 and the sums in float64.
@@ -36,6 +38,7 @@ import torch
 
 from lmforge.base.readers import check_inputs, input_format, iter_documents
 from lmforge.base.sources import iter_chunks
+from lmforge.base.tokenizer_config import added_ids, tokenizer_settings
 from lmforge.inference.loaded import LoadedModel
 
 _PIECE_CHARS = 1 << 20
@@ -169,7 +172,9 @@ def text_perplexity(loaded: LoadedModel, inputs: list[Path | str], *, stride: in
     scores = []
     for path in check_inputs(inputs):
         text = read_text(path, text_field, text_column)
-        ids = encode_text(loaded.tokenizer, text)
+        bos, eos = added_ids(loaded.tokenizer, tokenizer_settings(loaded.path))
+        ids = np.concatenate([[bos] if bos is not None else [], encode_text(loaded.tokenizer, text),
+                              [eos] if eos is not None else []]).astype(np.int64)
         if len(ids) < 2:
             raise ValueError(f"{path}: {len(ids)} token(s) of text; perplexity needs at least two")
         nll, scored = score_ids(loaded.model, ids, context, stride, loaded.device, vocab, batch_size)
