@@ -283,11 +283,15 @@ def _add_interop(sub) -> None:
     p = sub.add_parser("import-hf", help="a transformers BERT or GPT-2 folder -> an lmforge checkpoint")
     p.add_argument("src", type=Path, help="folder with config.json, model.safetensors, tokenizer files")
     p.add_argument("--out", type=Path, required=True, help="the checkpoint folder to write")
+    p.add_argument("--adapter", type=Path, help="a peft LoRA folder (adapter_config.json, adapter_model.safetensors) "
+                                                "for this model: merged into the weights")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=_import_hf)
     p = sub.add_parser("export", help="an lmforge checkpoint -> a folder transformers loads")
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (uses best, else last)")
-    p.add_argument("--format", choices=["hf"], default="hf")
+    p.add_argument("--format", choices=["hf", "peft"], default="hf",
+                   help="hf: a transformers model folder; peft: a LoRA run's adapter folder, its base in OUT/base")
+    p.add_argument("--merge", action="store_true", help="hf format of a LoRA run: its adapters merged in")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=_export)
@@ -295,13 +299,18 @@ def _add_interop(sub) -> None:
 
 def _import_hf(args: argparse.Namespace) -> int:
     from lmforge.commands.interop import import_hf
-    print(f"checkpoint written: {import_hf(args.src, args.out, overwrite=args.overwrite)}")
+    print(f"checkpoint written: {import_hf(args.src, args.out, overwrite=args.overwrite, adapter=args.adapter)}")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.format == "peft":
+        from lmforge.commands.interop import export_peft
+        print(f"exported (peft): {export_peft(args.checkpoint, args.out, overwrite=args.overwrite)}")
+        return 0
     from lmforge.commands.interop import export_hf
-    print(f"exported ({args.format}): {export_hf(args.checkpoint, args.out, overwrite=args.overwrite)}")
+    out = export_hf(args.checkpoint, args.out, overwrite=args.overwrite, merge=args.merge)
+    print(f"exported ({args.format}{', merged' if args.merge else ''}): {out}")
     return 0
 
 

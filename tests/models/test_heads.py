@@ -57,7 +57,10 @@ def test_backbone_names_keep_their_prefix_and_the_checkpoint_round_trips():
                     .state_dict())
     names = set(model.state_dict())
     assert {n.removeprefix("backbone.") for n in names if n.startswith("backbone.")} == gpt_names
-    assert names - {f"backbone.{n}" for n in gpt_names} == {"classifier.weight", "classifier.bias"}
+    assert names - {f"backbone.{n}" for n in gpt_names} == {"classifier.weight"}
+    old = dict(arch)  # a checkpoint from before head_bias: its GPT head has a bias
+    del old["head_bias"]
+    assert "classifier.bias" in model_from_architecture(old).state_dict()
     state = {k: v for k, v in model.state_dict().items() if k != "backbone.lm_head.weight"}  # tied, as saved
     again = model_from_architecture(arch)
     load_weights(again, state, "test")
@@ -69,13 +72,12 @@ def test_trainable_subsets():
     torch.manual_seed(0)
     model = classifier_from_architecture(classifier_architecture(GPT_ARCH, ["a", "b"]))
     trainable, total = apply_trainable(model, "head")
-    assert trainable == 16 * 2 + 2
+    assert trainable == 16 * 2  # a last-token head has no bias, as transformers' `score`
     names = lambda: {n for n, p in model.named_parameters() if p.requires_grad}  # noqa: E731
-    assert names() == {"classifier.weight", "classifier.bias"}
+    assert names() == {"classifier.weight"}
     apply_trainable(model, "last_blocks:1")
     assert {n.split(".")[3] if ".h." in n else n for n in names()} == {
-        "1", "backbone.transformer.ln_f.weight", "backbone.transformer.ln_f.bias",
-        "classifier.weight", "classifier.bias"}
+        "1", "backbone.transformer.ln_f.weight", "backbone.transformer.ln_f.bias", "classifier.weight"}
     assert apply_trainable(model, "all") == (total, total)
     bert = classifier_from_architecture(classifier_architecture(BERT_ARCH, ["a", "b"]))
     apply_trainable(bert, "last_blocks:1")

@@ -111,3 +111,80 @@ def test_lora_settings_are_checked(lm_data, gpt_base, tmp_path):
     with pytest.raises(ValueError, match="match no linear layer"):
         train(load_config(None, base=lora_run(lm_data, tmp_path, gpt_base, lora={"rank": 2, "targets": ["qkv"]})),
               quiet=True)
+
+
+# -- to and from peft ------------------------------------------------------------------------------
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+
+def test_a_peft_export_loads_onto_its_base_in_peft_with_the_same_logits(lm_data, gpt_base, tmp_path):
+    from lmforge.commands.interop import export_peft
+    from lmforge.commands.interop import export_hf, import_hf
+
+    result = train(load_config(None, base=lora_run(lm_data, tmp_path, gpt_base)), quiet=True)
+    ckpt = result.run_dir / "checkpoints" / "last"
+    ours, _ = load_model(ckpt)
+    ids = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        expected = ours.eval()(ids)
+    out = export_peft(ckpt, tmp_path / "adapter")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8.0 and config["fan_in_fan_out"] is True
+    assert "transformer.h.0.attn.c_attn" in config["target_modules"]
+    base = transformers.GPT2LMHeadModel.from_pretrained(out / "base")
+    model = peft.PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="--merge"):
+        export_hf(ckpt, tmp_path / "merged")
+    merged = transformers.GPT2LMHeadModel.from_pretrained(export_hf(ckpt, tmp_path / "merged", merge=True)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, expected, atol=1e-4, rtol=1e-4)
+    # a base + peft adapter folder imports as one lmforge model with the adapters merged
+    back, _ = load_model(import_hf(out / "base", tmp_path / "imported", adapter=out))
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(ids), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_on_a_bert_classifier_exports_to_peft_with_its_head(tmp_path):
+    from lmforge.base.tokenizer import train_tokenizer
+    from lmforge.commands.interop import export_peft
+    from lmforge.data.prepare_classify import prepare_classify
+    from lmforge.inference.classifier import class_probabilities, load_classifier
+
+    words, spam = "see you at the bus stop later ok going home now".split(), "win free prize claim cash".split()
+    lines = [f"{'spam' if i % 3 == 0 else 'ham'}\t{' '.join(words[i % 5:i % 5 + 4])}"
+             + (f" {spam[i % 5]} {spam[(i + 2) % 5]}" if i % 3 == 0 else "") for i in range(90)]
+    (tmp_path / "sms.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tok = train_tokenizer([tmp_path / "sms.tsv"], kind="wordpiece", vocab_size=120, out_dir=tmp_path / "tok",
+                          text_column=1, lowercase=True, show_progress=False)
+    prepare_classify([tmp_path / "sms.tsv"], tok, tmp_path / "data", fmt="sms", show_progress=False)
+    torch.manual_seed(0)
+    vocab = json.loads((tmp_path / "data" / "meta.json").read_text())["vocab_size"]
+    arch = {"model_type": "bert", "vocab_size": vocab, "context": 32, "n_layer": 2, "n_head": 2, "n_embd": 16,
+            "intermediate_size": 24, "dropout": 0.0}
+    base = save_checkpoint(tmp_path / "bert", model_state=model_from_architecture(arch).state_dict(),
+                           model_config=arch, tokenizer_file=tok)
+    cfg = {"model": {"init_from": str(base)}, "data": {"path": str(tmp_path / "data")},
+           "train": {"task": "classify", "batch_size": 8, "lr": 1e-2, "warmup_steps": 1, "max_steps": 6,
+                     "eval_every": 3, "eval_batches": 1, "lora": {"rank": 2, "targets": ["query", "value"]}},
+           "run": {"out_dir": str(tmp_path / "runs"), "name": "bert-lora"}}
+    result = train(load_config(None, base=cfg), quiet=True)
+    ckpt = result.run_dir / "checkpoints" / "last"
+    saved = load_checkpoint(ckpt).model_config["lora"]
+    assert saved["base"]["prefix"] == "backbone." and saved["trainable"] == ["classifier"]
+    out = export_peft(ckpt, tmp_path / "adapter")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["classifier"]
+    hf_base = transformers.AutoModelForSequenceClassification.from_pretrained(out / "base")
+    model = peft.PeftModel.from_pretrained(hf_base, out).eval()
+    loaded, _ = load_classifier(ckpt, device="cpu")
+    texts = ["win free prize now", "see you at the bus stop"]
+    expected = class_probabilities(loaded, texts).log()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out / "base")
+    with torch.no_grad():
+        for i, text in enumerate(texts):
+            logits = model(**hf_tok(text, return_tensors="pt")).logits[0]
+            torch.testing.assert_close(torch.log_softmax(logits, -1), expected[i], atol=1e-4, rtol=1e-4)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,10 +48,13 @@ from lmforge.checkpoint.model import check_weights_fit
 from lmforge.commands.hf_folder import (LLAMA_FAMILIES, import_tokenizer, import_tokenizer_extras, read_json_object,
                                         read_weights, weight_files, weight_shapes)
 from lmforge.data.staging import staged_folder
-from lmforge.models import hf, hf_llama
+from lmforge.commands.export_peft import adapter_files, exported_weights, merge_peft, task_form
+from lmforge.models import hf, hf_classifier, hf_llama
+from lmforge.train.init_from import backbone_of
+from lmforge.models.lora import ADAPTER_KEYS, without_lora
 from lmforge.models.registry import model_from_architecture
 
-_FRESH_HEADS = ("cls.", "bert.pooler.")  # a bare BertModel has none: they start from initialisation
+_FRESH_HEADS = ("cls.", "bert.pooler.", "backbone.cls.")  # a bare BertModel has none: they start from initialisation
 
 
 @contextlib.contextmanager
@@ -64,17 +68,24 @@ def _writing(out: Path, inputs: tuple[Path, ...], overwrite: bool, kind: str, wh
         yield check_output_folder(out, inputs=inputs, overwrite=overwrite, kind=kind)
 
 
-def import_hf(src: Path, out: Path, *, overwrite: bool = False) -> Path:
-    """Convert the transformers folder `src` (BERT or GPT-2) into the lmforge checkpoint `out`."""
+def import_hf(src: Path, out: Path, *, overwrite: bool = False, adapter: Path | None = None) -> Path:
+    """Convert the transformers folder `src` (BERT, GPT-2, Llama class; a *ForSequenceClassification
+    with its head) into the lmforge checkpoint `out`; with `adapter` (a peft LoRA folder) its
+    adapters merged into the weights."""
     src, out = Path(src), Path(out)
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src / 'config.json'} not found: pass a transformers model folder "
                                 "(config.json, model.safetensors, tokenizer.json or vocab files)")
-    with _writing(out, (src,), overwrite, "checkpoint", "checkpoint"):
+    inputs = (src,) if adapter is None else (src, Path(adapter))
+    with _writing(out, inputs, overwrite, "checkpoint", "checkpoint"):
         kind, arch = _architecture(src / "config.json")
         files = weight_files(src)
         mapper = {"bert": hf.bert_from_hf, "gpt2": hf.gpt2_from_hf}.get(kind, hf_llama.llama_from_hf)
+        arch, mapper, dropped = task_form(read_json_object(src / "config.json"), arch, mapper)
         fresh = _check_weights(arch, mapper, weight_shapes(files), src)
+        if dropped:
+            print(f"warning: {src}: {len(dropped)} weight(s) of a head lmforge does not use are NOT imported: "
+                  f"{', '.join(dropped)}", file=sys.stderr)
         with tempfile.TemporaryDirectory() as tmp:
             tok_file = Path(tmp) / "tokenizer.json"
             import_tokenizer(src, kind).save(str(tok_file))
@@ -83,7 +94,8 @@ def import_hf(src: Path, out: Path, *, overwrite: bool = False) -> Path:
             if vocab > arch["vocab_size"]:
                 raise ValueError(f"{src}: the tokenizer has {vocab} tokens but the model only "
                                  f"{arch['vocab_size']} embeddings; the files do not belong together")
-            state, _ = mapper(read_weights(files), [])
+            hf_state = read_weights(files)
+            state, _ = mapper(hf_state if adapter is None else merge_peft(hf_state, Path(adapter), kind), [])
             model = model_from_architecture(arch)
             if fresh:
                 heads = sorted({".".join(k.split(".")[:2]) for k in fresh})
@@ -129,44 +141,80 @@ def _check_weights(arch: dict, mapper, hf_shapes: dict[str, tuple[int, ...]], sr
             probe_shapes = {k: tuple(v.shape) for k, v in model_from_architecture(probe).state_dict().items()}
     except (RuntimeError, OverflowError, TypeError, ValueError) as err:
         raise ValueError(f"{src / 'config.json'}: {str(err).splitlines()[0]}") from None
-    fresh = {k for k in probe_shapes if arch["model_type"] == "bert" and k.startswith(_FRESH_HEADS)
+    fresh = {k for k in probe_shapes if backbone_of(arch)["model_type"] == "bert" and k.startswith(_FRESH_HEADS)
              and k not in shapes}
     shapes.update({k: probe_shapes[k] for k in fresh})
     check_weights_fit(arch, shapes, src / "config.json")
     return fresh
 
 
-def export_hf(checkpoint: Path, out: Path, *, overwrite: bool = False) -> Path:
-    """Write the lmforge checkpoint (GPT or BERT) as a transformers folder at `out`.
+def export_hf(checkpoint: Path, out: Path, *, overwrite: bool = False, merge: bool = False) -> Path:
+    """Write the lmforge checkpoint (GPT, BERT, Llama class, or a classifier on one) as a
+    transformers folder at `out`; a LoRA checkpoint with `merge`, its adapters merged in.
 
-    BERT loads with `BertForPreTraining.from_pretrained(out)`, GPT with
-    `GPT2LMHeadModel.from_pretrained(out)`; both tokenizers with `AutoTokenizer.from_pretrained(out)`.
+    BERT loads with `BertForPreTraining.from_pretrained(out)`, GPT with `GPT2LMHeadModel`, a Llama
+    with `LlamaForCausalLM` (Qwen2, Mistral alike), a classifier with
+    `AutoModelForSequenceClassification`; the tokenizers with `AutoTokenizer.from_pretrained(out)`.
     """
     source = Path(checkpoint)
     path = resolve_checkpoint(source)
     with _writing(Path(out), (path, source), overwrite, "hf-model", "export target") as out:
         ckpt = load_checkpoint(path)
-        arch = ckpt.model_config
-        kind = arch.get("model_type")
-        if kind not in ("gpt", "bert", "llama"):
-            raise ValueError(f"{ckpt.path}: model_type {kind!r} cannot be exported to the HF format "
-                             "(gpt, bert and llama can)")
-        tok = load_tokenizer(ckpt.tokenizer_file)
-        ids = special_ids(tok)
-        if kind == "bert":
-            config, weights = hf.bert_config_to_hf(arch, ids.pad), hf.bert_to_hf(ckpt.state_dict)
-        elif kind == "llama":
-            config = hf_llama.llama_config_to_hf(arch, ids.bos, ids.eos, ids.pad)
-            weights = hf_llama.llama_to_hf(ckpt.state_dict, bool(arch.get("tie_embeddings")))
-        else:
-            config = hf.gpt2_config_to_hf(arch, ids.bos, ids.eos, ids.pad)
-            weights = hf.gpt2_to_hf(ckpt.state_dict)
+        arch, state = exported_weights(ckpt, merge)
         with staged_folder(out) as tmp:  # the old folder stays until the new one is complete
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-            save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            _export_tokenizer(tok, kind, arch["context"], tmp)
-            _export_tokenizer_extras(ckpt.path, kind, config, tmp)
+            write_hf_folder(arch, state, ckpt.tokenizer_file, ckpt.path, tmp)
     return out
+
+
+def export_peft(checkpoint: Path, out: Path, *, overwrite: bool = False) -> Path:
+    """Write a LoRA checkpoint as a peft adapter folder at `out`, with its base as a transformers
+    folder in `out/base`: `PeftModel.from_pretrained(AutoModel...from_pretrained(out / "base"), out)`."""
+    source = Path(checkpoint)
+    path = resolve_checkpoint(source)
+    with _writing(Path(out), (path, source), overwrite, "hf-model", "export target") as out:
+        ckpt = load_checkpoint(path)
+        arch = ckpt.model_config
+        if "lora" not in arch:
+            raise ValueError(f"{ckpt.path}: not a LoRA checkpoint (no adapters); export it with --format hf")
+        base_state = {k: v for k, v in ckpt.state_dict.items() if not ADAPTER_KEYS.search(k)}
+        config, tensors = adapter_files(arch, ckpt.state_dict, out.absolute() / "base")
+        with staged_folder(out) as tmp:
+            (tmp / "base").mkdir()
+            write_hf_folder(without_lora(arch), base_state, ckpt.tokenizer_file, ckpt.path, tmp / "base")
+            (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def write_hf_folder(arch: dict, state: dict[str, torch.Tensor], tokenizer_file: Path, checkpoint: Path,
+                    folder: Path) -> dict:
+    """config.json, model.safetensors and the tokenizer files of the transformers model for
+    (arch, state) into `folder`; returns the config."""
+    tok = load_tokenizer(tokenizer_file)
+    config, weights = hf_form(arch, state, special_ids(tok), checkpoint)
+    inner = backbone_of(arch)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    _export_tokenizer(tok, inner["model_type"], inner["context"], folder)
+    _export_tokenizer_extras(checkpoint, inner["model_type"], config, folder)
+    return config
+
+
+def hf_form(arch: dict, state: dict[str, torch.Tensor], ids, source: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(transformers config.json, weights under transformers' names) of an lmforge model."""
+    kind = arch.get("model_type")
+    if kind == "classifier":
+        body = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        return hf_classifier.classifier_to_hf(arch, state, *hf_form(arch["backbone"], body, ids, source))
+    if kind == "bert":
+        return hf.bert_config_to_hf(arch, ids.pad), hf.bert_to_hf(state)
+    if kind == "llama":
+        config = hf_llama.llama_config_to_hf(arch, ids.bos, ids.eos, ids.pad)
+        return config, hf_llama.llama_to_hf(state, bool(arch.get("tie_embeddings")))
+    if kind == "gpt":
+        return hf.gpt2_config_to_hf(arch, ids.bos, ids.eos, ids.pad), hf.gpt2_to_hf(state)
+    raise ValueError(f"{source}: model_type {kind!r} cannot be exported to the HF format "
+                     "(gpt, bert, llama and classifiers on them can)")
 
 
 def _export_tokenizer_extras(checkpoint: Path, kind: str, config: dict, folder: Path) -> None:

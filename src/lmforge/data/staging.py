@@ -60,6 +60,9 @@ def staged_folder(out_dir: Path) -> Iterator[Path]:
 
 def fsync_folder(folder: Path) -> None:
     for p in folder.iterdir():
+        if p.is_dir() and not p.is_symlink():  # a folder inside the output (a peft export's base)
+            fsync_folder(p)
+            continue
         with open(p, "rb") as f:
             os.fsync(f.fileno())
     fsync_dir(folder)

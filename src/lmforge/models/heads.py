@@ -11,7 +11,9 @@ export of the backbone stays a key map), plus a linear `classifier` on one vecto
 
 A classifier checkpoint's config.json (`classifier_architecture`; the registry builds the model
 from it) is `{"model_type": "classifier", "vocab_size", "num_labels",
-"label_names", "pooling", "dropout", "backbone": {...the backbone's own config.json...}}`.
+"label_names", "pooling", "dropout", "head_bias", "backbone": {...the backbone's own config.json...}}`.
+`head_bias` is false for the last-token head (as transformers' `score`), true on BERT's pooler
+and in checkpoints from before the field.
 
 `apply_trainable` freezes parameters for `train.trainable`: "all", "head" (the classifier only)
 or "last_blocks:K" (the head, the last K blocks and the final norm / pooler; the book's choice
@@ -34,7 +36,8 @@ _TRAINABLE = re.compile(r"^(all|head|last_blocks:(\d+))$")
 class SequenceClassifier(nn.Module):
     """backbone -> one pooled vector per text -> dropout -> linear -> logits (B, num_labels)."""
 
-    def __init__(self, backbone: nn.Module, num_labels: int, pooling: str, dropout: float = 0.0) -> None:
+    def __init__(self, backbone: nn.Module, num_labels: int, pooling: str, dropout: float = 0.0,
+                 bias: bool | None = None) -> None:
         super().__init__()
         if pooling not in ("last", "cls"):
             raise ValueError(f"pooling {pooling!r}: choose 'last' (GPT) or 'cls' (BERT)")
@@ -44,9 +47,11 @@ class SequenceClassifier(nn.Module):
         self.pooling = pooling
         self.num_labels = num_labels
         self.dropout = Dropout(dropout)
-        self.classifier = nn.Linear(hidden_size(backbone), num_labels)
+        bias = pooling == "cls" if bias is None else bias  # as classifier_architecture's head_bias
+        self.classifier = nn.Linear(hidden_size(backbone), num_labels, bias=bias)
         nn.init.normal_(self.classifier.weight, mean=0.0, std=0.02)
-        nn.init.zeros_(self.classifier.bias)
+        if bias:
+            nn.init.zeros_(self.classifier.bias)
 
     @property
     def config(self):
@@ -145,9 +150,11 @@ def classifier_architecture(backbone_arch: dict, label_names: list[str], pooling
     if kind not in POOLING:
         raise ValueError(f"model_type {kind!r} cannot be a classification backbone "
                          f"(valid: {', '.join(POOLING)})")
+    pooling = pooling or POOLING[kind]
+    # the last-token head has no bias, as transformers' GPT2/Llama ForSequenceClassification `score`
     return {"model_type": "classifier", "vocab_size": backbone_arch["vocab_size"],
-            "num_labels": len(label_names), "label_names": list(label_names),
-            "pooling": pooling or POOLING[kind], "dropout": dropout, "backbone": dict(backbone_arch)}
+            "num_labels": len(label_names), "label_names": list(label_names), "pooling": pooling,
+            "dropout": dropout, "head_bias": pooling == "cls", "backbone": dict(backbone_arch)}
 
 
 def label_names_of(arch: dict) -> list[str]:

@@ -97,7 +97,7 @@ def classifier_from_architecture(arch: dict) -> SequenceClassifier:
     if labels is not None and len(labels) != arch["num_labels"]:
         raise ValueError(f"config.json: {len(labels)} label_names for num_labels={arch['num_labels']}")
     return SequenceClassifier(model_from_architecture(backbone_arch), int(arch["num_labels"]),
-                              arch["pooling"], dropout)
+                              arch["pooling"], dropout, bias=bool(arch.get("head_bias", True)))
 
 
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: Path | str) -> None:
