@@ -41,15 +41,16 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def nanogpt_folder(data: Path, vocab_size: int) -> Path:
-    """A temporary folder train.py can run in, on lmforge's token stream of `data`."""
+def nanogpt_folder(data: Path, vocab_size: int, parent: Path | None = None) -> Path:
+    """A new folder (in `parent`, else the temporary folder) train.py can run in, on lmforge's
+    token stream of `data`: links and one small file."""
     import json
     import pickle  # nanoGPT's train.py reads its vocabulary size from meta.pkl and nowhere else
 
     meta = json.loads((Path(data) / "meta.json").read_text())
     if meta["dtype"] != "uint16":
         raise ValueError(f"nanoGPT reads uint16 tokens; {data} holds {meta['dtype']}")
-    work = Path(tempfile.mkdtemp(prefix="nanogpt-"))
+    work = Path(tempfile.mkdtemp(prefix="nanogpt-", dir=parent))
     for name in ("train.py", "model.py", "configurator.py"):
         (work / name).symlink_to(NANOGPT / name)
     (work / "data" / "lmforge").mkdir(parents=True)

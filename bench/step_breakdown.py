@@ -14,7 +14,11 @@ calls into matrix products (with their GFLOP/s), attention, optimizer and the re
 the step's wall time measured without the timer, and the matrix products' time at the
 measured 2048^3 peak: the floor no eager formulation of this step can go below.
 
-    python bench/step_breakdown.py        # BENCH_BREAKDOWN_STEPS=5
+BENCH_BREAKDOWN_SIZE=124M times the same step at GPT-2 small (12 x 768, context 1024,
+vocabulary 50,257, batch 2: the 124M size of bench/scale.py) instead; BENCH_BREAKDOWN_SIZE=mid
+at its mid size.
+
+    python bench/step_breakdown.py        # BENCH_BREAKDOWN_STEPS=5 BENCH_BREAKDOWN_SIZE=fixed
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from common import SEED, WORKLOAD, Worker, log, machine, matmul_peak, shakespear
 
 STEPS = int(os.environ.get("BENCH_BREAKDOWN_STEPS", "5"))
 TOP = int(os.environ.get("BENCH_BREAKDOWN_TOP", "15"))  # operators listed per side
+SIZE = os.environ.get("BENCH_BREAKDOWN_SIZE", "fixed")
 WARMUP = 3
 MATMULS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul"}
 OPTIMIZER_PREFIXES = ("_fused_adam", "_foreach_")
@@ -56,6 +61,20 @@ def matmul_flops(op: str, shapes: list[list[int]]) -> float:
     return 2.0 * size * m * k * n
 
 
+def workload() -> tuple:
+    """(data folder, shape) of the size BENCH_BREAKDOWN_SIZE names."""
+    if SIZE == "fixed":
+        return shakespeare_data(), WORKLOAD
+    from lmforge.data.store import read_meta
+    from scale import SIZES, gpt2_vocab_data
+
+    if SIZE not in SIZES:
+        raise SystemExit(f"BENCH_BREAKDOWN_SIZE must be one of {list(SIZES)}, got {SIZE!r}")
+    data = gpt2_vocab_data() if SIZE == "124M" else shakespeare_data()
+    spec = SIZES[SIZE]
+    return data, dict(spec["model"], batch_size=spec["batch"], vocab_size=int(read_meta(data)["vocab_size"]))
+
+
 def breakdown_runner(side: str):
     """A function(steps) -> {"wall_ms", "ops": [[op, shapes, calls, ms, flops] per step]}."""
     import torch
@@ -65,9 +84,10 @@ def breakdown_runner(side: str):
     from lmforge.data.store import TokenStore
     from lmforge.base.runtime import keep_freed_memory, setup_runtime
 
-    blocks = PackedLMDataset(TokenStore(shakespeare_data(), "train"), WORKLOAD["context"])
-    ids = torch.stack([blocks[i]["input_ids"] for i in range(WORKLOAD["batch_size"])])
-    model_shape = {k: WORKLOAD[k] for k in ("n_layer", "n_head", "n_embd")}
+    data, shape = workload()
+    blocks = PackedLMDataset(TokenStore(data, "train"), shape["context"])
+    ids = torch.stack([blocks[i]["input_ids"] for i in range(shape["batch_size"])])
+    model_shape = {k: shape[k] for k in ("n_layer", "n_head", "n_embd")}
     if side == "lmforge":
         from lmforge.base.config import TrainConfig
         from lmforge.models.gpt import GPT, GPTConfig
@@ -76,7 +96,7 @@ def breakdown_runner(side: str):
 
         setup_runtime("cpu", seed=SEED)  # threads, as `lmforge train` sets them up
         keep_freed_memory()  # the allocator setting `lmforge train` asks for
-        model = GPT(GPTConfig(vocab_size=WORKLOAD["vocab_size"], context=WORKLOAD["context"],
+        model = GPT(GPTConfig(vocab_size=shape["vocab_size"], context=shape["context"],
                               activation="gelu", **model_shape))
         optimizer = build_optimizer(model, TrainConfig(lr=6e-4), torch.device("cpu"))
         targets = torch.cat([ids[:, 1:], torch.full((ids.shape[0], 1), -100)], 1)
@@ -91,7 +111,7 @@ def breakdown_runner(side: str):
         from transformers import GPT2Config, GPT2LMHeadModel
 
         torch.manual_seed(SEED)
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=WORKLOAD["vocab_size"], n_positions=WORKLOAD["context"],
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=shape["vocab_size"], n_positions=shape["context"],
                                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **model_shape))
         optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
@@ -139,7 +159,9 @@ def breakdown_runner(side: str):
 
 def report(results: dict[str, dict], peak: float) -> list[str]:
     sides = list(results)
-    lines = [f"## step breakdown: the fixed workload's training step, {STEPS} steps timed per side",
+    _, shape = workload()
+    what = "the fixed workload's" if SIZE == "fixed" else f"the {SIZE} size's ({shape})"
+    lines = [f"## step breakdown: {what} training step, {STEPS} steps timed per side",
              f"| {'':<56} | " + " | ".join(f"{s + ' ms':>16}" for s in sides),
              f"|{'-' * 58}|" + "|".join("-" * 18 for _ in sides)]
     totals = {s: defaultdict(float) for s in sides}
@@ -170,7 +192,7 @@ def report(results: dict[str, dict], peak: float) -> list[str]:
 
 
 def main() -> None:
-    data = shakespeare_data()  # built here once, before the workers read it
+    data, _ = workload()  # built here once, before the workers read it
     log(f"step breakdown on {data}, {STEPS} timed steps per side")
     workers = {side: Worker("step_breakdown:breakdown_runner", side=side) for side in ("lmforge", "transformers")}
     try:
@@ -178,7 +200,7 @@ def main() -> None:
     finally:
         for worker in workers.values():
             worker.close()
-    write_summary("step_breakdown", report(results, matmul_peak()))
+    write_summary("step_breakdown" if SIZE == "fixed" else f"step_breakdown_{SIZE}", report(results, matmul_peak()))
 
 
 if __name__ == "__main__":
