@@ -41,7 +41,7 @@ def test_models_are_listed(client):
 def test_chat_completion_equals_single_generation_and_streams_the_same_text(client, server):
     _, state = server
     bot = state.models["bot"]
-    prompt = bot.chat_ids([(m["role"], m["content"]) for m in MESSAGES], None)
+    prompt = bot.chat_ids(MESSAGES, None)
     want, n = _alone(state, "bot", prompt, bot.chat_stop_ids(), 30)
     answer = client.chat.completions.create(model="bot", messages=MESSAGES, temperature=0, max_tokens=30)
     assert answer.choices[0].message.content == want and want

@@ -82,7 +82,7 @@ def test_truncation_when_asked_keeps_the_end_of_the_prompt(server):
         {"role": "user", "content": LONG}, {"role": "assistant", "content": "aye"}, {"role": "user", "content": "hi"}]})
     assert chat.status_code == 200  # the oldest turn went; the rest fit
     bot = state.models["bot"]
-    kept = bot.chat_ids([("assistant", "aye"), ("user", "hi")], None)
+    kept = bot.chat_ids([{"role": "assistant", "content": "aye"}, {"role": "user", "content": "hi"}], None)
     assert chat.json()["usage"]["prompt_tokens"] == len(kept)
 
 

@@ -24,8 +24,9 @@ def _run(scheduler: Scheduler, prompt: list[int], cfg: SamplingConfig, **extra) 
     return tokens, reason[0]
 
 
-def test_rows_joining_and_leaving_at_any_step_decode_as_alone():
-    model = peaked(context=24)
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+def test_rows_joining_and_leaving_at_any_step_decode_as_alone(kind):
+    model = peaked(context=24, kind=kind)
     lengths = [19, 23, 14, 21, 22, 9]  # every prompt runs to the end of the context: the timeline packs
     want = [generate(model, p, SamplingConfig(max_new_tokens=n, temperature=0)) for p, n in zip(PROMPTS, lengths)]
     decoder = BatchDecoder(model, slots=3)

@@ -1,16 +1,17 @@
-"""Decoding many sequences at once, each joining and leaving when it likes: the GPT side of serving.
+"""Decoding many sequences at once, each joining and leaving when it likes: the engine of serving.
 
 Owns `BatchDecoder`: one preallocated KV cache of `slots` rows, a prefill that puts a new
-prompt in a free row, and a step that feeds one token to every busy row in one forward.
+prompt in a free row, and a step that feeds one token to every busy row in one forward, for
+the causal LM families of `lmforge.models.decoding` (GPT, Llama).
 
 The rows do not share a length, so the cache is a timeline of columns rather than positions:
 every step writes the new keys and values of all busy rows at the same column `t`, and a
-boolean mask says which columns each row owns. A GPT's position enters through its learned
-position embedding only, which the step adds per row (`wpe[position]`), so where a row's keys
-sit in the timeline does not change its numbers; this lets every step run the model's own
-`block` function (models/gpt.py) on plain cache views, as the single-sequence decoder does.
-A new prompt is written in the columns just before `t` of its row; when the timeline is full,
-each row's columns are packed to the left (rare: the timeline is twice the context).
+boolean mask says which columns each row owns. Position enters as each row's own (GPT's
+learned position embedding, added per row; Llama's rotary angles, turned into the keys before
+they are cached), so where a row's keys sit in the timeline does not change its numbers; this
+lets every step run the model's own block function (`block`, `llama_block`) on plain cache
+views, as the single-sequence decoders do. A new prompt is written in the columns just before
+`t` of its row; when the timeline is full, each row's columns are packed to the left.
 
 Busy rows are kept at the front (rows 0 .. n - 1, in the order of `self.owners`): a row that
 leaves is replaced by the last one, so every step works on views of the cache, not copies.
@@ -22,27 +23,74 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from lmforge.models.gpt import GPT, block
 from lmforge.models.gpt_decode import Decoder
+from lmforge.models.llama import Llama, llama_block
+from lmforge.models.llama_decode import LlamaDecoder
+from lmforge.ops.rotary import rms_norm
+
+
+class _GPTRows:
+    """GPT's part of a batched step: learned positions added to the input, LayerNorm at the end."""
+
+    def __init__(self, model: GPT) -> None:
+        self.p = Decoder(model)  # the model's tensors, read once (refuses a model in training mode)
+        c = model.config
+        self.kv_heads, self.head_dim, self.blocks, self.weight = c.n_head, c.head_dim, self.p.blocks, self.p.wte
+
+    def inputs(self, ids: Tensor, positions: Tensor) -> tuple[Tensor, None]:
+        return F.embedding(ids, self.p.wte) + self.p.wpe[positions], None  # (..., C)
+
+    def block(self, x: Tensor, parts, extra: None, visible: Tensor, kv: tuple[Tensor, Tensor], col: int) -> Tensor:
+        return block(x, parts, visible, False, kv, col)
+
+    def head(self, x: Tensor) -> Tensor:
+        p = self.p
+        return F.linear(torch.layer_norm(x, p.shape, *p.ln_f, p.eps), p.lm_head)
+
+
+class _LlamaRows:
+    """Llama's part: rotary angles of each row's positions, RMSNorm at the end."""
+
+    def __init__(self, model: Llama) -> None:
+        self.p = LlamaDecoder(model)
+        c = model.config
+        self.kv_heads, self.head_dim, self.blocks, self.weight = c.kv_heads, c.hs, self.p.blocks, self.p.embed
+
+    def inputs(self, ids: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        x = F.embedding(ids, self.p.embed)  # (..., C)
+        cos, sin = self.p.rope.get(x.device, x.dtype, int(positions.max()) + 1)  # (P, hs) each
+        return x, (cos[positions].unsqueeze(-2), sin[positions].unsqueeze(-2))  # (..., 1, hs): per row
+
+    def block(self, x: Tensor, parts, rope, visible: Tensor, kv: tuple[Tensor, Tensor], col: int) -> Tensor:
+        return llama_block(x, parts, rope, visible, False, kv, col)
+
+    def head(self, x: Tensor) -> Tensor:
+        return F.linear(rms_norm(x, self.p.norm, self.p.eps), self.p.lm_head)
+
+
+def _rows_of(model: nn.Module) -> _GPTRows | _LlamaRows:
+    if isinstance(model, GPT):
+        return _GPTRows(model)
+    if isinstance(model, Llama):
+        return _LlamaRows(model)
+    raise ValueError(f"batched decoding runs GPT and Llama checkpoints; this one is a {type(model).__name__}")
 
 
 class BatchDecoder:
     """`add(key, prompt)` -> logits of the prompt's last position; `step(tokens)` -> logits (n, V)
     of the next token of every busy row, in the order of `owners`; `remove(key)` frees a row."""
 
-    def __init__(self, model: GPT, slots: int) -> None:
-        if not isinstance(model, GPT):
-            raise ValueError(f"batched decoding runs GPT checkpoints; this one is a {type(model).__name__}")
+    def __init__(self, model: GPT | Llama, slots: int) -> None:
+        self.rows = _rows_of(model)
         if slots < 1:
             raise ValueError(f"slots={slots}: must be >= 1")
-        self.parts = Decoder(model)  # the model's tensors, read once (refuses a model in training mode)
         self.context = model.config.context
-        self.columns = 2 * self.context
-        c = model.config
-        shape = (c.n_layer, slots, c.n_head, self.columns, c.head_dim)  # as KVCache's, a longer timeline
-        weight = model.transformer.wte.weight
+        self.columns = self.context + min(self.context, 512)  # packed at most every 512 steps
+        r, weight = self.rows, self.rows.weight
+        shape = (len(r.blocks), slots, r.kv_heads, self.columns, r.head_dim)  # as KVCache's, a longer timeline
         self.k = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
         self.v = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
         self.owned = torch.zeros((slots, self.columns), dtype=torch.bool, device=weight.device)
@@ -68,14 +116,14 @@ class BatchDecoder:
         row = len(self.owners)
         start = self.t - n if self.t >= n else 0
         self.t = max(self.t, n)
-        p = self.parts
-        ids = torch.as_tensor(list(prompt), dtype=torch.long, device=self.k.device)
-        x = F.embedding(ids, p.wte)[None] + p.wpe[:n]  # (1, n, C)
-        visible = torch.zeros((1, 1, n, start + n), dtype=torch.bool, device=self.k.device)
-        visible[0, 0, :, start:] = torch.ones(n, n, dtype=torch.bool, device=self.k.device).tril()
-        for parts, layer in zip(p.blocks, range(len(p.blocks))):
+        device = self.k.device
+        ids = torch.as_tensor(list(prompt), dtype=torch.long, device=device)
+        x, extra = self.rows.inputs(ids[None], torch.arange(n, device=device))  # (1, n, C)
+        visible = torch.zeros((1, 1, n, start + n), dtype=torch.bool, device=device)
+        visible[0, 0, :, start:] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        for layer, parts in enumerate(self.rows.blocks):
             kv = (self.k[layer, row:row + 1], self.v[layer, row:row + 1])  # (1, nh, columns, hs)
-            x = block(x, parts, visible, False, kv, start)  # (1, n, C)
+            x = self.rows.block(x, parts, extra, visible, kv, start)  # (1, n, C)
         self.owned[row] = False
         self.owned[row, start:start + n] = True
         self.positions[row] = n
@@ -91,13 +139,13 @@ class BatchDecoder:
             raise ValueError(f"a row is at the end of the context ({self.context} positions); remove it first")
         if self.t >= self.columns:
             self._pack()
-        t, p = self.t, self.parts
+        t = self.t
         ids = torch.as_tensor(list(tokens), dtype=torch.long, device=self.k.device)
-        x = F.embedding(ids, p.wte) + p.wpe[self.positions[:n]]  # (n, C): one new position per row
+        x, extra = self.rows.inputs(ids, self.positions[:n])  # (n, C): one new position per row
         self.owned[:n, t] = True
         visible = self.owned[:n, None, None, :t + 1]  # (n, 1, 1, t + 1): each row's own columns
-        for parts, layer in zip(p.blocks, range(len(p.blocks))):
-            x = block(x, parts, visible, False, (self.k[layer, :n], self.v[layer, :n]), t)  # (n, C)
+        for layer, parts in enumerate(self.rows.blocks):
+            x = self.rows.block(x, parts, extra, visible, (self.k[layer, :n], self.v[layer, :n]), t)  # (n, C)
         self.positions[:n] += 1
         self.t = t + 1
         return self._logits(x)
@@ -135,5 +183,4 @@ class BatchDecoder:
 
     def _logits(self, x: Tensor) -> Tensor:
         """Final hidden rows (n, C) -> logits (n, V) in float32."""
-        p = self.parts
-        return F.linear(torch.layer_norm(x, p.shape, *p.ln_f, p.eps), p.lm_head).float()
+        return self.rows.head(x).float()

@@ -24,6 +24,7 @@ from torch import Tensor
 from lmforge.inference.batch_decode import BatchDecoder
 from lmforge.inference.generate import SamplingConfig, _pick, apply_repetition_penalty
 from lmforge.models.gpt import GPT
+from lmforge.models.llama import Llama
 
 
 @dataclass(eq=False)
@@ -62,11 +63,11 @@ class GenerationRequest:
 class Scheduler:
     """Runs requests on `model` in batches of up to `max_batch` rows, on its own thread."""
 
-    def __init__(self, model: GPT, max_batch: int) -> None:
+    def __init__(self, model: GPT | Llama, max_batch: int) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch={max_batch!r}: must be an integer >= 1")
         self.decoder = BatchDecoder(model, max_batch)
-        self.device = model.transformer.wte.weight.device
+        self.device = self.decoder.k.device
         self.context = model.config.context
         self._waiting: deque[GenerationRequest] = deque()
         self._wake = threading.Condition()

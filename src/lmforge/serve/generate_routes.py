@@ -27,8 +27,8 @@ from lmforge.serve.state import ServerState
 ROLES = ("system", "developer", "user", "assistant")
 
 
-def _messages(value: object) -> list[tuple[str, str]]:
-    """OpenAI messages -> (role, text) pairs; content is a string or a list of text parts."""
+def _messages(value: object) -> list[dict]:
+    """OpenAI messages -> {"role", "content"} with text content (a list of text parts is joined)."""
     if not isinstance(value, list) or not value:
         raise bad_request("'messages' must be a non-empty list of {\"role\", \"content\"} objects", param="messages")
     out = []
@@ -47,8 +47,7 @@ def _messages(value: object) -> list[tuple[str, str]]:
             check_text(content, f"{where}.content")
         except ValueError as err:
             raise bad_request(str(err), param=f"{where}.content") from None
-        role = "system" if message["role"] == "developer" else message["role"]
-        out.append((role, content))
+        out.append({"role": "system" if message["role"] == "developer" else message["role"], "content": content})
     return out
 
 

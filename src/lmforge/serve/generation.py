@@ -121,10 +121,11 @@ class TextStream:
             if isinstance(item, _Finished):
                 if item.reason.startswith("error"):
                     raise APIError(500, f"generation failed: {item.reason[len('error: '):]}", code="server_error")
-                tail = self.stops.flush()
+                text, stopped = self.stops.feed(self._undecoded())
+                tail = text + ("" if stopped else self.stops.flush())
                 if tail:
                     yield tail
-                self.finish_reason = FINISH_REASONS[item.reason]
+                self.finish_reason = "stop" if stopped else FINISH_REASONS[item.reason]
                 return
             self.completion_tokens += 1
             text, stopped = self.stops.feed(self.text.push(item))
@@ -134,6 +135,15 @@ class TextStream:
                 self.finish_reason = "stop"
                 self.cancel()
                 return
+
+    def _undecoded(self) -> str:
+        """What the last tokens spell that the streaming decoder held back (an incomplete character:
+        the reply ended there), as the tokenizer decodes the whole reply."""
+        d = self.text
+        if d.wordpiece:
+            return ""
+        final = d.tokenizer.decode(d.ids, skip_special_tokens=True)
+        return final[len(d.text):] if final.startswith(d.text) else ""
 
     async def collect(self) -> str:
         return "".join([piece async for piece in self.pieces()])

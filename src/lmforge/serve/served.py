@@ -1,9 +1,10 @@
 """A checkpoint as the server offers it: its name, what it can do, and its prompts.
 
-Owns `ServedModel` and `load_served`. A GPT generates (chat and completions, on a batching
-`Scheduler`) and embeds; a BERT embeds; a classifier classifies. Chat messages become the
-model's own format: `[CLS] u1 [SEP] a1 [SEP] ... [SEP]` for models trained here (the
-GPT2-chitchat format of `lmforge.data.dialogue_format`, replies ending at [SEP]).
+Owns `ServedModel` and `load_served`. A GPT or Llama generates (chat and
+completions, on a batching `Scheduler`) and embeds; a BERT embeds; a classifier classifies.
+Chat messages become the model's own format (`lmforge.inference.chat_format`): the
+checkpoint's chat template when it has one (imported Llama-class models), else
+GPT2-chitchat's `[CLS] u1 [SEP] a1 [SEP] ... [SEP]` for models trained here.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from lmforge.data.dialogue_format import ROLE_NAMES, build_sample, dialogue_specials
+from lmforge.inference.chat_format import ChatFormat, chat_format_for
 from lmforge.inference.loaded import LoadedModel, load_for_inference
 from lmforge.inference.scheduler import Scheduler
-from lmforge.models.gpt import GPT
+from lmforge.models.decoding import CAUSAL_LMS
 from lmforge.models.heads import label_names_of
 
-KINDS = {"gpt": ("chat", "completions", "embeddings"), "bert": ("embeddings",), "classifier": ("classify",)}
+GENERATES = ("chat", "completions", "embeddings")
+KINDS = {"gpt": GENERATES, "llama": GENERATES, "bert": ("embeddings",), "classifier": ("classify",)}
 
 
 @dataclass(eq=False)
@@ -35,8 +37,8 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
     lock: threading.Lock = field(default_factory=threading.Lock)
     """Held by embedding and classification batches, one at a time per model."""
-    chat_tokenizer: Tokenizer | None = None
-    """The tokenizer with special tokens read as text: a typed "[SEP]" is not a turn boundary."""
+    chat: ChatFormat | None = None
+    """How messages become a prompt, and which ids end a reply."""
 
     @property
     def kind(self) -> str:
@@ -50,18 +52,13 @@ class ServedModel:
     def context(self) -> int:
         return self.loaded.model.config.context
 
-    def chat_ids(self, messages: list[tuple[str, str]], max_len: int | None) -> list[int]:
-        """The prompt of a reply to `messages` ((role, text) pairs), at most `max_len` tokens (older
-        whole turns dropped first)."""
-        cls, sep = dialogue_specials(self.loaded.specials, str(self.loaded.path))
-        tok = self.chat_tokenizer
-        turns = [tok.encode(text, add_special_tokens=False).ids for _, text in messages]
-        roles = [ROLE_NAMES[role] for role, _ in messages]
-        return build_sample(turns, roles, cls, sep, max_len)[0]
+    def chat_ids(self, messages: list[dict], max_len: int | None) -> list[int]:
+        """The prompt of a reply to `messages`, at most `max_len` tokens (older exchanges dropped first)."""
+        return self.chat.prompt_ids(messages, max_len)
 
     def chat_stop_ids(self) -> tuple[int, ...]:
-        """The ids that end a reply: [SEP] (or end-of-text) in the GPT2-chitchat format."""
-        return (dialogue_specials(self.loaded.specials, str(self.loaded.path))[1],)
+        """The ids that end a reply: the template's end of turn, or [SEP] in the chitchat format."""
+        return self.chat.stop_ids
 
     def completion_ids(self, prompt: str | list[int]) -> tuple[list[int], tuple[int, ...]]:
         """A prompt's ids (an empty one starts a new document) and the ids that end it (end-of-text)."""
@@ -98,12 +95,11 @@ def load_served(spec: str, device: str = "auto", max_batch: int = 16) -> ServedM
         loaded.tokenizer.no_truncation()  # as load_classifier: texts are cut to the context by hand
         loaded.tokenizer.no_padding()
         return ServedModel(name=name, loaded=loaded, labels=label_names_of(loaded.architecture))
-    if kind == "gpt" and isinstance(loaded.model, GPT):
-        chat_tokenizer = Tokenizer.from_str(loaded.tokenizer.to_str())
-        chat_tokenizer.encode_special_tokens = True
-        return ServedModel(name=name, loaded=loaded, scheduler=Scheduler(loaded.model, max_batch),
-                           chat_tokenizer=chat_tokenizer)
+    if kind in ("gpt", "llama") and isinstance(loaded.model, CAUSAL_LMS):
+        # a tokenizer of its own: the chat format switches how special-token text is read
+        chat = chat_format_for(Tokenizer.from_str(loaded.tokenizer.to_str()), loaded.path)
+        return ServedModel(name=name, loaded=loaded, scheduler=Scheduler(loaded.model, max_batch), chat=chat)
     if kind == "bert":
         return ServedModel(name=name, loaded=loaded)
-    raise ValueError(f"{loaded.path}: a {kind!r} checkpoint; lmforge serve takes GPT (chat, completions, "
-                     "embeddings), BERT (embeddings) and classifier checkpoints")
+    raise ValueError(f"{loaded.path}: a {kind!r} checkpoint; lmforge serve takes GPT and Llama (chat, "
+                     "completions, embeddings), BERT (embeddings) and classifier checkpoints")
