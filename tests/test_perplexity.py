@@ -167,3 +167,12 @@ def test_a_llama_class_checkpoint_with_a_bos_equals_transformers(tmp_path):
     nll, count, _ = guide_nll(hf_model, ids, 64, 24)
     assert result["scored"] == count == ids.size(1) - 1
     assert result["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+
+
+def test_the_library_call_gives_the_command_s_numbers(run, tmp_path):
+    import lmforge
+    ckpt, _, _ = run
+    (tmp_path / "a.txt").write_text(TEXT, encoding="utf-8")
+    by_command = text_eval_command(io.StringIO(), ckpt, [tmp_path / "a.txt"], stride=16, device="cpu")
+    by_library = lmforge.load(ckpt, device="cpu").perplexity(tmp_path / "a.txt", stride=16)
+    assert by_library == by_command and by_library["texts"][0]["scored"] == by_library["scored"]

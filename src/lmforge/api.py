@@ -8,6 +8,7 @@
     model.generate(["ROMEO:", "JULIET:"], max_new_tokens=40, temperature=0)
     lmforge.load("runs/spam-gpt").classify(["WINNER!! claim your prize"])
     lmforge.load("runs/bert-wikitext").embed(["a crane is flying"]).mean
+    lmforge.load("runs/gpt-shakespeare").perplexity("test.txt", stride=128)["perplexity"]
     lmforge.evaluate("runs/spam-gpt", "data/sms_spam", split="test")
 
 Each is a thin layer over the modules that do the work (`lmforge.train.run`,
@@ -32,6 +33,7 @@ from lmforge.inference.classifier import load_classifier, predict_texts
 from lmforge.inference.embedder import Embeddings, embed
 from lmforge.inference.generate import SamplingConfig
 from lmforge.inference.loaded import LoadedModel, load_for_inference
+from lmforge.inference.perplexity import perplexity_report
 from lmforge.inference.text import generate_texts
 from lmforge.models.heads import label_names_of
 from lmforge.train.loop import TrainResult
@@ -124,6 +126,13 @@ class Model:
         self.loaded.tokenizer.no_padding()
         texts = [texts] if isinstance(texts, str) else list(texts)
         return predict_texts(self.loaded, label_names_of(self.loaded.architecture), texts, batch_size)
+
+    def perplexity(self, files: str | Path | Sequence[str | Path], *, stride: int | None = None,
+                   batch_size: int = 8) -> dict[str, Any]:
+        """Sliding-window perplexity and bits per byte of text files under a GPT or Llama-class
+        model (what `lmforge eval --text --json` prints): the total's numbers, "texts" per file."""
+        files = [files] if isinstance(files, (str, Path)) else list(files)
+        return perplexity_report(self.loaded, files, stride=stride, batch_size=batch_size)
 
     def embed(self, texts: str | Sequence[str], *, pairs: Sequence[str] | None = None,
               batch_size: int = 32) -> Embeddings:

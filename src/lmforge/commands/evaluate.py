@@ -92,22 +92,22 @@ def text_eval_command(out: TextIO, checkpoint: str | Path, texts: list[Path], *,
     """`lmforge eval --text`: perplexity and bits per byte per file and in total (a table, or one
     JSON object with `as_json`)."""
     from lmforge.inference.loaded import load_for_inference
-    from lmforge.inference.perplexity import check_causal, text_perplexity
+    from lmforge.inference.perplexity import check_causal, perplexity_report
     check_count(batch_size, "--batch-size")
     loaded = load_for_inference(checkpoint, device)
     check_causal(loaded)
-    scores, total, context, stride = text_perplexity(loaded, texts, stride=stride, batch_size=batch_size,
-                                                     text_field=text_field, text_column=text_column)
-    result = {"checkpoint": str(loaded.path), "context": context, "stride": stride, **total.as_dict(),
-              "texts": [s.as_dict() for s in scores]}
-    del result["text"]
+    result = perplexity_report(loaded, texts, stride=stride, batch_size=batch_size, text_field=text_field,
+                               text_column=text_column)
     if as_json:
         out.write(json.dumps(result) + "\n")
         return result
-    out.write(f"{loaded.path}: context {context}, stride {stride} (each token scored once, with at least "
-              f"{context - stride if stride < context else 0} tokens of context where the text has them)\n")
-    rows = [(s.name, f"{s.tokens:,}", f"{s.scored:,}", f"{s.mean_nll:.4f}", f"{s.perplexity:.3f}",
-             f"{s.bits_per_byte:.4f}") for s in (scores + [total] if len(scores) > 1 else scores)]
+    context, stride = result["context"], result["stride"]
+    how = (f"every token but the first scored once, with at least {context - stride} tokens before it where the "
+           "text has them" if stride < context else "disjoint windows, the first token of each not scored")
+    out.write(f"{loaded.path}: context {context}, stride {stride} ({how})\n")
+    rows = [(r["text"], f"{r['tokens']:,}", f"{r['scored']:,}", f"{r['mean_nll']:.4f}", f"{r['perplexity']:.3f}",
+             f"{r['bits_per_byte']:.4f}")
+            for r in result["texts"] + ([{**result, "text": "total"}] if len(result["texts"]) > 1 else [])]
     header = ("text", "tokens", "scored", "nll/token", "perplexity", "bits/byte")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:

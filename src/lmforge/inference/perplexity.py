@@ -182,3 +182,15 @@ def text_perplexity(loaded: LoadedModel, inputs: list[Path | str], *, stride: in
     total = TextScore("total", sum(s.tokens for s in scores), sum(s.scored for s in scores),
                       sum(s.nll for s in scores), sum(s.bytes for s in scores))
     return scores, total, context, stride
+
+
+def perplexity_report(loaded: LoadedModel, inputs: list[Path | str], *, stride: int | None = None,
+                      batch_size: int = 8, text_field: str = "text", text_column: str | int = "text") -> dict:
+    """`text_perplexity` as one dict: the total's numbers, the checkpoint, context and stride, and
+    under "texts" one dict per file (what `lmforge eval --text --json` prints)."""
+    scores, total, context, stride = text_perplexity(loaded, inputs, stride=stride, batch_size=batch_size,
+                                                     text_field=text_field, text_column=text_column)
+    result = {"checkpoint": str(loaded.path), "context": context, "stride": stride, **total.as_dict(),
+              "texts": [s.as_dict() for s in scores]}
+    del result["text"]
+    return result
