@@ -96,7 +96,8 @@ def _add_prepare(sub) -> None:
                    help=".txt, .jsonl, .csv or .tsv files (classify: .csv/.tsv/.jsonl; dialogue: text or "
                         ".jsonl), or .gz of them; .parquet / .arrow files and `datasets` save_to_disk folders "
                         "(every task); quoted globs ('data/train-*.parquet') are expanded")
-    p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer.json or its folder")
+    p.add_argument("--tokenizer", required=True, type=Path,
+                   help="tokenizer.json or its folder (a model folder or checkpoint), or a BERT vocab.txt")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--val-fraction", type=float, default=None, help="default 0.05 (classify: 0.1)")
     p.add_argument("--test-fraction", type=float, default=None, help="default 0 (classify: 0.2)")
