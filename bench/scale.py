@@ -9,8 +9,9 @@ Sizes (GPT-2 architecture, biases, dropout 0, clipping 1.0, AdamW):
   where that is absent: the title then gives the vocabulary it reached).
 
 Each (size, precision) is one group of sides interleaved A B C A B C for BENCH_SCALE_ROUNDS
-rounds (default 2), each side in its own worker process, closed before the next group (at
-124M each holds 2-4 GB):
+rounds (default 2), each side in its own worker process, closed before the next group; at
+124M a side's worker is started for its round and closed after it, so only one model of 2-5
+GB is in memory at a time (its start-up is not timed):
 
 - lmforge: `lmforge.train.loop.train`, `train.precision` fp32 or bf16;
 - transformers Trainer: `GPT2LMHeadModel`, `bf16=True` for bf16;
@@ -46,7 +47,8 @@ ROUNDS = int(os.environ.get("BENCH_SCALE_ROUNDS", "2"))
 SIZES = {
     "fixed": dict(model=dict(n_layer=4, n_head=4, n_embd=256, context=256), batch=8, steps=6, warmup=2),
     "mid": dict(model=dict(n_layer=6, n_head=8, n_embd=512, context=512), batch=4, steps=3, warmup=1),
-    "124M": dict(model=dict(n_layer=12, n_head=12, n_embd=768, context=1024), batch=2, steps=2, warmup=1),
+    "124M": dict(model=dict(n_layer=12, n_head=12, n_embd=768, context=1024), batch=2, steps=2, warmup=1,
+                 fresh=True),
 }
 GPT2_VOCAB = 50257
 SHARED_TEXTS = ["wikitext2/wiki.valid.raw", "wikitext2/wiki.test.raw", "tinyshakespeare/input.txt",
@@ -94,20 +96,38 @@ def peak_runner(dtype: str):
     return lambda steps: {"rates": [time_matmul(2048, 0.5, dtype=kind) / 1e9], "peak_mib": 0.0}
 
 
-def group_workers(size: str, precision: str, data: str) -> dict[str, Worker]:
+class FreshWorker:
+    """A Worker started for each call and closed after it (the same interface)."""
+
+    def __init__(self, factory: str, **kwargs) -> None:
+        self.factory, self.kwargs = factory, kwargs
+
+    def __call__(self, **request):
+        worker = Worker(self.factory, **self.kwargs)
+        try:
+            return worker(**request)
+        finally:
+            worker.close()
+
+    def close(self) -> None:
+        pass
+
+
+def group_workers(size: str, precision: str, data: str) -> dict:
     spec = SIZES[size]
+    start = FreshWorker if spec.get("fresh") else Worker
     common = dict(data=data, model=spec["model"], batch=spec["batch"], warmup=spec["warmup"])
-    workers = {"lmforge": Worker("scale:side_runner", kind="lmforge", precision=precision, **common),
-               "transformers Trainer": Worker("scale:side_runner", kind="trainer", bf16=precision == "bf16",
-                                              **common)}
+    workers = {"lmforge": start("scale:side_runner", kind="lmforge", precision=precision, **common),
+               "transformers Trainer": start("scale:side_runner", kind="trainer", bf16=precision == "bf16",
+                                             **common)}
     if nanogpt_peer.available():
         if precision == "fp32":
-            workers["nanoGPT train.py"] = Worker("nanogpt_peer:train_py_runner", **common)
+            workers["nanoGPT train.py"] = start("nanogpt_peer:train_py_runner", **common)
         else:
-            workers["nanoGPT model, bf16 autocast, plain loop"] = Worker(
+            workers["nanoGPT model, bf16 autocast, plain loop"] = start(
                 "nanogpt_peer:model_loop_runner", compile=False, malloc_tuning=False, precision="bf16", **common)
         if size == "fixed":
-            workers["nanoGPT model + fused AdamW + compile + malloc tuning"] = Worker(
+            workers["nanoGPT model + fused AdamW + compile + malloc tuning"] = start(
                 "nanogpt_peer:model_loop_runner", precision=precision, **common)
     workers["matmul peak"] = Worker("scale:peak_runner", dtype=precision)
     return workers
@@ -119,7 +139,7 @@ def run_group(size: str, precision: str, data: str) -> list[dict]:
     peaks: dict[str, float] = {}
     key = f"{size} {precision}"
 
-    def side(name: str, w: Worker):
+    def side(name: str, w):
         def run() -> list[float]:
             result = w(steps=SIZES[size]["steps"])
             peaks[name] = max(peaks.get(name, 0.0), result["peak_mib"])
