@@ -73,13 +73,13 @@ def input_format(path: Path) -> str:
     name); ValueError for unsupported ones and for other binary files."""
     path = Path(path)
     gz = path.suffix.lower() == ".gz"  # its content is checked as it is read (lmforge.base.sources)
+    suffix = format_suffix(path)  # first: a .bz2 / .zip / .tar name gets its own hint
     columnar = None if gz else columnar_format(path)
     if columnar is not None:
         return columnar
     known = None if gz or path.is_dir() else sniff_binary(path)
     if known is not None:
         raise ValueError(f"{path}: this is a {known[1]} file (binary), not text; lmforge reads {READ_FORMATS}")
-    suffix = format_suffix(path)
     if suffix == ".json":
         raise ValueError(f"{path}: .json is not supported; write one JSON object per line and "
                          f"name the file .jsonl")
