@@ -92,3 +92,24 @@ def test_broken_config_json_names_the_file(tmp_path: Path):
     (tmp_path / "tokenizer_config.json").write_text("{nope", encoding="utf-8")
     with pytest.raises(ValueError, match=r"tokenizer_config\.json: not valid JSON"):
         tokenizer_settings(tmp_path)
+
+
+@pytest.mark.parametrize("legacy", [None, True])
+def test_a_llama2_style_file_encodes_as_transformers_5_builds_it(tmp_path: Path, legacy: bool | None):
+    """Llama 2 / Mistral files carry a Prepend("▁") + Replace normalizer; transformers 5 builds
+    its own Metaspace pipeline for LlamaTokenizer instead, which differs after special tokens."""
+    folder = llama_folder(tmp_path / "llama")
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    data["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    data["pre_tokenizer"] = None
+    (folder / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    if legacy is not None:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": legacy}), encoding="utf-8")
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    tok, settings = load_tokenizer(folder), tokenizer_settings(folder)
+    for text in [*TEXTS, "<s>[INST] hi [/INST] ok </s>", "  two spaces"]:
+        ids = hf(text)["input_ids"]
+        assert encode_text(tok, text, settings) == ids, text
+        assert decode(tok, ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)

@@ -35,7 +35,7 @@ from lmforge.base.faults import fault_point
 from lmforge.base.locks import hold_folder, pid_alive
 from lmforge.base.outputs import check_output_folder
 from lmforge.base.readers import check_inputs, iter_texts
-from lmforge.base.tokenizer_config import TokenizerSettings
+from lmforge.base.tokenizer_config import TokenizerSettings, as_transformers_builds, tokenizer_settings
 
 BPE_SPECIALS = ["<|endoftext|>", "<|pad|>"]
 WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -195,12 +195,13 @@ def load_tokenizer(path: Path) -> Tokenizer:
     if file.suffix == ".txt":
         return wordpiece_from_vocab(file)
     try:
-        return Tokenizer.from_file(str(file))
+        tok = Tokenizer.from_file(str(file))
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # a bare Exception for malformed files; a PanicException (BaseException) may come
         raise ValueError(f"{file}: not a valid tokenizer.json: {_damage(file, e)}; train one with `lmforge "
                          f"tokenizer train`, or put back the tokenizer.json the data or model was made with") from None
+    return as_transformers_builds(tok, tokenizer_settings(file))  # a Llama file: transformers' own pipeline
 
 
 def wordpiece_from_vocab(vocab_file: Path, options: dict | None = None) -> Tokenizer:

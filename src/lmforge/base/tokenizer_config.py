@@ -16,7 +16,8 @@ hold, beside `tokenizer.json`:
 naming the file and key. Whether a BOS or EOS is added to every text comes from
 `add_bos_token` / `add_eos_token` when the config says, else from the tokenizer.json's own
 post-processor template, as transformers decides it. `encode_text` then gives the ids
-`AutoTokenizer(text)["input_ids"]` gives. `settings_file_dict` is what a copy of the folder
+`AutoTokenizer(text)["input_ids"]` gives, with `as_transformers_builds` (which `load_tokenizer`
+applies) making a Llama tokenizer's text pipeline the one transformers 5 builds. `settings_file_dict` is what a copy of the folder
 keeps (the template folded in), so one tokenizer_config.json carries everything.
 """
 
@@ -26,7 +27,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
@@ -143,6 +144,28 @@ def tokenizer_settings(path: Path) -> TokenizerSettings:
         template_source=source if template is not None else None,
         generation_eos_ids=_generation_eos(folder),
         tokenizer_class=tok_class if isinstance(tok_class, str) else None, config=config)
+
+
+LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+
+
+def as_transformers_builds(tok: Tokenizer, settings: TokenizerSettings) -> Tokenizer:
+    """The tokenizer transformers 5 makes of this file: for a Llama tokenizer (tokenizer_class
+    LlamaTokenizer, a BPE model) it keeps the vocabulary, merges and post-processor but sets its
+    own text pipeline (no normalizer; a "▁" Metaspace that prepends to the first piece only, or
+    to every piece when `legacy` is true), which differs from the older Prepend/Replace
+    normalizer of Llama 2 and Mistral files after special tokens and on leading spaces. Any
+    other tokenizer is returned as it is."""
+    if settings.tokenizer_class not in LLAMA_CLASSES or not isinstance(tok.model, models.BPE):
+        return tok
+    add_prefix_space = settings.config.get("add_prefix_space")
+    add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
+    scheme = ("always" if settings.config.get("legacy") is True else "first") if add_prefix_space else "never"
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if add_prefix_space else []))
+    return tok
 
 
 def template_specials(tok: Tokenizer) -> tuple[int | None, int | None]:
