@@ -4,8 +4,9 @@ folders `datasets.Dataset.save_to_disk` writes, read as rows of the columns aske
 Owns finding the data files of a `datasets` folder (its `state.json` lists the `data-*.arrow`
 stream files; no dependency on `datasets`), resolving a column by name or 0-based index, the
 class names a `datasets` ClassLabel column carries, and streaming: a Parquet file is read one
-record batch of at most `BATCH_ROWS` rows at a time (never whole), an Arrow file is memory-mapped
-and read batch by batch, so memory stays bounded whatever the corpus size.
+record batch of at most `BATCH_ROWS` rows at a time (never whole), an Arrow file batch by batch,
+both through plain reads rather than a memory map (whose pages would count in the process's
+memory as the file is read), so memory stays bounded whatever the corpus size.
 
 pyarrow is an optional dependency (`pip install 'lmforge[parquet]'`); without it these formats
 are a ValueError that says what to install. Used by `lmforge.base.readers` (documents),
@@ -99,7 +100,8 @@ def dataset_files(folder: Path) -> list[Path]:
 def _open_batches(path: Path, fmt: str, pa, columns: Sequence[str] | None) -> tuple[Any, Iterator]:
     """(schema, iterator of (record batch, bytes read so far)) of one Parquet or Arrow file."""
     if fmt == "parquet":
-        pf = pa.parquet.ParquetFile(path, memory_map=True)
+        # pre_buffer (pyarrow's default) would read every column chunk of the file up front
+        pf = pa.parquet.ParquetFile(path, memory_map=False, pre_buffer=False, buffer_size=1 << 20)
         size, rows = path.stat().st_size, max(pf.metadata.num_rows, 1)
 
         def parquet_batches() -> Iterator:
@@ -108,10 +110,11 @@ def _open_batches(path: Path, fmt: str, pa, columns: Sequence[str] | None) -> tu
                 done += batch.num_rows
                 yield batch, size * done // rows
         return pf.schema_arrow, parquet_batches()
-    source = pa.memory_map(str(path))
+    source = pa.OSFile(str(path))
     try:
         reader = pa.ipc.open_file(source)
     except pa.ArrowInvalid:
+        source.seek(0)
         reader = pa.ipc.open_stream(source)  # datasets' data-*.arrow files are streams
 
     def ipc_batches() -> Iterator:
