@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
 .PHONY: demo test test-slow faults install install-test clean bench bench-train bench-generate bench-prepare bench-bert bench-startup bench-lm-head bench-dialogue bench-breakdown bench-serve \
-	bench-scale bench-prepare-scale gpu-check
+	bench-scale bench-prepare-scale gpu-check bench-lora bench-checkpointing bench-lora-spam
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,9 +56,10 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 	touch $@
 
 bench: bench-train bench-generate bench-prepare bench-bert bench-startup bench-lm-head bench-dialogue bench-breakdown \
-       bench-scale
+       bench-scale bench-lora bench-checkpointing bench-lora-spam
 	@cat runs/bench/train.md runs/bench/generate.md runs/bench/prepare.md runs/bench/bert.md runs/bench/startup.md \
-	     runs/bench/lm_head.md runs/bench/dialogue.md runs/bench/step_breakdown.md runs/bench/scale.md
+	     runs/bench/lm_head.md runs/bench/dialogue.md runs/bench/step_breakdown.md runs/bench/scale.md \
+	     runs/bench/lora.md runs/bench/checkpointing.md runs/bench/lora_spam.md
 
 bench-train: $(VENV)/.installed-bench
 	$(BENCH_RUN) bench/train.py
@@ -80,6 +81,18 @@ bench-lm-head: $(VENV)/.installed-bench
 
 bench-dialogue: $(VENV)/.installed-bench
 	$(BENCH_RUN) bench/dialogue.py
+
+# LoRA rank 8 on the dialogue workload against transformers + peft with the Trainer (tokens/s, peak memory).
+bench-lora: $(VENV)/.installed-bench
+	$(BENCH_RUN) bench/lora.py
+
+# Activation checkpointing on the gpt2 preset: step time and peak memory with and without.
+bench-checkpointing: $(VENV)/.installed-bench
+	$(BENCH_RUN) bench/checkpointing.py
+
+# SMS spam with the imported all-MiniLM-L6-v2: LoRA rank 8 against full fine-tuning (accuracy, time).
+bench-lora-spam: $(VENV)/.installed-bench
+	$(BENCH_RUN) bench/lora_spam.py
 
 bench-serve: $(VENV)/.installed-bench
 	$(BENCH_RUN) bench/serve.py

@@ -188,3 +188,33 @@ def test_lora_on_a_bert_classifier_exports_to_peft_with_its_head(tmp_path):
         for i, text in enumerate(texts):
             logits = model(**hf_tok(text, return_tensors="pt")).logits[0]
             torch.testing.assert_close(torch.log_softmax(logits, -1), expected[i], atol=1e-4, rtol=1e-4)
+
+
+def test_lora_on_a_llama_adapts_every_projection_and_merges_to_the_same_logits():
+    from lmforge.models.lora import add_adapters, default_targets, resolve_spec
+
+    torch.manual_seed(0)
+    arch = {"model_type": "llama", "vocab_size": 64, "context": 16, "n_layer": 2, "n_head": 4, "n_kv_head": 2,
+            "n_embd": 32, "intermediate_size": 48}
+    model = model_from_architecture(arch).eval()
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        before = model(ids)
+    assert {n.rsplit(".", 1)[-1] for n in default_targets(model)} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    spec = resolve_spec(model, 4, 8.0, 0.0, [], [], {"path": "-", "sha256": "-", "prefix": ""})
+    add_adapters(model, spec)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), before)  # B starts at zero: nothing changes yet
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.weight.normal_(std=0.1)
+        adapted = model(ids)
+    assert not torch.allclose(adapted, before, atol=1e-3)  # every adapter is on the path
+    model.train()
+    model(ids).float().square().mean().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(".lora_" in n for n in grads) and len(grads) == 2 * len(spec["targets"])
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merge_adapters(model)(ids), adapted, atol=1e-5, rtol=1e-5)

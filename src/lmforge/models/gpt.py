@@ -208,14 +208,14 @@ class Block(nn.Module):
         """This block's tensors and settings, as they are now (training flag included)."""
         attn, mlp = self.attn, self.mlp
         return BlockParts(
-            ln_1=Affine(self.ln_1.weight, self.ln_1.bias), c_attn=_affine(attn.c_attn),
-            attn_proj=_affine(attn.c_proj), ln_2=Affine(self.ln_2.weight, self.ln_2.bias),
-            c_fc=_affine(mlp.c_fc), mlp_proj=_affine(mlp.c_proj),
+            ln_1=Affine(self.ln_1.weight, self.ln_1.bias), c_attn=affine_of(attn.c_attn),
+            attn_proj=affine_of(attn.c_proj), ln_2=Affine(self.ln_2.weight, self.ln_2.bias),
+            c_fc=affine_of(mlp.c_fc), mlp_proj=affine_of(mlp.c_proj),
             act=mlp.act, n_head=attn.n_head, eps=self.ln_1.eps, attn_dropout=attn.dropout if self.training else 0.0,
             resid_dropout=attn.resid_dropout, mlp_dropout=mlp.dropout)
 
 
-def _affine(linear: nn.Linear) -> Affine | LoRALinear:
+def affine_of(linear: nn.Linear) -> Affine | LoRALinear:
     """A Linear's weight and bias for `block`; a layer with a low-rank adapter stays a module
     (`lmforge.ops.lora.project` runs its adapter's path too)."""
     return linear if isinstance(linear, LoRALinear) else Affine(linear.weight, linear.bias)

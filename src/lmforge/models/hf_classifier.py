@@ -5,8 +5,8 @@ lmforge's `SequenceClassifier` keeps its backbone under `backbone.` and its head
 transformers keeps the backbone under its own prefix (`transformer.`, `bert.`, `model.`) and the
 head as `score` (GPT-2, Llama: no bias, the hidden state at the last token that is not padding)
 or `classifier` (BERT: with a bias, on the pooler's output). The backbone's names go through the
-backbone's own map (`lmforge.models.hf`, `hf_llama`). Labels travel as `id2label` / `label2id`;
-a one-output regressor as `problem_type: regression`.
+backbone's own map (`lmforge.models.hf`, `hf_llama`). Labels travel as `id2label` / `label2id`
+(`problem_type: regression` is refused: lmforge has no regression head).
 
 A transformers folder whose head is not a sequence classifier's (question answering, token
 classification) imports as its backbone: `head_keys` names the weights left behind, so that
@@ -25,7 +25,6 @@ SCORE_HEAD = {"gpt": "score", "llama": "score", "bert": "classifier"}
 _HEADS = re.compile(r"^(classifier|score|qa_outputs|lm_head|cls\.seq_relationship)\.")
 """Heads some transformers class puts beside the backbone (lm_head and the NSP head are
 lmforge's own for GPT / Llama and BERT, so those are never left behind)."""
-HF_KINDS = {"gpt2": "gpt", "bert": "bert", "llama": "llama", "qwen2": "llama", "mistral": "llama"}
 
 
 def is_sequence_classifier(hf_config: dict) -> bool:
@@ -52,16 +51,13 @@ def label_names_from_hf(hf_config: dict, num_labels: int) -> list[str]:
 def classifier_arch_from_hf(hf_config: dict, backbone_arch: dict) -> dict:
     """The lmforge classifier config.json for a transformers *ForSequenceClassification config."""
     kind = backbone_arch["model_type"]
-    regression = hf_config.get("problem_type") == "regression"
+    if hf_config.get("problem_type") == "regression":
+        raise ValueError("problem_type regression: lmforge's classifiers predict labels; a regression head "
+                         "is not supported by this version")
     num_labels = int(hf_config.get("num_labels") or len(hf_config.get("id2label") or {}) or 2)
-    if regression and num_labels != 1:
-        raise ValueError(f"problem_type regression with num_labels={num_labels}: lmforge's regressor has one output")
-    arch = {"model_type": "classifier", "vocab_size": backbone_arch["vocab_size"], "num_labels": num_labels,
+    return {"model_type": "classifier", "vocab_size": backbone_arch["vocab_size"], "num_labels": num_labels,
             "label_names": label_names_from_hf(hf_config, num_labels), "pooling": "cls" if kind == "bert" else "last",
             "dropout": 0.0, "head_bias": kind == "bert", "backbone": dict(backbone_arch)}
-    if regression:
-        arch["problem_type"] = "regression"
-    return arch
 
 
 def classifier_mapper(kind: str, backbone_mapper):
@@ -108,8 +104,6 @@ def classifier_to_hf(arch: dict, state: dict[str, Tensor], backbone_config: dict
     config = dict(backbone_config, architectures=[f"{prefix}ForSequenceClassification"], num_labels=len(labels),
                   id2label={str(i): name for i, name in enumerate(labels)},
                   label2id={name: i for i, name in enumerate(labels)})
-    if arch.get("problem_type") == "regression":
-        config["problem_type"] = "regression"
     if kind != "bert" and config.get("pad_token_id") is None:
         raise ValueError("this classifier's tokenizer has no padding token; transformers' "
                          f"{prefix}ForSequenceClassification finds each text's last token by it")

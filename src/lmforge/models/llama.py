@@ -28,13 +28,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.models.causal_lm import attention_setup
-from lmforge.models.gpt import Affine
+from lmforge.models.gpt import Affine, affine_of
 from lmforge.models.llama_config import LlamaConfig
 from lmforge.ops.decode import KVCache
 from lmforge.ops.dropout import Dropout
 from lmforge.ops.grouped_attention import attend_grouped
 from lmforge.ops.linear import add_projection
 from lmforge.ops.lm_loss import lm_head_cross_entropy
+from lmforge.ops.lora import LoRALinear, Stacked, project
 from lmforge.ops.rotary import RopeTables, apply_rotary, rms_norm
 
 
@@ -68,17 +69,19 @@ def llama_block(x: Tensor, p: LlamaParts, rope: tuple[Tensor, Tensor], attn_mask
     """
     nh, nkv, hs = p.n_head, p.n_kv_head, p.head_dim
     h = rms_norm(x, p.input_norm, p.eps)  # (B, T, C)
-    qk, v = F.linear(h, p.qkv.weight, p.qkv.bias).split(((nh + nkv) * hs, nkv * hs), dim=-1)
+    qk, v = project(h, p.qkv).split(((nh + nkv) * hs, nkv * hs), dim=-1)
     qk = apply_rotary(qk, *rope, hs)  # (B, T, (nh + nkv) hs): queries and keys turned by their position
     y = attend_grouped(qk, v, nh, nkv, causal=is_causal, attn_mask=attn_mask, kv=kv, start=start,
                        dropout_p=p.attn_dropout)  # (B, T, nh hs)
     x = add_projection(x, p.o, y, p.resid_dropout)  # (B, T, C): x + dropout(o_proj(y))
     h = rms_norm(x, p.post_norm, p.eps)  # (B, T, C)
-    gate, up = F.linear(h, p.gate_up.weight, p.gate_up.bias).chunk(2, dim=-1)  # 2 x (B, T, I)
+    gate, up = project(h, p.gate_up).chunk(2, dim=-1)  # 2 x (B, T, I)
     return add_projection(x, p.down, F.silu(gate) * up, p.mlp_dropout)  # (B, T, C): x + dropout(down(...))
 
 
-def _stacked(*linears: nn.Linear) -> Affine:
+def _stacked(*linears: nn.Linear) -> Affine | Stacked:
+    if any(isinstance(lin, LoRALinear) for lin in linears):  # each with its adapter (train.lora)
+        return Stacked(linears)
     weight = torch.cat([lin.weight for lin in linears])
     biases = [lin.bias for lin in linears]
     return Affine(weight, None if biases[0] is None else torch.cat(biases))
@@ -141,8 +144,8 @@ class LlamaBlock(nn.Module):
         a, m, c = self.self_attn, self.mlp, self.config
         return LlamaParts(
             input_norm=self.input_layernorm.weight, qkv=_stacked(a.q_proj, a.k_proj, a.v_proj),
-            o=Affine(a.o_proj.weight, a.o_proj.bias), post_norm=self.post_attention_layernorm.weight,
-            gate_up=_stacked(m.gate_proj, m.up_proj), down=Affine(m.down_proj.weight, m.down_proj.bias),
+            o=affine_of(a.o_proj), post_norm=self.post_attention_layernorm.weight,
+            gate_up=_stacked(m.gate_proj, m.up_proj), down=affine_of(m.down_proj),
             n_head=c.n_head, n_kv_head=c.kv_heads, head_dim=c.hs, eps=c.rms_norm_eps,
             attn_dropout=a.dropout if self.training else 0.0, resid_dropout=a.resid_dropout, mlp_dropout=m.dropout)
 

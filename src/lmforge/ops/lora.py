@@ -41,7 +41,13 @@ class LoRALinear(nn.Linear):
         return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias) + self.adapter(x)  # (..., out)
+        out = F.linear(x, self.weight, self.bias)  # (..., out)
+        if torch.is_autocast_enabled(x.device.type):  # in-place products take no autocast
+            return out + self.adapter(x)
+        h = self.lora_A(self.lora_dropout(x))  # (..., rank)
+        # B's product, the scale and the sum in one pass over the output
+        flat = out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, self.rank), self.lora_B.weight.t(), alpha=self.scale)
+        return flat.view(out.shape)  # (..., out)
 
     def delta_weight(self) -> Tensor:
         """scale * B @ A (out, in): what merging adds to the frozen weight."""
@@ -61,9 +67,16 @@ class LoRALinear(nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, scale={self.scale:g}"
 
 
+class Stacked(tuple):
+    """Linear layers whose outputs lie side by side (a Llama's q, k, v), when one has an adapter:
+    `project` runs each and concatenates (without adapters the model stacks their weights)."""
+
+
 def project(x: Tensor, linear) -> Tensor:
-    """linear's product x W^T + b, with its adapter's path where it has one; `linear` is a module
-    or anything with a `weight` (out, in) and a `bias`."""
+    """linear's product x W^T + b, with its adapter's path where it has one; `linear` is a module,
+    a `Stacked` of them, or anything with a `weight` (out, in) and a `bias`."""
     if isinstance(linear, LoRALinear):
         return linear(x)
+    if isinstance(linear, Stacked):
+        return torch.cat([project(x, one) for one in linear], dim=-1)  # (..., sum of outs)
     return F.linear(x, linear.weight, linear.bias)
