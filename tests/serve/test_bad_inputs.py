@@ -41,6 +41,8 @@ CASES = [
     ("stop a number", "/v1/chat/completions", {"json": {**CHAT, "stop": 3}}, 400, "stop"),
     ("seed negative", "/v1/chat/completions", {"json": {**CHAT, "seed": -1}}, 400, "seed"),
     ("n of 2", "/v1/chat/completions", {"json": {**CHAT, "n": 2}}, 400, "n"),
+    ("logit_bias", "/v1/chat/completions", {"json": {**CHAT, "logit_bias": {"5": 10}}}, 400, "logit_bias"),
+    ("tools", "/v1/chat/completions", {"json": {**CHAT, "tools": [{"type": "function"}]}}, 400, "tools"),
     ("an unknown field", "/v1/chat/completions", {"json": {**CHAT, "temprature": 0.5}}, 400, "temprature"),
     ("an unknown model", "/v1/chat/completions", {"json": {**CHAT, "model": "gpt-9"}}, 404, "model"),
     ("a model that cannot chat", "/v1/chat/completions", {"json": {**CHAT, "model": "clf"}}, 400, "model"),

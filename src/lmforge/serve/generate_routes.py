@@ -119,7 +119,6 @@ async def completions(request: Request, state: ServerState) -> object:
     f = Fields(await state.read_body(request))
     served = state.model_for(f, "completions")
     prompt = _prompt(f.required("prompt"))
-    f.raw("suffix")  # accepted and ignored when empty, as OpenAI's models without insertion do
     params = generation_params(f)
     f.done()
     ids, stop_ids = served.completion_ids(prompt)

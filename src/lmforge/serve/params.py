@@ -17,8 +17,11 @@ from lmforge.serve.errors import APIError, bad_request
 
 MAX_BODY_BYTES = 4 * 2**20
 _MISSING = object()
+# Fields the server does not implement, with the values that ask for nothing (accepted).
+_UNSUPPORTED = {"logprobs": (False, 0), "top_logprobs": (None, 0), "echo": (False,), "logit_bias": ({},),
+                "tools": ([],), "tool_choice": ("none",), "response_format": ({"type": "text"},), "suffix": ("",)}
 # Fields clients send that change nothing here (n and logprobs are checked for what we support).
-_HARMLESS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "logit_bias"})
+_HARMLESS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
 
 
 async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> dict:
@@ -137,8 +140,9 @@ def generation_params(f: Fields) -> GenerationParams:
     if f.integer("n", 1, 1) != 1:
         raise bad_request("'n' must be 1: one choice per request (send several requests; they are batched)",
                           param="n")
-    if f.raw("logprobs", False) not in (False, 0) or f.raw("top_logprobs") is not None or f.raw("echo", False):
-        raise bad_request("logprobs, top_logprobs and echo are not supported by this server", param="logprobs")
+    for name, fine in _UNSUPPORTED.items():
+        if f.raw(name, fine[0]) not in fine:
+            raise bad_request(f"'{name}' is not supported by this server (leave it out)", param=name)
     max_tokens = f.integer("max_completion_tokens", None, 1)
     max_tokens = f.integer("max_tokens", max_tokens, 1)
     stop = f.raw("stop", [])
