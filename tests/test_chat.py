@@ -58,7 +58,7 @@ class FixedLogits(nn.Module):
         self.prompts: list[list[int]] = []
 
     def new_kv_cache(self, batch: int, max_len: int | None = None) -> SimpleNamespace:
-        return SimpleNamespace(length=0)
+        return SimpleNamespace(length=0, max_len=max_len or self.config.context)
 
     def forward(self, input_ids, kv_cache=None, last_only=False, attention_mask=None):
         if kv_cache is None or kv_cache.length == 0:

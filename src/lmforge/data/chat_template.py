@@ -19,6 +19,10 @@ BOS/EOS: the template writes them).
   start of the whole rendering; a template that renders earlier turns differently once later
   ones follow is refused, naming the message.
 
+`encode_sanitized` is `encode` for text a user typed: a control token written inside a message
+("<|im_end|>") is encoded as plain text, so only the template can end a turn (what
+`apply_chat_template(..., sanitize_control_tokens=True)` gives; chat prompts use it).
+
 `encode_with_roles` turns that into token ids and a per-token role (1 on every token that
 overlaps an assistant span, 0 elsewhere), the store's `roles` format. `end_of_turn_ids`
 finds the tokens a reply ends with (what follows the assistant's text in a rendered exchange).
@@ -151,6 +155,27 @@ class ChatTemplate:
         """Token ids of the rendering, as `apply_chat_template(tokenize=True)` gives them."""
         return tok.encode(self.render(messages, add_generation_prompt), add_special_tokens=False).ids
 
+    def encode_sanitized(self, tok: Tokenizer, messages: Sequence[Mapping],
+                         add_generation_prompt: bool = False) -> list[int]:
+        """`encode`, except that control tokens typed inside the messages ("<|im_end|>" in a user's
+        text) are encoded as the plain text they are: only the template writes control tokens.
+        Control tokens are the special added tokens and the added tokens the template's source
+        contains (`apply_chat_template(..., sanitize_control_tokens=True)` decides the same way)."""
+        controls = sorted(_control_tokens(tok, self.source), key=len, reverse=True)
+        if not controls:
+            return self.encode(tok, messages, add_generation_prompt)
+        found = re.compile("|".join(map(re.escape, controls)))
+        marked = [{k: found.sub(lambda m: _MARK_START + m.group(0) + _MARK_END, v.replace(_MARK_START, "")
+                                .replace(_MARK_END, "")) if isinstance(v, str) else v for k, v in m.items()}
+                  for m in messages]
+        pieces = re.split(f"{_MARK_START}(.*?){_MARK_END}|[{_MARK_START}{_MARK_END}]",
+                          self.render(marked, add_generation_prompt), flags=re.S)
+        ids = tok.encode(pieces[0], add_special_tokens=False).ids
+        for i, piece in enumerate(pieces[1:], 1):
+            if piece:
+                ids += _encode_inner(tok, piece, as_text=i % 2 == 1)
+        return ids
+
     def assistant_spans(self, messages: Sequence[Mapping]) -> tuple[str, list[tuple[int, int]]]:
         """(the rendering, the [start, end) character spans of the assistant turns in it)."""
         if self.has_generation_blocks:
@@ -195,6 +220,34 @@ class ChatTemplate:
         added = {t.content: i for i, t in tok.get_added_tokens_decoder().items()}
         ids = tok.encode(after, add_special_tokens=False).ids if after.strip() else []
         return [i for i in ids if tok.id_to_token(i) in added][:1]
+
+
+_MARK_START, _MARK_END = "\U000f0000", "\U000f0001"  # private-use characters: no text has them
+
+
+def _control_tokens(tok: Tokenizer, source: str) -> list[str]:
+    return [t.content for t in tok.get_added_tokens_decoder().values()
+            if t.special or (t.content in source and not t.content.isspace())]
+
+
+def _plain_ids(tok: Tokenizer, text: str) -> list[int]:
+    """`text` through the tokenizer's normalizer, pre-tokenizer and model alone: added tokens are
+    not looked for, so a control token's text becomes ordinary tokens."""
+    if tok.normalizer is not None:
+        text = tok.normalizer.normalize_str(text)
+    words = [text]
+    if tok.pre_tokenizer is not None:
+        words = [w for w, _ in tok.pre_tokenizer.pre_tokenize_str(text)]
+    return [t.id for w in words for t in tok.model.tokenize(w)]
+
+
+def _encode_inner(tok: Tokenizer, piece: str, as_text: bool) -> list[int]:
+    """A piece from inside a rendering. A sentencepiece-style tokenizer would mark a string's start
+    with "▁", so the piece is encoded after a newline whose ids are then taken off."""
+    encode = (lambda t: _plain_ids(tok, t)) if as_text else (lambda t: tok.encode(t, add_special_tokens=False).ids)
+    newline = encode("\n")
+    ids = encode("\n" + piece)
+    return ids[len(newline):] if ids[:len(newline)] == newline else encode(piece)
 
 
 def roles_from_spans(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:

@@ -12,7 +12,8 @@ Two formats, chosen by the checkpoint:
   tokenizer_config.json or chat_template.jinja, kept by training), rendered with
   `add_generation_prompt` as transformers does (`lmforge.data.chat_template`); a reply stops
   at the template's end-of-turn token (found by rendering an exchange), the EOS token and
-  generation_config.json's eos ids.
+  generation_config.json's eos ids. A control token typed inside a message ("<|im_end|>") is
+  encoded as plain text: only the template writes control tokens.
 - `ChitchatFormat`: GPT2-chitchat's `[CLS] u1 [SEP] u2 [SEP]` for models trained from scratch
   (`lmforge.data.dialogue_format`); a reply stops at [SEP]. System and tool messages count as
   the user's turns; special-token text typed in a message is plain text.
@@ -139,7 +140,7 @@ class TemplateFormat:
 
         def render(part: list[dict]) -> list[int]:
             self.tokenizer.encode_special_tokens = False  # the template's control tokens are tokens
-            return self.template.encode(self.tokenizer, part, add_generation_prompt=True)
+            return self.template.encode_sanitized(self.tokenizer, part, add_generation_prompt=True)
 
         return _fitting(messages, render, max_tokens)
 
