@@ -55,9 +55,9 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[bench]' $(TORCH_PIN)
 	touch $@
 
-bench: bench-train bench-generate bench-prepare bench-bert bench-startup bench-lm-head bench-dialogue bench-breakdown \
+bench: bench-train bench-generate bench-llama-train bench-llama-generate bench-prepare bench-bert bench-startup bench-lm-head bench-dialogue bench-breakdown \
        bench-scale bench-lora bench-checkpointing bench-lora-spam
-	@cat runs/bench/train.md runs/bench/generate.md runs/bench/prepare.md runs/bench/bert.md runs/bench/startup.md \
+	@cat runs/bench/train.md runs/bench/generate.md runs/bench/llama_train.md runs/bench/llama_generate.md runs/bench/prepare.md runs/bench/bert.md runs/bench/startup.md \
 	     runs/bench/lm_head.md runs/bench/dialogue.md runs/bench/step_breakdown.md runs/bench/scale.md \
 	     runs/bench/lora.md runs/bench/checkpointing.md runs/bench/lora_spam.md
 
@@ -66,6 +66,14 @@ bench-train: $(VENV)/.installed-bench
 
 bench-generate: $(VENV)/.installed-bench
 	$(BENCH_RUN) bench/generate.py
+
+# The same two races on a Llama-class model of the workload's shape (2 key/value heads).
+.PHONY: bench-llama-train bench-llama-generate
+bench-llama-train: $(VENV)/.installed-bench
+	$(BENCH_RUN) bench/llama_train.py
+
+bench-llama-generate: $(VENV)/.installed-bench
+	$(BENCH_RUN) bench/llama_generate.py
 
 bench-prepare: $(VENV)/.installed-bench
 	$(BENCH_RUN) bench/prepare.py

@@ -27,7 +27,6 @@ def main() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from lmforge.data.store import TokenStore, read_meta
-    from lmforge.inference.generate import SamplingConfig, generate
     from lmforge.models.gpt import GPT, GPTConfig
     from lmforge.models.hf import gpt2_config_to_hf, gpt2_to_hf
 
@@ -43,6 +42,17 @@ def main() -> None:
     hf = GPT2LMHeadModel(GPT2Config(**hf_config)).eval()
     hf.load_state_dict(gpt2_to_hf(model.state_dict()), strict=False)
     hf.tie_weights()
+    race(model, hf, prompt, pad, name="generate", what="lmforge generate",
+         title=f"generate: {PROMPT}-token prompt, {NEW} new tokens, greedy, batch 1, fp32, KV cache")
+
+
+def race(model, hf, prompt: list[int], pad: int, *, name: str, what: str, title: str) -> None:
+    """lmforge's `generate` on `model` against `hf.generate` (same weights), greedy, interleaved for
+    ROUNDS rounds of CALLS calls; prints and keeps the table runs/bench/<name>.md."""
+    import torch
+
+    from lmforge.inference.generate import SamplingConfig, generate
+
     cfg = SamplingConfig(max_new_tokens=NEW, temperature=0.0)
     prompt_hf = torch.tensor([prompt])
     outputs: dict[str, list[int]] = {}
@@ -61,25 +71,22 @@ def main() -> None:
                 with torch.inference_mode():
                     out = hf.generate(prompt_hf, attention_mask=torch.ones_like(prompt_hf), max_new_tokens=NEW,
                                       min_new_tokens=NEW, do_sample=False, use_cache=True, pad_token_id=pad)
-                outputs["transformers"] = out[0, PROMPT:].tolist()
+                outputs["transformers"] = out[0, len(prompt):].tolist()
             rates.append(NEW / timed(call))
         return rates
 
-    log(f"bench generate | {machine()} | {ROUNDS} rounds x {CALLS} calls per side")
+    log(f"bench {name} | {machine()} | {ROUNDS} rounds x {CALLS} calls per side")
     ours(), theirs()  # warm-up of both, not counted
-    rates = interleave({"lmforge": ours, "transformers generate (KV cache)": theirs}, ROUNDS, "tokens/s",
-                       label=lambda n: "lmforge generate" if n == "lmforge" else n)
-    same = sum(a == b for a, b in zip(outputs["lmforge"], outputs["transformers"]))
-    medians = {name: median(values) for name, values in rates.items()}
-    rows = [(name, rate, "") for name, rate in medians.items()]
     ref = "transformers generate (KV cache)"
-    lines = table(f"generate: {PROMPT}-token prompt, {NEW} new tokens, greedy, batch 1, fp32, KV cache", rows,
-                  "tokens/s", ref, extra={
-                      "lmforge / transformers": f"{paired_ratio('lmforge', ref):.2f}x (target >= 2x)",
-                      "same greedy tokens": f"{same} of {NEW} (same weights; float rounding may flip a near tie)",
-                      "machine": machine()})
-    write_summary("generate", lines)
-
+    rates = interleave({"lmforge": ours, ref: theirs}, ROUNDS, "tokens/s",
+                       label=lambda n: what if n == "lmforge" else n)
+    same = sum(a == b for a, b in zip(outputs["lmforge"], outputs["transformers"]))
+    rows = [(side, median(values), "") for side, values in rates.items()]
+    lines = table(title, rows, "tokens/s", ref, extra={
+        "lmforge / transformers": f"{paired_ratio('lmforge', ref):.2f}x (target >= 2x)",
+        "same greedy tokens": f"{same} of {NEW} (same weights; float rounding may flip a near tie)",
+        "machine": machine()})
+    write_summary(name, lines)
 
 if __name__ == "__main__":
     sys.exit(main())

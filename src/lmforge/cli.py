@@ -36,13 +36,15 @@ def _add_quickstart(sub) -> None:
     p = sub.add_parser("quickstart", help="bundled Shakespeare -> tokenizer -> data -> GPT -> samples -> report")
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="where everything is written")
     p.add_argument("--minutes", type=float, default=3.0, help="training time budget")
+    p.add_argument("--arch", choices=["gpt", "llama"], default="gpt",
+                   help="gpt: GPT-2 style; llama: rotary positions, RMSNorm, SwiGLU, grouped-query attention")
     p.set_defaults(run=_quickstart)
 
 
 def _quickstart(args: argparse.Namespace) -> int:
     from lmforge.commands.quickstart import quickstart
     _keep_freed_memory()
-    quickstart(args.out, minutes=args.minutes)
+    quickstart(args.out, minutes=args.minutes, arch=args.arch)
     return 0
 
 

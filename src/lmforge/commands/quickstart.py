@@ -1,4 +1,5 @@
-"""`lmforge quickstart`: the bundled Shakespeare -> tokenizer -> token store -> small GPT -> samples -> report."""
+"""`lmforge quickstart`: the bundled Shakespeare -> tokenizer -> token store -> small GPT (or, with
+`--arch llama`, a Llama-class decoder) -> samples -> report."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from lmforge.base.outputs import check_output_folder
 
 # A model that learns visible structure (speaker names, verse lines) in minutes on 2 CPU cores.
 QUICKSTART_MODEL = {"preset": None, "n_layer": 4, "n_head": 4, "n_embd": 192, "context": 128}
+QUICKSTART_ARCH = {"gpt": {"kind": "gpt"}, "llama": {"kind": "llama", "n_kv_head": 2}}
+"""What --arch adds: the same size either way, the Llama with 2 key / value heads for 4 query heads."""
 QUICKSTART_TRAIN = {"batch_size": 16, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.1,
                     "log_every": 25, "eval_every": 200, "eval_batches": 20, "seed": 1337,
                     "sample_prompts": ["ROMEO:\n", "First Citizen:\n", "KING HENRY:\n"], "sample_tokens": 120}
@@ -23,11 +26,11 @@ def bundled_corpus() -> Path:
     return Path(str(resources.files("lmforge") / "assets" / "tinyshakespeare.txt"))
 
 
-def quickstart(out: Path, minutes: float = 3.0) -> dict:
+def quickstart(out: Path, minutes: float = 3.0, arch: str = "gpt") -> dict:
     """Run the whole pipeline in `out`; returns the final validation metrics.
 
-    `out` gets tokenizer/, data/ and gpt/ (the run); run again, the quickstart replaces its own
-    three folders, and refuses before any work where one of them holds something else."""
+    `out` gets tokenizer/, data/ and gpt/ or llama/ (the run, by `arch`); run again, the quickstart
+    replaces its own three folders, and refuses before any work where one of them holds something else."""
     from lmforge.data.prepare import prepare
     from lmforge.report import write_report
     from lmforge.base.tokenizer import train_tokenizer
@@ -35,10 +38,12 @@ def quickstart(out: Path, minutes: float = 3.0) -> dict:
 
     if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not 0 < minutes < math.inf:
         raise ValueError(f"--minutes {minutes!r}: must be a number of minutes > 0")
+    if arch not in QUICKSTART_ARCH:
+        raise ValueError(f"--arch {arch!r}: choose one of {', '.join(QUICKSTART_ARCH)}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; choose a folder")
-    for name, kind in (("tokenizer", "tokenizer"), ("data", "data"), ("gpt", "run")):
+    for name, kind in (("tokenizer", "tokenizer"), ("data", "data"), (arch, "run")):
         check_output_folder(out / name, overwrite=True, kind=kind, flag="the quickstart folder")
     started = time.perf_counter()
     corpus = bundled_corpus()
@@ -47,15 +52,16 @@ def quickstart(out: Path, minutes: float = 3.0) -> dict:
     print("[2/4] token store")
     prepare("lm", [corpus], tokenizer, out / "data", val_fraction=0.1, seed=1337, overwrite=True,
             doc_split="file")
-    base = {"model": QUICKSTART_MODEL, "data": {"path": str(out / "data")},
-            "train": dict(QUICKSTART_TRAIN), "run": {"out_dir": str(out), "name": "gpt"}}
+    base = {"model": {**QUICKSTART_MODEL, **QUICKSTART_ARCH[arch]}, "data": {"path": str(out / "data")},
+            "train": dict(QUICKSTART_TRAIN), "run": {"out_dir": str(out), "name": arch}}
     steps = _steps_for_budget(base, minutes * 60)
     base["train"].update(max_steps=steps, max_time=minutes * 60 * 1.5)
     cfg = load_config(None, base=base)
     if cfg.run_dir.exists():
         import shutil
         shutil.rmtree(cfg.run_dir)
-    print(f"[3/4] training a {cfg.model.n_layer}-layer GPT for {steps} steps (~{minutes:g} min)")
+    print(f"[3/4] training a {cfg.model.n_layer}-layer {'GPT' if arch == 'gpt' else 'Llama'} for {steps} steps "
+          f"(~{minutes:g} min)")
     result = train(cfg)
     print("[4/4] report")
     report = write_report(result.run_dir)

@@ -6,7 +6,7 @@
   band-wise rewrite: slow channels divided by `factor`, fast ones kept, the band between
   blended). Any other `rope_type` is refused by `check_rope_scaling`, naming the field.
 - `RopeTables`: cos / sin of every position, made once per device and dtype and sliced per call.
-- `apply_rotary(x, cos, sin, head_dim)`: rotates each head of x (..., heads * head_dim) in the
+- `apply_rotary(x, cos, signed_sin, head_dim)`: rotates each head of x (..., heads * head_dim) in the
   "half split" layout transformers' Llama uses (channel i pairs with channel i + head_dim / 2).
 - `rms_norm(x, weight, eps)`: x / sqrt(mean(x^2) + eps) * weight (torch's fused op where it has one).
 """
@@ -82,35 +82,90 @@ class RopeTables:
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
     def get(self, device: torch.device, dtype: torch.dtype, length: int) -> tuple[Tensor, Tensor]:
-        """cos, sin (>= length, hs) for positions 0, 1, ..."""
+        """cos and signed sin (>= length, hs) of positions 0, 1, ... (`apply_rotary` takes them)."""
         key = (device, dtype)
         if key not in self._tables or self._tables[key][0].shape[0] < length:
             built = min(self.positions, max(length, 256, 2 * (self._tables[key][0].shape[0] if key in self._tables else 0)))
             angles = torch.outer(torch.arange(built, dtype=torch.float32), self.inv_freq)  # (P, hs / 2)
-            angles = torch.cat((angles, angles), dim=-1)  # (P, hs): the same angle for both halves of a pair
-            self._tables[key] = (angles.cos().to(device, dtype), angles.sin().to(device, dtype))
+            cos = torch.cat((angles.cos(), angles.cos()), dim=-1)  # (P, hs): one angle for both channels of a pair
+            signed_sin = torch.cat((-angles.sin(), angles.sin()), dim=-1)  # (P, hs)
+            self._tables[key] = (cos.to(device, dtype), signed_sin.to(device, dtype))
         return self._tables[key]
 
     def window(self, start: int, length: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin of positions start .. start + length, shaped (length, 1, hs) to broadcast over heads."""
+        """cos and signed sin of positions start .. start + length, (length, 1, hs) to broadcast over heads."""
         cos, sin = self.get(device, dtype, start + length)
         return cos[start:start + length, None], sin[start:start + length, None]  # (T, 1, hs)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, head_dim: int) -> Tensor:
-    """x (B, T, n * hs) with cos / sin (T, 1, hs), or rows x (B, n * hs) with cos / sin (1, hs):
-    each head's channel pairs (i, i + hs / 2) rotated by their angle; same shape as x."""
-    heads = x.unflatten(-1, (-1, head_dim))  # (B, T, n, hs)
-    half = head_dim // 2
-    x1, x2 = heads[..., :half], heads[..., half:]  # (B, T, n, hs / 2) each
-    rotated = torch.cat((-x2, x1), dim=-1)  # (B, T, n, hs)
-    return (heads * cos + rotated * sin).flatten(-2)  # (B, T, n * hs)
+def apply_rotary(x: Tensor, cos: Tensor, signed_sin: Tensor, head_dim: int) -> Tensor:
+    """x (B, T, n * hs) with cos / signed_sin (T, 1, hs), or rows x (B, n * hs) with (1, hs): each
+    head's channel pairs (i, i + hs / 2) turned by their angle; same shape as x.
+
+    x cos + swap(x) sin', with swap exchanging the halves and sin' the sine with its first half
+    negated (`RopeTables` keeps it so): transformers' q cos + rotate_half(q) sin. Its backward is
+    the opposite turn, so nothing of x is kept for it (`_Rotary`)."""
+    if not torch.is_grad_enabled():  # inference (a decode step): the same ops without autograd's wrapper
+        heads = x.unflatten(-1, (-1, head_dim))  # (B, T, n, hs)
+        return torch.addcmul(heads * cos, _swap_halves(heads), signed_sin).flatten(-2)
+    return _Rotary.apply(x, cos, signed_sin, head_dim)
+
+
+def _swap_halves(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x2, x1), dim=-1)
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, signed_sin: Tensor, head_dim: int) -> Tensor:
+        ctx.save_for_backward(cos, signed_sin)
+        ctx.head_dim = head_dim
+        heads = x.unflatten(-1, (-1, head_dim))  # (B, T, n, hs)
+        return torch.addcmul(heads * cos, _swap_halves(heads), signed_sin).flatten(-2)  # (B, T, n * hs)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        cos, signed_sin = ctx.saved_tensors
+        g = grad.unflatten(-1, (-1, ctx.head_dim))  # (B, T, n, hs)
+        return (g * cos).add_(_swap_halves(g * signed_sin)).flatten(-2), None, None, None
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """x / sqrt(mean(x^2 over the last dim) + eps) * weight, computed in float32 as transformers does."""
-    if x.dtype == torch.float32 and hasattr(F, "rms_norm"):
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    """x / sqrt(mean(x^2 over the last dim) + eps) * weight, in float32 as transformers computes it.
+
+    Float32 with gradients goes through `_RMSNorm`: one pass for the norms, two for the output,
+    and a backward in a few passes (torch's CPU rms_norm is a chain of elementwise ops, each with
+    its own backward); without gradients, torch's. Other dtypes (bf16 under autocast) go through
+    float32 as transformers does."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        if not torch.is_grad_enabled() and hasattr(F, "rms_norm"):  # inference (a decode step): one call into torch
+            return F.rms_norm(x, (x.shape[-1],), weight, eps)
+        return _RMSNorm.apply(x, weight, float(eps))
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        width = x.shape[-1]
+        mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(width)  # (..., 1)
+        rstd = mean_square.add_(eps).rsqrt_()  # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return torch.mul(x, rstd).mul_(weight)  # (..., C)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, rstd = ctx.saved_tensors  # x (..., C), rstd (..., 1)
+        rows, r = x.reshape(-1, x.shape[-1]), rstd.reshape(-1, 1)  # (N, C), (N, 1)
+        g = grad.reshape(rows.shape)  # (N, C)
+        grad_weight = torch.mm(torch.mul(g, rows).t(), r).view(-1) if ctx.needs_input_grad[1] else None  # sum_n g x r
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            scaled = g * weight  # d loss / d normed, normed = x r
+            dot = torch.bmm(scaled.unsqueeze(1), rows.unsqueeze(2)).view(-1, 1)  # (N, 1): sum_c scaled x
+            coef = dot.mul_(r.pow(2)).div_(-x.shape[-1])  # -(scaled . normed) r / C
+            grad_x = torch.addcmul(scaled, rows, coef).mul_(r).view(x.shape)  # r (scaled - normed mean(scaled normed))
+        return grad_x, grad_weight, None
