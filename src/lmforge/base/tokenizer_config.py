@@ -61,7 +61,8 @@ def settings_folder(path: Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def _read_object(file: Path) -> dict:
+def read_json_object(file: Path) -> dict:
+    """The JSON object in `file`, or a ValueError naming the file and what is wrong."""
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
@@ -108,7 +109,7 @@ def _generation_eos(folder: Path) -> tuple[int, ...]:
     file = folder / GENERATION_FILE
     if not file.is_file():
         return ()
-    value = _read_object(file).get("eos_token_id")
+    value = read_json_object(file).get("eos_token_id")
     values = value if isinstance(value, list) else [] if value is None else [value]
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
         raise ValueError(f"{file}: 'eos_token_id' must be a token id or a list of them, got {value!r}")
@@ -119,11 +120,11 @@ def tokenizer_settings(path: Path) -> TokenizerSettings:
     """The settings of the tokenizer folder `path` (or of the folder of the tokenizer.json `path`)."""
     folder = settings_folder(path)
     config_file = folder / CONFIG_FILE
-    config = _read_object(config_file) if config_file.is_file() else {}
+    config = read_json_object(config_file) if config_file.is_file() else {}
     tokens: dict[str, str] = {}
     map_file = folder / SPECIALS_MAP_FILE
     if map_file.is_file():
-        specials_map = _read_object(map_file)
+        specials_map = read_json_object(map_file)
         tokens.update({k: t for k in TOKEN_KEYS if (t := token_text(specials_map.get(k), map_file, k))})
     for key in TOKEN_KEYS:
         if key in config:  # the config wins; null unsets a token the map names

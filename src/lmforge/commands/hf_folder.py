@@ -28,24 +28,12 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from lmforge.base.tokenizer import wordpiece_from_vocab
+from lmforge.base.tokenizer_config import read_json_object
 
 _ADDS_SPECIALS = ("TemplateProcessing", "BertProcessing", "RobertaProcessing")
 LLAMA_FAMILIES = ("llama", "qwen2", "mistral")
 """transformers model types whose tokenizer keeps its post-processor (a Llama's BOS)."""
 _INDEX = "model.safetensors.index.json"
-
-
-def read_json_object(file: Path) -> dict:
-    """The JSON object in `file`, or a ValueError naming the file and what is wrong."""
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: expected a JSON object, found a {type(data).__name__}")
-    return data
 
 
 def weight_files(src: Path) -> list[Path]:
