@@ -107,23 +107,30 @@ def blocks_and_final(backbone: nn.Module) -> tuple[list[nn.Module], list[nn.Modu
 
 def apply_trainable(model: SequenceClassifier, spec: str) -> tuple[int, int]:
     """Freeze what `spec` leaves out; returns (trainable, total) distinct parameter counts."""
+    select_trainable(model, spec, model.classifier, model.backbone)
+    _freeze_pretraining_heads(model)
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def select_trainable(model: nn.Module, spec: str, head: nn.Module, body: nn.Module) -> None:
+    """Leave trainable what `spec` names of `model`: everything ("all"), `head` ("head"), or the
+    head, the last K blocks of `body` and its final modules ("last_blocks:K")."""
     match = _TRAINABLE.match(spec)
     if match is None:
         raise ValueError(f"train.trainable={spec!r}: choose all, head or last_blocks:K (e.g. last_blocks:1)")
     model.requires_grad_(spec == "all")
-    if spec != "all":
-        train = [model.classifier]
-        if match.group(2) is not None:
-            blocks, final = blocks_and_final(model.backbone)
-            k = int(match.group(2))
-            if k > len(blocks):
-                raise ValueError(f"train.trainable={spec}: the backbone has only {len(blocks)} blocks")
-            train += blocks[len(blocks) - k:] + final
-        for module in train:
-            module.requires_grad_(True)
-    _freeze_pretraining_heads(model)
-    params = {id(p): p for p in model.parameters()}.values()
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    if spec == "all":
+        return
+    train = [head]
+    if match.group(2) is not None:
+        blocks, final = blocks_and_final(body)
+        k = int(match.group(2))
+        if k > len(blocks):
+            raise ValueError(f"train.trainable={spec}: the model has only {len(blocks)} blocks")
+        train += blocks[len(blocks) - k:] + final
+    for module in train:
+        module.requires_grad_(True)
 
 
 def _freeze_pretraining_heads(model: SequenceClassifier) -> None:

@@ -9,16 +9,13 @@ trains (`lmforge.train.lora`), and this setting must stay "all".
 
 from __future__ import annotations
 
-import re
-
 from torch import nn
 
 from lmforge.base.config import TrainConfig
-from lmforge.models.heads import SequenceClassifier, apply_trainable as classifier_trainable, blocks_and_final
+from lmforge.models.heads import SequenceClassifier, apply_trainable as classifier_trainable, select_trainable
 from lmforge.models.lora import parameter_counts
 from lmforge.train.activation_checkpointing import checkpointing_note
 
-_TRAINABLE = re.compile(r"^(all|head|last_blocks:(\d+))$")
 ADAMW_STATE_BYTES = 8
 """exp_avg and exp_avg_sq, float32, per trainable parameter."""
 
@@ -27,22 +24,7 @@ def apply_trainable(model: nn.Module, spec: str) -> tuple[int, int]:
     """Freeze what `spec` leaves out of any lmforge model; (trainable, total) distinct parameters."""
     if isinstance(model, SequenceClassifier):
         return classifier_trainable(model, spec)
-    match = _TRAINABLE.match(spec)
-    if match is None:
-        raise ValueError(f"train.trainable={spec!r}: choose all, head or last_blocks:K (e.g. last_blocks:1)")
-    if spec == "all":
-        model.requires_grad_(True)
-        return parameter_counts(model)
-    model.requires_grad_(False)
-    train = [output_head(model)]
-    if match.group(2) is not None:
-        blocks, final = blocks_and_final(model)
-        k = int(match.group(2))
-        if k > len(blocks):
-            raise ValueError(f"train.trainable={spec}: the model has only {len(blocks)} blocks")
-        train += blocks[len(blocks) - k:] + final
-    for module in train:
-        module.requires_grad_(True)
+    select_trainable(model, spec, output_head(model), model)
     return parameter_counts(model)
 
 
