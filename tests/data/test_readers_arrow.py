@@ -171,3 +171,22 @@ def test_dialogues_from_a_parquet_messages_column_equal_jsonl(tmp_path):
     prepare("dialogue", [tmp_path / "d.parquet"], tok, tmp_path / "b", show_progress=False)
     assert store_bytes(tmp_path / "b") == store_bytes(tmp_path / "a")
     assert (tmp_path / "b" / "train.roles").read_bytes() == (tmp_path / "a" / "train.roles").read_bytes()
+
+
+def test_a_large_parquet_file_is_never_held_whole(tmp_path):
+    """Arrow memory stays at a row group's worth while the whole file is read (pyarrow's default
+    pre-buffering would hold every column chunk at once)."""
+    import random
+    import subprocess
+    import sys
+    rng = random.Random(0)
+    words = [f"w{rng.randrange(100_000)}" for _ in range(1_000_000)]
+    texts = [" ".join(words[i:i + 20]) for i in range(0, len(words), 20)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "big.parquet", row_group_size=5000, compression="none")
+    size = (tmp_path / "big.parquet").stat().st_size
+    code = ("import sys, pyarrow as pa\nfrom lmforge.base.readers import iter_documents\n"
+            "n = sum(1 for _ in iter_documents(sys.argv[1]))\nprint(n, pa.default_memory_pool().max_memory())")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "big.parquet")], capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()
+    assert int(out[0]) == 50_000 and size > 6_000_000
+    assert int(out[1]) < size / 2, (int(out[1]), size)  # pre-buffered: more than the whole file
