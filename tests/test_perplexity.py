@@ -176,3 +176,14 @@ def test_the_library_call_gives_the_command_s_numbers(run, tmp_path):
     by_command = text_eval_command(io.StringIO(), ckpt, [tmp_path / "a.txt"], stride=16, device="cpu")
     by_library = lmforge.load(ckpt, device="cpu").perplexity(tmp_path / "a.txt", stride=16)
     assert by_library == by_command and by_library["texts"][0]["scored"] == by_library["scored"]
+
+
+def test_a_long_text_is_encoded_in_pieces_with_the_whole_text_s_ids(lm_data, monkeypatch):
+    import numpy as np
+    import lmforge.inference.perplexity as perplexity
+    from lmforge.base.tokenizer import load_tokenizer
+    from lmforge.commands.quickstart import bundled_corpus
+    tok = load_tokenizer(lm_data / "tokenizer.json")
+    text = bundled_corpus().read_text(encoding="utf-8")[:60_000] + "\n\n  indented\n\n\nlast words  \n"
+    monkeypatch.setattr(perplexity, "_PIECE_CHARS", 500)  # a hundred cuts, after blank lines too
+    assert np.array_equal(perplexity.encode_text(tok, text), tok.encode(text, add_special_tokens=False).ids)
