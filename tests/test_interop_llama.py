@@ -105,3 +105,23 @@ def test_unsupported_configs_are_refused_naming_the_field(tmp_path):
     (src / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="model_type 'mixtral' is not supported"):
         import_hf(src, tmp_path / "ckpt")
+
+
+def test_an_imported_model_fine_tunes_on_data_from_its_own_tokenizer(tmp_path):
+    from lmforge.base.config import load_config
+    from lmforge.data.prepare import prepare
+    from lmforge.train.loop import train
+
+    src, _ = _hf_folder(tmp_path, "qwen2", tie_word_embeddings=True)
+    ckpt = import_hf(src, tmp_path / "ckpt")  # 96 embedding rows for the tokenizer's 80 tokens, as real ones pad
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(TEXT) * 3, encoding="utf-8")
+    prepare("lm", [corpus], ckpt, tmp_path / "data", val_fraction=0.1, seed=1, show_progress=False)
+    cfg = load_config(None, base={
+        "model": {"kind": "llama", "preset": None, "init_from": str(ckpt)}, "data": {"path": str(tmp_path / "data")},
+        "train": {"max_steps": 2, "batch_size": 2, "eval_every": 2, "eval_batches": 1, "sample_tokens": 0},
+        "run": {"out_dir": str(tmp_path), "name": "ft"}})
+    result = train(cfg, quiet=True)
+    assert result.steps == 2
+    config = json.loads((result.run_dir / "checkpoints" / "last" / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["attention_bias"] == "qkv" and config["vocab_size"] == 96

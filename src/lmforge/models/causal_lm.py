@@ -2,7 +2,7 @@
 
 `attention_setup(context, input_ids, attention_mask, kv_cache)` checks the sequence against the
 context and the KV cache, and returns the start position and the mask `ops.attention.attend`
-takes; the Llama family runs it on every forward (GPT has the same checks in its own method).
+takes; GPT and the Llama family run it on every forward.
 """
 
 from __future__ import annotations

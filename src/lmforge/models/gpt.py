@@ -25,7 +25,8 @@ from torch import Tensor
 
 from lmforge.models.activations import ACTIVATIONS
 from lmforge.models.arch_config import checked_fields
-from lmforge.ops.attention import attend, causal_mask
+from lmforge.models.causal_lm import attention_setup
+from lmforge.ops.attention import attend
 from lmforge.ops.decode import KVCache
 from lmforge.ops.dropout import Dropout
 from lmforge.ops.linear import add_projection
@@ -266,22 +267,7 @@ class GPT(nn.Module):
     def _attention_setup(self, input_ids: Tensor, attention_mask: Tensor | None,
                          kv_cache: KVCache | None) -> tuple[int, Tensor | None, bool]:
         """Check the call; return (start position, SDPA attn_mask or None, is_causal)."""
-        B, T = input_ids.shape
-        start = 0 if kv_cache is None else kv_cache.length
-        if start + T > self.config.context:
-            raise ValueError(f"sequence of {start + T} tokens is longer than the model context "
-                             f"({self.config.context}); trim the input (generation slides a window for you)")
-        if kv_cache is not None:
-            if torch.is_grad_enabled():
-                raise ValueError("the KV cache is for inference: call the model under torch.inference_mode() "
-                                 "or torch.no_grad()")
-            if start + T > kv_cache.max_len or B != kv_cache.batch:
-                raise ValueError(f"KV cache holds {kv_cache.batch} x {kv_cache.max_len} positions ({start} used); "
-                                 f"cannot add {B} x {T}; make a new one with model.new_kv_cache()")
-        if attention_mask is not None and attention_mask.shape != (B, start + T):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, start + T)} "
-                             "(1 real token, 0 right padding; with a KV cache it covers the cached positions too)")
-        return start, *causal_mask(attention_mask, start, T, B, input_ids.device)
+        return attention_setup(self.config.context, input_ids, attention_mask, kv_cache)
 
     def _run(self, input_ids: Tensor, attention_mask: Tensor | None, kv_cache: KVCache | None) -> Tensor:
         """Token ids (B, T) -> final hidden states (B, T, C), after ln_f; advances kv_cache."""

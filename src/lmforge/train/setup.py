@@ -87,13 +87,24 @@ def build_model(cfg: Config, meta: dict, device: torch.device) -> tuple[nn.Modul
     return model.to(device), arch, task
 
 
+def _same_vocabulary(model_vocab, data_vocab: int, model_tokenizer: Path, data: str) -> bool:
+    """Whether data tokenized with `data_vocab` ids fits the checkpoint: the same size, or fewer ids
+    than the embedding rows from the checkpoint's own tokenizer (Llama-class checkpoints pad
+    their embeddings beyond the tokenizer: Qwen2-0.5B has 151,936 rows for 151,665 tokens)."""
+    if model_vocab == data_vocab:
+        return True
+    data_tokenizer = Path(data) / "tokenizer.json"
+    return (isinstance(model_vocab, int) and data_vocab < model_vocab and data_tokenizer.is_file()
+            and data_tokenizer.read_bytes() == Path(model_tokenizer).read_bytes())
+
+
 def _init_from(cfg: Config, vocab_size: int, task_cls: type[Task]) -> tuple[nn.Module, dict]:
     """model.init_from's model and architecture (this run's dropout, its context if shorter),
     checked against the task and the data."""
     ckpt = load_checkpoint(Path(cfg.model.init_from))
     check_task_model(task_cls.name, task_cls.model_types, str(ckpt.model_config.get("model_type")),
                      cfg.model.init_from, ckpt.model_config)
-    if ckpt.model_config.get("vocab_size") != vocab_size:
+    if not _same_vocabulary(ckpt.model_config.get("vocab_size"), vocab_size, ckpt.tokenizer_file, cfg.data.path):
         raise ValueError(f"model.init_from {cfg.model.init_from}: its vocabulary has "
                          f"{ckpt.model_config.get('vocab_size')} tokens but the data in {cfg.data.path} "
                          f"was tokenized with {vocab_size}; prepare the data with the checkpoint's tokenizer")
