@@ -44,7 +44,12 @@ test: $(VENV)/.installed-test $(VENV)/.chromium
 faults: $(VENV)/.installed-test
 	HF_HUB_OFFLINE=1 $(FAULTS_PLUGIN) $(BIN)/python -m pytest -q -p faults_scoreboard tests/faults
 
-test-slow: $(VENV)/.installed-test
+# The slow tests also run W&B (offline) and MLflow (a local store) as train.loggers.
+$(VENV)/.installed-trackers: $(VENV)/.installed-test
+	$(BIN)/python -m pip install -q -e '.[test,wandb,mlflow]' $(TORCH_PIN)
+	touch $@
+
+test-slow: $(VENV)/.installed-trackers
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow tests/slow
 
 # Benchmarks against transformers on the issue's fixed workload, interleaved rounds (bench/*.py

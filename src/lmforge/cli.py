@@ -163,10 +163,14 @@ def _add_train(sub) -> None:
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=3e-4")
     p.add_argument("--resume", type=Path, help="a run folder (newest complete checkpoint) or a checkpoint")
     p.add_argument("--quiet", action="store_true", help="no console lines (train.log still written)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit; no training")
     p.set_defaults(run=_train)
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.print_config:
+        from lmforge.cli_config import print_train_config
+        return print_train_config(args)
     from lmforge.train.entry import train_command
     _keep_freed_memory()
     return train_command(args.config, args.overrides, resume=args.resume, quiet=args.quiet)
@@ -349,9 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     from lmforge import cli_eval
-    from lmforge import cli_serve
+    from lmforge import cli_config, cli_serve
     for add in (_add_quickstart, _add_init, _add_tokenizer, _add_prepare, _add_train, _add_generate, _add_classify,
-                cli_eval.add, _add_chat, _add_embed, _add_interop, _add_report, _add_kernels, cli_serve.add):
+                cli_eval.add, _add_chat, _add_embed, _add_interop, _add_report, _add_kernels, cli_serve.add,
+                cli_config.add):
         add(sub)
     return parser
 

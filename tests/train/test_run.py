@@ -40,7 +40,8 @@ def test_train_runs_in_a_worker_thread(lm_data: Path, tmp_path: Path):
     assert result.reason == "max_steps" and result.steps == 3 and result.exit_code == 0
     state = load_checkpoint(result.run_dir / "checkpoints" / "last", with_training_state=True).training_state
     assert state["loop"]["step"] == 3
-    assert set(state) == {"loop", "optimizer", "rng", "data", "world_size"}  # one per stateful part (no fp16 scaler)
+    # one per stateful part (no fp16 scaler)
+    assert set(state) == {"loop", "optimizer", "rng", "data", "epochs", "world_size"}
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
 
 

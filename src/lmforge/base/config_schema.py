@@ -8,6 +8,7 @@ Reading a config (YAML, `section.key=value` overrides, types, nearest-key hints)
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ Precision = Literal["fp32", "bf16", "fp16"]
 Schedule = Literal["linear", "cosine", "constant"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 BestMetric = Literal["auto", "val_loss", "val_accuracy"]
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+"""The built-in train.loggers (lmforge.train.trackers)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -137,8 +140,11 @@ class TrainConfig:
     weight_decay: float = 0.1
     """AdamW weight decay, applied to 2-D weights only."""
     beta1: float = 0.9
+    """AdamW's decay rate of the gradient's running mean."""
     beta2: float = 0.95
+    """AdamW's decay rate of the squared gradient's running mean (0.95, as GPT-2 runs use)."""
     eps: float = 1e-8
+    """AdamW's epsilon, added to the denominator."""
     warmup_steps: int = 100
     """Linear warmup from 0 to `lr` over this many optimizer steps."""
     schedule: Schedule = "cosine"
@@ -199,6 +205,13 @@ class TrainConfig:
     loss_on: Literal["responses", "all"] = "responses"
     """dialogue: which tokens are learned: the replies only (user turns get -100), or all
     tokens of the dialogue, user turns too (as GPT2-chitchat does)."""
+    loggers: list[str] = field(default_factory=list)
+    """Experiment trackers fed beside metrics.jsonl and the console (rank 0 only): tensorboard,
+    wandb, mlflow, or your own class as "package.module:Class" (see lmforge.train.trackers).
+    They write under the run folder (tensorboard/, wandb/, mlflow.db + mlruns/) unless their
+    own environment variables point elsewhere; one that fails is a warning, never a lost run."""
+    eval_at_start: bool = False
+    """Evaluate once before the first step: the untrained model's validation loss at step 0."""
 
     def __post_init__(self) -> None:
         _check_finite(self, "train")
@@ -222,6 +235,10 @@ class TrainConfig:
         _check(errors, self.sample_tokens >= 0, "train.sample_tokens", "must be >= 0")
         _check(errors, re.fullmatch(r"all|head|last_blocks:\d+", self.trainable) is not None,
                "train.trainable", f"{self.trainable!r}: choose all, head or last_blocks:K (e.g. last_blocks:1)")
+        for i, name in enumerate(self.loggers):
+            _check(errors, name in TRACKERS or re.fullmatch(r"[\w.]+:\w+", name) is not None, f"train.loggers[{i}]",
+                   f"{name!r} is not one of {', '.join(TRACKERS)} nor a class as package.module:Class"
+                   + "".join(f"; did you mean {near!r}?" for near in difflib.get_close_matches(name, TRACKERS, 1)))
         _check(errors, self.lora.rank == 0 or self.trainable == "all", "train.trainable",
                f"{self.trainable!r} with train.lora: the adapters are what trains; list modules to train "
                "in full in train.lora.trainable")

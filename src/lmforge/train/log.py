@@ -1,12 +1,16 @@
-"""Run logging: the `|`-separated console line, train.log, and metrics.jsonl (one event per line)."""
+"""Run logging: the `|`-separated console line, train.log (each line after its clock time), and
+metrics.jsonl (one event per line), whose events also reach the run's experiment trackers
+(`lmforge.train.trackers`) when it has some."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import sys
 import time
+from datetime import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,8 @@ class RunLogger:
         self.quiet = quiet
         self.start = time.perf_counter()
         self._log = self._metrics = None
+        self.trackers = None  # a RunTrackers fed with every event (rank 0)
+        self._close_trackers = False
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
             self._log = open(run_dir / "train.log", "a", encoding="utf-8")
@@ -34,22 +40,33 @@ class RunLogger:
         self.note(text)
 
     def note(self, text: str) -> None:
-        """A line for train.log alone (what the caller already told the user, or chose not to)."""
+        """A line for train.log alone (what the caller already told the user, or chose not to),
+        after the clock time (a text of several lines gets it once, on its first)."""
         if self.enabled:
-            self._log.write(text + "\n")
+            self._log.write(f"[{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}] {text}\n")
             self._log.flush()
 
     def event(self, kind: str, **fields: Any) -> None:
+        """One metrics.jsonl event (and the trackers' metrics of it)."""
         if not self.enabled:
             return
         record = {"event": kind, **{k: _jsonable(v) for k, v in fields.items()}}
         self._metrics.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._metrics.flush()
+        if self.trackers is not None:
+            self.trackers.log_event(kind, record)
+
+    def attach(self, trackers: Any, close_with_log: bool) -> None:
+        """Feed `trackers` (a `lmforge.train.trackers.RunTrackers`) with every event from now on;
+        close_with_log: this logger's `close` closes them too (else their owner does)."""
+        self.trackers, self._close_trackers = trackers, close_with_log
 
     def close(self) -> None:
         for handle in (self._log, self._metrics):
             if handle is not None:
                 handle.close()
+        if self.trackers is not None and self._close_trackers:
+            self.trackers.close()
 
 
 @dataclass
@@ -66,6 +83,15 @@ class Interval:
         self.tokens += tokens
         for key, value in sums.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
+
+
+CLOCK = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] ")
+"""The clock time that starts every train.log line (`RunLogger.note`)."""
+
+
+def without_clock(line: str) -> str:
+    """A train.log line as the console showed it."""
+    return CLOCK.sub("", line, count=1)
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
@@ -103,10 +129,11 @@ def last_end(run_dir: Path) -> dict | None:
 
 def format_train_line(step: int, total: int, epoch: float, loss: float, accuracy: float | None,
                       lr: float, rate: float, mfu: float | None, eta_s: float,
-                      extras: dict[str, float] | None = None, unit: str = "tok") -> str:
+                      extras: dict[str, float] | None = None, unit: str = "tok",
+                      memory: dict[str, float] | None = None) -> str:
     """The console / train.log line of a train event. `rate` is the throughput in the task's
     `throughput_unit` per second (tok/s; classify ex/s, mlm pairs/s); `extras` are the task's
-    `console_extras`."""
+    `console_extras`; `memory` is `device_memory`'s (a GPU's allocated / peak GiB)."""
     parts = [f"step {step}/{total}", f"epoch {epoch:.2f}", f"loss {loss:.4f}"]
     if accuracy is not None:
         parts.append(f"acc {accuracy:.1%}")
@@ -115,6 +142,8 @@ def format_train_line(step: int, total: int, epoch: float, loss: float, accuracy
     parts.append(f"{rate:,.0f} tok/s" if unit == "tok" else f"{_rate(rate)} {unit}/s")
     if mfu is not None:
         parts.append(f"MFU {mfu:.1%}")
+    if memory:
+        parts.append(f"mem {memory['memory_allocated_gib']:.2f}/{memory['memory_peak_gib']:.2f} GiB")
     parts.append(f"ETA {format_duration(eta_s)}")
     return " | ".join(parts)
 
@@ -140,6 +169,18 @@ def throughput(unit: str, tokens: float, samples: float, seconds: float) -> dict
     if unit != "tok":
         rates[f"{unit}_per_s"] = samples / seconds
     return rates
+
+
+def device_memory(device: Any) -> dict[str, float]:
+    """On CUDA, the memory torch's allocator holds for tensors now and at its peak, in GiB (read
+    from the allocator's counters: no wait for the device); elsewhere nothing."""
+    if getattr(device, "type", None) != "cuda":
+        return {}
+    import torch
+
+    gib = 1024 ** 3
+    return {"memory_allocated_gib": torch.cuda.memory_allocated(device) / gib,
+            "memory_peak_gib": torch.cuda.max_memory_allocated(device) / gib}
 
 
 def _rate(per_s: float) -> str:

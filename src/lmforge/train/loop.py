@@ -12,7 +12,6 @@ and `fault_point` are looked up in this module when called, so the tests can rep
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Sequence
@@ -34,7 +33,8 @@ from lmforge.train.data_order import epoch_permutation, window_indices
 from lmforge.train.evaluate import evaluate
 from lmforge.train.flops import MFUMeter
 from lmforge.train.init_from import check_resume_architecture, settle_init_from
-from lmforge.train.log import Interval, format_eval_line, format_train_line, throughput
+from lmforge.train.epoch_summary import EpochSummary, best_metric_name, done_line
+from lmforge.train.log import Interval, device_memory, format_eval_line, format_train_line, throughput
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
 from lmforge.train.parallel import (NamedOptimizerState, check_strategy, full_model_state, plain_model, unwrap,
                                     wrap_model)
@@ -46,22 +46,26 @@ from lmforge.train.signals import StopSignal
 from lmforge.train.state import DataIdentity, LoopState, RngState, upgrade_training_state
 from lmforge.train.step import forward_backward
 from lmforge.train.tasks import best_score
+from lmforge.train.trackers import RunTrackers, attach_trackers
 from lmforge.train.update import DeviceCounters, defers_host_sync, device_update, host_update
 
 
 def train(cfg: Config, *, resume_from: Path | None = None, quiet: bool = False, handle_signals: bool = False,
-          notes: Sequence[str] = ()) -> TrainResult:
+          notes: Sequence[str] = (), trackers: RunTrackers | None = None) -> TrainResult:
     """Train as `cfg` says; with `resume_from` (a checkpoint folder) continue that run exactly.
 
     quiet: no console lines and no progress bar (train.log and metrics.jsonl are written alike).
     handle_signals: SIGTERM / SIGINT stop the run gracefully (`lmforge.train.signals`); the CLI
     asks, a library caller's process keeps its handlers. notes: lines for train.log alone.
+    trackers: the caller's, left open (run_training logs the report's plots to them); without
+    them, train.loggers' trackers are opened and closed here.
 
     The run folder is this process's for the whole run (rank 0 holds it under torchrun; another
     process training into it gets an error naming this one).
     """
     with hold_run_folder(cfg.run_dir, enabled=world_from_env().rank == 0):
-        return Trainer(cfg, resume_from=resume_from, quiet=quiet, notes=notes).run(handle_signals=handle_signals)
+        return Trainer(cfg, resume_from=resume_from, quiet=quiet, notes=notes,
+                       trackers=trackers).run(handle_signals=handle_signals)
 
 
 class Trainer:
@@ -71,7 +75,7 @@ class Trainer:
     (`finished`): nothing is opened or written."""
 
     def __init__(self, cfg: Config, *, resume_from: Path | None = None, quiet: bool = False,
-                 notes: Sequence[str] = ()) -> None:
+                 notes: Sequence[str] = (), trackers: RunTrackers | None = None) -> None:
         cfg = settle_init_from(cfg)  # model.init_from's architecture: config.yaml records the model trained
         self.cfg, self.quiet = cfg, quiet
         t = cfg.train
@@ -96,6 +100,7 @@ class Trainer:
         if self.finished:
             return
         self.log = open_run_folder(cfg, self.rt, self.state.step if resumed is not None else None, quiet, notes)
+        attach_trackers(self.log, cfg, trackers, self.state.step if resumed is not None else None)
         if resumed is not None:  # what changed in the data since the checkpoint
             for line in resumed_data_lines(self.data_identity, self.state.position, self.window,
                                            len(self.train_ds), self.data_dir):
@@ -118,9 +123,10 @@ class Trainer:
         self.model = wrap_model(model, self.cfg.train.strategy, self.rt.device, self.rt.world_size)
         self.optimizer = build_optimizer(self.model, self.cfg.train, self.rt.device)
         self.scaler = torch.amp.GradScaler(self.rt.device.type) if self.rt.precision == "fp16" else None
-        self.state = LoopState()
+        self.state, self.epochs = LoopState(), EpochSummary(self.task)
         self.parts = {"loop": self.state, "optimizer": NamedOptimizerState(self.model, self.optimizer),
-                      "rng": RngState(self.rt.device), "scaler": self.scaler, "data": self.data_identity}
+                      "rng": RngState(self.rt.device), "scaler": self.scaler, "data": self.data_identity,
+                      "epochs": self.epochs}
 
     def _describe(self) -> None:
         rt, t = self.rt, self.cfg.train
@@ -150,8 +156,8 @@ class Trainer:
         training = upgrade_training_state(training)
         for name, part in self.parts.items():
             # fp16 resuming an fp32 run: the loss scale starts afresh; a checkpoint from before the
-            # data part: nothing to compare the data with
-            if part is None or (name in ("scaler", "data") and name not in training):
+            # data (epochs) part: nothing to compare the data with (the epoch's sums start here)
+            if part is None or (name in ("scaler", "data", "epochs") and name not in training):
                 continue
             part.load_state_dict(training[name])
 
@@ -184,6 +190,7 @@ class Trainer:
         deferred = defers_host_sync(self.rt.device, self.optimizer)
         self.counters = DeviceCounters(self.rt.device, self.state.non_finite_in_row) if deferred else None
         self.last_eval, self.last_eval_step, self.last_saved = {}, -1, self.state.step
+        self.last_eval = self.validate("eval") if self.cfg.train.eval_at_start and not self.state.step else {}
         now = time.perf_counter()
         self.session = (self.state.step, now)  # for the ETA
         self.start_time = now - self.state.elapsed
@@ -245,10 +252,12 @@ class Trainer:
             skipped, norm = device_update(self.model, self.optimizer, self.scaler, t.grad_clip, sums["loss_sum"],
                                           check_loss=rt.world_size == 1)
             self.counters.add(sums, skipped, norm)
+            self.epochs.add(sums)
             return {}, dict(zip(flags, totals.tolist())), None
         sums = forward_backward(self.forward_model, self.task, micro_batches, self.state, rt, self.scaler,
                                 self.log, flags, local_targets=targets)
         flags = {name: sums.pop(name) for name in list(flags)}
+        self.epochs.add(sums)
         grad_norm, self.state.non_finite_in_row = host_update(self.model, self.optimizer, self.scaler, t.grad_clip,
                                                               sums, step, self.state.non_finite_in_row, self.log)
         return sums, flags, grad_norm
@@ -269,13 +278,13 @@ class Trainer:
         metrics = self.task.summarize(self.interval.sums)
         session_step, session_start = self.session
         eta = (self.total_steps - state.step) * (now - session_start) / max(1, state.step - session_step)
-        mfu = self.mfu(rates["tokens_per_s"])
+        mfu, memory = self.mfu(rates["tokens_per_s"]), device_memory(self.rt.device)
         where = state.where(len(self.train_ds))
         self.log.event("train", **where, **metrics, lr=lr, grad_norm=grad_norm, **rates, mfu=mfu,
-                       time=now - self.start_time)
+                       time=now - self.start_time, **memory)
         self.log.line(format_train_line(state.step, self.total_steps, where["epoch"], metrics["loss"],
                                         metrics.get("accuracy"), lr, rates.get(f"{unit}_per_s", rates["tokens_per_s"]),
-                                        mfu, eta, self.task.console_extras(metrics), unit=unit))
+                                        mfu, eta, self.task.console_extras(metrics), unit=unit, memory=memory))
         self.interval = Interval(start=time.perf_counter(), examples=state.examples)
 
     def _after_step(self, flags: dict[str, float]) -> str | None:
@@ -283,6 +292,8 @@ class Trainer:
         state, t = self.state, self.cfg.train
         paused = time.perf_counter()
         epoch_done = state.position.turn_epoch_if_done(self.window, len(self.train_ds))
+        if epoch_done:  # closed before a checkpoint of this step (best, epoch, last) records the epochs
+            self.epochs.end_epoch(state.position.epoch, state.step, paused - self.start_time, self.log)
         if state.step % t.eval_every == 0 or epoch_done:
             self.last_eval = self.validate("epoch" if epoch_done else "eval") or self.last_eval
         state.elapsed = time.perf_counter() - self.start_time
@@ -366,9 +377,9 @@ class Trainer:
         self.elapsed = time.perf_counter() - self.start_time
         self.log.event("end", **state.where(len(self.train_ds)), reason=reason, best_val_loss=state.best_val_loss,
                        time=self.elapsed)
-        best = (f"best val loss {state.best_val_loss:.4f}" if math.isfinite(state.best_val_loss)
-                else "no validation ran")
-        self.log.line(f"done: {reason} at step {state.step} in {self.elapsed:.1f}s | {best}")
+        self.epochs.finish(self.log)
+        self.log.line(done_line(reason, state.step, self.elapsed, best_metric_name(self.cfg, self.task),
+                                state.best_score, self.ckpt_dir))
         self.log.close()
 
     def _samples_and_report(self, plain: nn.Module) -> None:

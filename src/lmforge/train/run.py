@@ -4,7 +4,8 @@
 `run_training` is the library's entry for training; `lmforge train` is a thin call of it
 (`lmforge.train.entry`). The run folder is held (`lmforge.train.setup.hold_run_folder`) from
 before anything is written to it, the cleaning of interrupted saves included, until the report
-is written. Cleaning the leftovers of interrupted saves happens here, once, before a checkpoint
+is written; the run's experiment trackers (train.loggers) stay open until the report's plots
+are logged to them. Cleaning the leftovers of interrupted saves happens here, once, before a checkpoint
 is picked. A new run from model.init_from gets the checkpoint's architecture in its config, the
 model.* keys the user gave checked against it (`lmforge.train.init_from.settle_init_from`).
 """
@@ -24,6 +25,7 @@ from lmforge.checkpoint import CheckpointError, clean_stale_temp, find_latest
 from lmforge.train.init_from import fields_set, settle_init_from
 from lmforge.train.loop import TrainResult, train
 from lmforge.train.setup import hold_run_folder
+from lmforge.train.trackers import RunTrackers
 
 ConfigSource = Config | dict | str | Path
 """A resolved Config, a dict shaped as a YAML config file, or the path of one."""
@@ -54,16 +56,22 @@ def run_training(config: ConfigSource | None, overrides: Sequence[str] = (), *, 
     folder = run_folder(config, overrides, resume)
     with hold_run_folder(folder, enabled=world_from_env().rank == 0):
         cfg, checkpoint = resolve_run(config, overrides, resume, note)
-        result = train(cfg, resume_from=checkpoint, quiet=quiet or not show_progress,
-                       handle_signals=handle_signals, notes=notes)
-        if result.reason == "finished":
-            note(result.detail)
-            report = result.run_dir / "report.html"
-            result.report = report if report.is_file() else None
-        elif result.is_main:
-            from lmforge.report import write_report  # matplotlib: imported only once the run is over
+        trackers = RunTrackers.from_config(cfg, enabled=world_from_env().rank == 0)
+        try:
+            result = train(cfg, resume_from=checkpoint, quiet=quiet or not show_progress,
+                           handle_signals=handle_signals, notes=notes, trackers=trackers)
+            trackers.warn = note  # train.log is closed: what a tracker says now goes to stderr
+            if result.reason == "finished":
+                note(result.detail)
+                report = result.run_dir / "report.html"
+                result.report = report if report.is_file() else None
+            elif result.is_main:
+                from lmforge.report import write_report  # matplotlib: imported only once the run is over
 
-            result.report = write_report(result.run_dir)
+                result.report = write_report(result.run_dir)
+                trackers.log_images(sorted((result.run_dir / "plots").glob("*.png")), result.steps)
+        finally:
+            trackers.close()
     return result
 
 
@@ -136,14 +144,7 @@ def resolve_resume(resume: Path, config: ConfigSource | None = None, overrides: 
         raise CheckpointError(f"--resume {resume}: incomplete checkpoint (no manifest.json)")
     else:
         raise FileNotFoundError(f"--resume {resume}: not a run folder (with checkpoints/) nor a checkpoint")
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.exists():
-        raise FileNotFoundError(f"{saved_path}: the run's resolved config is missing")
-    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
-    base = _config_dict(config) if config is not None else saved
-    cfg = load_config(None, list(overrides), base=base)
-    cfg.run.out_dir, cfg.run.name = str(run_dir.parent), run_dir.name
-    changes = config_diff(config_from_dict(saved, str(saved_path)).to_dict(), cfg.to_dict())
+    cfg, changes = resumed_config(run_dir, config, overrides)
     if changes:
         note("resuming with a changed config:\n  " + "\n  ".join(changes))
     if checkpoint is None:
@@ -151,6 +152,37 @@ def resolve_resume(resume: Path, config: ConfigSource | None = None, overrides: 
     else:
         check_tokenizer_match(checkpoint / "tokenizer.json", Path(cfg.data.path), "--resume")
     return cfg, checkpoint
+
+
+def resumed_config(run_dir: Path, config: ConfigSource | None, overrides: Sequence[str]) -> tuple[Config, list[str]]:
+    """A resumed run's config: its saved config.yaml (or `config`) with `overrides`, in its own
+    folder; and what changed from the saved one (`key: old -> new` lines)."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        raise FileNotFoundError(f"{saved_path}: the run's resolved config is missing")
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
+    base = _config_dict(config) if config is not None else saved
+    cfg = load_config(None, list(overrides), base=base)
+    cfg.run.out_dir, cfg.run.name = str(run_dir.parent), run_dir.name
+    return cfg, config_diff(config_from_dict(saved, str(saved_path)).to_dict(), cfg.to_dict())
+
+
+def preview_config(config: ConfigSource | None, overrides: Sequence[str] = (),
+                   resume: Path | str | None = None) -> Config:
+    """The config `run_training` would train with (YAML and overrides, a resumed run's saved
+    config, model.init_from's architecture settled in), resolved without writing anything."""
+    if resume is None:
+        return _settled(_fresh_config(config, overrides), config, overrides)
+    run_dir = run_folder(None, (), resume)
+    if run_dir is None:
+        raise FileNotFoundError(f"--resume {resume}: not a run folder (with checkpoints/) nor a checkpoint")
+    return resumed_config(run_dir, config, overrides)[0]
+
+
+def _settled(cfg: Config, config: ConfigSource | None, overrides: Sequence[str]) -> Config:
+    if cfg.model.init_from is not None:
+        return settle_init_from(cfg, model_keys_given(config, overrides))
+    return cfg
 
 
 def check_tokenizer_match(model_tokenizer: Path, data_dir: Path, what: str) -> None:
