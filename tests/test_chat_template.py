@@ -166,3 +166,27 @@ def test_control_tokens_typed_by_a_user_stay_text_in_chat_prompts(folders: dict[
     assert sum(t in stops for t in expected) < sum(t in stops for t in unsafe)
     plain = [{"role": "user", "content": "你好 there"}]
     assert fmt.prompt_ids(plain) == hf.apply_chat_template(plain, add_generation_prompt=True)["input_ids"]
+
+
+def test_max_len_drops_the_oldest_exchanges_and_keeps_the_system_message(folders: dict[str, Path], tmp_path: Path):
+    system = {"role": "system", "content": "Be brief."}
+    exchanges = [[{"role": "user", "content": f"question {i} 你好"}, {"role": "assistant", "content": f"answer {i}"}]
+                 for i in range(4)]
+    messages = [system] + [m for pair in exchanges for m in pair]
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"messages": messages}) + "\n" + json.dumps({"messages": exchanges[0]}) + "\n",
+                    encoding="utf-8")
+    tok = load_tokenizer(folders["qwen2"])
+    template = _template(folders["qwen2"])
+    kept = [system] + exchanges[2] + exchanges[3]
+    max_len = len(template.encode(tok, kept)) + 1  # the last two exchanges fit, three do not
+    assert len(template.encode(tok, [system] + [m for p in exchanges[1:] for m in p])) > max_len
+    meta = prepare_dialogue([data], folders["qwen2"], tmp_path / "out", max_len=max_len, val_fraction=0.5,
+                            seed=0, show_progress=False)
+    assert meta["dialogue"]["truncated"] == 1
+    stored = []
+    for split in ("train", "val"):
+        store = TokenStore(tmp_path / "out", split)
+        stored += [[int(t) for t in store.tokens[int(store.offsets[i]):int(store.offsets[i + 1])]]
+                   for i in range(len(store))]
+    assert template.encode(tok, kept) in stored and template.encode(tok, exchanges[0]) in stored
