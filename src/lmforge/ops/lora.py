@@ -41,13 +41,13 @@ class LoRALinear(nn.Linear):
         return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.linear(x, self.weight, self.bias)  # (..., out)
-        if torch.is_autocast_enabled(x.device.type):  # in-place products take no autocast
-            return out + self.adapter(x)
-        h = self.lora_A(self.lora_dropout(x))  # (..., rank)
-        # B's product, the scale and the sum in one pass over the output
-        flat = out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, self.rank), self.lora_B.weight.t(), alpha=self.scale)
-        return flat.view(out.shape)  # (..., out)
+        rows = x.reshape(-1, self.in_features)  # (N, in): every product on rows, none re-shaped in the backward
+        out = F.linear(rows, self.weight, self.bias)  # (N, out)
+        h = F.linear(self.lora_dropout(rows), self.lora_A.weight)  # (N, rank)
+        # B's product, the scale and the sum in one pass over the output; out of place: an in-place
+        # product on a view would make the backward copy the whole output gradient
+        out = torch.addmm(out, h, self.lora_B.weight.t(), alpha=self.scale)  # (N, out)
+        return out.view(*x.shape[:-1], self.out_features)  # (..., out)
 
     def delta_weight(self) -> Tensor:
         """scale * B @ A (out, in): what merging adds to the frozen weight."""
