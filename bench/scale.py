@@ -143,6 +143,8 @@ def run_group(size: str, precision: str, data: str) -> list[dict]:
         def run() -> list[float]:
             result = w(steps=SIZES[size]["steps"])
             peaks[name] = max(peaks.get(name, 0.0), result["peak_mib"])
+            if result["peak_mib"]:
+                log(f"{key} | {name}: peak memory {result['peak_mib']:,.0f} MiB")
             return result["rates"]
         return run
 
@@ -201,8 +203,11 @@ def main() -> None:
 
     vocabs = {s: int(read_meta(Path(d))["vocab_size"]) for s, d in data.items()}
     log(f"bench scale | {machine()} | {ROUNDS} rounds | sizes {sizes} | {precisions}")
-    rows = [row for s in sizes for p in precisions for row in run_group(s, p, data[s])]
-    write_summary("scale", report(rows, vocabs, time.perf_counter() - start))
+    rows: list[dict] = []
+    for s in sizes:
+        for p in precisions:  # the table so far after each group: a stopped run keeps what it measured
+            rows += run_group(s, p, data[s])
+            write_summary("scale", report(rows, vocabs, time.perf_counter() - start))
 
 
 if __name__ == "__main__":
