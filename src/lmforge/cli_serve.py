@@ -19,6 +19,8 @@ def add(sub) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together per model")
     p.add_argument("--max-tokens", type=int, default=1024, help="the most new tokens one request may ask for")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch's CPU threads (default: torch's choice; 1 on a CPU busy with other work)")
     p.add_argument("--access-log", action="store_true", help="print a line per request")
     p.set_defaults(run=_serve)
 
@@ -27,4 +29,4 @@ def _serve(args: argparse.Namespace) -> int:
     from lmforge.commands.serve import serve_command
     return serve_command(args.models, host=args.host, port=args.port, api_key=args.api_key, insecure=args.insecure,
                          max_batch=args.max_batch, max_tokens=args.max_tokens, device=args.device,
-                         access_log=args.access_log)
+                         threads=args.threads, access_log=args.access_log)

@@ -50,7 +50,7 @@ def _start(args: list[str]) -> tuple[subprocess.Popen, str]:
 
 
 def test_sigterm_lets_the_streaming_request_finish_then_exits(long_context_gpt):
-    proc, url = _start([f"long={long_context_gpt}", "--port", "0", "--max-tokens", "400"])
+    proc, url = _start([f"long={long_context_gpt}", "--port", "0", "--max-tokens", "400", "--threads", "1"])
     try:
         assert url.startswith("http://127.0.0.1:")
         body = {"model": "long", "prompt": "the king", "max_tokens": 400, "temperature": 0, "stream": True,
@@ -86,3 +86,5 @@ def test_refusals_are_clear_errors(serve_checkpoints, capsys):
     assert "not a checkpoint folder" in capsys.readouterr().err
     assert main(["serve", gpt, "--max-batch", "0"]) == 2
     assert "--max-batch" in capsys.readouterr().err
+    assert main(["serve", gpt, "--threads", "0"]) == 2
+    assert "--threads 0: must be an integer >= 1" in capsys.readouterr().err

@@ -46,13 +46,18 @@ def _require_serving_packages() -> None:
 
 def serve_command(models: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                   insecure: bool = False, max_batch: int = 16, max_tokens: int = 1024, device: str = "auto",
-                  access_log: bool = False, out: TextIO | None = None) -> int:
-    """Serve `models` (checkpoint or run folders, each optionally NAME=PATH) until interrupted."""
+                  threads: int | None = None, access_log: bool = False, out: TextIO | None = None) -> int:
+    """Serve `models` (checkpoint or run folders, each optionally NAME=PATH) until interrupted.
+
+    `threads` sets torch's CPU threads for the process: a decode step is many small operators, and
+    on a CPU other programs keep busy each one waits at its barrier for a descheduled thread."""
     out = sys.stdout if out is None else out
     api_key = api_key if api_key is not None else (os.environ.get(API_KEY_VARIABLE) or None)
     check_exposure(host, api_key, insecure)
     check_count(max_batch, "--max-batch")
     check_count(max_tokens, "--max-tokens")
+    if threads is not None:
+        check_count(threads, "--threads")
     if not 0 <= port <= 65535:
         raise ValueError(f"--port {port}: must be from 0 to 65535 (0 picks a free one)")
     _require_serving_packages()
@@ -64,6 +69,9 @@ def serve_command(models: list[str], *, host: str = "127.0.0.1", port: int = 800
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"two models would be named {repeated[0]!r}; name them with NAME=PATH")
+    if threads is not None:
+        import torch
+        torch.set_num_threads(threads)
     sock = bind(host, port)
     served = {}
     try:
