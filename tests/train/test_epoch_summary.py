@@ -20,8 +20,8 @@ from lmforge.train.loop import train
 from lmforge.train.task_lm import token_means
 from test_trackers import tensorboard_scalars
 
-# 978 samples of 32 tokens in batches of 96: 10 steps an epoch, 2 log lines of 5 steps each
-EPOCHS = dict(batch_size=96, epochs=2, log_every=5, eval_every=100, save_every=10)
+# 978 samples of 32 tokens in batches of 192: 5 steps an epoch, a log line every step
+EPOCHS = dict(batch_size=192, epochs=2, log_every=1, eval_every=100, save_every=100)
 
 
 def _events(run_dir: Path, kind: str) -> list[dict]:
@@ -39,52 +39,51 @@ class _Killed(Exception):
 
 def test_epoch_means_cover_every_step_and_survive_a_resume(lm_data, tmp_path, monkeypatch):
     whole = train(load_config(None, base=tiny_run(lm_data, tmp_path / "a", eval_at_start=True, **EPOCHS)), quiet=True)
-    assert whole.steps == 20
+    assert whole.steps == 10
     ends = _events(whole.run_dir, "epoch_end")
     logged = _events(whole.run_dir, "train")
-    assert [(e["epoch"], e["step"], e["steps"]) for e in ends] == [(1, 10, 10), (2, 20, 10)]
-    for end in ends:  # every step has the same targets: the epoch's mean is the mean of its 2 intervals
-        intervals = [e for e in logged if end["step"] - 10 < e["step"] <= end["step"]]
-        assert len(intervals) == 2
-        assert end["train_loss"] == pytest.approx(sum(e["loss"] for e in intervals) / 2, rel=1e-9)
-        assert end["train_accuracy"] == pytest.approx(sum(e["accuracy"] for e in intervals) / 2, rel=1e-9)
+    assert [(e["epoch"], e["step"], e["steps"]) for e in ends] == [(1, 5, 5), (2, 10, 5)]
+    for end in ends:  # every step has the same targets: the epoch's mean is the mean of its 5 steps
+        steps = [e for e in logged if end["step"] - 5 < e["step"] <= end["step"]]
+        assert len(steps) == 5
+        assert end["train_loss"] == pytest.approx(sum(e["loss"] for e in steps) / 5, rel=1e-9)
+        assert end["train_accuracy"] == pytest.approx(sum(e["accuracy"] for e in steps) / 5, rel=1e-9)
         assert end["seconds"] > 0
     lines = _log(whole.run_dir)
     assert lines.count(epoch_line(ends[0])) == 1 and epoch_line(ends[0]).startswith("epoch 1 done | train loss")
     assert f"epoch losses: 1: {ends[0]['train_loss']:.4f}, 2: {ends[1]['train_loss']:.4f}" in lines
     assert [e["step"] for e in _events(whole.run_dir, "eval")][:1] == [0]  # train.eval_at_start
     best = json.loads((whole.run_dir / "checkpoints" / "best" / "manifest.json").read_text())["step"]
-    assert lines[-1].startswith("done: max_steps at step 20 in ") and "| best val loss " in lines[-1]
+    assert lines[-1].startswith("done: max_steps at step 10 in ") and "| best val loss " in lines[-1]
     assert lines[-1].endswith(f" at step {best}")
 
-    # killed at step 17 (step 15 logged, the last checkpoint at 10), then resumed: the same epochs
-    def kill_after_step_17(name: str, detail=None) -> None:
-        if name == "after_step_17":
+    # killed at step 8 (steps 6 to 8 logged, the last checkpoint at 5), then resumed: the same epochs
+    def kill_after_step_8(name: str, detail=None) -> None:
+        if name == "after_step_8":
             raise _Killed
 
-    config = load_config(None, base=tiny_run(lm_data, tmp_path / "b", eval_at_start=True, loggers=["tensorboard"],
-                                             **EPOCHS))
-    monkeypatch.setattr("lmforge.train.loop.fault_point", kill_after_step_17)
+    config = load_config(None, base=tiny_run(lm_data, tmp_path / "b", loggers=["tensorboard"], **EPOCHS))
+    monkeypatch.setattr("lmforge.train.loop.fault_point", kill_after_step_8)
     with pytest.raises(_Killed):
         train(config, quiet=True)
     monkeypatch.undo()
     # every checkpoint of an epoch's last step has the epoch closed (best is saved by its evaluation)
     for name in ("best", "epoch-1", "last"):
         saved = load_checkpoint(config.run_dir / "checkpoints" / name, with_training_state=True)
-        assert saved.training_state["loop"]["step"] == 10, name
+        assert saved.training_state["loop"]["step"] == 5, name
         assert len(saved.training_state["epochs"]["history"]) == 1 and saved.training_state["epochs"]["steps"] == 0
     resumed = train(config, resume_from=config.run_dir / "checkpoints" / "last", quiet=True)
     again = _events(resumed.run_dir, "epoch_end")
-    assert [(e["epoch"], e["steps"]) for e in again] == [(1, 10), (2, 10)]
+    assert [(e["epoch"], e["steps"]) for e in again] == [(1, 5), (2, 5)]
     for a, b in zip(again, ends):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-12)
         assert a["train_accuracy"] == pytest.approx(b["train_accuracy"], rel=1e-12)
     assert f"epoch losses: 1: {ends[0]['train_loss']:.4f}, 2: {ends[1]['train_loss']:.4f}" in _log(resumed.run_dir)
     scalars, _ = tensorboard_scalars(resumed.run_dir)
     losses = {e["step"]: e["loss"] for e in _events(resumed.run_dir, "train")}
-    assert [s for s, _ in scalars["train/loss"]] == [5, 10, 15, 20]  # step 15 of the killed run purged
+    assert [s for s, _ in scalars["train/loss"]] == list(range(1, 11))  # steps 6-8 of the killed run purged
     assert [v for _, v in scalars["train/loss"]] == pytest.approx([losses[s] for s in sorted(losses)], rel=1e-6)
-    assert [s for s, _ in scalars["epoch/train_loss"]] == [10, 20]
+    assert [s for s, _ in scalars["epoch/train_loss"]] == [5, 10]
 
 
 def test_device_sums_are_added_on_the_device_and_kept_in_the_checkpoint_state():

@@ -211,7 +211,8 @@ class TrainConfig:
     They write under the run folder (tensorboard/, wandb/, mlflow.db + mlruns/) unless their
     own environment variables point elsewhere; one that fails is a warning, never a lost run."""
     eval_at_start: bool = False
-    """Evaluate once before the first step: the untrained model's validation loss at step 0."""
+    """Evaluate once before the first step: the untrained model's validation loss at step 0
+    (logged and tracked; it picks no best checkpoint)."""
 
     def __post_init__(self) -> None:
         _check_finite(self, "train")

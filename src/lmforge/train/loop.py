@@ -190,7 +190,8 @@ class Trainer:
         deferred = defers_host_sync(self.rt.device, self.optimizer)
         self.counters = DeviceCounters(self.rt.device, self.state.non_finite_in_row) if deferred else None
         self.last_eval, self.last_eval_step, self.last_saved = {}, -1, self.state.step
-        self.last_eval = self.validate("eval") if self.cfg.train.eval_at_start and not self.state.step else {}
+        if self.cfg.train.eval_at_start and not self.state.step:  # the untrained model's numbers, at step 0
+            self.last_eval = self.validate("eval", pick_best=False)
         now = time.perf_counter()
         self.session = (self.state.step, now)  # for the ETA
         self.start_time = now - self.state.elapsed
@@ -315,9 +316,10 @@ class Trainer:
         fault_point(f"after_step_{state.step}")
         return None
 
-    def validate(self, kind: str) -> dict:
+    def validate(self, kind: str, pick_best: bool = True) -> dict:
         """Validation metrics now ({} without validation samples), logged; saves `best` when
-        train.best_metric improved."""
+        train.best_metric improved (pick_best=False: train.eval_at_start, the untrained model's
+        numbers, choose nothing and save nothing)."""
         state, t, task = self.state, self.cfg.train, self.task
         self.last_eval_step = state.step
         result = evaluate(self.forward_model, task, self.val_ds, t.batch_size, t.eval_batches, self.rt)
@@ -331,6 +333,8 @@ class Trainer:
             self.log.event(kind, split="train", **where, **on_train)
         self.log.line(format_eval_line(kind, state.step, result, task.reports_perplexity,
                                        task.console_extras(result), on_train))
+        if not pick_best:
+            return result
         state.best_val_loss = min(state.best_val_loss, result["loss"])
         score = best_score(self.cfg, task, result)
         if score < state.best_score:
