@@ -50,7 +50,7 @@ from lmforge.commands.hf_folder import (LLAMA_FAMILIES, import_tokenizer, import
 from lmforge.data.staging import staged_folder
 from lmforge.commands.export_peft import adapter_files, exported_weights, merge_peft, task_form
 from lmforge.models import hf, hf_classifier, hf_llama
-from lmforge.train.init_from import backbone_of
+from lmforge.models.heads import backbone_config
 from lmforge.models.lora import ADAPTER_KEYS, without_lora
 from lmforge.models.registry import model_from_architecture
 
@@ -141,7 +141,7 @@ def _check_weights(arch: dict, mapper, hf_shapes: dict[str, tuple[int, ...]], sr
             probe_shapes = {k: tuple(v.shape) for k, v in model_from_architecture(probe).state_dict().items()}
     except (RuntimeError, OverflowError, TypeError, ValueError) as err:
         raise ValueError(f"{src / 'config.json'}: {str(err).splitlines()[0]}") from None
-    fresh = {k for k in probe_shapes if backbone_of(arch)["model_type"] == "bert" and k.startswith(_FRESH_HEADS)
+    fresh = {k for k in probe_shapes if backbone_config(arch)["model_type"] == "bert" and k.startswith(_FRESH_HEADS)
              and k not in shapes}
     shapes.update({k: probe_shapes[k] for k in fresh})
     check_weights_fit(arch, shapes, src / "config.json")
@@ -192,7 +192,7 @@ def write_hf_folder(arch: dict, state: dict[str, torch.Tensor], tokenizer_file: 
     (arch, state) into `folder`; returns the config."""
     tok = load_tokenizer(tokenizer_file)
     config, weights = hf_form(arch, state, special_ids(tok), checkpoint)
-    inner = backbone_of(arch)
+    inner = backbone_config(arch)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     _export_tokenizer(tok, inner["model_type"], inner["context"], folder)

@@ -164,6 +164,12 @@ def classifier_architecture(backbone_arch: dict, label_names: list[str], pooling
             "dropout": dropout, "head_bias": pooling == "cls", "backbone": dict(backbone_arch)}
 
 
+def backbone_config(arch: dict) -> dict:
+    """The GPT / BERT / Llama part of a config.json: a classifier's backbone, else the whole."""
+    inner = arch.get("backbone")
+    return inner if arch.get("model_type") == "classifier" and isinstance(inner, dict) else arch
+
+
 def label_names_of(arch: dict) -> list[str]:
     """The label names a classifier checkpoint predicts (ids as names when none were saved)."""
     names = arch.get("label_names")

@@ -36,10 +36,6 @@ class LoRALinear(nn.Linear):
         self.rank, self.scale = rank, alpha / rank
         self.lora_dropout = Dropout(dropout)
 
-    def adapter(self, x: Tensor) -> Tensor:
-        """The low-rank path alone: scale * B(A(dropout(x))), x (..., in) -> (..., out)."""
-        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale
-
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)  # (N, in): every product on rows, none re-shaped in the backward
         out = F.linear(rows, self.weight, self.bias)  # (N, out)
