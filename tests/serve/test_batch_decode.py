@@ -49,6 +49,24 @@ def test_rows_joining_and_leaving_at_any_step_decode_as_alone(kind):
     assert len({tuple(w) for w in want}) == len(want)  # different continuations: a row mix-up would show
 
 
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+def test_prompts_of_different_lengths_prefilled_together_decode_as_alone(kind):
+    model = peaked(context=32, kind=kind)
+    want = [generate(model, p, SamplingConfig(max_new_tokens=12, temperature=0)) for p in PROMPTS]
+    decoder = BatchDecoder(model, slots=len(PROMPTS))
+    with torch.inference_mode():
+        decoder.add(-1, [9, 9, 9])  # a row already decoding: the new ones join the timeline after it
+        decoder.step([4])
+        got = {i: [int(row.argmax())] for i, row in enumerate(decoder.add_many(range(3), PROMPTS[:3]))}
+        decoder.remove(-1)
+        got.update({i + 3: [int(row.argmax())] for i, row in enumerate(decoder.add_many(range(3, 6), PROMPTS[3:]))})
+        for _ in range(11):
+            logits = decoder.step([got[i][-1] for i in decoder.owners])
+            for i, row in zip(list(decoder.owners), logits):
+                got[i].append(int(row.argmax()))
+    assert [got[i] for i in range(len(PROMPTS))] == want
+
+
 def test_scheduler_greedy_equals_generate_under_concurrency():
     model = peaked(context=32)
     scheduler = Scheduler(model, max_batch=4)

@@ -105,30 +105,43 @@ class BatchDecoder:
 
     def add(self, key: object, prompt: Sequence[int]) -> Tensor:
         """Prefill `prompt` into a free row owned by `key`; logits (V,) for the token after it."""
-        n = len(prompt)
-        if not 1 <= n < self.context:
-            raise ValueError(f"a prompt of {n} tokens: must be 1 to {self.context - 1} (the context leaves "
-                             "room for at least one new token)")
-        if not self.free:
-            raise ValueError("no free row; remove a finished sequence first")
+        return self.add_many([key], [prompt])[0]
+
+    def add_many(self, keys: Sequence[object], prompts: Sequence[Sequence[int]]) -> Tensor:
+        """Prefill several prompts in one forward, each into a free row owned by its key; logits
+        (R, V) for the token after each. The prompts are left-padded to the longest: the padding's
+        columns belong to no row, and each row's positions start at 0 at its first real token."""
+        lengths = [len(p) for p in prompts]
+        if any(not 1 <= n < self.context for n in lengths):
+            raise ValueError(f"prompts of {lengths} tokens: each must be 1 to {self.context - 1} (the context "
+                             "leaves room for at least one new token)")
+        if len(prompts) > self.free:
+            raise ValueError(f"{len(prompts)} prompts for {self.free} free rows; remove finished sequences first")
+        n, R, device = max(lengths), len(prompts), self.k.device
         if max(self.t, n) >= self.columns:
             self._pack()
-        row = len(self.owners)
+        first = len(self.owners)
         start = self.t - n if self.t >= n else 0
         self.t = max(self.t, n)
-        device = self.k.device
-        ids = torch.as_tensor(list(prompt), dtype=torch.long, device=device)
-        x, extra = self.rows.inputs(ids[None], torch.arange(n, device=device))  # (1, n, C)
-        visible = torch.zeros((1, 1, n, start + n), dtype=torch.bool, device=device)
-        visible[0, 0, :, start:] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        pads = torch.tensor([n - m for m in lengths], device=device)  # (R,)
+        ids = torch.zeros((R, n), dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            ids[i, n - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        positions = (torch.arange(n, device=device) - pads[:, None]).clamp(min=0)  # (R, n)
+        x, extra = self.rows.inputs(ids, positions)  # (R, n, C)
+        real = torch.arange(n, device=device) >= pads[:, None]  # (R, n): not padding
+        causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()  # (n, n)
+        visible = torch.zeros((R, 1, n, start + n), dtype=torch.bool, device=device)
+        # a real query sees the real keys up to itself; a padding query only itself (never used)
+        visible[:, 0, :, start:] = (causal & real[:, None, :]) | torch.eye(n, dtype=torch.bool, device=device)
         for layer, parts in enumerate(self.rows.blocks):
-            kv = (self.k[layer, row:row + 1], self.v[layer, row:row + 1])  # (1, nh, columns, hs)
-            x = self.rows.block(x, parts, extra, visible, kv, start)  # (1, n, C)
-        self.owned[row] = False
-        self.owned[row, start:start + n] = True
-        self.positions[row] = n
-        self.owners.append(key)
-        return self._logits(x[0, -1:])[0]  # (V,)
+            kv = (self.k[layer, first:first + R], self.v[layer, first:first + R])  # (R, nh, columns, hs)
+            x = self.rows.block(x, parts, extra, visible, kv, start)  # (R, n, C)
+        self.owned[first:first + R] = False
+        self.owned[first:first + R, start:start + n] = real
+        self.positions[first:first + R] = torch.tensor(lengths, device=device)
+        self.owners.extend(keys)
+        return self._logits(x[:, -1])  # (R, V)
 
     def step(self, tokens: Sequence[int]) -> Tensor:
         """Feed tokens[i] to busy row i (as ordered in `owners`); logits (n, V) of what follows each."""

@@ -133,12 +133,14 @@ class Scheduler:
         for request in list(self.decoder.owners):
             if request.cancelled:
                 self._finish(request, "cancelled")
-        for request in admitted:
-            if request.cancelled:
-                self._finish(request, "cancelled")
-                continue
-            logits = self.decoder.add(request, request.prompt_ids)  # (V,)
-            self._choose(request, logits, int(logits.max(-1).indices))
+        for request in [r for r in admitted if r.cancelled]:
+            self._finish(request, "cancelled")
+        admitted = [r for r in admitted if not r.cancelled]
+        if admitted:  # the waiting prompts prefilled together, in one forward
+            logits = self.decoder.add_many(admitted, [r.prompt_ids for r in admitted])  # (R, V)
+            best = logits.max(-1).indices.tolist()
+            for i, request in enumerate(admitted):
+                self._choose(request, logits[i], best[i])
         rows = list(self.decoder.owners)
         if not rows:
             return
