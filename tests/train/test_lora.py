@@ -113,6 +113,37 @@ def test_lora_settings_are_checked(lm_data, gpt_base, tmp_path):
               quiet=True)
 
 
+def test_an_adapter_names_its_base_and_a_new_run_can_start_from_it_merged(lm_data, gpt_base, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(gpt_base, base)
+    result = train(load_config(None, base=lora_run(lm_data, tmp_path, base, max_steps=3)), quiet=True)
+    last = result.run_dir / "checkpoints" / "last"
+    adapted, _ = load_model(last)
+    merged = merge_adapters(adapted)
+    # a full fine-tune from the adapter checkpoint starts from the merged weights
+    cfg = tiny_run(lm_data, tmp_path, max_steps=1, lr=1e-9, warmup_steps=0)
+    cfg["model"], cfg["run"]["name"] = {"init_from": str(last)}, "from-adapter"
+    after = load_checkpoint(train(load_config(None, base=cfg), quiet=True).run_dir / "checkpoints" / "last")
+    assert "lora" not in after.model_config
+    for name, value in merged.state_dict().items():
+        torch.testing.assert_close(after.state_dict[name], value, atol=1e-6, rtol=0)
+    # the base changed, then moved: both named
+    state = load_checkpoint(base).state_dict
+    save_checkpoint(base, model_state={k: v + 1 for k, v in state.items()}, model_config=adapted_config(base),
+                    tokenizer_file=lm_data / "tokenizer.json")
+    with pytest.raises(CheckpointError, match="has changed"):
+        load_checkpoint(last)
+    shutil.rmtree(base)
+    with pytest.raises(CheckpointError, match=f"frozen base checkpoint {base} .* is not there"):
+        load_checkpoint(last)
+
+
+def adapted_config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
+
+
 # -- to and from peft ------------------------------------------------------------------------------
 
 peft = pytest.importorskip("peft")
