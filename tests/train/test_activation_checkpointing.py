@@ -1,17 +1,12 @@
-"""train.activation_checkpointing: the same losses and gradients as without it (dropout included),
-less activation memory kept for the backward, and the run header saying so."""
+"""train.activation_checkpointing: the same losses and gradients as without it (dropout included) and
+less activation memory kept for the backward (a whole run: tests/slow/test_adapting_e2e.py)."""
 
 from __future__ import annotations
 
-import json
-
 import torch
 
-from conftest import tiny_run
-from lmforge.base.config import load_config
 from lmforge.models.registry import model_from_architecture
 from lmforge.train.activation_checkpointing import enable
-from lmforge.train.loop import train
 
 GPT = {"model_type": "gpt", "vocab_size": 97, "context": 64, "n_layer": 3, "n_head": 2, "n_embd": 32,
        "dropout": 0.1, "activation": "gelu"}
@@ -55,19 +50,3 @@ def test_checkpointed_blocks_give_the_same_loss_and_gradients_with_less_memory_k
         for name in grads:
             torch.testing.assert_close(grads_ac[name], grads[name], atol=1e-6, rtol=1e-5, msg=name)
         assert kept_ac < 0.6 * kept, (arch["model_type"], kept_ac, kept)
-
-
-def test_a_run_with_checkpointing_logs_the_same_losses_and_says_what_it_saves(lm_data, tmp_path, capsys):
-    runs = {}
-    for on in (False, True):
-        cfg = tiny_run(lm_data, tmp_path, max_steps=6, activation_checkpointing=on)
-        cfg["model"]["dropout"] = 0.1
-        cfg["run"]["name"] = f"ac-{on}"
-        result = train(load_config(None, base=cfg))
-        runs[on] = [e["loss"] for e in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines())
-                    if e["event"] in ("train", "eval")]
-    header = capsys.readouterr().out
-    assert "activation checkpointing: 2 blocks keep their input only" in header
-    assert len(runs[True]) == len(runs[False]) >= 4
-    for a, b in zip(runs[True], runs[False]):
-        assert abs(a - b) <= 1e-6
