@@ -43,8 +43,9 @@ class _GPTRows:
     def inputs(self, ids: Tensor, positions: Tensor) -> tuple[Tensor, None]:
         return F.embedding(ids, self.p.wte) + self.p.wpe[positions], None  # (..., C)
 
-    def block(self, x: Tensor, parts, extra: None, visible: Tensor, kv: tuple[Tensor, Tensor], col: int) -> Tensor:
-        return block(x, parts, visible, False, kv, col)
+    def block(self, x: Tensor, parts, extra: None, visible: Tensor | None, kv: tuple[Tensor, Tensor], col: int,
+              causal: bool = False) -> Tensor:
+        return block(x, parts, visible, causal, kv, col)
 
     def head(self, x: Tensor) -> Tensor:
         p = self.p
@@ -64,8 +65,9 @@ class _LlamaRows:
         cos, sin = self.p.rope.get(x.device, x.dtype, int(positions.max()) + 1)  # (P, hs) each
         return x, (cos[positions].unsqueeze(-2), sin[positions].unsqueeze(-2))  # (..., 1, hs): per row
 
-    def block(self, x: Tensor, parts, rope, visible: Tensor, kv: tuple[Tensor, Tensor], col: int) -> Tensor:
-        return llama_block(x, parts, rope, visible, False, kv, col)
+    def block(self, x: Tensor, parts, rope, visible: Tensor | None, kv: tuple[Tensor, Tensor], col: int,
+              causal: bool = False) -> Tensor:
+        return llama_block(x, parts, rope, visible, causal, kv, col)
 
     def head(self, x: Tensor) -> Tensor:
         return F.linear(rms_norm(x, self.p.norm, self.p.eps), self.p.lm_head)
@@ -134,9 +136,10 @@ class BatchDecoder:
         visible = torch.zeros((R, 1, n, start + n), dtype=torch.bool, device=device)
         # a real query sees the real keys up to itself; a padding query only itself (never used)
         visible[:, 0, :, start:] = (causal & real[:, None, :]) | torch.eye(n, dtype=torch.bool, device=device)
+        plain = start == 0 and bool(real.all())  # from column 0, no padding: the causal forward itself
         for layer, parts in enumerate(self.rows.blocks):
             kv = (self.k[layer, first:first + R], self.v[layer, first:first + R])  # (R, nh, columns, hs)
-            x = self.rows.block(x, parts, extra, visible, kv, start)  # (R, n, C)
+            x = self.rows.block(x, parts, extra, None if plain else visible, kv, start, plain)  # (R, n, C)
         self.owned[first:first + R] = False
         self.owned[first:first + R, start:start + n] = real
         self.positions[first:first + R] = torch.tensor(lengths, device=device)
@@ -157,6 +160,8 @@ class BatchDecoder:
         x, extra = self.rows.inputs(ids, self.positions[:n])  # (n, C): one new position per row
         self.owned[:n, t] = True
         visible = self.owned[:n, None, None, :t + 1]  # (n, 1, 1, t + 1): each row's own columns
+        if bool(visible.all()):  # every row owns every column (one request alone): no mask, as generate
+            visible = None
         for layer, parts in enumerate(self.rows.blocks):
             x = self.rows.block(x, parts, extra, visible, (self.k[layer, :n], self.v[layer, :n]), t)  # (n, C)
         self.positions[:n] += 1
