@@ -287,7 +287,7 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _add_interop(sub) -> None:
-    p = sub.add_parser("import-hf", help="a transformers BERT or GPT-2 folder -> an lmforge checkpoint")
+    p = sub.add_parser("import-hf", help="a transformers BERT, GPT-2, Llama, Qwen2 or Mistral folder -> an lmforge checkpoint")
     p.add_argument("src", type=Path, help="folder with config.json, model.safetensors, tokenizer files")
     p.add_argument("--out", type=Path, required=True, help="the checkpoint folder to write")
     p.add_argument("--adapter", type=Path, help="a peft LoRA folder (adapter_config.json, adapter_model.safetensors) "

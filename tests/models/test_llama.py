@@ -26,6 +26,7 @@ CASES = {
     "llama3-rope": ("llama", dict(num_key_value_heads=2, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16}, rope_theta=500.0)),
+    "llama-wide-heads": ("llama", dict(num_key_value_heads=2, head_dim=32)),  # nh * hs = 128 > hidden 64
     "qwen2-qkv-bias": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6)),
     "mistral-gqa": ("mistral", dict(num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False)),
 }

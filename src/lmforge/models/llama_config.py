@@ -74,7 +74,7 @@ class LlamaConfig:
     tie_embeddings: bool = False
     """The output layer is the input embedding (one matrix, two names)."""
     dropout: float = 0.0
-    """Dropout on attention probabilities and residual branches (training only)."""
+    """Dropout on the embeddings, attention probabilities and residual branches (training only)."""
 
     def __post_init__(self) -> None:
         errors = []

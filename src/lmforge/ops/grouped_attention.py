@@ -33,12 +33,13 @@ def repeat_heads(x: Tensor, groups: int, dim: int) -> Tensor:
 
 
 def _as_full_qkv(qk: Tensor, v: Tensor, q: Tensor, k: Tensor, groups: int, hs: int) -> Tensor:
-    """(B, T, 3 * nh * hs): q, then every query head's key, then its value (the kernel's layout)."""
+    """(B, T, 3 * nh * hs): q, then every query head's key, then its value (the kernel's layout),
+    written in one pass from views that repeat each key / value head for its group."""
     if groups == 1:
         return torch.cat((qk, v), dim=-1)
-    k = repeat_heads(k.unflatten(-1, (-1, hs)), groups, 2).flatten(-2)  # (B, T, nh * hs)
-    v = repeat_heads(v.unflatten(-1, (-1, hs)), groups, 2).flatten(-2)  # (B, T, nh * hs)
-    return torch.cat((q, k, v), dim=-1)
+    shape = (*q.shape[:-1], -1, groups, hs)  # (B, T, nkv, g, hs)
+    shared = [t.unflatten(-1, (-1, 1, hs)).expand(shape) for t in (k, v)]  # 2 x (B, T, nkv, g, hs), no copy
+    return torch.stack((q.unflatten(-1, (-1, groups, hs)), *shared), dim=-4).flatten(-4)  # (B, T, 3 nh hs)
 
 
 def attend_grouped(qk: Tensor, v: Tensor, n_head: int, n_kv_head: int, *, causal: bool,

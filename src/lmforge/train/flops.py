@@ -2,7 +2,8 @@
 
 MFU = model FLOPs per token x tokens/s / peak FLOP/s, where
 - model FLOPs per token is `flops_per_token(config)` of the model (GPT: 6N + 12 L C T, the
-  PaLM appendix B count at full context; recomputation, padding and the elementwise work
+  PaLM appendix B count at full context; Llama-class: the same with grouped key / value heads,
+  `lmforge.models.llama_config.flops_per_token`; recomputation, padding and the elementwise work
   are not counted), and
 - the peak is *measured*, not a datasheet number: the best rate of a 2048 x 2048 x 2048
   matrix product (`torch.mm`) on this device with this thread count, over a few repetitions,
