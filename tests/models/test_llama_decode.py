@@ -64,3 +64,25 @@ def test_classifier_on_a_llama_backbone_trains_its_last_block():
     assert logits.shape == (2, 3)
     alone = clf(ids[1:, :4])  # the padded row's label reads its last real token
     torch.testing.assert_close(logits[1:], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_low_rank_adapters_on_llama_layers_take_part_in_forward_and_decode():
+    from lmforge.ops.lora import LoRALinear
+
+    model = _model()
+    ids = torch.randint(0, 50, (1, 8), generator=torch.Generator().manual_seed(4))
+    before = model(ids)
+    block = model.model.layers[0]
+    adapted = [(block.self_attn, "v_proj"), (block.self_attn, "o_proj"), (block.mlp, "gate_proj")]
+    for module, name in adapted:
+        setattr(module, name, LoRALinear(getattr(module, name), 4, 8.0))
+        torch.nn.init.normal_(getattr(module, name).lora_B.weight)
+    after = model(ids)
+    assert not torch.allclose(before, after, atol=1e-4)  # every adapter's path is in the product
+    after.sum().backward()
+    assert all(getattr(m, n).lora_B.weight.grad.abs().sum() > 0 for m, n in adapted)
+    with torch.inference_mode():
+        cache = model.new_kv_cache(1, 8)
+        steps = [model(ids[:, :4], kv_cache=cache)] + [decoder_for(model).step(ids[:, t:t + 1], cache)
+                                                       for t in range(4, 8)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), after.detach(), atol=1e-5, rtol=1e-5)

@@ -36,6 +36,7 @@ from lmforge.ops.grouped_attention import attend_grouped
 from lmforge.ops.linear import add_projection
 from lmforge.ops.lm_loss import lm_head_cross_entropy
 from lmforge.ops.lora import LoRALinear, Stacked, project
+from lmforge.ops.lora import LoRALinear, Stacked, project
 from lmforge.ops.rotary import RopeTables, apply_rotary, rms_norm
 
 
@@ -43,13 +44,13 @@ class LlamaParts(NamedTuple):
     """What `llama_block` reads of one block: its tensors and settings."""
 
     input_norm: Tensor
-    qkv: Affine
-    """q_proj, k_proj and v_proj stacked: ((nh + 2 nkv) hs, C)."""
-    o: Affine
+    qkv: Affine | Stacked
+    """q_proj, k_proj and v_proj stacked: ((nh + 2 nkv) hs, C) (their modules where one has a LoRA adapter)."""
+    o: Affine | LoRALinear
     post_norm: Tensor
-    gate_up: Affine
+    gate_up: Affine | Stacked
     """gate_proj and up_proj stacked: (2 I, C)."""
-    down: Affine
+    down: Affine | LoRALinear
     n_head: int
     n_kv_head: int
     head_dim: int
@@ -85,6 +86,10 @@ def _stacked(*linears: nn.Linear) -> Affine | Stacked:
     weight = torch.cat([lin.weight for lin in linears])
     biases = [lin.bias for lin in linears]
     return Affine(weight, None if biases[0] is None else torch.cat(biases))
+
+
+def _affine(linear: nn.Linear) -> Affine | LoRALinear:
+    return linear if isinstance(linear, LoRALinear) else Affine(linear.weight, linear.bias)
 
 
 class RMSNorm(nn.Module):
