@@ -29,13 +29,13 @@ from lmforge.base.tokenizer import train_tokenizer as _train_tokenizer
 from lmforge.commands.evaluate import evaluate_checkpoint
 from lmforge.data.prepare import prepare as _prepare
 from lmforge.data.prepare_classify import prepare_classify
-from lmforge.inference.classifier import load_classifier, predict_texts
+from lmforge.inference.classifier import load_classifier, predict_texts, predict_values
 from lmforge.inference.embedder import Embeddings, embed
 from lmforge.inference.generate import SamplingConfig
 from lmforge.inference.loaded import LoadedModel, load_for_inference
 from lmforge.inference.perplexity import perplexity_report
 from lmforge.inference.text import generate_texts
-from lmforge.models.heads import label_names_of
+from lmforge.models.heads import is_regression, label_names_of
 from lmforge.train.loop import TrainResult
 from lmforge.train.run import run_training
 
@@ -118,13 +118,15 @@ class Model:
         texts = generate_texts(self.loaded, [prompts] if isinstance(prompts, str) else list(prompts), cfg)
         return texts[0] if isinstance(prompts, str) else texts
 
-    def classify(self, texts: str | Sequence[str], *, batch_size: int = 32) -> list[tuple[str, float]]:
-        """(label, probability of that label) for each text."""
+    def classify(self, texts: str | Sequence[str], *, batch_size: int = 32) -> list[tuple[str, float]] | list[float]:
+        """(label, probability of that label) for each text; a regression head's predicted value."""
         if self.kind != "classifier":
             load_classifier(self.path)  # raises the error that names what this checkpoint is
         self.loaded.tokenizer.no_truncation()  # as load_classifier: predict_texts cuts to the context itself
         self.loaded.tokenizer.no_padding()
         texts = [texts] if isinstance(texts, str) else list(texts)
+        if is_regression(self.loaded.architecture):
+            return predict_values(self.loaded, texts, batch_size)
         return predict_texts(self.loaded, label_names_of(self.loaded.architecture), texts, batch_size)
 
     def perplexity(self, files: str | Path | Sequence[str | Path], *, stride: int | None = None,

@@ -120,6 +120,7 @@ def _add_prepare(sub) -> None:
     c.add_argument("--columns", default=None, help="names of the columns of a header-less file, e.g. label,text")
     c.add_argument("--labels", default=None, help="the allowed labels in id order, e.g. ham,spam (default: sorted)")
     c.add_argument("--balance", action="store_true", help="undersample every class to the smallest one")
+    c.add_argument("--regression", action="store_true", help="the label column is a number to predict (model.num_labels: 1)")
     c.add_argument("--max-tokens", type=int, default=None, help="truncate each text to this many tokens")
     p.add_argument("--max-len", type=int, default=None,
                    help="dialogue: keep each dialogue's most recent whole turns within this many "
@@ -145,7 +146,7 @@ def _prepare(args: argparse.Namespace) -> int:
                          val_fraction=0.1 if args.val_fraction is None else args.val_fraction,
                          test_fraction=0.2 if args.test_fraction is None else args.test_fraction,
                          seed=args.seed, balance=args.balance, max_tokens=args.max_tokens,
-                         overwrite=args.overwrite, **fixed)
+                         overwrite=args.overwrite, regression=args.regression, **fixed)
         return 0
     from lmforge.data.prepare import prepare
     prepare(args.task, args.input, args.tokenizer, args.out,

@@ -19,7 +19,7 @@ Task = Literal["lm", "mlm", "classify", "dialogue"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Schedule = Literal["linear", "cosine", "constant"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
-BestMetric = Literal["auto", "val_loss", "val_accuracy"]
+BestMetric = Literal["auto", "val_loss", "val_accuracy", "val_rmse", "val_mae"]
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 """The built-in train.loggers (lmforge.train.trackers)."""
 
@@ -65,6 +65,9 @@ class ModelConfig:
     faster than the tanh form), gelu_new (GPT-2's tanh approximation), relu. A checkpoint keeps its own."""
     init_from: str | None = None
     """A checkpoint folder to start from instead of random weights (fine-tuning)."""
+    num_labels: int | None = None
+    """classify: outputs of the head; null: the data's (its label count, 1 for a folder prepared with
+    --regression). 1 is a regression head (MSE), which needs such a folder."""
 
     def __post_init__(self) -> None:
         _check_finite(self, "model")
@@ -75,6 +78,8 @@ class ModelConfig:
             value = getattr(self, name)
             _check(errors, value is None or value > 0, f"model.{name}", "must be positive")
         _check(errors, self.rope_scaling_factor >= 1.0, "model.rope_scaling_factor", "must be >= 1")
+        _check(errors, self.num_labels is None or self.num_labels >= 1, "model.num_labels",
+               "must be >= 1 (1: regression) or null (the data's)")
         _raise_if(errors)
 
 
@@ -200,8 +205,8 @@ class TrainConfig:
     """Keep only each block's input in the forward and recompute the block in the backward:
     less activation memory for about one more forward pass of compute."""
     best_metric: BestMetric = "auto"
-    """Which validation metric picks the best checkpoint; auto: val_accuracy for classify,
-    val_loss otherwise."""
+    """Which validation metric picks the best checkpoint; auto: val_accuracy for classify (val_rmse
+    on a regression folder), val_loss otherwise."""
     loss_on: Literal["responses", "all"] = "responses"
     """dialogue: which tokens are learned: the replies only (user turns get -100), or all
     tokens of the dialogue, user turns too (as GPT2-chitchat does)."""

@@ -1,4 +1,5 @@
-"""Metrics shared by tasks and evaluation: shifted targets, token accuracy, perplexity."""
+"""Metrics shared by tasks and evaluation: shifted targets, token accuracy, perplexity, a
+classifier's confusion matrix and scores, a regression head's MAE, RMSE and Pearson r."""
 
 from __future__ import annotations
 
@@ -80,3 +81,32 @@ def format_classification(metrics: dict, split: str) -> str:
     for name, row in zip(labels, metrics["confusion"]):
         lines.append(f"  {name:<{width}}" + "".join(f" {count:>9}" for count in row))
     return "\n".join(lines)
+
+
+def regression_sums(predictions: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The sums regression metrics are made of, over a batch of (N,) predictions and targets:
+    summed over batches (and ranks) they give MAE, RMSE and Pearson r (`regression_metrics`)."""
+    wide = torch.float32 if predictions.device.type == "mps" else torch.float64  # MPS has no float64
+    x, y = predictions.detach().to(wide), targets.to(wide)  # (N,), (N,)
+    return {"samples": torch.tensor(float(x.numel()), dtype=wide, device=x.device),
+            "squared_error": (x - y).square().sum(), "absolute_error": (x - y).abs().sum(),
+            "pred_sum": x.sum(), "target_sum": y.sum(), "pred_sq": x.square().sum(),
+            "target_sq": y.square().sum(), "cross": (x * y).sum()}
+
+
+def regression_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """MSE, MAE, RMSE and Pearson r from `regression_sums` (r is NaN when either side is constant)."""
+    n = max(1.0, float(sums["samples"]))
+    mse = float(sums["squared_error"]) / n
+    cov = float(sums["cross"]) - float(sums["pred_sum"]) * float(sums["target_sum"]) / n
+    var_x = float(sums["pred_sq"]) - float(sums["pred_sum"]) ** 2 / n
+    var_y = float(sums["target_sq"]) - float(sums["target_sum"]) ** 2 / n
+    pearson = cov / math.sqrt(var_x * var_y) if var_x > 0 and var_y > 0 else math.nan
+    return {"mse": mse, "mae": float(sums["absolute_error"]) / n, "rmse": math.sqrt(mse),
+            "pearson": max(-1.0, min(1.0, pearson)) if math.isfinite(pearson) else math.nan}
+
+
+def format_regression(metrics: dict, split: str) -> str:
+    """One human line: RMSE, MAE, Pearson r and the loss (MSE) of a regression head."""
+    return (f"{split}: rmse {metrics['rmse']:.4f} | mae {metrics['mae']:.4f} | pearson {metrics['pearson']:.4f} | "
+            f"loss (mse) {metrics['loss']:.4f} | {metrics.get('samples', '?')} texts")

@@ -13,6 +13,11 @@ stratified train/val/test split, and writing one labelled sample per text.
 - `fmt="sms"`: the SMS Spam Collection as distributed (`label<TAB>text`, no header, any file
   name); the same as a header-less `.tsv` with columns ["label", "text"].
 
+`regression=True` reads the label column as a number per text (a target for
+`model.num_labels: 1`): a value that is not a finite number is an error naming the file and line;
+the targets are stored as float32 (meta.json: `problem_type: "regression"`, `label_dtype:
+"float32"`, each split's target mean / std / min / max), and the split is a seeded random one.
+
 Label ids follow `labels` when given (a label outside it is an error naming the line), else the
 sorted label names. The split is stratified: each class is shuffled with the seed and cut by
 the fractions, so every split keeps the class proportions; each split is then shuffled, so the
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 import time
 from collections import Counter
@@ -69,9 +75,12 @@ def prepare_classify(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
                      val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 1337,
                      balance: bool = False, max_tokens: int | None = None,
                      overwrite: bool = False, show_progress: bool = True, val_files: list[Path] | None = None,
-                     test_files: list[Path] | None = None) -> dict:
+                     test_files: list[Path] | None = None, regression: bool = False) -> dict:
     """Read, split and tokenize labelled texts into `out_dir`; returns the meta.json dict."""
     check_numbers(val_fraction, test_fraction)
+    if regression and (labels is not None or balance):
+        raise ValueError(f"{'--labels' if labels is not None else '--balance'} is for class labels; "
+                         "--regression reads a number per text")
     if max_tokens is not None and max_tokens < 2:
         raise ValueError(f"max_tokens must be >= 2 or None, got {max_tokens}")
     if labels is not None and len(set(labels)) != len(labels):
@@ -85,8 +94,10 @@ def prepare_classify(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
     read_options = dict(fmt=fmt, text_column=text_column, label_column=label_column, header=header,
                         columns=columns, allowed=labels)
     with writing_folder(out_dir, paths, overwrite) as tmp:
-        records, label_names, y = _read_labelled(paths, labels, read_options)
-        parts = _split_records(records, y, plan, balance, np.random.default_rng(seed))
+        records, label_names, y = (_read_targets(paths, read_options) if regression
+                                   else _read_labelled(paths, labels, read_options))
+        strata = np.zeros(len(y), dtype=np.int64) if regression else y  # one stratum: a plain random split
+        parts = _split_records(records, strata, plan, balance, np.random.default_rng(seed))
         ids = tokenizer.ids
         wrap = "cls_sep" if ids.cls is not None and ids.sep is not None else "none"
         counts = {}
@@ -97,15 +108,19 @@ def prepare_classify(inputs: list[Path], tokenizer_path: Path, out_dir: Path, *,
             counts[split] = _write_split(tmp, split, tokenizer, samples, y[parts[split]], label_names)
         check_wanted_splits(counts, val_fraction, test_fraction, paths, "labelled texts")
         check_fixed_splits(plan, counts, "labelled texts")
-        _note_missing_labels(counts, label_names, wanted_splits(val_fraction, test_fraction))
+        if not regression:
+            _note_missing_labels(counts, label_names, wanted_splits(val_fraction, test_fraction))
+        target_keys = {"problem_type": "regression", "label_dtype": "float32",
+                       "target_column": str(read_options["label_column"])} if regression else {}
         meta = write_folder_meta(tmp, "classify", tokenizer, paths, counts, seed=seed,
                                  val_fraction=val_fraction, test_fraction=test_fraction,
                                  label_names=label_names, split_sources=plan.sources(), special_wrap=wrap,
                                  records=len(records),
-                                 balanced=balance, max_tokens=max_tokens)
+                                 balanced=balance, max_tokens=max_tokens, **target_keys)
     if show_progress:
         per_split = " / ".join(f"{s} {c['samples']:,}" for s, c in counts.items())
-        print(f"prepared: {len(records):,} labelled texts ({per_split}), labels {label_names} "
+        what = (f"targets mean {y.mean():.4g}, std {y.std():.4g}" if regression else f"labels {label_names}")
+        print(f"prepared: {len(records):,} labelled texts ({per_split}), {what} "
               f"in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
     return meta
 
@@ -126,6 +141,29 @@ def _read_labelled(paths: list[Path], labels: list[str] | None, read_options: di
     return records, label_names, np.array([label_id[r.label] for r in records], dtype=np.int64)
 
 
+def _read_targets(paths: list[Path], read_options: dict) -> tuple[list[Record], None, np.ndarray]:
+    """The records of every file and each one's numeric target (regression); no label names."""
+    records: list[Record] = []
+    for path in paths:
+        records += read_records(path, **read_options)
+    if not records:
+        raise ValueError(f"no labelled rows found in {', '.join(map(str, paths))}")
+    targets = np.empty(len(records), dtype=np.float64)
+    for i, r in enumerate(records):
+        try:
+            targets[i] = float(r.label)
+        except ValueError:
+            targets[i] = math.nan
+        if not math.isfinite(targets[i]):
+            raise ValueError(f"{r.path}: line {r.line}: label {r.label!r} is not a finite number; --regression "
+                             f"reads a number per text from column/field {read_options['label_column']!r}")
+    if abs(targets.mean()) > 10 or targets.std() > 10:
+        print(f"note: the targets have mean {targets.mean():.4g} and std {targets.std():.4g}; the regression "
+              "head starts near 0 and trains best on targets of about unit scale (standardize them)",
+              file=sys.stderr)
+    return records, None, targets
+
+
 def _split_records(records: list[Record], y: np.ndarray, plan: SplitPlan, balance: bool,
                    rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Record indices per split: the inputs' balanced (if asked) and stratified, the fixed files'
@@ -140,11 +178,18 @@ def _split_records(records: list[Record], y: np.ndarray, plan: SplitPlan, balanc
 
 
 def _write_split(folder: Path, split: str, tokenizer: OpenTokenizer, samples: list[list[int]],
-                 y: np.ndarray, label_names: list[str]) -> dict:
-    """Write one split's labelled samples; its counts for meta.json, examples per label included."""
-    with TokenStoreWriter(folder, split, tokenizer.vocab_size, labelled=True) as writer:
+                 y: np.ndarray, label_names: list[str] | None) -> dict:
+    """Write one split's labelled samples; its counts for meta.json, examples per label (or the
+    targets' mean, std, min and max: regression) included."""
+    regression = label_names is None
+    with TokenStoreWriter(folder, split, tokenizer.vocab_size, labelled=True,
+                          label_dtype="float32" if regression else "int64") as writer:
         for sample, label in zip(samples, y.tolist()):
             writer.add(sample, label)
+    if regression:
+        stats = {f"target_{k}": float(f(y)) if len(y) else None
+                 for k, f in (("mean", np.mean), ("std", np.std), ("min", np.min), ("max", np.max))}
+        return {**split_counts(folder, split), **stats}
     return {**split_counts(folder, split),
             "labels": {label_names[k]: int(v) for k, v in sorted(Counter(y.tolist()).items())}}
 

@@ -5,7 +5,8 @@ A data folder holds, per split (train, val, optional test):
 - `{split}.bin`: all token ids concatenated, little-endian uint16 when the vocabulary fits
   (vocab_size <= 65535), else uint32;
 - `{split}.idx`: int64 offsets, samples + 1 of them: sample i is bin[idx[i]:idx[i+1]];
-- `{split}.labels`: int64, one per sample, only when samples carry labels;
+- `{split}.labels`: int64, one per sample, only when samples carry labels; float32 for a
+  regression folder (meta.json's `label_dtype: "float32"`, `problem_type: "regression"`);
 - `{split}.roles`: dialogue folders only: uint8, one role per token of `{split}.bin`
   (`RolesWriter`, `read_roles`);
 
@@ -36,6 +37,16 @@ _FLUSH_TOKENS = 1 << 20  # buffered token ids before a write
 _COPY_TOKENS = 1 << 24  # tokens per chunk when moving tokens between split files
 ROLES_FILE = "{split}.roles"  # named in a dialogue folder's meta.json
 ROLES_DTYPE = np.dtype(np.uint8)
+LABEL_DTYPES = {"int64": np.dtype("<i8"), "float32": np.dtype("<f4")}  # meta.json's label_dtype (default int64)
+
+
+def label_dtype(meta: dict) -> np.dtype:
+    """The dtype of the `{split}.labels` files of a folder with this meta.json."""
+    name = meta.get("label_dtype", "int64")
+    if name not in LABEL_DTYPES:
+        raise ValueError(f"meta.json: label_dtype {name!r} is not one of {', '.join(LABEL_DTYPES)}; "
+                         "prepare the data again")
+    return LABEL_DTYPES[name]
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
@@ -50,10 +61,12 @@ class TokenStoreWriter:
 
     `add(ids, label)` writes one sample. For a sample too long to hold at once, call
     `write(ids)` for each part and then `end_sample(label)`. `labelled=True` writes a
-    `{split}.labels` even when the split stays empty (else the first sample decides).
+    `{split}.labels` even when the split stays empty (else the first sample decides);
+    `label_dtype` "float32" stores regression targets in place of label ids.
     """
 
-    def __init__(self, out_dir: Path, split: str, vocab_size: int, *, labelled: bool | None = None) -> None:
+    def __init__(self, out_dir: Path, split: str, vocab_size: int, *, labelled: bool | None = None,
+                 label_dtype: str = "int64") -> None:
         self.out_dir = Path(out_dir)
         self.split = split
         self.vocab_size = vocab_size
@@ -66,7 +79,8 @@ class TokenStoreWriter:
         self._buf: list[np.ndarray] = []
         self._buf_tokens = 0
         self._offsets: list[int] = [0]
-        self._labels: list[int] = []
+        self._labels: list[int | float] = []
+        self._label_dtype = LABEL_DTYPES[label_dtype]
         self._labelled: bool | None = labelled  # else decided by the first sample
         self._tokens = 0  # tokens written or buffered
         self._samples = 0
@@ -94,13 +108,14 @@ class TokenStoreWriter:
         if self._buf_tokens >= _FLUSH_TOKENS:
             self._flush()
 
-    def end_sample(self, label: int | None = None) -> None:
-        """End the current sample (it may be empty) with an optional integer label."""
+    def end_sample(self, label: int | float | None = None) -> None:
+        """End the current sample (it may be empty) with an optional label (a float target
+        when the writer's label_dtype is float32)."""
         assert not self._closed, "writer already closed"
         self._check_label(label)
         self._labelled = label is not None
         if label is not None:
-            self._labels.append(int(label))
+            self._labels.append(float(label) if self._label_dtype.kind == "f" else int(label))
         self._offsets.append(self._tokens)
         self._last_end = self._tokens
         self._samples += 1
@@ -114,7 +129,7 @@ class TokenStoreWriter:
                              f"{'has no label' if label is None else 'has a label'} but earlier "
                              f"samples {'do' if self._labelled else 'do not'}; label all or none")
 
-    def add(self, ids: Sequence[int] | np.ndarray, label: int | None = None) -> None:
+    def add(self, ids: Sequence[int] | np.ndarray, label: int | float | None = None) -> None:
         """Write one whole sample."""
         self._check_label(label)
         self.write(ids)
@@ -150,7 +165,7 @@ class TokenStoreWriter:
         if self._labels:
             if self._labels_file is None:
                 self._labels_file = open(self._labels_path, "wb")
-            np.asarray(self._labels, dtype="<i8").tofile(self._labels_file)
+            np.asarray(self._labels, dtype=self._label_dtype).tofile(self._labels_file)
             self._labels = []
 
     def close(self) -> dict[str, int]:
@@ -272,7 +287,7 @@ class TokenStore:
         self.tokens: np.ndarray = _memmap(self.data_dir / f"{split}.bin", dtype)
         self.offsets: np.ndarray = _memmap(self.data_dir / f"{split}.idx", np.dtype("<i8"))
         labels_path = self.data_dir / f"{split}.labels"
-        self.labels: np.ndarray | None = (_memmap(labels_path, np.dtype("<i8"))
+        self.labels: np.ndarray | None = (_memmap(labels_path, label_dtype(self.meta))
                                           if labels_path.exists() else None)
         check_offsets(self.data_dir / f"{split}.idx", self.offsets, len(self.tokens))
         n = len(self.offsets) - 1
@@ -287,7 +302,12 @@ class TokenStore:
         if self.labels is None:
             return
         labels_path = self.data_dir / f"{self.split}.labels"
-        if isinstance(self.meta.get("label_names"), list):
+        if self.labels.dtype.kind == "f":
+            bad = np.flatnonzero(~np.isfinite(self.labels))
+            if len(bad):
+                raise ValueError(f"{labels_path}: target {self.labels[bad[0]]} of sample {int(bad[0])} is not "
+                                 "finite (file damaged); prepare the data again")
+        elif isinstance(self.meta.get("label_names"), list):
             check_labels(labels_path, self.labels, len(self.meta["label_names"]), "label names")
         elif isinstance(self.meta.get("paragraphs"), dict) and self.split in self.meta["paragraphs"]:
             check_labels(labels_path, self.labels, int(self.meta["paragraphs"][self.split]),

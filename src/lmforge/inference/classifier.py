@@ -1,6 +1,7 @@
 """Using a fine-tuned classifier: `load_classifier` (a checkpoint and its label names) and
 `predict_texts` (label and probability per text, encoded as `prepare --task classify` does),
-`class_probabilities` (every label's probability)."""
+`class_probabilities` (every label's probability); for a regression head (no label names)
+`predict_values` (the predicted number per text)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from lmforge.inference.checks import check_count, check_text
 from lmforge.inference.loaded import LoadedModel, load_for_inference
-from lmforge.models.heads import label_names_of
+from lmforge.models.heads import is_regression, label_names_of
 
 
 def load_classifier(checkpoint: str | Path, device: str = "auto") -> tuple[LoadedModel, list[str]]:
@@ -31,13 +32,29 @@ def predict_texts(loaded: LoadedModel, label_names: list[str], texts: list[str],
 
     An empty text is classified too (GPT: the end-of-text token alone; BERT: `[CLS] [SEP]`), so
     result i is always text i."""
+    if is_regression(loaded.architecture):
+        raise ValueError(f"{loaded.path}: a regression head predicts a number, not a label; use predict_values")
     probs, best = class_probabilities(loaded, texts, batch_size).max(dim=-1)  # (N,), (N,)
     return [(label_names[k], float(p)) for k, p in zip(best.tolist(), probs.tolist())]
 
 
-@torch.inference_mode()
+def predict_values(loaded: LoadedModel, texts: list[str], batch_size: int = 32) -> list[float]:
+    """The predicted number for every text under a regression head (`prepare --regression`)."""
+    if not is_regression(loaded.architecture):
+        raise ValueError(f"{loaded.path}: a classifier for labels {label_names_of(loaded.architecture)}, "
+                         "not a regression head; use predict_texts")
+    return head_outputs(loaded, texts, batch_size)[:, 0].tolist()
+
+
 def class_probabilities(loaded: LoadedModel, texts: list[str], batch_size: int = 32) -> torch.Tensor:
     """The probability of every label for every text, (N, labels) in float32 on the CPU."""
+    return head_outputs(loaded, texts, batch_size).softmax(dim=-1)  # (N, L)
+
+
+@torch.inference_mode()
+def head_outputs(loaded: LoadedModel, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+    """The head's outputs (logits; a regression head's value) for every text, (N, num_labels)
+    float32 on the CPU."""
     check_count(batch_size, "batch_size")
     for i, text in enumerate(texts):
         check_text(text, f"text {i + 1}")
@@ -59,5 +76,5 @@ def class_probabilities(loaded: LoadedModel, texts: list[str], batch_size: int =
             input_ids[i, :len(ids)] = torch.tensor(ids)
             mask[i, :len(ids)] = 1
         logits = loaded.model(input_ids.to(loaded.device), attention_mask=mask.to(loaded.device))  # (B, L)
-        results.append(logits.float().softmax(dim=-1).cpu())  # (B, L)
+        results.append(logits.float().cpu())  # (B, L)
     return torch.cat(results) if results else torch.zeros((0, int(loaded.architecture["num_labels"])))

@@ -12,7 +12,8 @@ export of the backbone stays a key map), plus a linear `classifier` on one vecto
 A classifier checkpoint's config.json (`classifier_architecture`; the registry builds the model
 from it) is `{"model_type": "classifier", "vocab_size", "num_labels",
 "label_names", "pooling", "dropout", "head_bias", "backbone": {...the backbone's own config.json...}}`.
-`head_bias` is false for the last-token head (as transformers' `score`), true on BERT's pooler
+A regression head (`problem_type: "regression"`) has `num_labels` 1, no `label_names`, and its one
+output is the predicted value. `head_bias` is false for the last-token head (as transformers' `score`), true on BERT's pooler
 and in checkpoints from before the field.
 
 `apply_trainable` freezes parameters for `train.trainable`: "all", "head" (the classifier only)
@@ -41,8 +42,8 @@ class SequenceClassifier(nn.Module):
         super().__init__()
         if pooling not in ("last", "cls"):
             raise ValueError(f"pooling {pooling!r}: choose 'last' (GPT) or 'cls' (BERT)")
-        if num_labels < 2:
-            raise ValueError(f"num_labels={num_labels}: a classifier needs at least 2 labels")
+        if num_labels < 1:
+            raise ValueError(f"num_labels={num_labels}: a head needs at least 1 output (1: regression)")
         self.backbone = backbone
         self.pooling = pooling
         self.num_labels = num_labels
@@ -150,18 +151,25 @@ def _freeze_pretraining_heads(model: SequenceClassifier) -> None:
 # -------------------------------------------------------------------- architecture (config.json)
 
 
-def classifier_architecture(backbone_arch: dict, label_names: list[str], pooling: str | None = None,
+def classifier_architecture(backbone_arch: dict, label_names: list[str] | None, pooling: str | None = None,
                             dropout: float = 0.0) -> dict:
-    """The config.json of a classifier on a backbone whose own config.json is `backbone_arch`."""
+    """The config.json of a classifier on a backbone whose own config.json is `backbone_arch`;
+    `label_names` None: a regression head (one output, `problem_type: "regression"`)."""
     kind = backbone_arch.get("model_type")
     if kind not in POOLING:
         raise ValueError(f"model_type {kind!r} cannot be a classification backbone "
                          f"(valid: {', '.join(POOLING)})")
     pooling = pooling or POOLING[kind]
     # the last-token head has no bias, as transformers' GPT2/Llama ForSequenceClassification `score`
-    return {"model_type": "classifier", "vocab_size": backbone_arch["vocab_size"],
-            "num_labels": len(label_names), "label_names": list(label_names), "pooling": pooling,
+    labels = {"num_labels": 1, "problem_type": "regression"} if label_names is None else \
+        {"num_labels": len(label_names), "label_names": list(label_names)}
+    return {"model_type": "classifier", "vocab_size": backbone_arch["vocab_size"], **labels, "pooling": pooling,
             "dropout": dropout, "head_bias": pooling == "cls", "backbone": dict(backbone_arch)}
+
+
+def is_regression(arch: dict) -> bool:
+    """Whether a classifier's config.json is a regression head's (one output: the value)."""
+    return arch.get("model_type") == "classifier" and arch.get("problem_type") == "regression"
 
 
 def backbone_config(arch: dict) -> dict:
@@ -171,6 +179,9 @@ def backbone_config(arch: dict) -> dict:
 
 
 def label_names_of(arch: dict) -> list[str]:
-    """The label names a classifier checkpoint predicts (ids as names when none were saved)."""
+    """The label names a classifier checkpoint predicts (ids as names when none were saved; none
+    for a regression head)."""
+    if is_regression(arch):
+        return []
     names = arch.get("label_names")
     return list(names) if names else [str(i) for i in range(int(arch["num_labels"]))]

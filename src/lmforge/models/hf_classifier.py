@@ -5,8 +5,9 @@ lmforge's `SequenceClassifier` keeps its backbone under `backbone.` and its head
 transformers keeps the backbone under its own prefix (`transformer.`, `bert.`, `model.`) and the
 head as `score` (GPT-2, Llama: no bias, the hidden state at the last token that is not padding)
 or `classifier` (BERT: with a bias, on the pooler's output). The backbone's names go through the
-backbone's own map (`lmforge.models.hf`, `hf_llama`). Labels travel as `id2label` / `label2id`
-(`problem_type: regression` is refused: lmforge has no regression head).
+backbone's own map (`lmforge.models.hf`, `hf_llama`). Labels travel as `id2label` / `label2id`;
+a regression head as `problem_type: "regression"` with `num_labels` 1 and no labels (a
+transformers head of one output without a problem_type is one too: transformers trains it so).
 
 A transformers folder whose head is not a sequence classifier's (question answering, token
 classification) imports as its backbone: `head_keys` names the weights left behind, so that
@@ -51,13 +52,20 @@ def label_names_from_hf(hf_config: dict, num_labels: int) -> list[str]:
 def classifier_arch_from_hf(hf_config: dict, backbone_arch: dict) -> dict:
     """The lmforge classifier config.json for a transformers *ForSequenceClassification config."""
     kind = backbone_arch["model_type"]
-    if hf_config.get("problem_type") == "regression":
-        raise ValueError("problem_type regression: lmforge's classifiers predict labels; a regression head "
-                         "is not supported by this version")
+    problem = hf_config.get("problem_type")
     num_labels = int(hf_config.get("num_labels") or len(hf_config.get("id2label") or {}) or 2)
-    return {"model_type": "classifier", "vocab_size": backbone_arch["vocab_size"], "num_labels": num_labels,
-            "label_names": label_names_from_hf(hf_config, num_labels), "pooling": "cls" if kind == "bert" else "last",
-            "dropout": 0.0, "head_bias": kind == "bert", "backbone": dict(backbone_arch)}
+    if problem not in (None, "regression", "single_label_classification"):
+        raise ValueError(f"problem_type {problem!r}: lmforge's classifiers pick one label per text or predict "
+                         "one number (regression); a multi-label head is not supported by this version")
+    if problem == "regression" and num_labels != 1:
+        raise ValueError(f"problem_type regression with num_labels={num_labels}: lmforge's regression head "
+                         "predicts one number per text")
+    labels = {"num_labels": 1, "problem_type": "regression"} if num_labels == 1 and problem != \
+        "single_label_classification" else {"num_labels": num_labels,
+                                            "label_names": label_names_from_hf(hf_config, num_labels)}
+    return {"model_type": "classifier", "vocab_size": backbone_arch["vocab_size"], **labels,
+            "pooling": "cls" if kind == "bert" else "last", "dropout": 0.0, "head_bias": kind == "bert",
+            "backbone": dict(backbone_arch)}
 
 
 def classifier_mapper(kind: str, backbone_mapper):
@@ -89,7 +97,6 @@ def classifier_to_hf(arch: dict, state: dict[str, Tensor], backbone_config: dict
     from its backbone's own transformers config and weights (its pretraining heads left out)."""
     backbone = arch["backbone"]
     kind = backbone["model_type"]
-    labels = list(arch.get("label_names") or [str(i) for i in range(int(arch["num_labels"]))])
     head = SCORE_HEAD[kind]
     weights = {k: v for k, v in backbone_weights.items() if not k.startswith(("cls.", "lm_head."))}
     weights[f"{head}.weight"] = state["classifier.weight"].contiguous().clone()
@@ -101,9 +108,13 @@ def classifier_to_hf(arch: dict, state: dict[str, Tensor], backbone_config: dict
                          "lacks; it cannot be exported exactly (classifiers made by this version of lmforge "
                          "have none)")
     prefix = {"gpt": "GPT2", "bert": "Bert", "llama": _llama_class(backbone_config)}[kind]
-    config = dict(backbone_config, architectures=[f"{prefix}ForSequenceClassification"], num_labels=len(labels),
-                  id2label={str(i): name for i, name in enumerate(labels)},
-                  label2id={name: i for i, name in enumerate(labels)})
+    if arch.get("problem_type") == "regression":
+        head_config = {"num_labels": 1, "problem_type": "regression"}
+    else:
+        labels = list(arch.get("label_names") or [str(i) for i in range(int(arch["num_labels"]))])
+        head_config = {"num_labels": len(labels), "id2label": {str(i): name for i, name in enumerate(labels)},
+                       "label2id": {name: i for i, name in enumerate(labels)}}
+    config = dict(backbone_config, architectures=[f"{prefix}ForSequenceClassification"], **head_config)
     if kind != "bert" and config.get("pad_token_id") is None:
         raise ValueError("this classifier's tokenizer has no padding token; transformers' "
                          f"{prefix}ForSequenceClassification finds each text's last token by it")

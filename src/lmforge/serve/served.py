@@ -20,7 +20,7 @@ from lmforge.inference.chat_format import ChatFormat, chat_format_for
 from lmforge.inference.loaded import LoadedModel, load_for_inference
 from lmforge.inference.scheduler import Scheduler
 from lmforge.models.decoding import CAUSAL_LMS
-from lmforge.models.heads import label_names_of
+from lmforge.models.heads import is_regression, label_names_of
 
 GENERATES = ("chat", "completions", "embeddings")
 KINDS = {"gpt": GENERATES, "llama": GENERATES, "bert": ("embeddings",), "classifier": ("classify",)}
@@ -91,6 +91,9 @@ def load_served(spec: str, device: str = "auto", max_batch: int = 16) -> ServedM
     name, path = split_spec(spec)
     loaded = load_for_inference(path, device)
     kind = loaded.architecture.get("model_type")
+    if is_regression(loaded.architecture):
+        raise ValueError(f"{loaded.path}: a regression head (one number per text); serving one is not supported "
+                         "by this version: use `lmforge classify` or lmforge.load(...).classify")
     if kind == "classifier":
         loaded.tokenizer.no_truncation()  # as load_classifier: texts are cut to the context by hand
         loaded.tokenizer.no_padding()

@@ -13,6 +13,7 @@ classifier) runs the one evaluation loop of `lmforge.train.evaluate`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,7 +32,8 @@ from lmforge.train.tasks import StepStats, Task
 
 
 class ClassifyDataset(Dataset):
-    """Item i = {"input_ids": LongTensor(n), "label": LongTensor()}, cut to `context` tokens.
+    """Item i = {"input_ids": LongTensor(n), "label": LongTensor()} (a float32 target for a
+    regression folder), cut to `context` tokens.
 
     A `[CLS] ... [SEP]` sample (wrap "cls_sep") that is too long keeps its final [SEP].
     """
@@ -50,7 +52,10 @@ class ClassifyDataset(Dataset):
         if len(ids) > self.context:
             ids = np.append(ids[:self.context - 1], self.sep_id) if self.wrap == "cls_sep" \
                 else ids[:self.context]
-        return {"input_ids": torch.from_numpy(ids), "label": torch.tensor(int(self.store.labels[i]))}
+        label = self.store.labels[i]
+        target = torch.tensor(float(label), dtype=torch.float32) if self.store.labels.dtype.kind == "f" \
+            else torch.tensor(int(label))
+        return {"input_ids": torch.from_numpy(ids), "label": target}
 
 
 class ClassifyTask(Task):
@@ -70,6 +75,14 @@ class ClassifyTask(Task):
         if len(self.label_names) < 2:
             raise ValueError(f"{cfg.data.path}/meta.json: no label_names; prepare the data again "
                              "with `lmforge prepare --task classify`")
+        wanted = cfg.model.num_labels
+        if wanted == 1:
+            raise ValueError(f"model.num_labels=1 is a regression head, but {cfg.data.path} holds class labels "
+                             f"{self.label_names}; prepare numeric targets with `lmforge prepare --task classify "
+                             "--regression`, or leave model.num_labels unset")
+        if wanted is not None and wanted != len(self.label_names):
+            raise ValueError(f"model.num_labels={wanted}, but {cfg.data.path} has {len(self.label_names)} labels "
+                             f"{self.label_names}; leave model.num_labels unset to take the data's")
         self.pad_id = int(meta["special_ids"].get("pad") or 0)
         self.wrap = meta.get("special_wrap", "none")
         self.sep_id = meta["special_ids"].get("sep")
@@ -117,27 +130,44 @@ class ClassifyTask(Task):
 
     def final_report(self, model: nn.Module, rt, log, position: dict) -> dict[str, dict]:
         """Full-split metrics of the best checkpoint (else the final weights), logged as `final` events."""
-        best = self.cfg.run_dir / "checkpoints" / "best"
-        which = "final weights"
-        if (best / "manifest.json").exists():
-            model, _ = load_model(best, device=rt.device)
-            which = f"best checkpoint (step {read_manifest(best).get('step')})"
-        log.line(f"final metrics of the {which}:")
-        results = {}
-        for split in dict.fromkeys(["train", self.cfg.data.val_split, "test"]):
-            if not (Path(self.cfg.data.path) / f"{split}.bin").exists():
-                continue
-            metrics = evaluate_split(model, self, self.dataset(split), self.cfg.train.batch_size, rt)
-            if metrics is None:
-                continue
-            results[split] = metrics
-            log.event("final", split=split, **position, **metrics)
-            log.line(format_classification(metrics, split))
-        return results
+        return final_splits_report(self, model, rt, log, position, format_classification)
+
+    def full_metrics(self, model: nn.Module, dataset, batch_size: int, rt) -> dict | None:
+        """The metrics of all of `dataset` (`evaluate_split`)."""
+        return _classification_split(model, self, dataset, batch_size, rt)
 
 
-def evaluate_split(model: nn.Module, task: ClassifyTask, dataset, batch_size: int, rt) -> dict | None:
-    """Loss, accuracy, per-class precision/recall/F1 and the confusion matrix over all of `dataset`."""
+def final_splits_report(task, model: nn.Module, rt, log, position: dict,
+                        format_split: Callable[[dict, str], str]) -> dict[str, dict]:
+    """`task.full_metrics` of train, val and test under the best checkpoint (else the final weights),
+    logged as `final` events and as `format_split`'s lines."""
+    cfg = task.cfg
+    best = cfg.run_dir / "checkpoints" / "best"
+    which = "final weights"
+    if (best / "manifest.json").exists():
+        model, _ = load_model(best, device=rt.device)
+        which = f"best checkpoint (step {read_manifest(best).get('step')})"
+    log.line(f"final metrics of the {which}:")
+    results = {}
+    for split in dict.fromkeys(["train", cfg.data.val_split, "test"]):
+        if not (Path(cfg.data.path) / f"{split}.bin").exists():
+            continue
+        metrics = task.full_metrics(model, task.dataset(split), cfg.train.batch_size, rt)
+        if metrics is None:
+            continue
+        results[split] = metrics
+        log.event("final", split=split, **position, **metrics)
+        log.line(format_split(metrics, split))
+    return results
+
+
+def evaluate_split(model: nn.Module, task, dataset, batch_size: int, rt) -> dict | None:
+    """All of `dataset` under a classify task: loss, accuracy, per-class precision/recall/F1 and the
+    confusion matrix; for a regression folder's task (`task_regress`) MSE, MAE, RMSE and Pearson r."""
+    return task.full_metrics(model, dataset, batch_size, rt)
+
+
+def _classification_split(model: nn.Module, task: ClassifyTask, dataset, batch_size: int, rt) -> dict | None:
     if len(dataset) == 0:
         return None
     num_labels = len(task.label_names)

@@ -125,6 +125,8 @@ TASKS = {"lm": "lmforge.train.task_lm:LMTask"}
 TASKS["classify"] = "lmforge.train.task_classify:ClassifyTask"
 TASKS["dialogue"] = "lmforge.train.task_dialogue:DialogueTask"
 TASKS["mlm"] = "lmforge.train.task_mlm:MLMTask"
+# A task's variant for data whose meta.json names a problem_type (train.task stays the data's task).
+VARIANTS = {("classify", "regression"): "lmforge.train.task_regress:RegressTask"}
 
 
 def task_class(name: str) -> type[Task]:
@@ -154,6 +156,10 @@ def task_for_data(cfg: Config, meta: dict) -> type[Task]:
         raise ValueError(f"{cfg.data.path}: the data was prepared for task {meta.get('task')!r}, "
                          f"but train.task={name!r}; prepare it with --task {name} "
                          "or set train.task to match")
+    variant = VARIANTS.get((name, meta.get("problem_type")))
+    if variant is not None:
+        module_name, _, class_name = variant.partition(":")
+        return getattr(importlib.import_module(module_name), class_name)
     return task_class(name)
 
 
