@@ -217,7 +217,7 @@ class TrainConfig:
     own environment variables point elsewhere; one that fails is a warning, never a lost run."""
     eval_at_start: bool = False
     """Evaluate once before the first step: the untrained model's validation loss at step 0
-    (logged and tracked; it picks no best checkpoint)."""
+    (logged and tracked; the untrained model is the first candidate for the best checkpoint)."""
 
     def __post_init__(self) -> None:
         _check_finite(self, "train")

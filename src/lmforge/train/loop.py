@@ -191,7 +191,7 @@ class Trainer:
         self.counters = DeviceCounters(self.rt.device, self.state.non_finite_in_row) if deferred else None
         self.last_eval, self.last_eval_step, self.last_saved = {}, -1, self.state.step
         if self.cfg.train.eval_at_start and not self.state.step:  # the untrained model's numbers, at step 0
-            self.last_eval = self.validate("eval", pick_best=False)
+            self.last_eval = self.validate("eval")
         now = time.perf_counter()
         self.session = (self.state.step, now)  # for the ETA
         self.start_time = now - self.state.elapsed
@@ -316,10 +316,9 @@ class Trainer:
         fault_point(f"after_step_{state.step}")
         return None
 
-    def validate(self, kind: str, pick_best: bool = True) -> dict:
+    def validate(self, kind: str) -> dict:
         """Validation metrics now ({} without validation samples), logged; saves `best` when
-        train.best_metric improved (pick_best=False: train.eval_at_start, the untrained model's
-        numbers, choose nothing and save nothing)."""
+        train.best_metric improved (at step 0 too, with train.eval_at_start)."""
         state, t, task = self.state, self.cfg.train, self.task
         self.last_eval_step = state.step
         result = evaluate(self.forward_model, task, self.val_ds, t.batch_size, t.eval_batches, self.rt)
@@ -333,8 +332,6 @@ class Trainer:
             self.log.event(kind, split="train", **where, **on_train)
         self.log.line(format_eval_line(kind, state.step, result, task.reports_perplexity,
                                        task.console_extras(result), on_train))
-        if not pick_best:
-            return result
         state.best_val_loss = min(state.best_val_loss, result["loss"])
         score = best_score(self.cfg, task, result)
         if score < state.best_score:

@@ -100,16 +100,55 @@ def plain_model(model: nn.Module, arch: dict, rt: Runtime) -> nn.Module | None:
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Optimizer state keyed by parameter names, the same whatever the world size."""
+    """Optimizer state keyed by parameter names, the same whatever the world size.
+
+    Before the first step there is no state, and it is saved empty: torch's state-dict helper
+    would first create one with a step on zero gradients, so every step count would start at 1
+    and the first real update (its bias correction) would differ from a run that never saved."""
+    if not optimizer.state:  # the same on every rank: all of them step together
+        return {"state": {}, "param_groups": _named_groups(model, optimizer)}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     return get_optimizer_state_dict(unwrap_for_state(model), optimizer,
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a state saved by `full_optimizer_state`; a parameter it holds no state for has none
+    afterwards (as in the run that saved it), whatever torch's loader created for it."""
+    if not state.get("state"):  # saved before the first step: the hyperparameters alone
+        groups = _indexed_groups(model, optimizer, state.get("param_groups", []))
+        optimizer.load_state_dict({"state": {}, "param_groups": groups})
+        return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(unwrap_for_state(model), optimizer, state,
-                             options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(unwrap_for_state(model), optimizer, state,  # strict: no state for every parameter
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+    for name, param in unwrap_for_state(model).named_parameters():
+        if name not in state["state"]:
+            optimizer.state.pop(param, None)
+
+
+def _named_groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict]:
+    """The optimizer's parameter groups as its state dict has them, parameters by name."""
+    names = {param: name for name, param in unwrap_for_state(model).named_parameters()}
+    saved = optimizer.state_dict()["param_groups"]
+    return [{**group, "params": [names[p] for p in live["params"]]}
+            for group, live in zip(saved, optimizer.param_groups)]
+
+
+def _indexed_groups(model: nn.Module, optimizer: torch.optim.Optimizer, saved: list[dict]) -> list[dict]:
+    """Saved parameter groups (parameters by name) with the indices this optimizer's state dict
+    uses, after checking that every group holds the same parameters."""
+    current = _named_groups(model, optimizer)
+    if len(saved) != len(current):
+        raise ValueError(f"optimizer state: {len(saved)} parameter groups saved, the optimizer has {len(current)}")
+    indices = optimizer.state_dict()["param_groups"]
+    for i, (group, now) in enumerate(zip(saved, current)):
+        missing, extra = set(group["params"]) - set(now["params"]), set(now["params"]) - set(group["params"])
+        if missing or extra:
+            raise ValueError(f"optimizer state: parameter group {i} was saved with parameters this model does "
+                             f"not train ({', '.join(sorted(missing)) or 'none'}) and without some it trains "
+                             f"({', '.join(sorted(extra)) or 'none'})")
+    return [{**group, "params": ids["params"]} for group, ids in zip(saved, indices)]
 
 
 class NamedOptimizerState:
