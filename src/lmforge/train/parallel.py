@@ -120,7 +120,7 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
         optimizer.load_state_dict({"state": {}, "param_groups": groups})
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(unwrap_for_state(model), optimizer, state,  # strict: no state for every parameter
+    set_optimizer_state_dict(unwrap_for_state(model), optimizer, state,  # not strict: some may have no state
                              options=StateDictOptions(full_state_dict=True, strict=False))
     for name, param in unwrap_for_state(model).named_parameters():
         if name not in state["state"]:
