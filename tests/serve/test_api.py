@@ -12,6 +12,7 @@ from lmforge.inference.chat_session import decode_text
 from lmforge.inference.classifier import class_probabilities
 from lmforge.inference.embedder import embed
 from lmforge.inference.generate import SamplingConfig, generate
+from serve_fixtures import serve_checkpoints, server  # noqa: F401  (fixtures, imported by name: a conftest.py here would shadow tests/conftest.py)
 
 MESSAGES = [{"role": "user", "content": "good morning, my lord"},
             {"role": "assistant", "content": "what news?"},

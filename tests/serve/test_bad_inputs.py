@@ -10,6 +10,7 @@ import pytest
 from lmforge.serve.served import load_served
 from lmforge.serve.server import ServerThread
 from lmforge.serve.state import ServerState
+from serve_fixtures import serve_checkpoints, server  # noqa: F401  (fixtures, imported by name: a conftest.py here would shadow tests/conftest.py)
 
 CHAT = {"model": "bot", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0}
 LONG = " ".join(["king"] * 80)  # more tokens than the context of 64

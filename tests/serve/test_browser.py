@@ -8,6 +8,7 @@ import shutil
 import time
 
 import pytest
+from serve_fixtures import serve_checkpoints, server  # noqa: F401  (fixtures, imported by name: a conftest.py here would shadow tests/conftest.py)
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
 

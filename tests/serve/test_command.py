@@ -20,6 +20,7 @@ from lmforge.checkpoint import save_checkpoint
 from lmforge.cli import main
 from lmforge.commands.serve import is_local
 from lmforge.models.gpt import GPT, GPTConfig
+from serve_fixtures import serve_checkpoints, server  # noqa: F401  (fixtures, imported by name: a conftest.py here would shadow tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

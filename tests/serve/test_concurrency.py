@@ -8,6 +8,7 @@ import time
 
 import httpx
 import openai
+from serve_fixtures import serve_checkpoints, server  # noqa: F401  (fixtures, imported by name: a conftest.py here would shadow tests/conftest.py)
 
 PROMPTS = [f"{word} and the {other}" for word, other in zip(
     ["king", "queen", "lord", "lady", "duke", "night", "day", "love", "war", "peace", "sword", "crown", "heart",
