@@ -125,11 +125,11 @@ def _add_prepare(sub) -> None:
     p.add_argument("--max-len", type=int, default=None,
                    help="dialogue: keep each dialogue's most recent whole turns within this many "
                         "tokens (default: keep all; training trims to the model context anyway)")
-    p.set_defaults(run=_prepare)
-
     p.add_argument("--chat-format", choices=["auto", "template", "chitchat"], default="auto",
                    help="dialogue: auto renders with the tokenizer folder's chat template when it has one "
                         "(loss on the assistant's turns), else GPT2-chitchat's [CLS] u1 [SEP] u2 [SEP]")
+    p.set_defaults(run=_prepare)
+
 
 def _prepare(args: argparse.Namespace) -> int:
     for split in ("val", "test"):
@@ -231,11 +231,11 @@ def _add_chat(sub) -> None:
                    help="turns in the context, the new one included (GPT2-chitchat: 3)")
     p.add_argument("--transcript", type=Path, default=None,
                    help="save the conversation here when the chat ends (.txt, or .jsonl as messages)")
-    p.set_defaults(run=_chat)
-
     p.add_argument("--chat-format", choices=["auto", "template", "chitchat"], default="auto",
                    help="auto: the checkpoint's chat template when it has one, else GPT2-chitchat's format")
     p.add_argument("--system", default=None, help="a system message put before the conversation")
+    p.set_defaults(run=_chat)
+
 
 def _chat(args: argparse.Namespace) -> int:
     from lmforge.commands.chat import run_chat
