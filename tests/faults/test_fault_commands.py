@@ -274,7 +274,7 @@ def test_unknown_device_names_the_choices(models, command: str, monkeypatch):
 
 
 def test_embed_on_a_classifier_says_what_embed_takes(models):
-    _refused(["embed", str(models["clf"]), "hello"], "classifier", "BERT or GPT")
+    _refused(["embed", str(models["clf"]), "hello"], "classifier", "BERT, GPT or Llama")
 
 
 def test_embed_bert_without_cls_and_sep_is_a_clear_error(models):
