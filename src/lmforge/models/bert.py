@@ -31,6 +31,7 @@ from lmforge.models.activations import ACTIVATIONS
 from lmforge.models.arch_config import checked_fields
 from lmforge.ops.attention import attend_projections
 from lmforge.ops.dropout import Dropout
+from lmforge.models.init import init_normal
 
 # vocab_size comes from the tokenizer; intermediate_size defaults to 4 * n_embd.
 BERT_PRESETS: dict[str, dict[str, int]] = {
@@ -261,15 +262,8 @@ class Bert(nn.Module):
         self.config = config
         self.bert = BertBody(config)
         self.cls = BertPreTrainingHeads(config)
-        self.apply(self._init_weights)
+        self.apply(init_normal)
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight  # tied
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                token_type_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -32,6 +32,7 @@ from lmforge.ops.dropout import Dropout
 from lmforge.ops.linear import add_projection
 from lmforge.ops.lm_loss import lm_head_cross_entropy
 from lmforge.ops.lora import LoRALinear, project
+from lmforge.models.init import init_normal
 
 # vocab_size comes from the tokenizer, except for "gpt2", which pins GPT-2's own vocabulary.
 GPT_PRESETS: dict[str, dict[str, int]] = {
@@ -238,20 +239,11 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, two names
-        self.apply(self._init_weights)
+        self.apply(init_normal)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) (two per block).
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def new_kv_cache(self, batch: int, max_len: int | None = None,
                      device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> KVCache:

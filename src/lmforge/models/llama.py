@@ -38,6 +38,7 @@ from lmforge.ops.lm_loss import lm_head_cross_entropy
 from lmforge.ops.lora import LoRALinear, Stacked, project
 from lmforge.ops.lora import LoRALinear, Stacked, project
 from lmforge.ops.rotary import RopeTables, apply_rotary, rms_norm
+from lmforge.models.init import init_normal
 
 
 class LlamaParts(NamedTuple):
@@ -173,17 +174,10 @@ class Llama(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # one tensor, two names
         self.rope = RopeTables(config.hs, config.rope_theta, config.rope_scaling, config.context)
-        self.apply(self._init_weights)
+        self.apply(init_normal)
         for name, p in self.named_parameters():  # residual projections scaled by 1/sqrt(2 * n_layer), as GPT-2
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     @property
     def embedding(self) -> Tensor:
