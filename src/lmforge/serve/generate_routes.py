@@ -21,7 +21,7 @@ from lmforge.serve.errors import APIError, bad_request
 from lmforge.serve.generation import TextStream, fit_prompt
 from lmforge.serve.params import Fields, GenerationParams, generation_params
 from lmforge.serve.served import ServedModel
-from lmforge.serve.sse import DONE, EventStream, event, unless_disconnected
+from lmforge.serve.sse import DONE, EventStream, PieceEvents, event, unless_disconnected
 from lmforge.serve.state import ServerState
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -102,9 +102,11 @@ async def _chat_events(stream: TextStream, head: dict, include_usage: bool) -> A
         return event({**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
 
     yield choice({"role": "assistant", "content": ""}, None)
+    content = PieceEvents({**chunk, "choices": [{"index": 0, "delta": {"content": PieceEvents.TEXT}, "logprobs": None,
+                                                 "finish_reason": None}]})
     try:
         async for piece in stream.pieces():
-            yield choice({"content": piece}, None)
+            yield content(piece)
     except APIError as err:
         yield event(err.body())
         yield DONE
@@ -135,9 +137,11 @@ async def completions(request: Request, state: ServerState) -> object:
 
 async def _completion_events(stream: TextStream, head: dict, include_usage: bool) -> AsyncIterator[bytes]:
     chunk = {**head, "object": "text_completion"}
+    text = PieceEvents({**chunk, "choices": [{"index": 0, "text": PieceEvents.TEXT, "logprobs": None,
+                                              "finish_reason": None}]})
     try:
         async for piece in stream.pieces():
-            yield event({**chunk, "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": None}]})
+            yield text(piece)
     except APIError as err:
         yield event(err.body())
         yield DONE

@@ -5,13 +5,16 @@ the server's limit, or the prompt cut to fit when the request asks), `StopString
 back while it may be the start of a stop string) and `TextStream`: the request's text pieces
 as an async iterator, then its finish reason and token counts.
 
-The scheduler runs on its own thread; its callbacks hand tokens to this request's asyncio
-queue through the event loop, so detokenizing and sending happen on the server's loop.
+The scheduler runs on its own thread; its callbacks post tokens to the loop's `Mailbox`, which
+wakes the event loop once for all the tokens of a decode step (not once per row), so
+detokenizing and sending happen on the server's loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -84,14 +87,49 @@ class _Finished:
     reason: str
 
 
+class Mailbox:
+    """Items from the decode thread into asyncio queues of one event loop. The first item posted
+    after a delivery schedules the next delivery; the rest of the step's items ride along, so the
+    loop is woken (a write to its self-pipe, a turn of the loop) once a step, whatever the rows."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: list[tuple[asyncio.Queue, object]] = []
+        self.lock = threading.Lock()
+
+    def post(self, queue: asyncio.Queue, item: object) -> None:
+        with self.lock:
+            self.items.append((queue, item))
+            if len(self.items) > 1:  # a delivery is already scheduled
+                return
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+_MAILBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
+
+
+def mailbox_of(loop: asyncio.AbstractEventLoop) -> Mailbox:
+    """The loop's mailbox (made on first use; the event loop runs it, so no lock is needed here)."""
+    box = _MAILBOXES.get(loop)
+    if box is None:
+        box = _MAILBOXES[loop] = Mailbox(loop)
+    return box
+
+
 class TextStream:
     """A generation request's text: iterate `pieces()`; then `finish_reason` and `usage()`."""
 
     def __init__(self, served: ServedModel, prompt_ids: list[int], params: GenerationParams, max_tokens: int,
                  stop_ids: tuple[int, ...]) -> None:
-        loop = asyncio.get_running_loop()
+        box = mailbox_of(asyncio.get_running_loop())
         self.queue: asyncio.Queue = asyncio.Queue()
-        put = self.queue.put_nowait
+        queue = self.queue
         try:
             sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=params.temperature, top_k=params.top_k,
                                       top_p=params.top_p, repetition_penalty=params.repetition_penalty,
@@ -101,8 +139,8 @@ class TextStream:
         self.request = GenerationRequest(
             prompt_ids, sampling, presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty,
-            on_token=lambda token: loop.call_soon_threadsafe(put, token),
-            on_finish=lambda reason: loop.call_soon_threadsafe(put, _Finished(reason)))
+            on_token=lambda token: box.post(queue, token),
+            on_finish=lambda reason: box.post(queue, _Finished(reason)))
         self.scheduler = served.scheduler
         self.text = StreamDecoder(served.loaded.tokenizer)
         self.stops = StopStrings(params.stop)
@@ -116,25 +154,44 @@ class TextStream:
         self.scheduler.cancel(self.request)
 
     async def pieces(self) -> AsyncIterator[str]:
+        """The reply's text as it comes. The tokens that arrived together make one piece, so a loop
+        that falls behind the decoder sends fewer, larger events rather than lagging further."""
         while True:
-            item = await self.queue.get()
-            if isinstance(item, _Finished):
-                if item.reason.startswith("error"):
-                    raise APIError(500, f"generation failed: {item.reason[len('error: '):]}", code="server_error")
-                text, stopped = self.stops.feed(self._undecoded())
-                tail = text + ("" if stopped else self.stops.flush())
-                if tail:
-                    yield tail
-                self.finish_reason = "stop" if stopped else FINISH_REASONS[item.reason]
-                return
-            self.completion_tokens += 1
-            text, stopped = self.stops.feed(self.text.push(item))
-            if text:
-                yield text
+            items = [await self.queue.get()]
+            while not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            end = items.pop() if isinstance(items[-1], _Finished) else None  # always the request's last item
+            text, stopped = self._push(items)
             if stopped:
+                if text:
+                    yield text
                 self.finish_reason = "stop"
                 self.cancel()
                 return
+            if end is None:
+                if text:
+                    yield text
+                continue
+            if end.reason.startswith("error"):
+                raise APIError(500, f"generation failed: {end.reason[len('error: '):]}", code="server_error")
+            tail, stopped = self.stops.feed(self._undecoded())
+            text += tail + ("" if stopped else self.stops.flush())
+            if text:
+                yield text
+            self.finish_reason = "stop" if stopped else FINISH_REASONS[end.reason]
+            return
+
+    def _push(self, tokens: list[int]) -> tuple[str, bool]:
+        """(the text `tokens` add that can be sent now, whether a stop string came in it); the
+        tokens after a stop string are not counted (the client never sees them)."""
+        sent = []
+        for token in tokens:
+            self.completion_tokens += 1
+            text, stopped = self.stops.feed(self.text.push(token))
+            sent.append(text)
+            if stopped:
+                return "".join(sent), True
+        return "".join(sent), False
 
     def _undecoded(self) -> str:
         """What the last tokens spell that the streaming decoder held back (an incomplete character:

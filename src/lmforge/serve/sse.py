@@ -1,6 +1,7 @@
 """Responses that notice a client going away: a server-sent event stream and a waited-for result.
 
-Owns `EventStream` (an ASGI response sending `data: {...}` events, then `data: [DONE]`) and
+Owns `EventStream` (an ASGI response sending `data: {...}` events, then `data: [DONE]`),
+`PieceEvents` (a stream's text chunks, the unchanging part encoded once) and
 `unless_disconnected` (await a result while watching the connection). Both call `on_gone` the
 moment the client disconnects, so its request leaves the batch at the next decode step rather
 than when the next token would have been sent.
@@ -24,6 +25,21 @@ def event(data: dict) -> bytes:
 
 
 DONE = b"data: [DONE]\n\n"
+
+
+class PieceEvents:
+    """`event(data)` for chunks that differ only in their text: `data` holds `PieceEvents.TEXT`
+    where the text goes; everything around it is encoded once, each piece alone."""
+
+    TEXT = "\x00text\x00"
+
+    def __init__(self, data: dict) -> None:
+        self.head, found, self.tail = event(data).partition(json.dumps(self.TEXT).encode())
+        if not found:
+            raise ValueError("PieceEvents: the chunk has no PieceEvents.TEXT field")
+
+    def __call__(self, text: str) -> bytes:
+        return self.head + json.dumps(text, ensure_ascii=False).encode() + self.tail
 
 
 async def _disconnected(receive: Receive) -> None:
