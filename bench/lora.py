@@ -61,7 +61,7 @@ def _config(data: str, steps: int, name: str):
     from lmforge.base.config import load_config
 
     return load_config(None, base={
-        "model": {"init_from": base_checkpoint(data), "dropout": MODEL["dropout"]}, "data": {"path": data},
+        "model": dict(MODEL, init_from=base_checkpoint(data)), "data": {"path": data},  # the base's shape, stated
         "train": {"task": "dialogue", "loss_on": "responses", "batch_size": BATCH, "lr": 2e-3, "warmup_steps": 0,
                   "max_steps": steps, "grad_clip": 1.0, "log_every": 1, "eval_every": 10**9, "eval_batches": 1,
                   "sample_tokens": 0, "device": "cpu", "precision": "fp32", "seed": SEED,
