@@ -24,7 +24,6 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.models.causal_lm import attention_setup
@@ -32,12 +31,12 @@ from lmforge.models.gpt import Affine, affine_of
 from lmforge.models.llama_config import LlamaConfig
 from lmforge.ops.decode import KVCache
 from lmforge.ops.dropout import Dropout
-from lmforge.ops.grouped_attention import attend_grouped
+from lmforge.ops.grouped_attention import attend_projected
 from lmforge.ops.linear import add_projection
 from lmforge.ops.lm_loss import lm_head_cross_entropy
 from lmforge.ops.lora import LoRALinear, Stacked, project
-from lmforge.ops.lora import LoRALinear, Stacked, project
-from lmforge.ops.rotary import RopeTables, apply_rotary, rms_norm
+from lmforge.ops.rotary import RopeTables, rms_norm
+from lmforge.ops.swiglu import swiglu
 from lmforge.models.init import init_normal
 
 
@@ -69,16 +68,13 @@ def llama_block(x: Tensor, p: LlamaParts, rope: tuple[Tensor, Tensor], attn_mask
     rope: cos, sin of the positions (T, 1, hs) (a decode step: (1, hs)); attn_mask / is_causal /
     kv / start as GPT's `block`.
     """
-    nh, nkv, hs = p.n_head, p.n_kv_head, p.head_dim
     h = rms_norm(x, p.input_norm, p.eps)  # (B, T, C)
-    qk, v = project(h, p.qkv).split(((nh + nkv) * hs, nkv * hs), dim=-1)
-    qk = apply_rotary(qk, *rope, hs)  # (B, T, (nh + nkv) hs): queries and keys turned by their position
-    y = attend_grouped(qk, v, nh, nkv, causal=is_causal, attn_mask=attn_mask, kv=kv, start=start,
-                       dropout_p=p.attn_dropout)  # (B, T, nh hs)
+    qkv = project(h, p.qkv)  # (B, T, (nh + 2 nkv) hs)
+    y = attend_projected(qkv, rope, p.n_head, p.n_kv_head, p.head_dim, causal=is_causal, attn_mask=attn_mask,
+                         kv=kv, start=start, dropout_p=p.attn_dropout)  # (B, T, nh hs): rotary inside
     x = add_projection(x, p.o, y, p.resid_dropout)  # (B, T, C): x + dropout(o_proj(y))
     h = rms_norm(x, p.post_norm, p.eps)  # (B, T, C)
-    gate, up = project(h, p.gate_up).chunk(2, dim=-1)  # 2 x (B, T, I)
-    return add_projection(x, p.down, F.silu(gate) * up, p.mlp_dropout)  # (B, T, C): x + dropout(down(...))
+    return add_projection(x, p.down, swiglu(project(h, p.gate_up)), p.mlp_dropout)  # x + dropout(down(...))
 
 
 def _stacked(*linears: nn.Linear) -> Affine | Stacked:

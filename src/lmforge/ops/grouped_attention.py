@@ -6,9 +6,14 @@ v (B, T, nkv * hs), query head h reading key / value head h // (nh / nkv), as tr
 `repeat_kv` has it. The KV cache holds nkv heads, not nh: the cache of a 4-to-1 model is a
 quarter of the size.
 
+`attend_projected(qkv, rope, ...)` starts one step earlier, from the q | k | v projection's
+output before the rotary step.
+
 - Training and full-sequence forwards go through lmforge's CPU kernel where it applies: the
   shared heads are repeated into the (B, T, 3C) layout it reads (one copy of k and v, which is
   small next to the attention itself), and its backward sums the repeated heads' gradients.
+  From the projection's output, one kernel pass (`rope_qkv`) turns q and k and writes that
+  layout, and its backward sums each group and turns the gradients back.
 - One new query per row after the cache (a decode step) needs no repetition: the g = nh / nkv
   query heads of a group are g queries against the group's keys, one SDPA call without a mask.
 - Everything else (a prompt's prefill into the cache, padding masks) repeats the cached heads
@@ -21,8 +26,9 @@ import torch
 from torch import Tensor
 
 from lmforge.ops import kernels
-from lmforge.ops.attention import kernel_attention, sdpa
+from lmforge.ops.attention import KERNEL_MAX_CONTEXT, kernel_attention, sdpa
 from lmforge.ops.decode import append_to_cache
+from lmforge.ops.rotary import apply_rotary
 
 
 def repeat_heads(x: Tensor, groups: int, dim: int) -> Tensor:
@@ -73,3 +79,37 @@ def attend_grouped(qk: Tensor, v: Tensor, n_head: int, n_kv_head: int, *, causal
     if qk.dim() == 2:
         return y.reshape(B, n_head * hs)
     return y.transpose(1, 2).reshape(B, -1, n_head * hs)  # (B, T, nh * hs)
+
+
+def attend_projected(qkv: Tensor, rope: tuple[Tensor, Tensor], n_head: int, n_kv_head: int, head_dim: int, *,
+                     causal: bool, attn_mask: Tensor | None = None, kv: tuple[Tensor, Tensor] | None = None,
+                     start: int = 0, dropout_p: float = 0.0) -> Tensor:
+    """`attend_grouped` of the projection's output qkv (B, T, (nh + 2 nkv) hs) (rows (B, ...) in
+    a decode step) with the rotary angles rope = (cos, signed sin) (T, 1, hs) applied to q and k."""
+    if (kv is None and attn_mask is None and qkv.dim() == 3 and 0.0 <= dropout_p < 1.0
+            and (dropout_p > 0 or qkv.shape[1] <= KERNEL_MAX_CONTEXT) and kernels.applies_to(qkv)):
+        full = _RopeQKV.apply(qkv.contiguous(), rope[0].squeeze(1), rope[1].squeeze(1), n_head, n_kv_head)
+        y = kernel_attention(full, n_head, causal=causal, dropout_p=dropout_p)
+        if y is not None:
+            return y  # (B, T, nh * hs)
+    qk, v = qkv.split(((n_head + n_kv_head) * head_dim, n_kv_head * head_dim), dim=-1)
+    qk = apply_rotary(qk, *rope, head_dim)  # queries and keys turned by their position
+    return attend_grouped(qk, v, n_head, n_kv_head, causal=causal, attn_mask=attn_mask, kv=kv, start=start,
+                          dropout_p=dropout_p)
+
+
+class _RopeQKV(torch.autograd.Function):
+    """(B, T, (nh + 2 nkv) hs) -> (B, T, 3 nh hs): q and k turned, k and v repeated per group (C++)."""
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, cos: Tensor, signed_sin: Tensor, n_head: int, n_kv_head: int) -> Tensor:
+        ctx.save_for_backward(cos, signed_sin)
+        ctx.heads = (n_head, n_kv_head)
+        return kernels.ops().rope_qkv(qkv, cos.contiguous(), signed_sin.contiguous(), n_head, n_kv_head)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        cos, signed_sin = ctx.saved_tensors
+        grad_qkv = kernels.ops().rope_qkv_backward(grad.contiguous(), cos.contiguous(), signed_sin.contiguous(),
+                                                   *ctx.heads)
+        return grad_qkv, None, None, None, None

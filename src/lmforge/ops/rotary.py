@@ -9,6 +9,10 @@
 - `apply_rotary(x, cos, signed_sin, head_dim)`: rotates each head of x (..., heads * head_dim) in the
   "half split" layout transformers' Llama uses (channel i pairs with channel i + head_dim / 2).
 - `rms_norm(x, weight, eps)`: x / sqrt(mean(x^2) + eps) * weight (torch's fused op where it has one).
+
+Float32 on a CPU, both go through lmforge's C++ kernels where they are available
+(ops/kernels/llama_block.cpp: one pass over the rows forward and backward); torch's ops otherwise,
+with the same numbers.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from lmforge.ops import kernels
 
 ROPE_TYPES = ("default", "linear", "llama3")
 """Rope scaling types lmforge computes; dynamic NTK, yarn, longrope and the others are refused."""
@@ -105,6 +111,10 @@ def apply_rotary(x: Tensor, cos: Tensor, signed_sin: Tensor, head_dim: int) -> T
     x cos + swap(x) sin', with swap exchanging the halves and sin' the sine with its first half
     negated (`RopeTables` keeps it so): transformers' q cos + rotate_half(q) sin. Its backward is
     the opposite turn, so nothing of x is kept for it (`_Rotary`)."""
+    if kernels.applies_to(x):
+        width = cos.shape[-1]  # (T, 1, hs) or a decode step's (1, hs) -> (T, hs)
+        return _KernelRotary.apply(x.contiguous(), cos.reshape(-1, width).contiguous(),
+                                   signed_sin.reshape(-1, width).contiguous())
     if not torch.is_grad_enabled():  # inference (a decode step): the same ops without autograd's wrapper
         heads = x.unflatten(-1, (-1, head_dim))  # (B, T, n, hs)
         return torch.addcmul(heads * cos, _swap_halves(heads), signed_sin).flatten(-2)
@@ -114,6 +124,18 @@ def apply_rotary(x: Tensor, cos: Tensor, signed_sin: Tensor, head_dim: int) -> T
 def _swap_halves(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x2, x1), dim=-1)
+
+
+class _KernelRotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, signed_sin)
+        return kernels.ops().rotary(x, cos, signed_sin, False)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        cos, signed_sin = ctx.saved_tensors
+        return kernels.ops().rotary(grad.contiguous(), cos, signed_sin, True), None, None
 
 
 class _Rotary(torch.autograd.Function):
@@ -139,6 +161,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     its own backward); without gradients, torch's. Other dtypes (bf16 under autocast) go through
     float32 as transformers does."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        if weight.device.type == "cpu" and kernels.applies_to(x):
+            return _KernelRMSNorm.apply(x.contiguous(), weight.contiguous(), float(eps))
         if not torch.is_grad_enabled() and hasattr(F, "rms_norm"):  # inference (a decode step): one call into torch
             return F.rms_norm(x, (x.shape[-1],), weight, eps)
         return _RMSNorm.apply(x, weight, float(eps))
@@ -169,3 +193,19 @@ class _RMSNorm(torch.autograd.Function):
             coef = dot.mul_(r.pow(2)).div_(-x.shape[-1])  # -(scaled . normed) r / C
             grad_x = torch.addcmul(scaled, rows, coef).mul_(r).view(x.shape)  # r (scaled - normed mean(scaled normed))
         return grad_x, grad_weight, None
+
+
+class _KernelRMSNorm(torch.autograd.Function):
+    """`_RMSNorm` in lmforge's C++ kernels: one pass per row forward, one backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        out, rstd = kernels.ops().rms_norm(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, rstd = ctx.saved_tensors
+        grad_x, grad_weight = kernels.ops().rms_norm_backward(grad.contiguous(), x, weight, rstd)
+        return grad_x, grad_weight.view(weight.shape), None

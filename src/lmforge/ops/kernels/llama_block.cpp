@@ -1,0 +1,283 @@
+// The elementwise parts of a Llama-class block for float32 on a CPU, forward and backward, each
+// one pass over its rows where torch's ops make several (and keep more for the backward):
+// - rope_qkv: the q | k | v projection's output (B, T, (nh + 2 nkv) hs) -> the attention
+//   kernel's layout (B, T, 3 nh hs): queries and keys turned by their position's angles, each
+//   key / value head written once per query head of its group. Its backward sums each group's
+//   gradients and turns them back.
+// - rotary: the same turn of (B, T, n hs) without the layout change (decode rows).
+// - rms_norm: x / sqrt(mean(x^2) + eps) * weight, keeping 1 / rms per row for the backward.
+// - swiglu: silu(gate) * up of the stacked gate | up projection (N, 2I) -> (N, I).
+// Angles come as cos and signed sin tables (T, hs) (ops/rotary.py: RopeTables), channel i
+// pairing with channel i + hs / 2 of its head.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "blas.h"
+
+namespace lmforge {
+namespace {
+
+// out = x cos + swap_halves(x) signed_sin for one head of hs channels.
+inline void turn(float* out, const float* x, const float* c, const float* s, int64_t hs) {
+  const int64_t half = hs / 2;
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) out[i] = x[i] * c[i] + x[i + half] * s[i];
+#pragma omp simd
+  for (int64_t i = half; i < hs; ++i) out[i] = x[i] * c[i] + x[i - half] * s[i];
+}
+
+// The transpose of `turn`: dx_j = g_j cos_j + g_swap(j) signed_sin_swap(j).
+inline void turn_back(float* out, const float* g, const float* c, const float* s, int64_t hs) {
+  const int64_t half = hs / 2;
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) out[i] = g[i] * c[i] + g[i + half] * s[i + half];
+#pragma omp simd
+  for (int64_t i = half; i < hs; ++i) out[i] = g[i] * c[i] + g[i - half] * s[i - half];
+}
+
+void check_float_cpu(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), what,
+              " must be a contiguous float32 CPU tensor");
+}
+
+struct Heads {
+  int64_t rows, T, H, KV, D, width;  // rows = B * T
+  Heads(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t n_head, int64_t n_kv_head,
+        int64_t width_)
+      : rows(x.numel() / width_), T(cos.size(0)), H(n_head), KV(n_kv_head), D(cos.size(1)), width(width_) {
+    check_float_cpu(x, "rope_qkv: x");
+    check_float_cpu(cos, "rope_qkv: cos");
+    check_float_cpu(sin, "rope_qkv: signed_sin");
+    TORCH_CHECK(n_kv_head > 0 && n_head % n_kv_head == 0, "rope_qkv: n_head must be a multiple of n_kv_head");
+    TORCH_CHECK(cos.dim() == 2 && sin.sizes() == cos.sizes() && D % 2 == 0, "rope_qkv: cos / sin must be (T, hs)");
+    TORCH_CHECK(x.dim() == 3 && x.size(1) == T && x.size(2) == width, "rope_qkv: x must be (B, T, ", width, ")");
+  }
+};
+
+at::Tensor rope_qkv(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t n_head,
+                    int64_t n_kv_head) {
+  const int64_t D = cos.size(1);
+  const Heads s(x, cos, sin, n_head, n_kv_head, (n_head + 2 * n_kv_head) * D);
+  const int64_t C = s.H * s.D, g = s.H / s.KV;
+  auto out = at::empty({x.size(0), s.T, 3 * C}, x.options());
+  const float *in = x.data_ptr<float>(), *cs = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, s.rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float *row = in + r * s.width, *c = cs + (r % s.T) * s.D, *sr = sn + (r % s.T) * s.D;
+      float* dst = o + r * 3 * C;
+      for (int64_t h = 0; h < s.H; ++h) turn(dst + h * s.D, row + h * s.D, c, sr, s.D);
+      for (int64_t j = 0; j < s.KV; ++j) {
+        float* k0 = dst + C + j * g * s.D;
+        turn(k0, row + C + j * s.D, c, sr, s.D);
+        const float* v = row + C + (s.KV + j) * s.D;
+        float* v0 = dst + 2 * C + j * g * s.D;
+        for (int64_t i = 0; i < g; ++i) {
+          if (i > 0) std::copy(k0, k0 + s.D, k0 + i * s.D);
+          std::copy(v, v + s.D, v0 + i * s.D);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor rope_qkv_backward(const at::Tensor& grad, const at::Tensor& cos, const at::Tensor& sin, int64_t n_head,
+                             int64_t n_kv_head) {
+  const int64_t D = cos.size(1);
+  const Heads s(grad, cos, sin, n_head, n_kv_head, 3 * n_head * D);
+  const int64_t C = s.H * s.D, g = s.H / s.KV, width = (s.H + 2 * s.KV) * s.D;
+  auto out = at::empty({grad.size(0), s.T, width}, grad.options());
+  const float *gin = grad.data_ptr<float>(), *cs = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, s.rows, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> sum(s.D);
+    for (int64_t r = begin; r < end; ++r) {
+      const float *row = gin + r * 3 * C, *c = cs + (r % s.T) * s.D, *sr = sn + (r % s.T) * s.D;
+      float* dst = o + r * width;
+      for (int64_t h = 0; h < s.H; ++h) turn_back(dst + h * s.D, row + h * s.D, c, sr, s.D);
+      for (int64_t j = 0; j < s.KV; ++j) {
+        const float *k0 = row + C + j * g * s.D, *v0 = row + 2 * C + j * g * s.D;
+        float* dv = dst + C + (s.KV + j) * s.D;
+        std::copy(k0, k0 + s.D, sum.data());
+        std::copy(v0, v0 + s.D, dv);
+        for (int64_t i = 1; i < g; ++i) {
+          const float *k = k0 + i * s.D, *v = v0 + i * s.D;
+#pragma omp simd
+          for (int64_t d = 0; d < s.D; ++d) {
+            sum[d] += k[d];
+            dv[d] += v[d];
+          }
+        }
+        turn_back(dst + C + j * s.D, sum.data(), c, sr, s.D);
+      }
+    }
+  });
+  return out;
+}
+
+// x (B, T, W) or rows (B, W) with one position: every head of hs channels turned (forward), or
+// turned back (backward = true).
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool backward) {
+  check_float_cpu(x, "rotary: x");
+  check_float_cpu(cos, "rotary: cos");
+  check_float_cpu(sin, "rotary: signed_sin");
+  const int64_t T = cos.size(0), D = cos.size(1), W = x.size(-1);
+  TORCH_CHECK(cos.dim() == 2 && sin.sizes() == cos.sizes() && D % 2 == 0 && W % D == 0,
+              "rotary: cos / sin must be (T, hs) with hs even, dividing x's width");
+  TORCH_CHECK((x.dim() == 3 && x.size(1) == T) || (x.dim() == 2 && T == 1), "rotary: x must be (B, T, W) or (B, W)");
+  const int64_t rows = x.numel() / W;
+  auto out = at::empty_like(x);
+  const float *in = x.data_ptr<float>(), *cs = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float *c = cs + (r % T) * D, *s = sn + (r % T) * D;
+      for (int64_t h = 0; h < W / D; ++h) {
+        if (backward)
+          turn_back(o + r * W + h * D, in + r * W + h * D, c, s, D);
+        else
+          turn(o + r * W + h * D, in + r * W + h * D, c, s, D);
+      }
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_float_cpu(x, "rms_norm: x");
+  check_float_cpu(weight, "rms_norm: weight");
+  const int64_t C = x.size(-1), rows = x.numel() / C;
+  TORCH_CHECK(weight.numel() == C, "rms_norm: weight must have x's width");
+  auto out = at::empty_like(x);
+  auto rstd = at::empty({rows}, x.options());
+  const float *in = x.data_ptr<float>(), *w = weight.data_ptr<float>();
+  float *o = out.data_ptr<float>(), *r_out = rstd.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float* row = in + n * C;
+      float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+      for (int64_t c = 0; c < C; ++c) squares += row[c] * row[c];
+      const float r = 1.f / std::sqrt(squares / C + static_cast<float>(eps));
+      r_out[n] = r;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) o[n * C + c] = row[c] * r * w[c];
+    }
+  });
+  return {out, rstd};
+}
+
+// grad_x = r (s - normed mean(s normed)), s = grad * weight, normed = x r; grad_weight =
+// sum over rows of grad * normed, summed per thread's block of rows, then across blocks.
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                     const at::Tensor& weight, const at::Tensor& rstd) {
+  check_float_cpu(grad, "rms_norm_backward: grad");
+  check_float_cpu(x, "rms_norm_backward: x");
+  check_float_cpu(rstd, "rms_norm_backward: rstd");
+  const int64_t C = x.size(-1), rows = x.numel() / C;
+  TORCH_CHECK(grad.numel() == x.numel() && rstd.numel() == rows && weight.numel() == C,
+              "rms_norm_backward: grad, x, rstd and weight do not match");
+  auto grad_x = at::empty_like(x);
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, rows));
+  auto partial = at::zeros({blocks, C}, x.options());
+  const float *g = grad.data_ptr<float>(), *in = x.data_ptr<float>(), *w = weight.contiguous().data_ptr<float>();
+  const float* rs = rstd.data_ptr<float>();
+  float *gx = grad_x.data_ptr<float>(), *pw = partial.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float* acc = pw + b * C;
+      for (int64_t n = rows * b / blocks; n < rows * (b + 1) / blocks; ++n) {
+        const float *gr = g + n * C, *row = in + n * C;
+        const float r = rs[n];
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t c = 0; c < C; ++c) dot += gr[c] * w[c] * row[c];
+        const float coef = dot * r * r / C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          gx[n * C + c] = r * (gr[c] * w[c] - row[c] * coef);
+          acc[c] += gr[c] * row[c] * r;
+        }
+      }
+    }
+  });
+  return {grad_x, partial.sum(0)};
+}
+
+// sigmoid(a) through exp of a non-positive argument (no overflow either side).
+inline float sigmoid(float a) {
+  const float e = exp_nonpositive(a >= 0.f ? -a : a);
+  const float one_over = 1.f / (1.f + e);
+  return a >= 0.f ? one_over : e * one_over;
+}
+
+at::Tensor swiglu(const at::Tensor& gate_up) {
+  check_float_cpu(gate_up, "swiglu: gate_up");
+  const int64_t I = gate_up.size(-1) / 2, rows = gate_up.numel() / (2 * I);
+  TORCH_CHECK(gate_up.size(-1) % 2 == 0, "swiglu: gate_up's width must be even");
+  auto sizes = gate_up.sizes().vec();
+  sizes.back() = I;
+  auto out = at::empty(sizes, gate_up.options());
+  const float* in = gate_up.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float *gate = in + n * 2 * I, *up = gate + I;
+#pragma omp simd
+      for (int64_t i = 0; i < I; ++i) o[n * I + i] = gate[i] * sigmoid(gate[i]) * up[i];
+    }
+  });
+  return out;
+}
+
+// d gate = grad up silu'(gate), silu'(a) = sigmoid(a) (1 + a (1 - sigmoid(a))); d up = grad silu(gate).
+at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& gate_up) {
+  check_float_cpu(grad, "swiglu_backward: grad");
+  check_float_cpu(gate_up, "swiglu_backward: gate_up");
+  const int64_t I = gate_up.size(-1) / 2, rows = gate_up.numel() / (2 * I);
+  TORCH_CHECK(grad.numel() == rows * I, "swiglu_backward: grad must be gate_up's rows by half its width");
+  auto out = at::empty_like(gate_up);
+  const float *g = grad.data_ptr<float>(), *in = gate_up.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float *gate = in + n * 2 * I, *up = gate + I, *gr = g + n * I;
+      float *d_gate = o + n * 2 * I, *d_up = d_gate + I;
+#pragma omp simd
+      for (int64_t i = 0; i < I; ++i) {
+        const float a = gate[i], sg = sigmoid(a);
+        d_up[i] = gr[i] * a * sg;
+        d_gate[i] = gr[i] * up[i] * sg * (1.f + a * (1.f - sg));
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace lmforge
+
+TORCH_LIBRARY_FRAGMENT(lmforge, m) {
+  m.def("rope_qkv(Tensor x, Tensor cos, Tensor signed_sin, int n_head, int n_kv_head) -> Tensor");
+  m.def("rope_qkv_backward(Tensor grad, Tensor cos, Tensor signed_sin, int n_head, int n_kv_head) -> Tensor");
+  m.def("rotary(Tensor x, Tensor cos, Tensor signed_sin, bool backward) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
+  m.def("swiglu(Tensor gate_up) -> Tensor");
+  m.def("swiglu_backward(Tensor grad, Tensor gate_up) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
+  m.impl("rope_qkv", &lmforge::rope_qkv);
+  m.impl("rope_qkv_backward", &lmforge::rope_qkv_backward);
+  m.impl("rotary", &lmforge::rotary);
+  m.impl("rms_norm", &lmforge::rms_norm);
+  m.impl("rms_norm_backward", &lmforge::rms_norm_backward);
+  m.impl("swiglu", &lmforge::swiglu);
+  m.impl("swiglu_backward", &lmforge::swiglu_backward);
+}

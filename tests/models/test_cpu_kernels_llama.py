@@ -1,0 +1,166 @@
+"""The Llama block's C++ kernels (rope_qkv, rotary, rms_norm, swiglu) against the torch path:
+the same numbers forward and backward, with grouped (GQA), single (MQA) and per-head key /
+value heads, odd head sizes and widths; and a whole Llama with and without the kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.models.llama import Llama
+from lmforge.models.llama_config import LlamaConfig
+from lmforge.ops import kernels
+from lmforge.ops.grouped_attention import attend_projected
+from lmforge.ops.rotary import RopeTables, rms_norm
+from lmforge.ops.swiglu import swiglu
+
+ops = kernels.ops()
+needs_kernels = pytest.mark.skipif(ops is None, reason=f"CPU kernels unavailable: {kernels.unavailable_reason()}")
+HEADS = [(4, 2, 8), (6, 1, 10), (3, 3, 6), (8, 4, 16)]  # (n_head, n_kv_head, head_dim): GQA, MQA, MHA
+
+
+def _layout_reference(qkv, cos, signed_sin, nh, nkv, hs):
+    """The written-out rope + repeat: (B, T, (nh + 2 nkv) hs) -> (B, T, 3 nh hs)."""
+    B, T, _ = qkv.shape
+    q, k, v = qkv.split((nh * hs, nkv * hs, nkv * hs), dim=-1)
+
+    def turn(t):
+        h = t.unflatten(-1, (-1, hs))
+        swapped = torch.cat((h[..., hs // 2:], h[..., :hs // 2]), dim=-1)
+        return (h * cos[:, None] + swapped * signed_sin[:, None]).flatten(-2)
+
+    def repeat(t):
+        return t.unflatten(-1, (nkv, hs)).repeat_interleave(nh // nkv, dim=-2).flatten(-2)
+
+    return torch.cat((turn(q), repeat(turn(k)), repeat(v)), dim=-1)
+
+
+def _tables(hs, T, start=2, dtype=torch.float32):
+    cos, sin = RopeTables(hs, 10000.0, None, 64).window(start, T, torch.device("cpu"), dtype)
+    return cos.squeeze(1), sin.squeeze(1)  # (T, hs)
+
+
+@needs_kernels
+@pytest.mark.parametrize("nh,nkv,hs", HEADS)
+def test_rope_qkv_matches_the_written_out_layout_forward_and_backward(nh, nkv, hs):
+    torch.manual_seed(nh)
+    B, T = 3, 7
+    x64 = torch.randn(B, T, (nh + 2 * nkv) * hs, dtype=torch.float64, requires_grad=True)
+    cos64, sin64 = _tables(hs, T, dtype=torch.float64)
+    want = _layout_reference(x64, cos64, sin64, nh, nkv, hs)
+    grad = torch.randn_like(want)
+    want.backward(grad)
+    cos, sin = _tables(hs, T)
+    got = ops.rope_qkv(x64.detach().float(), cos, sin, nh, nkv)
+    got_grad = ops.rope_qkv_backward(grad.float(), cos, sin, nh, nkv)
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got_grad.double(), x64.grad, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("nh,nkv,hs", HEADS)
+def test_attend_projected_is_the_same_with_and_without_kernels(nh, nkv, hs, monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, (nh + 2 * nkv) * hs)
+    rope = tuple(t[:, None] for t in _tables(hs, 9, start=0))  # (T, 1, hs), as the model passes them
+    grad = torch.randn(2, 9, nh * hs)
+    results = []
+    for available in (True, False):
+        if not available:
+            monkeypatch.setitem(kernels._state, "ops", None)
+        leaf = x.clone().requires_grad_()
+        y = attend_projected(leaf, rope, nh, nkv, hs, causal=True)
+        y.backward(grad)
+        results.append((y.detach(), leaf.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,T", [((2, 5, 3 * 10), 5), ((4, 2 * 8), 1)])
+def test_rotary_kernel_and_its_backward_are_the_turn_and_its_transpose(shape, T):
+    hs = shape[-1] // (3 if len(shape) == 3 else 2)
+    cos, sin = _tables(hs, T)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    c, s = (cos.double(), sin.double()) if len(shape) == 3 else (cos.double()[0], sin.double()[0])
+    h = x.unflatten(-1, (-1, hs))
+    swapped = torch.cat((h[..., hs // 2:], h[..., :hs // 2]), dim=-1)
+    want = (h * c.unsqueeze(-2) + swapped * s.unsqueeze(-2)).flatten(-2)
+    grad = torch.randn_like(want)
+    want.backward(grad)
+    torch.testing.assert_close(ops.rotary(x.detach().float(), cos, sin, False).double(), want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ops.rotary(grad.float(), cos, sin, True).double(), x.grad, atol=1e-6, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 1, 37), (3, 11, 64), (2000, 33)])
+def test_rms_norm_kernel_matches_float64_forward_and_gradients(shape):
+    torch.manual_seed(shape[-1])
+    x64 = (torch.randn(shape, dtype=torch.float64) * 3).requires_grad_()
+    w64 = torch.randn(shape[-1], dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(shape, dtype=torch.float64)
+    want = w64 * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6))
+    want.backward(grad)
+    x, w = x64.detach().float().requires_grad_(), w64.detach().float().requires_grad_()
+    got = rms_norm(x, w, 1e-6)
+    got.backward(grad.float())
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-3, rtol=1e-4)
+    with torch.no_grad():  # the inference path (a decode step) takes the same kernel
+        torch.testing.assert_close(rms_norm(x, w, 1e-6), got.detach())
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(2, 3, 2 * 7), (5, 2 * 704), (1, 2)])
+def test_swiglu_kernel_matches_torch_forward_and_gradients_even_far_from_zero(shape):
+    torch.manual_seed(shape[-1])
+    x64 = torch.randn(shape, dtype=torch.float64) * 4
+    x64.view(-1)[0], x64.view(-1)[-1] = 95.0, -95.0  # sigmoid's tails, where exp would overflow
+    x64.requires_grad_()
+    gate, up = x64.chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    grad = torch.randn_like(want)
+    want.backward(grad)
+    x = x64.detach().float().requires_grad_()
+    got = swiglu(x)
+    got.backward(grad.float())
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-4, rtol=1e-5)
+
+
+@needs_kernels
+def test_kernels_refuse_what_they_cannot_read():
+    cos, sin = _tables(8, 4)
+    with pytest.raises(RuntimeError, match="multiple of n_kv_head"):
+        ops.rope_qkv(torch.zeros(1, 4, 5 * 8), cos, sin, 3, 2)
+    with pytest.raises(RuntimeError, match=r"x must be \(B, T"):
+        ops.rope_qkv(torch.zeros(1, 3, 8 * 8), cos, sin, 4, 2)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.rms_norm(torch.zeros(2, 4, dtype=torch.float64), torch.ones(4), 1e-6)
+    with pytest.raises(RuntimeError, match="even"):
+        ops.swiglu(torch.zeros(2, 5))
+
+
+@needs_kernels
+@pytest.mark.parametrize("n_kv_head", [1, 2, 4])
+def test_llama_gives_the_same_loss_and_gradients_with_and_without_kernels(n_kv_head, monkeypatch):
+    config = LlamaConfig(vocab_size=97, context=40, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=48,
+                         tie_embeddings=False)
+    tokens = torch.randint(0, 97, (3, 33), generator=torch.Generator().manual_seed(0))
+    results = []
+    for available in (True, False):
+        if not available:
+            monkeypatch.setitem(kernels._state, "ops", None)
+        torch.manual_seed(0)
+        model = Llama(config)
+        loss_sum, correct, _ = model(tokens[:, :-1], targets=tokens[:, 1:])
+        loss_sum.backward()
+        results.append((loss_sum.detach(), correct, {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, correct_a, grads_a), (loss_b, correct_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-4)
+    assert correct_a == correct_b
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-5, msg=name)
