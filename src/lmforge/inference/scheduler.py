@@ -137,22 +137,23 @@ class Scheduler:
             self._finish(request, "cancelled")
         admitted = [r for r in admitted if not r.cancelled]
         if admitted:  # the waiting prompts prefilled together, in one forward
-            logits = self.decoder.add_many(admitted, [r.prompt_ids for r in admitted])  # (R, V)
-            best = logits.max(-1).indices.tolist()
-            for i, request in enumerate(admitted):
-                self._choose(request, logits[i], best[i])
+            self._choose(admitted, self.decoder.add_many(admitted, [r.prompt_ids for r in admitted]))
         rows = list(self.decoder.owners)
         if not rows:
             return
         logits = self.decoder.step([self._next[r] for r in rows])  # (n, V)
         self.peak_batch = max(self.peak_batch, len(rows))
-        best = logits.max(-1).indices.tolist()  # the first maximum of each row
-        for i, request in enumerate(rows):
-            self._choose(request, logits[i], best[i])
+        self._choose(rows, logits)
 
-    def _choose(self, request: GenerationRequest, logits: Tensor, best: int) -> None:
-        """Pick the row's next token (logits (V,)), hand it over, and retire the request when done."""
-        token = best if request.plain_greedy else self._sample(request, logits)
+    def _choose(self, rows: list[GenerationRequest], logits: Tensor) -> None:
+        """Pick each row's next token from its logits (n, V): the greedy rows all from one argmax
+        (the first maximum of each row), the others with their own settings."""
+        best = logits.max(-1).indices.tolist()
+        for i, request in enumerate(rows):
+            self._hand_over(request, best[i] if request.plain_greedy else self._sample(request, logits[i]))
+
+    def _hand_over(self, request: GenerationRequest, token: int) -> None:
+        """Give the request its next token, and retire it when done."""
         if token in request.sampling.stop_ids:
             self._finish(request, "stop")
             return
