@@ -159,9 +159,10 @@ class BatchDecoder:
         ids = torch.as_tensor(list(tokens), dtype=torch.long, device=self.k.device)
         x, extra = self.rows.inputs(ids, self.positions[:n])  # (n, C): one new position per row
         self.owned[:n, t] = True
-        visible = self.owned[:n, None, None, :t + 1]  # (n, 1, 1, t + 1): each row's own columns
-        if bool(visible.all()):  # every row owns every column (one request alone): no mask, as generate
-            visible = None
+        owned = self.owned[:n, None, None, :t + 1]  # (n, 1, 1, t + 1): each row's own columns
+        visible = None  # every row owns every column (one request alone): no mask, as generate
+        if not bool(owned.all()):  # additive, made once here rather than from the booleans in every layer
+            visible = torch.zeros(owned.shape, dtype=x.dtype, device=x.device).masked_fill_(~owned, float("-inf"))
         for layer, parts in enumerate(self.rows.blocks):
             x = self.rows.block(x, parts, extra, visible, (self.k[layer, :n], self.v[layer, :n]), t)  # (n, C)
         self.positions[:n] += 1
