@@ -53,8 +53,10 @@ class StreamDecoder:
     """Token ids -> text pieces, one call per token, so a reply can be printed as it comes.
 
     WordPiece: tokens are joined by rule ("##" glued, no space around CJK characters or
-    before punctuation), which never rewrites text already printed. Byte-level BPE: the
-    decoded text grows; a piece is given out once its characters are complete.
+    before punctuation), which never rewrites text already printed. Byte-level BPE (and
+    SentencePiece-style decoders): a piece is given out once its characters are complete. Only
+    the tokens since the last piece are decoded, after one token of context (`_window`), so a
+    token costs the same at the end of a long reply as at its start.
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
@@ -63,6 +65,8 @@ class StreamDecoder:
         self.special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
         self.ids: list[int] = []
         self.text = ""
+        self._window = 0  # ids[_window:_read]: the context the next piece is decoded after
+        self._read = 0  # ids[:_read] are in self.text
 
     def push(self, token_id: int) -> str:
         if token_id in self.special:
@@ -72,10 +76,16 @@ class StreamDecoder:
             self.text += piece
             return piece
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") or not text.startswith(self.text):
+        # the context decoded alone and with the new tokens: the difference is what they add (a decoder
+        # that drops the first token's leading space drops it from the context only)
+        before = self.tokenizer.decode(self.ids[self._window:self._read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self._window:], skip_special_tokens=True)
+        if after.endswith("\ufffd") or not after.startswith(before):
             return ""  # a multi-byte character still incomplete
-        piece, self.text = text[len(self.text):], text
+        piece = after[len(before):]
+        self.text += piece
+        if piece:
+            self._window, self._read = self._read, len(self.ids)
         return piece
 
 
