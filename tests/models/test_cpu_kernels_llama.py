@@ -1,6 +1,6 @@
-"""The Llama block's C++ kernels (rope_qkv, rotary, rms_norm, swiglu) against the torch path:
-the same numbers forward and backward, with grouped (GQA), single (MQA) and per-head key /
-value heads, odd head sizes and widths; and a whole Llama with and without the kernels."""
+"""The Llama block's C++ kernels (rope_qkv, rotary, rms_norm, swiglu, decode_attention) against
+the torch path: the same numbers forward and backward, with grouped (GQA), single (MQA) and
+per-head key / value heads, odd head sizes and widths; and a whole Llama with and without them."""
 
 from __future__ import annotations
 
@@ -75,6 +75,49 @@ def test_attend_projected_is_the_same_with_and_without_kernels(nh, nkv, hs, monk
         results.append((y.detach(), leaf.grad))
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("nh,nkv,hs", HEADS)
+@pytest.mark.parametrize("start", [0, 6])
+def test_decode_attention_writes_the_cache_and_attends_as_the_torch_path(nh, nkv, hs, start, monkeypatch):
+    torch.manual_seed(start)
+    B, L = 2, 12
+    caches = torch.randn(2, B, nkv, L, hs)
+    qkv = torch.randn(B, (nh + 2 * nkv) * hs)
+    cos, sin = _tables(hs, 1, start=start)  # (1, hs): the one position, as the decode step passes it
+    results = []
+    for available in (True, False):
+        if not available:
+            monkeypatch.setitem(kernels._state, "ops", None)
+        k, v = caches.clone()
+        with torch.no_grad():
+            y = attend_projected(qkv, (cos, sin), nh, nkv, hs, causal=False, kv=(k, v), start=start)
+        results.append((y, k[:, :, :start + 1], v[:, :, :start + 1]))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.decode_attention(qkv, cos, sin, k, v, L, nh)
+
+
+@needs_kernels
+def test_decode_attention_with_each_row_at_its_own_position(monkeypatch):
+    """Rows of a batched server step sit at different positions: one angle row each."""
+    nh, nkv, hs, B, L = 4, 2, 8, 3, 10
+    caches = torch.randn(2, B, nkv, L, hs)
+    qkv = torch.randn(B, (nh + 2 * nkv) * hs)
+    cos, sin = (t[torch.tensor([2, 7, 4])].unsqueeze(-2) for t in RopeTables(hs, 10000.0, None, 16).get(
+        torch.device("cpu"), torch.float32, 16))  # (B, 1, hs)
+    results = []
+    for available in (True, False):
+        if not available:
+            monkeypatch.setitem(kernels._state, "ops", None)
+        k, v = caches.clone()
+        with torch.no_grad():
+            y = attend_projected(qkv, (cos, sin), nh, nkv, hs, causal=False, kv=(k, v), start=5)
+        results.append((y, k, v))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @needs_kernels

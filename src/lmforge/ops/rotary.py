@@ -111,14 +111,26 @@ def apply_rotary(x: Tensor, cos: Tensor, signed_sin: Tensor, head_dim: int) -> T
     x cos + swap(x) sin', with swap exchanging the halves and sin' the sine with its first half
     negated (`RopeTables` keeps it so): transformers' q cos + rotate_half(q) sin. Its backward is
     the opposite turn, so nothing of x is kept for it (`_Rotary`)."""
-    if kernels.applies_to(x):
+    if _rows_match(x, cos) and kernels.applies_to(x):
         width = cos.shape[-1]  # (T, 1, hs) or a decode step's (1, hs) -> (T, hs)
-        return _KernelRotary.apply(x.contiguous(), cos.reshape(-1, width).contiguous(),
-                                   signed_sin.reshape(-1, width).contiguous())
+        tables = (cos.reshape(-1, width).contiguous(), signed_sin.reshape(-1, width).contiguous())
+        if not torch.is_grad_enabled():  # inference: the kernel without autograd's wrapper
+            return kernels.ops().rotary(x.contiguous(), *tables, False)
+        return _KernelRotary.apply(x.contiguous(), *tables)
     if not torch.is_grad_enabled():  # inference (a decode step): the same ops without autograd's wrapper
         heads = x.unflatten(-1, (-1, head_dim))  # (B, T, n, hs)
         return torch.addcmul(heads * cos, _swap_halves(heads), signed_sin).flatten(-2)
     return _Rotary.apply(x, cos, signed_sin, head_dim)
+
+
+def _rows_match(x: Tensor, cos: Tensor) -> bool:
+    """Whether row r of x (..., W) takes the angles of row r % P of cos as a (P, hs) table: cos
+    is one position's, or its leading dimensions (less the heads' 1) end x's."""
+    lead = tuple(cos.shape[:-1])
+    if len(lead) > 1 and lead[-1] == 1:
+        lead = lead[:-1]  # (..., 1, hs): the dimension that broadcasts over heads
+    rows = tuple(x.shape[:-1])
+    return lead == (1,) or (len(lead) <= len(rows) and rows[len(rows) - len(lead):] == lead)
 
 
 def _swap_halves(x: Tensor) -> Tensor:
@@ -162,6 +174,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     float32 as transformers does."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         if weight.device.type == "cpu" and kernels.applies_to(x):
+            if not torch.is_grad_enabled():  # inference: the kernel without autograd's wrapper
+                return kernels.ops().rms_norm(x.contiguous(), weight.contiguous(), float(eps))[0]
             return _KernelRMSNorm.apply(x.contiguous(), weight.contiguous(), float(eps))
         if not torch.is_grad_enabled() and hasattr(F, "rms_norm"):  # inference (a decode step): one call into torch
             return F.rms_norm(x, (x.shape[-1],), weight, eps)

@@ -18,6 +18,8 @@ from lmforge.ops import kernels
 def swiglu(gate_up: Tensor) -> Tensor:
     """silu(gate) * up of gate_up (..., 2I) = [gate | up]: (..., I)."""
     if kernels.applies_to(gate_up):
+        if not torch.is_grad_enabled():  # inference: the kernel without autograd's wrapper
+            return kernels.ops().swiglu(gate_up.contiguous())
         return _SwiGLU.apply(gate_up.contiguous())
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -1,7 +1,8 @@
 """lmforge's own CPU kernels (C++), built once per machine and cached, with torch's ops as fallback.
 
 `ops()` returns the `torch.ops.lmforge` namespace (`self_attention`, `softmax_rows_`, and the
-Llama block's `rope_qkv`, `rotary`, `rms_norm`, `swiglu` with their backwards), or
+Llama block's `rope_qkv`, `rotary`, `rms_norm`, `swiglu` with their backwards, and
+`decode_attention`), or
 None where they cannot be had: off Linux, without a C++ compiler or ninja, without file
 locking (fcntl), with a torch that exports no BLAS for them, or with LMFORGE_CPU_KERNELS=0.
 Callers then use torch's ops, which give the same numbers more slowly.
@@ -42,7 +43,7 @@ from torch import Tensor
 
 from lmforge.base.runtime import autocast_dtype
 
-SOURCES = ("library.cpp", "self_attention.cpp", "softmax_rows.cpp", "llama_block.cpp")
+SOURCES = ("library.cpp", "self_attention.cpp", "softmax_rows.cpp", "llama_block.cpp", "decode_attention.cpp")
 HEADERS = ("blas.h",)
 # -fno-trapping-math lets the compiler vectorize the exponential's clamp and rounding; on x86,
 # full-width AVX-512 where the processor has it (gcc otherwise stops at 256 bits).

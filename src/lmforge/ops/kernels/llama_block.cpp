@@ -120,17 +120,18 @@ at::Tensor rope_qkv_backward(const at::Tensor& grad, const at::Tensor& cos, cons
   return out;
 }
 
-// x (B, T, W) or rows (B, W) with one position: every head of hs channels turned (forward), or
-// turned back (backward = true).
+// Every head of hs channels of x (..., W) turned (forward), or turned back (backward = true):
+// row r of x (its leading dimensions flattened) by the angles of table row r % P, cos / sin
+// being (P, hs) (P = T for (B, T, W), 1 for one position, one per row for rows at their own).
 at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool backward) {
   check_float_cpu(x, "rotary: x");
   check_float_cpu(cos, "rotary: cos");
   check_float_cpu(sin, "rotary: signed_sin");
+  TORCH_CHECK(cos.dim() == 2 && sin.sizes() == cos.sizes(), "rotary: cos / sin must be (P, hs)");
   const int64_t T = cos.size(0), D = cos.size(1), W = x.size(-1);
-  TORCH_CHECK(cos.dim() == 2 && sin.sizes() == cos.sizes() && D % 2 == 0 && W % D == 0,
-              "rotary: cos / sin must be (T, hs) with hs even, dividing x's width");
-  TORCH_CHECK((x.dim() == 3 && x.size(1) == T) || (x.dim() == 2 && T == 1), "rotary: x must be (B, T, W) or (B, W)");
+  TORCH_CHECK(D % 2 == 0 && W % D == 0, "rotary: hs must be even and divide x's width");
   const int64_t rows = x.numel() / W;
+  TORCH_CHECK(T > 0 && rows % T == 0, "rotary: x's rows must repeat the table's ", T, " positions");
   auto out = at::empty_like(x);
   const float *in = x.data_ptr<float>(), *cs = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
   float* o = out.data_ptr<float>();
