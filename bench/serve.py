@@ -9,8 +9,10 @@ prompt from the tiny Shakespeare validation split (a different one per request) 
 tokens (`BENCH_SERVE_TOKENS`). With C concurrent clients (1, 4, 16), each client sends its requests one after the
 other; the rate is the completion tokens the servers report (`usage`) over the wall time from
 the first request to the last answer, and the time to first token is measured per request
-(first text chunk). The sides run interleaved, round after round; the ratio is the median of
-per-round ratios against the better transformers mode.
+(first text chunk), and each server's CPU time per token (its process, all threads, from
+/proc: the serving work itself, less disturbed by other jobs than the wall time). The sides run
+interleaved, round after round; the ratio is the median of per-round ratios against the better
+transformers mode.
 
     python bench/serve.py      # BENCH_ROUNDS=3; BENCH_SERVE_CLIENTS=1,4,16; BENCH_SERVE_TOKENS=32;
                                # BENCH_SERVE_CAP=90 (s); BENCH_SERVE_THREADS=1 (every server's torch threads)
@@ -108,6 +110,26 @@ class Server:
             time.sleep(0.5)
         raise RuntimeError(f"{self.name} did not start in {timeout:.0f} s")
 
+    def cpu_seconds(self) -> float:
+        """CPU time so far of the server process and of every process under it (a model may run in
+        a child), all threads: Linux's /proc, NaN elsewhere. Per token it measures the serving work
+        itself, which other jobs on the machine disturb far less than they disturb the wall time."""
+        stats = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command's name
+            except OSError:  # a process that just ended
+                continue
+            stats[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, utime + stime
+        tree = {self.proc.pid}
+        while True:  # the server's descendants, level by level
+            more = {pid for pid, (ppid, _) in stats.items() if ppid in tree} - tree
+            if not more:
+                break
+            tree |= more
+        ticks = sum(stats[pid][1] for pid in tree if pid in stats)
+        return ticks / os.sysconf("SC_CLK_TCK") if self.proc.pid in stats else float("nan")
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -167,7 +189,10 @@ async def _run(server: Server, clients: int, texts: list[str]) -> dict:
 
 
 def run(server: Server, clients: int, texts: list[str]) -> dict:
-    return asyncio.run(_run(server, clients, texts))
+    cpu = server.cpu_seconds()
+    result = asyncio.run(_run(server, clients, texts))
+    result["cpu_ms_per_token"] = (server.cpu_seconds() - cpu) * 1000 / max(result["tokens"], 1)
+    return result
 
 
 def _ms(seconds: float) -> str:
@@ -205,7 +230,8 @@ def main() -> None:
                     result = run(server, clients, texts)
                     results[(server.name, clients)].append(result)
                     log(f"{server.name}, {clients} client(s): {result['tokens_per_s']:,.1f} tokens/s, "
-                        f"{result['tokens']} tokens in {result['seconds']:.1f} s"
+                        f"{result['tokens']} tokens in {result['seconds']:.1f} s, "
+                        f"server CPU {result['cpu_ms_per_token']:.2f} ms a token"
                         f"{' (cut at the cap)' if result['capped'] else ''} (round {r}/{ROUNDS})")
     finally:
         for server in servers:
@@ -217,7 +243,7 @@ def summary(results: dict, names: list[str]) -> list[str]:
     ours, peers = names[0], names[1:]
     lines = [f"## serve: streamed completions, {PROMPT}-token prompts, {NEW} new tokens, greedy, fp32",
              "| clients | server | tokens/s (median) | ratio to the better transformers mode | TTFT median | "
-             "TTFT p95 |", "|---|---|---|---|---|---|"]
+             "TTFT p95 | server CPU a token (median) |", "|---|---|---|---|---|---|---|"]
     for clients in CLIENTS:
         rates = {n: [x["tokens_per_s"] for x in results[(n, clients)]] for n in names}
         best = max(peers, key=lambda n: median(rates[n]))
@@ -225,8 +251,9 @@ def summary(results: dict, names: list[str]) -> list[str]:
         for name in names:
             ttft = [t for x in results[(name, clients)] for t in x["ttft"]]
             ratio = f"{median(per_round):.2f}x" if name == ours else ("(better)" if name == best else "")
+            cpu = median([x["cpu_ms_per_token"] for x in results[(name, clients)]])
             lines.append(f"| {clients} | {name} | {median(rates[name]):,.0f} | {ratio} | "
-                         f"{_ms(median(ttft))} | {_ms(percentile(ttft, 0.95))} |"
+                         f"{_ms(median(ttft))} | {_ms(percentile(ttft, 0.95))} | {cpu:.2f} ms |"
                          + (" cut at the cap" if any(x["capped"] for x in results[(name, clients)]) else ""))
     first = CLIENTS[0]
     best = max(peers, key=lambda n: median([x["tokens_per_s"] for x in results[(n, first)]]))
@@ -235,7 +262,8 @@ def summary(results: dict, names: list[str]) -> list[str]:
               "answers (float rounding may flip a near tie)", f"machine: {machine()}",
               f"each run: {', '.join(f'{c} client(s) x {REQUESTS[c]} request(s)' for c in CLIENTS)}; a side's run "
               f"stops at {CAP:.0f} s (its rate is then the tokens streamed by then over {CAP:.0f} s)",
-              f"every server with OMP_NUM_THREADS={THREADS}",
+              f"every server with OMP_NUM_THREADS={THREADS}; server CPU: the process's CPU time over a run "
+              "(all its threads, from /proc) per completion token",
               f"lmforge: lmforge serve {FOLDER / 'ckpt'} --max-batch 16; peer: transformers serve {FOLDER / 'hf'} "
               f"[--continuous-batching {' '.join(CB_CACHE)}]"]
     return lines
