@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmforge.commands.quickstart import bundled_corpus
+
+# One intra-op thread in this process and (through the environment) in the processes the tests
+# start. The models here are tiny and the cores few and shared: a second OpenMP thread mostly
+# spins waiting for the first, which made in-process training runs several times slower on a
+# busy machine. tests/ops/test_kernel_threads.py runs the kernels' parallel loops on two threads.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 TINY_MODEL = {"preset": None, "n_layer": 2, "n_head": 2, "n_embd": 32, "context": 32}
 

@@ -13,12 +13,13 @@ import os
 import resource
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+
+import forked_cli
 
 HERE = Path(__file__).resolve().parent
 RUNNER = HERE / "fault_runner.py"
@@ -66,14 +67,14 @@ def run_config(data: Path, out_dir: Path, name: str = "run", **train) -> Path:
 
 def lmforge(args: list[str], cwd: Path, *, fault: str | None = None, env: dict | None = None,
             timeout: float = 120) -> subprocess.CompletedProcess:
-    """`lmforge ARGS` in a child process through fault_runner (instruments off unless env asks)."""
+    """`lmforge ARGS` in a child process through fault_runner (instruments off unless env asks),
+    forked from a parent that has imported torch and lmforge already (see forked_cli)."""
     child_env = {k: v for k, v in os.environ.items() if not k.startswith(("LMFORGE_FAULT", "FAULTS_"))}
-    child_env.setdefault("OMP_NUM_THREADS", "1")  # tiny models; 2 shared cores: threads only contend
+    child_env["OMP_NUM_THREADS"] = "1"  # tiny models; 2 shared cores: threads only contend
     child_env.update(env or {})
     if fault:
         child_env["LMFORGE_FAULT"] = fault
-    return subprocess.run([sys.executable, str(RUNNER), *args], cwd=cwd, env=child_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return forked_cli.run([str(RUNNER), *args], cwd, child_env, timeout=timeout)
 
 
 def baseline(tmp_path_factory) -> Path:

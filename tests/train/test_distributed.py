@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+import forked_cli
 from conftest import tiny_run
 from lmforge.checkpoint import load_checkpoint
 
@@ -22,10 +23,18 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 SETTINGS = dict(max_steps=6, lr=1e-4, warmup_steps=0, schedule="constant", eval_every=3, save_every=2)
 
 
-def _run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+# `lmforge` without the HTML report (matplotlib: seconds per run, not under test here).
+LMFORGE = str(Path(__file__).resolve().parents[1] / "faults" / "fault_runner.py")
+
+
+def _env(**env: str) -> dict[str, str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("LMFORGE_FAULT")}
     environ.update(env, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, cwd=cwd, env=environ, capture_output=True, text=True, timeout=240)
+    return environ
+
+
+def _run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=240)
 
 
 def _config(lm_data: Path, tmp_path: Path, **train) -> Path:
@@ -48,8 +57,8 @@ def _assert_close(a: dict, b: dict, atol: float = 1e-5) -> None:
 def single(lm_data: Path, tmp_path_factory) -> Path:
     """One process, micro-batch 8: the reference for a 2 x 4 global batch."""
     tmp = tmp_path_factory.mktemp("single")
-    result = _run([sys.executable, "-m", "lmforge", "train", str(_config(lm_data, tmp, batch_size=8)),
-                   "run.name=single", "--quiet"], tmp)
+    result = forked_cli.run([LMFORGE, "train", str(_config(lm_data, tmp, batch_size=8)), "run.name=single", "--quiet"],
+                            tmp, _env())
     assert result.returncode == 0, result.stderr
     return tmp / "single"
 
@@ -57,7 +66,7 @@ def single(lm_data: Path, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_equal_one_with_the_same_global_batch(lm_data, tmp_path, single, strategy):
     config = _config(lm_data, tmp_path, batch_size=4, strategy=strategy)
-    result = _run([*TORCHRUN, "-m", "lmforge", "train", str(config), "run.name=two"], tmp_path)
+    result = _run([*TORCHRUN, LMFORGE, "train", str(config), "run.name=two"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "global batch 8 (micro 4 x accum 1 x world 2)" in result.stdout
     assert result.stdout.count("done: max_steps at step 6") == 1  # only rank 0 prints
@@ -66,13 +75,13 @@ def test_two_processes_equal_one_with_the_same_global_batch(lm_data, tmp_path, s
 
 def test_stopped_on_two_processes_resumes_on_one_at_the_same_position(lm_data, tmp_path, single):
     config = _config(lm_data, tmp_path, batch_size=4, strategy="fsdp")
-    killed = _run([*TORCHRUN, "-m", "lmforge", "train", str(config), "run.name=moved"], tmp_path,
+    killed = _run([*TORCHRUN, LMFORGE, "train", str(config), "run.name=moved"], tmp_path,
                   LMFORGE_FAULT="after_step_4")
     assert killed.returncode != 0
     state = load_checkpoint(tmp_path / "moved" / "checkpoints" / "last", with_training_state=True).training_state
     assert state["loop"]["step"] == 4 and state["loop"]["epoch_sample"] == 32 and state["world_size"] == 2
-    resumed = _run([sys.executable, "-m", "lmforge", "train", "--resume", str(tmp_path / "moved"),
-                    "train.batch_size=8", "train.strategy=ddp", "--quiet"], tmp_path)
+    resumed = forked_cli.run([LMFORGE, "train", "--resume", str(tmp_path / "moved"), "train.batch_size=8",
+                              "train.strategy=ddp", "--quiet"], tmp_path, _env())
     assert resumed.returncode == 0, resumed.stderr
     assert "train.batch_size: 4 -> 8" in resumed.stderr  # the changed config is shown
     _assert_close(_weights(tmp_path / "moved"), _weights(single))
@@ -80,7 +89,7 @@ def test_stopped_on_two_processes_resumes_on_one_at_the_same_position(lm_data, t
 
 def test_a_killed_worker_restarts_from_the_last_checkpoint(lm_data, tmp_path):
     config = _config(lm_data, tmp_path, batch_size=4)
-    result = _run([*TORCHRUN, "--max-restarts", "1", "-m", "lmforge", "train", str(config), "run.name=el",
+    result = _run([*TORCHRUN, "--max-restarts", "1", LMFORGE, "train", str(config), "run.name=el",
                    "--quiet"], tmp_path, LMFORGE_FAULT="after_step_3", LMFORGE_FAULT_RANK="1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "elastic restart 1: resuming from" in result.stderr
@@ -90,7 +99,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(lm_data, tmp_path):
 
 def test_a_hung_rank_fails_the_job_within_the_timeout_naming_the_step(lm_data, tmp_path):
     config = _config(lm_data, tmp_path, batch_size=4, collective_timeout=3)
-    result = _run([*TORCHRUN, "-m", "lmforge", "train", str(config), "run.name=hung", "--quiet"], tmp_path,
+    result = _run([*TORCHRUN, LMFORGE, "train", str(config), "run.name=hung", "--quiet"], tmp_path,
                   LMFORGE_FAULT="hang:after_step_2", LMFORGE_FAULT_RANK="1")
     assert result.returncode != 0
     assert "step 3: waiting for the other ranks" in result.stderr

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 import yaml
 
+import forked_cli
 from lmforge.checkpoint import load_checkpoint
 
 LLAMA = {"kind": "llama", "preset": None, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 32, "context": 32,
@@ -28,11 +28,11 @@ def _config(data: Path, out: Path, name: str, model: dict | None = None, **train
     return path
 
 
-def _lmforge(args: list[str], cwd: Path, launcher: list[str] | None = None, **env: str) -> subprocess.CompletedProcess:
+def _lmforge(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """`lmforge ARGS` in a process of its own, forked without the interpreter's startup (forked_cli)."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("LMFORGE_FAULT")}
     environ.update(env, OMP_NUM_THREADS="1")
-    return subprocess.run([*(launcher or [sys.executable]), "-m", "lmforge", *args], cwd=cwd, env=environ,
-                          capture_output=True, text=True, timeout=300)
+    return forked_cli.run(["-m", "lmforge", *args], cwd, environ)
 
 
 def _losses(run: Path) -> list[tuple[int, float]]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+import forked_cli
 from conftest import tiny_run
 from lmforge.base.config import load_config
 from lmforge.data.collate import pad_collate
@@ -115,8 +115,7 @@ def _cli(args: list[str], cwd: Path, fault: str | None = None) -> subprocess.Com
     env["OMP_NUM_THREADS"] = "1"
     if fault:
         env["LMFORGE_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "lmforge", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return forked_cli.run(["-m", "lmforge", *args], cwd, env)  # a process of its own, without the startup
 
 
 def test_kill_and_resume_ends_with_the_same_weights(lm_data: Path, tmp_path: Path):
