@@ -9,6 +9,7 @@ with the status a fresh one would, as `subprocess.run` reports it.
 
     forked_cli.run(["-m", "lmforge", "train", "cfg.yaml"], cwd, env)      # like python -m lmforge
     forked_cli.run(["path/to/script.py", "train", "cfg.yaml"], cwd, env)  # like python script.py
+    forked_cli.run(["-c", "import sys; ...", "arg"], cwd, env)               # like python -c
 
 Children run with one intra-op thread (the server is started with OMP_NUM_THREADS=1, which the
 OpenMP runtime reads when torch is imported), so a request must ask for that too.
@@ -33,7 +34,7 @@ _server: dict[str, object] = {}
 
 
 def run(args: list[str], cwd: Path | str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python ARGS` (ARGS: `-m module ...` or `script.py ...`) in a forked child; stdout and
+    """`python ARGS` (ARGS: `-m module ...`, `-c code ...` or `script.py ...`) in a forked child; stdout and
     stderr as text. On timeout the child is killed and subprocess.TimeoutExpired raised."""
     if env.get("OMP_NUM_THREADS") != "1":
         raise ValueError("forked children run with one thread: pass OMP_NUM_THREADS=1 in env")
@@ -131,11 +132,14 @@ def _child(request: dict) -> None:
                                 (2, request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
             os.dup2(os.open(path, flags, 0o600), fd)
         args = request["args"]
-        sys.path.insert(0, os.getcwd() if args[0] == "-m" else str(Path(args[0]).resolve().parent))
+        sys.path.insert(0, os.getcwd() if args[0] in ("-m", "-c") else str(Path(args[0]).resolve().parent))
         try:
             if args[0] == "-m":
                 sys.argv = [args[1], *args[2:]]
                 runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+            elif args[0] == "-c":
+                sys.argv = ["-c", *args[2:]]
+                exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__"})
             else:
                 sys.argv = list(args)
                 runpy.run_path(args[0], run_name="__main__")

@@ -8,8 +8,6 @@ import json
 import os
 import pickle
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import forked_cli
 from lmforge.checkpoint import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
 from lmforge.checkpoint.retention import clean_stale_temp, find_latest, prune_epochs
 
@@ -144,8 +143,7 @@ def test_crash_at_fault_point_keeps_a_complete_checkpoint(tmp_path: Path, point:
     _save(ckpts / "last", tok, value=1.0, step=1)
     _save(ckpts / "epoch-1", tok, value=1.0, step=1)
     env = {**os.environ, "LMFORGE_FAULT": point}
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(ckpts / "last"), str(tok), "0", "none"],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = forked_cli.run(["-c", CHILD, str(ckpts / "last"), str(tok), "0", "none"], tmp_path, env, timeout=120)
     assert proc.returncode == 137, proc.stderr
     leftovers = sorted(p for p in os.listdir(ckpts) if p.startswith("."))
     assert leftovers, "a crash mid-save leaves a hidden temp or old folder"
@@ -274,8 +272,8 @@ def test_training_state_must_be_plain_data(tmp_path: Path) -> None:
 def test_disk_full_leaves_previous_checkpoint(tmp_path: Path, big: str, file: str) -> None:
     tok, ckpts = _tokenizer(tmp_path), tmp_path / "checkpoints"
     _save(ckpts / "last", tok, value=1.0, step=1)
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(ckpts / "last"), str(tok), str(256 * 1024), big],
-                          capture_output=True, text=True, timeout=120)
+    proc = forked_cli.run(["-c", CHILD, str(ckpts / "last"), str(tok), str(256 * 1024), big], tmp_path,
+                          {k: v for k, v in os.environ.items() if k != "LMFORGE_FAULT"}, timeout=120)
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout.startswith(f"disk full while saving checkpoint {ckpts / 'last'} (writing {file}: ")
     assert "previous checkpoint is untouched" in proc.stdout
