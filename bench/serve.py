@@ -3,14 +3,15 @@
 The workload's GPT (4 layers, 4 heads, 256 wide, vocabulary 8192, context 256), random weights
 from the benchmark seed, saved as an lmforge checkpoint and exported with `lmforge export
 --format hf`; `transformers serve FOLDER` runs offline on that folder, in its default mode and
-with `--continuous-batching` (its paged cache given a size, `CB_CACHE`). Every server is a process of its own, started once; the client
-(this process, asyncio + httpx) streams `POST /v1/completions` with greedy decoding, a 16-token
-prompt from the tiny Shakespeare validation split (a different one per request) and 64 new
-tokens (`BENCH_SERVE_TOKENS`). With C concurrent clients (1, 4, 16), each client sends its requests one after the
-other; the rate is the completion tokens the servers report (`usage`) over the wall time from
-the first request to the last answer, and the time to first token is measured per request
-(first text chunk), and each server's CPU time per token (its process, all threads, from
-/proc: the serving work itself, less disturbed by other jobs than the wall time). The sides run
+with `--continuous-batching` (its paged cache given a size, `CB_CACHE`). Every server is a
+process of its own, started once; the client (this process, asyncio + httpx) streams `POST
+/v1/completions` with greedy decoding, a 16-token prompt from the tiny Shakespeare validation
+split (a different one per request) and 32 new tokens (`BENCH_SERVE_TOKENS`). With C
+concurrent clients (1, 4, 16), each client sends its requests one after the other; the rate is
+the completion tokens the servers report (`usage`) over the wall time from the first request to
+the last answer. Also measured: the time to first token of each request (its first text chunk)
+and each server's CPU time per token (its process and those under it, all threads, from /proc:
+the serving work itself, less disturbed by other jobs than the wall time). The sides run
 interleaved, round after round; the ratio is the median of per-round ratios against the better
 transformers mode.
 
@@ -262,8 +263,8 @@ def summary(results: dict, names: list[str]) -> list[str]:
               "answers (float rounding may flip a near tie)", f"machine: {machine()}",
               f"each run: {', '.join(f'{c} client(s) x {REQUESTS[c]} request(s)' for c in CLIENTS)}; a side's run "
               f"stops at {CAP:.0f} s (its rate is then the tokens streamed by then over {CAP:.0f} s)",
-              f"every server with OMP_NUM_THREADS={THREADS}; server CPU: the process's CPU time over a run "
-              "(all its threads, from /proc) per completion token",
+              f"every server with OMP_NUM_THREADS={THREADS}; server CPU: the CPU time of the server process and "
+              "the processes under it (all threads, from /proc) over a run, per completion token",
               f"lmforge: lmforge serve {FOLDER / 'ckpt'} --max-batch 16; peer: transformers serve {FOLDER / 'hf'} "
               f"[--continuous-batching {' '.join(CB_CACHE)}]"]
     return lines

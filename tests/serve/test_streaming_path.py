@@ -91,3 +91,81 @@ def test_a_pre_encoded_chunk_equals_the_event_built_whole(text):
 def test_a_chunk_without_the_text_field_is_refused():
     with pytest.raises(ValueError, match="TEXT"):
         PieceEvents({"choices": []})
+
+
+class _Scheduler:
+    """Takes the request and remembers a cancel; the test plays the decode thread."""
+
+    def __init__(self) -> None:
+        self.cancelled = []
+
+    def submit(self, request) -> None:
+        self.request = request
+
+    def cancel(self, request) -> None:
+        self.cancelled.append(request)
+
+
+def _stream(stop: list[str]):
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from lmforge.serve.generation import TextStream
+    from lmforge.serve.params import GenerationParams
+
+    words = ["a", "b", "c", "d"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="a"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Whitespace(), decoders.Fuse()  # ids spell "abcd..."
+    served = SimpleNamespace(scheduler=_Scheduler(), loaded=SimpleNamespace(tokenizer=tok))
+    params = GenerationParams(max_tokens=8, temperature=0.0, top_p=None, top_k=None, repetition_penalty=1.0,
+                              presence_penalty=0.0, frequency_penalty=0.0, seed=None, stop=stop, stream=True,
+                              include_usage=False, truncate=False)
+    return TextStream(served, [0], params, 8, ()), served.scheduler
+
+
+def _play(stop: list[str], steps: list[list[object]]) -> tuple[list[str], object, list]:
+    """Run `pieces()` while the "decode thread" delivers each step's items at once: (the pieces,
+    the stream, the cancelled requests); an error the stream raised is the stream's `error`."""
+    async def main():
+        stream, scheduler = _stream(stop)
+        request = scheduler.request
+        got = []
+
+        async def feed():
+            for items in steps:
+                for item in items:
+                    request.on_token(item) if isinstance(item, int) else request.on_finish(item)
+                await asyncio.sleep(0.01)  # the mailbox delivers them in one turn of the loop
+
+        from lmforge.serve.errors import APIError
+
+        feeder = asyncio.ensure_future(feed())
+        stream.error = None
+        try:
+            async for piece in stream.pieces():
+                got.append(piece)
+        except APIError as err:
+            stream.error = err
+        finally:
+            await feeder
+        return got, stream, scheduler.cancelled
+    return asyncio.run(main())
+
+
+def test_tokens_delivered_together_leave_as_one_piece():
+    got, stream, cancelled = _play([], [[0, 1, 2], [3], ["length"]])
+    assert got == ["abc", "d"]
+    assert stream.finish_reason == "length" and stream.completion_tokens == 4 and not cancelled
+
+
+def test_a_stop_string_inside_a_delivery_cuts_it_and_cancels_the_rest():
+    got, stream, cancelled = _play(["bc"], [[0, 1, 2, 3], [0], ["length"]])
+    assert got == ["a"]
+    assert stream.finish_reason == "stop" and cancelled and stream.completion_tokens == 3  # "d" never counted
+
+
+def test_text_before_an_error_is_sent_then_the_error():
+    got, stream, _ = _play([], [[0, 1, "error: boom"]])
+    assert got == ["ab"]
+    assert stream.error.status == 500 and "generation failed: boom" in str(stream.error.body())

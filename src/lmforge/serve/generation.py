@@ -168,11 +168,11 @@ class TextStream:
                 self.finish_reason = "stop"
                 self.cancel()
                 return
-            if end is None:
+            if end is None or end.reason.startswith("error"):
                 if text:
                     yield text
-                continue
-            if end.reason.startswith("error"):
+                if end is None:
+                    continue
                 raise APIError(500, f"generation failed: {end.reason[len('error: '):]}", code="server_error")
             tail, stopped = self.stops.feed(self._undecoded())
             text += tail + ("" if stopped else self.stops.flush())
