@@ -86,6 +86,7 @@ def _stop_server() -> None:
     if proc is not None and proc.poll() is None:
         proc.stdin.close()
         proc.wait(timeout=30)
+    Path(str(_server.get("log", ""))).unlink(missing_ok=True)
 
 
 # -- the server (this file run as a script) ----------------------------------------------------
