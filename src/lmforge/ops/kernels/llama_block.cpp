@@ -174,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tenso
 }
 
 // grad_x = r (s - normed mean(s normed)), s = grad * weight, normed = x r; grad_weight =
-// sum over rows of grad * normed, summed per thread's block of rows, then across blocks.
+// sum over rows of grad * normed, summed per block of rows, then across blocks.
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, const at::Tensor& x,
                                                      const at::Tensor& weight, const at::Tensor& rstd) {
   check_float_cpu(grad, "rms_norm_backward: grad");
@@ -184,7 +184,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, con
   TORCH_CHECK(grad.numel() == x.numel() && rstd.numel() == rows && weight.numel() == C,
               "rms_norm_backward: grad, x, rstd and weight do not match");
   auto grad_x = at::empty_like(x);
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, rows));
+  // A fixed number of row blocks, not one per thread: the same bits on any number of threads.
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(32, rows));
   auto partial = at::zeros({blocks, C}, x.options());
   const float *g = grad.data_ptr<float>(), *in = x.data_ptr<float>(), *w = weight.contiguous().data_ptr<float>();
   const float* rs = rstd.data_ptr<float>();

@@ -1,0 +1,44 @@
+"""The Llama block's kernels split rows over threads: two threads give one thread's bits (the
+rest of the suite runs on one intra-op thread, tests/conftest.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.ops import kernels
+from lmforge.ops.rotary import RopeTables
+
+ops = kernels.ops()
+pytestmark = pytest.mark.skipif(ops is None, reason=f"CPU kernels unavailable: {kernels.unavailable_reason()}")
+
+
+def _all_kernels(seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    B, T, nh, nkv, hs, C, I = 3, 37, 4, 2, 16, 48, 40
+    cos, sin = (t[:T].contiguous() for t in RopeTables(hs, 10000.0, None, T).get(torch.device("cpu"),
+                                                                                   torch.float32, T))
+    qkv = torch.randn(B, T, (nh + 2 * nkv) * hs, generator=g)
+    grad_full = torch.randn(B, T, 3 * nh * hs, generator=g)
+    x, grad_x = torch.randn(B * T, C, generator=g), torch.randn(B * T, C, generator=g)
+    weight = torch.randn(C, generator=g)
+    gate_up, grad_up = torch.randn(B * T, 2 * I, generator=g), torch.randn(B * T, I, generator=g)
+    normed, rstd = ops.rms_norm(x, weight, 1e-6)
+    k_cache, v_cache = torch.randn(2, B, nkv, T, hs, generator=g)
+    step = ops.decode_attention(qkv[:, 5].contiguous(), cos[5:6], sin[5:6], k_cache, v_cache, 5, nh)
+    return [ops.rope_qkv(qkv, cos, sin, nh, nkv), ops.rope_qkv_backward(grad_full, cos, sin, nh, nkv),
+            ops.rotary(qkv, cos, sin, False), normed, rstd, *ops.rms_norm_backward(grad_x, x, weight, rstd),
+            ops.swiglu(gate_up), ops.swiglu_backward(grad_up, gate_up), step, k_cache, v_cache]
+
+
+def test_llama_kernels_give_the_same_bits_on_one_and_two_threads():
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(_all_kernels(seed=3))
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
