@@ -18,12 +18,14 @@ OpenMP runtime reads when torch is imported), so a request must ask for that too
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import select
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 # What the server imports before it forks anything: the costly part of every command's startup.
@@ -42,13 +44,14 @@ def run(args: list[str], cwd: Path | str, env: dict[str, str], timeout: float = 
     with tempfile.TemporaryDirectory(prefix="forked-cli-") as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
         request = {"args": list(args), "cwd": str(cwd), "env": dict(env), "stdout": str(out), "stderr": str(err)}
-        proc.stdin.write(json.dumps(request) + "\n")
+        proc.stdin.write(json.dumps(request).encode() + b"\n")
         proc.stdin.flush()
         pid = _reply(proc, 60)["pid"]
         try:
             code = _reply(proc, timeout)["returncode"]
         except subprocess.TimeoutExpired:
-            os.kill(pid, 9)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
             _reply(proc, 60)
             raise subprocess.TimeoutExpired(["python", *args], timeout) from None
         text = lambda path: path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
@@ -62,22 +65,29 @@ def _running_server() -> subprocess.Popen:
         env["OMP_NUM_THREADS"] = "1"
         log = tempfile.NamedTemporaryFile(prefix="forked-cli-server-", suffix=".log", delete=False)
         proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=log, env=env, text=True, bufsize=1)
-        _server.update(proc=proc, log=log.name)
-        if len(_server) == 2:
+                                stderr=log, env=env, bufsize=0)
+        _server.update(proc=proc, log=log.name, pending=b"")
+        if not _server.get("stopped_at_exit"):
             atexit.register(_stop_server)
+            _server["stopped_at_exit"] = True
         assert _reply(proc, 300) == {"ready": True}
     return proc
 
 
 def _reply(proc: subprocess.Popen, timeout: float) -> dict:
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    if not ready:
-        raise subprocess.TimeoutExpired("forked_cli", timeout)
-    line = proc.stdout.readline()
-    if not line:
-        log = Path(str(_server["log"])).read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"the forked_cli server stopped:\n{log}")
+    """The server's next line. Read from the pipe unbuffered, so that a line already received
+    (the pid and the exit status of a quick child come together) is never waited for again."""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in _server["pending"]:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise subprocess.TimeoutExpired("forked_cli", timeout)
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        if not chunk:
+            log = Path(str(_server["log"])).read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"the forked_cli server stopped:\n{log}")
+        _server["pending"] += chunk
+    line, _, _server["pending"] = _server["pending"].partition(b"\n")
     return json.loads(line)
 
 
