@@ -14,11 +14,14 @@ calls into matrix products (with their GFLOP/s), attention, optimizer and the re
 the step's wall time measured without the timer, and the matrix products' time at the
 measured 2048^3 peak: the floor no eager formulation of this step can go below.
 
+BENCH_BREAKDOWN_MODEL=llama times the Llama step of `make bench-llama-train` instead (the same
+shape with 2 key / value heads, SwiGLU 704, untied output layer) against `LlamaForCausalLM`.
+
 BENCH_BREAKDOWN_SIZE=124M times the same step at GPT-2 small (12 x 768, context 1024,
 vocabulary 50,257, batch 2: the 124M size of bench/scale.py) instead; BENCH_BREAKDOWN_SIZE=mid
 at its mid size.
 
-    python bench/step_breakdown.py        # BENCH_BREAKDOWN_STEPS=5 BENCH_BREAKDOWN_SIZE=fixed
+    python bench/step_breakdown.py        # BENCH_BREAKDOWN_STEPS=5 BENCH_BREAKDOWN_SIZE=fixed BENCH_BREAKDOWN_MODEL=gpt
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from common import SEED, WORKLOAD, Worker, log, machine, matmul_peak, shakespear
 STEPS = int(os.environ.get("BENCH_BREAKDOWN_STEPS", "5"))
 TOP = int(os.environ.get("BENCH_BREAKDOWN_TOP", "15"))  # operators listed per side
 SIZE = os.environ.get("BENCH_BREAKDOWN_SIZE", "fixed")
+MODEL = os.environ.get("BENCH_BREAKDOWN_MODEL", "gpt")
 WARMUP = 3
 MATMULS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul"}
 OPTIMIZER_PREFIXES = ("_fused_adam", "_foreach_")
@@ -75,6 +79,37 @@ def workload() -> tuple:
     return data, dict(spec["model"], batch_size=spec["batch"], vocab_size=int(read_meta(data)["vocab_size"]))
 
 
+def lmforge_model(shape: dict, model_shape: dict):
+    """lmforge's GPT, or its Llama with BENCH_BREAKDOWN_MODEL=llama."""
+    if MODEL == "llama":
+        from lmforge.models.llama import Llama
+        from lmforge.models.llama_config import LlamaConfig
+
+        return Llama(LlamaConfig(vocab_size=shape["vocab_size"], context=shape["context"], n_kv_head=2,
+                                 tie_embeddings=False, **model_shape))
+    from lmforge.models.gpt import GPT, GPTConfig
+
+    return GPT(GPTConfig(vocab_size=shape["vocab_size"], context=shape["context"], activation="gelu", **model_shape))
+
+
+def transformers_model(shape: dict, model_shape: dict):
+    """The same model in transformers: GPT2LMHeadModel, or LlamaForCausalLM of lmforge's Llama's shape."""
+    if MODEL == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from lmforge.models.llama_config import LlamaConfig as Shape
+
+        ffn = Shape(vocab_size=shape["vocab_size"], n_kv_head=2, **model_shape).ffn
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=shape["vocab_size"], hidden_size=model_shape["n_embd"], intermediate_size=ffn,
+            num_hidden_layers=model_shape["n_layer"], num_attention_heads=model_shape["n_head"],
+            num_key_value_heads=2, max_position_embeddings=shape["context"], tie_word_embeddings=False))
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=shape["vocab_size"], n_positions=shape["context"],
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **model_shape))
+
+
 def breakdown_runner(side: str):
     """A function(steps) -> {"wall_ms", "ops": [[op, shapes, calls, ms, flops] per step]}."""
     import torch
@@ -90,14 +125,12 @@ def breakdown_runner(side: str):
     model_shape = {k: shape[k] for k in ("n_layer", "n_head", "n_embd")}
     if side == "lmforge":
         from lmforge.base.config import TrainConfig
-        from lmforge.models.gpt import GPT, GPTConfig
         from lmforge.train.optim import build_optimizer
         from lmforge.train.update import clip
 
         setup_runtime("cpu", seed=SEED)  # threads, as `lmforge train` sets them up
         keep_freed_memory()  # the allocator setting `lmforge train` asks for
-        model = GPT(GPTConfig(vocab_size=shape["vocab_size"], context=shape["context"],
-                              activation="gelu", **model_shape))
+        model = lmforge_model(shape, model_shape)
         optimizer = build_optimizer(model, TrainConfig(lr=6e-4), torch.device("cpu"))
         targets = torch.cat([ids[:, 1:], torch.full((ids.shape[0], 1), -100)], 1)
 
@@ -108,11 +141,8 @@ def breakdown_runner(side: str):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     else:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
         torch.manual_seed(SEED)
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=shape["vocab_size"], n_positions=shape["context"],
-                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **model_shape))
+        model = transformers_model(shape, model_shape)
         optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
         def step() -> None:
@@ -161,6 +191,7 @@ def report(results: dict[str, dict], peak: float) -> list[str]:
     sides = list(results)
     _, shape = workload()
     what = "the fixed workload's" if SIZE == "fixed" else f"the {SIZE} size's ({shape})"
+    what += " Llama" if MODEL == "llama" else ""
     lines = [f"## step breakdown: {what} training step, {STEPS} steps timed per side",
              f"| {'':<56} | " + " | ".join(f"{s + ' ms':>16}" for s in sides),
              f"|{'-' * 58}|" + "|".join("-" * 18 for _ in sides)]
@@ -200,7 +231,8 @@ def main() -> None:
     finally:
         for worker in workers.values():
             worker.close()
-    write_summary("step_breakdown" if SIZE == "fixed" else f"step_breakdown_{SIZE}", report(results, matmul_peak()))
+    name = "step_breakdown" + ("" if SIZE == "fixed" else f"_{SIZE}") + ("_llama" if MODEL == "llama" else "")
+    write_summary(name, report(results, matmul_peak()))
 
 
 if __name__ == "__main__":
