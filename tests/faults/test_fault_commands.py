@@ -352,6 +352,9 @@ def test_quickstart_runs_again_over_its_own_folder(tmp_path: Path, monkeypatch):
     (out / "gpt" / "metrics.jsonl").write_text("")
     monkeypatch.setattr(quickstart, "_steps_for_budget", lambda base, seconds: 2)
     monkeypatch.setitem(quickstart.QUICKSTART_TRAIN, "sample_tokens", 4)
+    small = tmp_path / "shakespeare.txt"  # a slice of the bundled corpus: tokenizer and store in a moment
+    small.write_text(quickstart.bundled_corpus().read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    monkeypatch.setattr(quickstart, "bundled_corpus", lambda: small)
     code, stdout, err = _cli(["quickstart", "--minutes", "0.5", "--out", str(out)])
     assert code == 0, err
     assert "validation loss" in stdout and (out / "gpt" / "checkpoints").is_dir()
