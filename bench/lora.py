@@ -17,6 +17,11 @@ Peak memory is each worker process's peak resident set (ru_maxrss) after its rou
 model, the data and the steps of one side, never the other's. Interleaved A B A B; the first
 WARMUP steps of every round are dropped.
 
+A LoRA step should cost less than a full fine-tuning step of the same model (no gradients of
+the frozen weights, optimizer state for the adapters alone): the summary also gives lmforge's
+LoRA step time over its full step time, both models built from the base in one process, on the
+same batch (forward, backward, clipping and the fused AdamW), alternating steps.
+
     python bench/lora.py           # BENCH_ROUNDS=3 BENCH_LORA_STEPS=10
 """
 
@@ -129,6 +134,40 @@ def hf_runner(data: str):
     return run
 
 
+def lora_over_full_step(data: str, steps: int = STEPS) -> float:
+    """Median over alternating pairs of (LoRA step time / full step time), one process, one batch."""
+    import torch
+
+    from lmforge.checkpoint import load_checkpoint
+    from lmforge.models.lora import add_adapters, resolve_spec
+    from lmforge.models.registry import model_from_architecture
+
+    task, dialogues, _, _ = train_split(_config(data, 1, "unused"), data)
+    batch = task.collate([dialogues[i] for i in range(BATCH)])
+    base = load_checkpoint(base_checkpoint(data))
+    arch = dict(base.model_config, dropout=MODEL["dropout"])
+    sides = []
+    for lora in (False, True):
+        torch.manual_seed(SEED)
+        model = model_from_architecture(arch)
+        model.load_state_dict(base.state_dict)
+        if lora:
+            add_adapters(model, resolve_spec(model, RANK, ALPHA, 0.0, [], [], {}))
+        params = [p for p in model.parameters() if p.requires_grad]
+        sides.append((model.train(), params, torch.optim.AdamW(params, lr=2e-3, fused=True)))
+
+    def step(model, params, optimizer) -> float:
+        start = time.perf_counter()
+        task.loss_and_metrics(model, batch).loss_sum.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    times = [[step(*side) for side in sides] for _ in range(WARMUP + steps)][WARMUP:]
+    return median([lora / full for full, lora in times])
+
+
 def main() -> None:
     data = str(chitchat())
     base_checkpoint(data)
@@ -146,6 +185,8 @@ def main() -> None:
                                 "fp32, loss on replies", rows, "tokens/s", PEER, extra={
                                     "lmforge / transformers + peft": f"{paired_ratio('lmforge', PEER):.2f}x",
                                     "peak memory lmforge / peer": f"{peaks['lmforge'] / peaks[PEER]:.2f}x",
+                                    "lmforge LoRA step / full step (one process, same batch)":
+                                        f"{lora_over_full_step(data):.2f}x",
                                     "machine": machine()}))
 
 

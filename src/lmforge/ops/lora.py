@@ -7,7 +7,8 @@ adapter leaves the model's output exactly as it was.
 Without adapter dropout (or in eval mode) the layer is one autograd Function, `_LoRAProduct`:
 the forward adds scale * B A to the frozen weight (an (out, in) sum, cheap beside the product)
 and makes one product with the merged weight, as a plain linear layer does; the backward makes
-dX with the same merged weight, and dA, dB from four thin products of rank columns. So the
+the merged weight again (keeping it would hold a second copy of every adapted weight until the
+backward) for dX, and dA, dB from four thin products of rank columns. So the
 step has the frozen layer's two big products and no (out, in) weight gradient, where the adapter
 written as separate products (x A^T, then B, summed onto the output) passes over the (N, out)
 output and the (N, in) input gradient several times more. With adapter dropout the adapter
@@ -32,18 +33,18 @@ class _LoRAProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
                 scale: float) -> Tensor:
-        merged = torch.addmm(weight, lora_b, lora_a, alpha=scale)  # (out, in): W + scale B A
-        ctx.save_for_backward(rows, merged, lora_a, lora_b)
+        # the merged weight is made again in the backward, not kept: a model's worth of weights otherwise
+        ctx.save_for_backward(rows, weight, lora_a, lora_b)
         ctx.scale = scale
-        return F.linear(rows, merged, bias)  # (N, out)
+        return F.linear(rows, torch.addmm(weight, lora_b, lora_a, alpha=scale), bias)  # (N, out)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        rows, merged, lora_a, lora_b = ctx.saved_tensors
+        rows, weight, lora_a, lora_b = ctx.saved_tensors
         grad_rows = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_rows = grad @ merged  # (N, in)
+            grad_rows = grad @ torch.addmm(weight, lora_b, lora_a, alpha=ctx.scale)  # (N, in): g (W + scale B A)
         if ctx.needs_input_grad[4]:  # dB = scale g^T (x A^T): the scale on the thin (in, rank) factor
             grad_b = grad.t() @ (rows @ (lora_a.t() * ctx.scale))  # (out, rank)
         if ctx.needs_input_grad[3]:  # dA = scale (g B)^T x
