@@ -3,6 +3,9 @@ single-request generation, streamed text equal to the whole answer, usage counts
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 import httpx
 import numpy as np
 import openai
@@ -50,13 +53,33 @@ def test_chat_completion_equals_single_generation_and_streams_the_same_text(clie
     assert answer.choices[0].finish_reason == ("length" if n == 30 else "stop")
     assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (len(prompt), n)
     assert answer.usage.total_tokens == len(prompt) + n
-    chunks = list(client.chat.completions.create(model="bot", messages=MESSAGES, temperature=0, max_tokens=30,
-                                                 stream=True, stream_options={"include_usage": True}))
+    with _slower_steps(bot.scheduler):  # tokens a step apart: the loop sends each step's before the next
+        chunks = list(client.chat.completions.create(model="bot", messages=MESSAGES, temperature=0, max_tokens=30,
+                                                     stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == want
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == answer.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == n and chunks[-1].usage.prompt_tokens == len(prompt)
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2  # pieces, not one block
+
+
+@contextlib.contextmanager
+def _slower_steps(scheduler, seconds: float = 0.01):
+    """Each decode step of `scheduler` followed by a pause, as a larger model's step would take:
+    a tiny model can finish a whole reply before the event loop's next turn (its tokens then
+    leave together, as they should), which says nothing about streaming."""
+    step = scheduler.decoder.step
+
+    def paused(*args, **kwargs):
+        out = step(*args, **kwargs)
+        time.sleep(seconds)
+        return out
+
+    scheduler.decoder.step = paused
+    try:
+        yield
+    finally:
+        del scheduler.decoder.step  # the class's method again
 
 
 def test_completion_equals_single_generation_and_stop_strings_cut_it(client, server):
