@@ -58,8 +58,8 @@ def run(name: str, overrides: list[str], ckpt: Path, data: Path) -> dict:
     seconds = time.perf_counter() - start
     events = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     final = {e["split"]: e for e in events if e["event"] == "final"}
-    trainable = next(line for line in (result.run_dir / "train.log").read_text().splitlines()
-                     if line.startswith("model "))
+    lines = [line.split("] ", 1)[-1] for line in (result.run_dir / "train.log").read_text().splitlines()]  # no clock
+    trainable = next(line for line in lines if line.startswith("model "))
     return {"accuracy": final["test"]["accuracy"], "seconds": seconds, "steps": result.steps,
             "header": trainable.split(" | ")[0]}
 
