@@ -19,9 +19,12 @@ shape with 2 key / value heads, SwiGLU 704, untied output layer) against `LlamaF
 
 BENCH_BREAKDOWN_SIZE=124M times the same step at GPT-2 small (12 x 768, context 1024,
 vocabulary 50,257, batch 2: the 124M size of bench/scale.py) instead; BENCH_BREAKDOWN_SIZE=mid
-at its mid size.
+at its mid size. BENCH_BREAKDOWN_PRECISION=bf16 runs both sides' forward under bf16 autocast (as
+`train.precision: bf16` and the Trainer's `bf16=True` do), with the products' floor at the bf16
+2048^3 peak.
 
     python bench/step_breakdown.py        # BENCH_BREAKDOWN_STEPS=5 BENCH_BREAKDOWN_SIZE=fixed BENCH_BREAKDOWN_MODEL=gpt
+                                          # BENCH_BREAKDOWN_PRECISION=fp32
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ STEPS = int(os.environ.get("BENCH_BREAKDOWN_STEPS", "5"))
 TOP = int(os.environ.get("BENCH_BREAKDOWN_TOP", "15"))  # operators listed per side
 SIZE = os.environ.get("BENCH_BREAKDOWN_SIZE", "fixed")
 MODEL = os.environ.get("BENCH_BREAKDOWN_MODEL", "gpt")
+PRECISION = os.environ.get("BENCH_BREAKDOWN_PRECISION", "fp32")
 WARMUP = 3
 MATMULS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul"}
 OPTIMIZER_PREFIXES = ("_fused_adam", "_foreach_")
@@ -120,6 +124,10 @@ def breakdown_runner(side: str):
     from lmforge.base.runtime import keep_freed_memory, setup_runtime
 
     data, shape = workload()
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=PRECISION == "bf16")
+
     blocks = PackedLMDataset(TokenStore(data, "train"), shape["context"])
     ids = torch.stack([blocks[i]["input_ids"] for i in range(shape["batch_size"])])
     model_shape = {k: shape[k] for k in ("n_layer", "n_head", "n_embd")}
@@ -135,7 +143,8 @@ def breakdown_runner(side: str):
         targets = torch.cat([ids[:, 1:], torch.full((ids.shape[0], 1), -100)], 1)
 
         def step() -> None:
-            loss_sum, _, counted = model(ids, targets=targets)
+            with autocast():
+                loss_sum, _, counted = model(ids, targets=targets)
             (loss_sum / counted).backward()
             clip(model, optimizer, None, 1.0)
             optimizer.step()
@@ -146,7 +155,9 @@ def breakdown_runner(side: str):
         optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
         def step() -> None:
-            model(input_ids=ids, labels=ids).loss.backward()
+            with autocast():
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -192,6 +203,7 @@ def report(results: dict[str, dict], peak: float) -> list[str]:
     _, shape = workload()
     what = "the fixed workload's" if SIZE == "fixed" else f"the {SIZE} size's ({shape})"
     what += " Llama" if MODEL == "llama" else ""
+    what += " bf16 autocast" if PRECISION == "bf16" else ""
     lines = [f"## step breakdown: {what} training step, {STEPS} steps timed per side",
              f"| {'':<56} | " + " | ".join(f"{s + ' ms':>16}" for s in sides),
              f"|{'-' * 58}|" + "|".join("-" * 18 for _ in sides)]
@@ -211,7 +223,7 @@ def report(results: dict[str, dict], peak: float) -> list[str]:
         lines.append(f"| {name:<56} | " + " | ".join(f"{value(s):>16.1f}" for s in sides))
     mm = {s: totals[s]["matrix products"] for s in sides}
     lines.append("matrix products' rate: " + ", ".join(
-        f"{s} {flops[s] / mm[s] / 1e6:,.0f} GFLOP/s" for s in sides if mm[s]) + f"; 2048^3 peak {peak / 1e9:,.0f} GFLOP/s")
+        f"{s} {flops[s] / mm[s] / 1e6:,.0f} GFLOP/s" for s in sides if mm[s]) + f"; 2048^3 {PRECISION} peak {peak / 1e9:,.0f} GFLOP/s")
     for s in sides:
         lines += ["", f"### {s}: the {TOP} largest operators (per step)",
                   "| ms | calls | GFLOP/s | operator | operand shapes |", "|---:|---:|---:|---|---|"]
@@ -223,6 +235,10 @@ def report(results: dict[str, dict], peak: float) -> list[str]:
 
 
 def main() -> None:
+    import torch
+
+    from lmforge.train.flops import time_matmul
+
     data, _ = workload()  # built here once, before the workers read it
     log(f"step breakdown on {data}, {STEPS} timed steps per side")
     workers = {side: Worker("step_breakdown:breakdown_runner", side=side) for side in ("lmforge", "transformers")}
@@ -232,7 +248,9 @@ def main() -> None:
         for worker in workers.values():
             worker.close()
     name = "step_breakdown" + ("" if SIZE == "fixed" else f"_{SIZE}") + ("_llama" if MODEL == "llama" else "")
-    write_summary(name, report(results, matmul_peak()))
+    name += "_bf16" if PRECISION == "bf16" else ""
+    peak = time_matmul(2048, 0.5, dtype=torch.bfloat16) if PRECISION == "bf16" else matmul_peak()
+    write_summary(name, report(results, peak))
 
 
 if __name__ == "__main__":
