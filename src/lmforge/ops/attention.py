@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from lmforge.ops import kernels
-from lmforge.ops.decode import append_to_cache
+from lmforge.ops.decode import append_to_cache, decode_attention
 from lmforge.ops.dropout import dropout
 from lmforge.ops.lora import LoRALinear
 
@@ -58,6 +58,11 @@ def attend(qkv: Tensor, n_head: int, *, causal: bool, attn_mask: Tensor | None =
         y = kernel_attention(qkv, n_head, causal=causal, key_padding=key_padding, dropout_p=dropout_p)
         if y is not None:
             return y  # (B, T, C)
+    if (kv is not None and (qkv.dim() == 2 or qkv.shape[1] == 1) and not causal and key_padding is None
+            and dropout_p == 0.0):  # one query per row after the cache: its writes and attention in one call
+        y = decode_attention(qkv.reshape(qkv.shape[0], -1), n_head, kv, start, attn_mask)  # (B, C)
+        if y is not None:
+            return y if qkv.dim() == 2 else y.unsqueeze(1)  # (B, C) or (B, 1, C), as the input
     B, C = qkv.shape[0], qkv.shape[-1] // 3
     q, k, v = qkv.view(B, -1, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, hs)
     if kv is not None:

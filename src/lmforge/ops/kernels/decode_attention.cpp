@@ -1,10 +1,15 @@
-// One decode step's attention for a Llama-class model, float32 on a CPU: from the q | k | v
-// projection's rows (B, (nh + 2 nkv) hs) written at cache column `start` (turned by the angles
-// of one position (1, hs) or of each row's own (B, hs)) to the attention's output
-// rows (B, nh hs), in one call where torch's ops take about fifteen (split, rotary, views,
-// two cache writes, the attention and its reshapes). The new key (turned by its angle) and value
-// are written into the layer's cache buffers (B, nkv, max_len, hs) at `start`; each query head
-// (turned, then scaled by 1 / sqrt(hs)) reads the keys 0 .. start of its group's head.
+// One decode step's attention, float32 on a CPU: from the q | k | v projection's rows
+// (B, (nh + 2 nkv) hs) written at cache column `start` to the attention's output rows
+// (B, nh hs), in one call where torch's ops take about fifteen (split, views, two cache writes,
+// the attention and its reshapes, and a Llama's rotary). The new key and value are written
+// into the layer's cache buffers (B, nkv, max_len, hs) at `start`; each query head (scaled by
+// 1 / sqrt(hs)) reads the keys 0 .. start of its group's head.
+//
+// `decode_attention` is the Llama step's: q and k turned by the angles of one position (1, hs)
+// or of each row's own (B, hs). `decode_attention_masked` is the general one: the angles are
+// optional (a GPT has none: nkv = nh, learned positions) and so is an additive mask (B, start + 1)
+// over each row's keys (0 or -inf, a batch whose rows own different cache columns); a masked
+// key gets exactly no weight. `decode_gpt_block` is a whole GPT block's step around it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,6 +17,8 @@
 #include <algorithm>
 #include <initializer_list>
 #include <cmath>
+#include <limits>
+#include <optional>
 #include <vector>
 
 #include "blas.h"
@@ -27,9 +34,14 @@ inline void turn_row(float* out, const float* x, const float* c, const float* s,
   for (int64_t i = half; i < hs; ++i) out[i] = (x[i] * c[i] + x[i - half] * s[i]) * scale;
 }
 
-// softmax(q . k_t) over t < keys, then sum_t p_t v_t into y.
+inline void scale_row(float* out, const float* x, int64_t hs, float scale) {
+#pragma omp simd
+  for (int64_t i = 0; i < hs; ++i) out[i] = x[i] * scale;
+}
+
+// softmax(q . k_t + mask_t) over t < keys, then sum_t p_t v_t into y; mask may be null.
 void attend_one(float* y, const float* q, const float* K, const float* V, int64_t keys, int64_t hs,
-                float* scores) {
+                float* scores, const float* mask) {
   for (int64_t t = 0; t < keys; ++t) {
     const float* k = K + t * hs;
     float dot = 0.f;
@@ -37,33 +49,56 @@ void attend_one(float* y, const float* q, const float* K, const float* V, int64_
     for (int64_t d = 0; d < hs; ++d) dot += q[d] * k[d];
     scores[t] = dot;
   }
-  const float sum = exp_shifted(scores, keys, max_of(scores, keys));
+  if (mask != nullptr) {
+#pragma omp simd
+    for (int64_t t = 0; t < keys; ++t) scores[t] += mask[t];
+  }
+  float sum = exp_shifted(scores, keys, max_of(scores, keys));
+  if (mask != nullptr) {  // the exponential stops at exp(-87.3), not 0: a masked key gets none at all
+    constexpr float hidden = -std::numeric_limits<float>::infinity();
+    sum = 0.f;
+    for (int64_t t = 0; t < keys; ++t) sum += (scores[t] = mask[t] == hidden ? 0.f : scores[t]);
+  }
   std::fill(y, y + hs, 0.f);
   for (int64_t t = 0; t < keys; ++t) {
+    if (scores[t] == 0.f) continue;
     const float p = scores[t] / sum, *v = V + t * hs;
 #pragma omp simd
     for (int64_t d = 0; d < hs; ++d) y[d] += p * v[d];
   }
 }
 
-at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
-                            at::Tensor& v_cache, int64_t start, int64_t n_head) {
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&qkv, &cos, &sin, &k_cache, &v_cache})
+at::Tensor step_attention(const at::Tensor& qkv, const std::optional<at::Tensor>& cos,
+                          const std::optional<at::Tensor>& sin, const std::optional<at::Tensor>& mask,
+                          at::Tensor& k_cache, at::Tensor& v_cache, int64_t start, int64_t n_head) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&qkv, &k_cache, &v_cache})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "decode_attention: every tensor must be contiguous float32 on a CPU");
+  for (const std::optional<at::Tensor>* t : {&cos, &sin, &mask})
+    TORCH_CHECK(!t->has_value() || ((*t)->device().is_cpu() && (*t)->scalar_type() == at::kFloat &&
+                                    (*t)->is_contiguous()),
                 "decode_attention: every tensor must be contiguous float32 on a CPU");
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "decode_attention: the caches must be (B, n_kv_head, max_len, head_dim)");
   const int64_t B = k_cache.size(0), KV = k_cache.size(1), L = k_cache.size(2), D = k_cache.size(3);
-  TORCH_CHECK(n_head % KV == 0 && D % 2 == 0, "decode_attention: n_head must be a multiple of n_kv_head");
+  TORCH_CHECK(n_head > 0 && n_head % KV == 0, "decode_attention: n_head must be a multiple of n_kv_head");
   TORCH_CHECK(qkv.dim() == 2 && qkv.size(0) == B && qkv.size(1) == (n_head + 2 * KV) * D,
               "decode_attention: qkv must be (B, (n_head + 2 n_kv_head) head_dim)");
-  TORCH_CHECK(cos.dim() == 2 && cos.size(1) == D && sin.sizes() == cos.sizes() &&
-                  (cos.size(0) == 1 || cos.size(0) == B),
+  const bool turn = cos.has_value();
+  TORCH_CHECK(turn == sin.has_value(), "decode_attention: give both cos and sin, or neither");
+  const int64_t angle_rows = turn ? cos->size(0) : 1;
+  TORCH_CHECK(!turn || (D % 2 == 0 && cos->dim() == 2 && cos->size(1) == D && sin->sizes() == cos->sizes() &&
+                        (angle_rows == 1 || angle_rows == B)),
               "decode_attention: cos / sin must be (1, hs) or one position per row (B, hs)");
   TORCH_CHECK(start >= 0 && start < L, "decode_attention: position ", start, " is outside the cache of ", L);
   const int64_t g = n_head / KV, width = qkv.size(1), keys = start + 1;
+  TORCH_CHECK(!mask.has_value() || mask->numel() == B * keys,
+              "decode_attention: the mask must hold (B, start + 1) = (", B, ", ", keys, ") values, not ",
+              mask->numel());
   auto out = at::empty({B, n_head * D}, qkv.options());
-  const float *in = qkv.data_ptr<float>(), *cos_rows = cos.data_ptr<float>(), *sin_rows = sin.data_ptr<float>();
+  const float *in = qkv.data_ptr<float>(), *cos_rows = turn ? cos->data_ptr<float>() : nullptr;
+  const float *sin_rows = turn ? sin->data_ptr<float>() : nullptr;
+  const float* masks = mask.has_value() ? mask->data_ptr<float>() : nullptr;
   float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>(), *o = out.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   // One task per (row, key / value head): its cache rows first, then its group's queries.
@@ -72,18 +107,63 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
     std::vector<float> scores(keys), q(D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KV, j = task % KV;
-      const float *row = in + b * width, *c = cos_rows + (b % cos.size(0)) * D, *s = sin_rows + (b % cos.size(0)) * D;
+      const float *row = in + b * width, *row_mask = masks == nullptr ? nullptr : masks + b * keys;
+      const float *c = turn ? cos_rows + (b % angle_rows) * D : nullptr;
+      const float *s = turn ? sin_rows + (b % angle_rows) * D : nullptr;
       float *K = kc + (b * KV + j) * L * D, *V = vc + (b * KV + j) * L * D;
-      turn_row(K + start * D, row + (n_head + j) * D, c, s, D, 1.f);
+      if (turn)
+        turn_row(K + start * D, row + (n_head + j) * D, c, s, D, 1.f);
+      else
+        std::copy(row + (n_head + j) * D, row + (n_head + j + 1) * D, K + start * D);
       std::copy(row + (n_head + KV + j) * D, row + (n_head + KV + j + 1) * D, V + start * D);
       for (int64_t i = 0; i < g; ++i) {
         const int64_t h = j * g + i;
-        turn_row(q.data(), row + h * D, c, s, D, scale);
-        attend_one(o + b * n_head * D + h * D, q.data(), K, V, keys, D, scores.data());
+        if (turn)
+          turn_row(q.data(), row + h * D, c, s, D, scale);
+        else
+          scale_row(q.data(), row + h * D, D, scale);
+        attend_one(o + b * n_head * D + h * D, q.data(), K, V, keys, D, scores.data(), row_mask);
       }
     }
   });
   return out;
+}
+
+at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
+                            at::Tensor& v_cache, int64_t start, int64_t n_head) {
+  return step_attention(qkv, cos, sin, std::nullopt, k_cache, v_cache, start, n_head);
+}
+
+// residual + x W^T (+ b), as ops.linear.add_projection writes it for rows.
+at::Tensor add_projection(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias) {
+  if (!bias.has_value()) return at::addmm(residual, x, weight.t());
+  return at::add(residual, *bias).addmm_(x, weight.t());
+}
+
+// A GPT block's decode step on rows x (B, C), one call instead of a dozen from Python: the same
+// ATen operators models/gpt.py's `block` calls on rows (so the same numbers), with this file's
+// attention in the middle. parts: ln_1 (weight, bias), c_attn, attn_proj, ln_2, c_fc, mlp_proj
+// (weight (out, in), bias), each bias optional; activation 0 = exact GELU, 1 = tanh GELU, 2 = ReLU.
+at::Tensor decode_gpt_block(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& parts,
+                            const std::optional<at::Tensor>& mask, at::Tensor& k_cache, at::Tensor& v_cache,
+                            int64_t start, int64_t n_head, double eps, int64_t activation) {
+  TORCH_CHECK(parts.size() == 12, "decode_gpt_block: parts must be 6 (weight, bias) pairs, not ", parts.size(),
+              " tensors");
+  TORCH_CHECK(x.dim() == 2, "decode_gpt_block: x must be rows (B, C)");
+  TORCH_CHECK(activation >= 0 && activation <= 2, "decode_gpt_block: activation must be 0, 1 or 2");
+  std::vector<std::optional<at::Tensor>> p;
+  for (size_t i = 0; i < parts.size(); ++i) p.push_back(parts.get(i));
+  for (int i = 0; i < 12; i += 2) TORCH_CHECK(p[i].has_value(), "decode_gpt_block: weight ", i / 2, " is missing");
+  const int64_t C = x.size(1);
+  auto h = at::layer_norm(x, {C}, p[0], p[1], eps);
+  auto qkv = at::linear(h, *p[2], p[3]).contiguous();  // (B, 3C)
+  auto y = step_attention(qkv, std::nullopt, std::nullopt, mask, k_cache, v_cache, start, n_head);  // (B, C)
+  auto mid = add_projection(x, y, *p[4], p[5]);
+  h = at::layer_norm(mid, {C}, p[6], p[7], eps);
+  auto f = at::linear(h, *p[8], p[9]);  // (B, ffn)
+  f = activation == 0 ? at::gelu(f) : activation == 1 ? at::gelu(f, "tanh") : at::relu(f);
+  return add_projection(mid, f, *p[10], p[11]);
 }
 
 }  // namespace
@@ -92,6 +172,14 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
 TORCH_LIBRARY_FRAGMENT(lmforge, m) {
   m.def("decode_attention(Tensor qkv, Tensor cos, Tensor signed_sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "int start, int n_head) -> Tensor");
+  m.def("decode_attention_masked(Tensor qkv, Tensor? cos, Tensor? signed_sin, Tensor? mask, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, int start, int n_head) -> Tensor");
+  m.def("decode_gpt_block(Tensor x, Tensor?[] parts, Tensor? mask, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "int start, int n_head, float eps, int activation) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(lmforge, CPU, m) { m.impl("decode_attention", &lmforge::decode_attention); }
+TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
+  m.impl("decode_attention", &lmforge::decode_attention);
+  m.impl("decode_attention_masked", &lmforge::step_attention);
+  m.impl("decode_gpt_block", &lmforge::decode_gpt_block);
+}
