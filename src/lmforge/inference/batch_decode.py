@@ -16,10 +16,12 @@ views, as the single-sequence decoders do. A new prompt is written in the column
 Busy rows are kept at the front (rows 0 .. n - 1, in the order of `self.owners`): a row that
 leaves is replaced by the last one, so every step works on views of the cache, not copies.
 
-On a CPU, a GPT's engine keeps its own copy of the projection and output weights, stored transposed (an
-(out, in) view of (in, out) memory): `F.linear` then runs x W^T as a product of two row-major
-matrices, which the BLAS does markedly faster for a batch of a few rows than the product with
-the stored weight's transpose. The price is a second copy of those weights while serving.
+On a CPU, a GPT's engine keeps a second copy of the projection and output weights, stored
+transposed (an (out, in) view of (in, out) memory): `F.linear` then runs x W^T as a product of
+two row-major matrices, which the BLAS does markedly faster for a batch of several rows than the
+product with the stored weight's transpose. A step of one row reads the model's own weights,
+whose product (one row against each weight row) is the faster one there. The price is that
+second copy of the weights while serving.
 """
 
 from __future__ import annotations
@@ -36,17 +38,23 @@ from lmforge.models.llama import Llama, llama_block
 from lmforge.models.llama_decode import LlamaDecoder
 from lmforge.ops.rotary import rms_norm
 
+WIDE_ROWS = 4
+"""From this many rows on, a GPT's step reads the transposed copy of the weights."""
+
 
 class _GPTRows:
     """GPT's part of a batched step: learned positions added to the input, LayerNorm at the end."""
 
     def __init__(self, model: GPT) -> None:
         self.p = Decoder(model)  # the model's tensors, read once (refuses a model in training mode)
-        if self.p.wte.device.type == "cpu":  # the CPU BLAS's faster layout for a few rows (module docstring)
-            self.p.blocks = [_transposed_weights(parts) for parts in self.p.blocks]
-            self.p.lm_head = _stored_transposed(self.p.lm_head)
         c = model.config
         self.kv_heads, self.head_dim, self.blocks, self.weight = c.n_head, c.head_dim, self.p.blocks, self.p.wte
+        self.wide = (self.blocks, self.p.lm_head)  # what a step of WIDE_ROWS rows or more reads
+        if self.p.wte.device.type == "cpu":  # the CPU BLAS's faster layout for several rows (module docstring)
+            self.wide = ([_transposed_weights(parts) for parts in self.blocks], _stored_transposed(self.p.lm_head))
+
+    def blocks_for(self, rows: int) -> list:
+        return self.wide[0] if rows >= WIDE_ROWS else self.blocks
 
     def inputs(self, ids: Tensor, positions: Tensor) -> tuple[Tensor, None]:
         return F.embedding(ids, self.p.wte) + F.embedding(positions, self.p.wpe), None  # (..., C)
@@ -59,7 +67,8 @@ class _GPTRows:
 
     def head(self, x: Tensor) -> Tensor:
         p = self.p
-        return F.linear(torch.layer_norm(x, p.shape, *p.ln_f, p.eps), p.lm_head)
+        weight = self.wide[1] if x.shape[0] >= WIDE_ROWS else p.lm_head
+        return F.linear(torch.layer_norm(x, p.shape, *p.ln_f, p.eps), weight)
 
 
 def _stored_transposed(weight: Tensor) -> Tensor:
@@ -90,6 +99,9 @@ class _LlamaRows:
     def block(self, x: Tensor, parts, rope, visible: Tensor | None, kv: tuple[Tensor, Tensor], col: int,
               causal: bool = False) -> Tensor:
         return llama_block(x, parts, rope, visible, causal, kv, col)
+
+    def blocks_for(self, rows: int) -> list:
+        return self.blocks
 
     def head(self, x: Tensor) -> Tensor:
         return F.linear(rms_norm(x, self.p.norm, self.p.eps), self.p.lm_head)
@@ -159,7 +171,7 @@ class BatchDecoder:
         # a real query sees the real keys up to itself; a padding query only itself (never used)
         visible[:, 0, :, start:] = (causal & real[:, None, :]) | torch.eye(n, dtype=torch.bool, device=device)
         plain = start == 0 and bool(real.all())  # from column 0, no padding: the causal forward itself
-        for layer, parts in enumerate(self.rows.blocks):
+        for layer, parts in enumerate(self.rows.blocks_for(R * n)):
             kv = (self.k[layer, first:first + R], self.v[layer, first:first + R])  # (R, nh, columns, hs)
             x = self.rows.block(x, parts, extra, None if plain else visible, kv, start, plain)  # (R, n, C)
         self.owned[first:first + R] = False
@@ -185,7 +197,7 @@ class BatchDecoder:
         visible = None  # every row owns every column (one request alone): no mask, as generate
         if not bool(owned.all()):  # additive, made once here rather than from the booleans in every layer
             visible = torch.zeros(owned.shape, dtype=x.dtype, device=x.device).masked_fill_(~owned, float("-inf"))
-        for layer, parts in enumerate(self.rows.blocks):
+        for layer, parts in enumerate(self.rows.blocks_for(n)):
             x = self.rows.block(x, parts, extra, visible, (self.k[layer, :n], self.v[layer, :n]), t)  # (n, C)
         self.positions[:n] += 1
         self.t = t + 1
