@@ -86,18 +86,10 @@ def test_decode_attention_writes_the_cache_and_attends_as_the_torch_path(nh, nkv
     caches = torch.randn(2, B, nkv, L, hs)
     qkv = torch.randn(B, (nh + 2 * nkv) * hs)
     cos, sin = _tables(hs, 1, start=start)  # (1, hs): the one position, as the decode step passes it
-    results = []
-    for available in (True, False):
-        if not available:
-            monkeypatch.setitem(kernels._state, "ops", None)
-        k, v = caches.clone()
-        with torch.no_grad():
-            y = attend_projected(qkv, (cos, sin), nh, nkv, hs, causal=False, kv=(k, v), start=start)
-        results.append((y, k[:, :, :start + 1], v[:, :, :start + 1]))
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    _decode_with_and_without_kernels(monkeypatch, qkv, (cos, sin), caches, nh, nkv, hs, start, start + 1)
+    k, v = caches.clone()
     with pytest.raises(RuntimeError, match="outside the cache"):
-        ops.decode_attention(qkv, cos, sin, k, v, L, nh)
+        ops.decode_attention_masked(qkv, cos, sin, None, k, v, L, nh)
 
 
 @needs_kernels
@@ -108,14 +100,20 @@ def test_decode_attention_with_each_row_at_its_own_position(monkeypatch):
     qkv = torch.randn(B, (nh + 2 * nkv) * hs)
     cos, sin = (t[torch.tensor([2, 7, 4])].unsqueeze(-2) for t in RopeTables(hs, 10000.0, None, 16).get(
         torch.device("cpu"), torch.float32, 16))  # (B, 1, hs)
+    _decode_with_and_without_kernels(monkeypatch, qkv, (cos, sin), caches, nh, nkv, hs, 5, None)
+
+
+def _decode_with_and_without_kernels(monkeypatch, qkv, rope, caches, nh, nkv, hs, start, columns) -> None:
+    """A decode step's output and its caches (the first `columns`, all with None) are the same
+    with the kernels as with torch's path."""
     results = []
     for available in (True, False):
         if not available:
             monkeypatch.setitem(kernels._state, "ops", None)
         k, v = caches.clone()
         with torch.no_grad():
-            y = attend_projected(qkv, (cos, sin), nh, nkv, hs, causal=False, kv=(k, v), start=5)
-        results.append((y, k, v))
+            y = attend_projected(qkv, rope, nh, nkv, hs, causal=False, kv=(k, v), start=start)
+        results.append((y, k[:, :, :columns], v[:, :, :columns]))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 

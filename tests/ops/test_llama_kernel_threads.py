@@ -25,7 +25,7 @@ def _all_kernels(seed: int) -> list[torch.Tensor]:
     gate_up, grad_up = torch.randn(B * T, 2 * I, generator=g), torch.randn(B * T, I, generator=g)
     normed, rstd = ops.rms_norm(x, weight, 1e-6)
     k_cache, v_cache = torch.randn(2, B, nkv, T, hs, generator=g)
-    step = ops.decode_attention(qkv[:, 5].contiguous(), cos[5:6], sin[5:6], k_cache, v_cache, 5, nh)
+    step = ops.decode_attention_masked(qkv[:, 5].contiguous(), cos[5:6], sin[5:6], None, k_cache, v_cache, 5, nh)
     return [ops.rope_qkv(qkv, cos, sin, nh, nkv), ops.rope_qkv_backward(grad_full, cos, sin, nh, nkv),
             ops.rotary(qkv, cos, sin, False), normed, rstd, *ops.rms_norm_backward(grad_x, x, weight, rstd),
             ops.swiglu(gate_up), ops.swiglu_backward(grad_up, gate_up), step, k_cache, v_cache]

@@ -16,8 +16,8 @@ output before the rotary step.
   layout, and its backward sums each group and turns the gradients back.
 - One new query per row after the cache (a decode step) needs no repetition: the g = nh / nkv
   query heads of a group are g queries against the group's keys, one SDPA call without a mask.
-  From the projection's output, one kernel call (`decode_attention`) turns q and k, writes the
-  new key and value into the cache and attends.
+  From the projection's output, one kernel call (`ops.decode.decode_attention`) turns q and k,
+  writes the new key and value into the cache and attends, with a batched step's mask too.
 - Everything else (a prompt's prefill into the cache, padding masks) repeats the cached heads
   and calls `ops.attention.sdpa`, the reference.
 """
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from lmforge.ops import kernels
 from lmforge.ops.attention import KERNEL_MAX_CONTEXT, kernel_attention, sdpa
-from lmforge.ops.decode import append_to_cache
+from lmforge.ops.decode import append_to_cache, decode_attention
 from lmforge.ops.rotary import apply_rotary
 
 
@@ -88,13 +88,13 @@ def attend_projected(qkv: Tensor, rope: tuple[Tensor, Tensor], n_head: int, n_kv
                      start: int = 0, dropout_p: float = 0.0) -> Tensor:
     """`attend_grouped` of the projection's output qkv (B, T, (nh + 2 nkv) hs) (rows (B, ...) in
     a decode step) with the rotary angles rope = (cos, signed sin) (T, 1, hs) applied to q and k."""
-    if (kv is not None and qkv.dim() == 2 and attn_mask is None and not causal and dropout_p == 0.0
-            and not torch.is_grad_enabled() and kv[0].is_contiguous() and kv[1].is_contiguous()
-            and kernels.applies_to(qkv)):  # a decode step: rotary, the cache writes and attention in one call
+    if kv is not None and qkv.dim() == 2 and not causal and dropout_p == 0.0:
+        # a decode step: rotary, the cache writes and attention in one call (a batched step's mask too)
         cos, sin = (t.reshape(-1, head_dim) for t in rope)  # (1, hs), or (B, hs): each row at its own position
         if cos.shape[0] in (1, qkv.shape[0]):
-            return kernels.ops().decode_attention(qkv.contiguous(), cos.contiguous(), sin.contiguous(),
-                                                  kv[0], kv[1], start, n_head)  # (B, nh hs)
+            y = decode_attention(qkv, n_head, kv, start, attn_mask, rope=(cos, sin))
+            if y is not None:
+                return y  # (B, nh hs)
     if (kv is None and attn_mask is None and qkv.dim() == 3 and 0.0 <= dropout_p < 1.0
             and (dropout_p > 0 or qkv.shape[1] <= KERNEL_MAX_CONTEXT) and rope[0].shape[0] == qkv.shape[1]
             and rope[0].dim() == 3 and kernels.applies_to(qkv)):  # angles (T, 1, hs) shared by the batch

@@ -5,11 +5,10 @@
 // into the layer's cache buffers (B, nkv, max_len, hs) at `start`; each query head (scaled by
 // 1 / sqrt(hs)) reads the keys 0 .. start of its group's head.
 //
-// `decode_attention` is the Llama step's: q and k turned by the angles of one position (1, hs)
-// or of each row's own (B, hs). `decode_attention_masked` is the general one: the angles are
-// optional (a GPT has none: nkv = nh, learned positions) and so is an additive mask (B, start + 1)
-// over each row's keys (0 or -inf, a batch whose rows own different cache columns); a masked
-// key gets exactly no weight. `decode_gpt_block` is a whole GPT block's step around it.
+// `decode_attention_masked`: q and k turned by the rotary angles of one position (1, hs) or of
+// each row's own (B, hs), where given (a Llama; a GPT has none: nkv = nh, learned positions), and
+// an optional additive mask (B, start + 1) over each row's keys (0 or -inf, a batch whose rows own
+// different cache columns); a masked key gets exactly no weight. `decode_gpt_block` is a whole GPT block's step around it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -129,11 +128,6 @@ at::Tensor step_attention(const at::Tensor& qkv, const std::optional<at::Tensor>
   return out;
 }
 
-at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
-                            at::Tensor& v_cache, int64_t start, int64_t n_head) {
-  return step_attention(qkv, cos, sin, std::nullopt, k_cache, v_cache, start, n_head);
-}
-
 // residual + x W^T (+ b), as ops.linear.add_projection writes it for rows.
 at::Tensor add_projection(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias) {
@@ -170,8 +164,6 @@ at::Tensor decode_gpt_block(const at::Tensor& x, const c10::List<std::optional<a
 }  // namespace lmforge
 
 TORCH_LIBRARY_FRAGMENT(lmforge, m) {
-  m.def("decode_attention(Tensor qkv, Tensor cos, Tensor signed_sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "int start, int n_head) -> Tensor");
   m.def("decode_attention_masked(Tensor qkv, Tensor? cos, Tensor? signed_sin, Tensor? mask, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, int start, int n_head) -> Tensor");
   m.def("decode_gpt_block(Tensor x, Tensor?[] parts, Tensor? mask, Tensor(a!) k_cache, Tensor(b!) v_cache, "
@@ -179,7 +171,6 @@ TORCH_LIBRARY_FRAGMENT(lmforge, m) {
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
-  m.impl("decode_attention", &lmforge::decode_attention);
   m.impl("decode_attention_masked", &lmforge::step_attention);
   m.impl("decode_gpt_block", &lmforge::decode_gpt_block);
 }
