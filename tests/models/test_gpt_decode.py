@@ -2,11 +2,13 @@ import pytest
 import torch
 
 from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.models import gpt_decode
 from lmforge.models.gpt_decode import Decoder
 
 
 @pytest.mark.parametrize("activation, bias", [("gelu", True), ("gelu_new", True), ("gelu", False)])
-def test_decoder_logits_equal_the_module_forward_with_the_cache(activation, bias):
+def test_decoder_logits_equal_the_module_forward_with_the_cache(activation, bias, monkeypatch):
+    monkeypatch.setattr(gpt_decode, "KERNEL_ROWS", 0)  # block by block: the forward's own operators
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=61, context=16, n_layer=2, n_head=2, n_embd=32, activation=activation,
                           bias=bias)).eval()
@@ -38,9 +40,11 @@ def test_decoder_refuses_training_mode_and_a_full_cache():
             decoder.step(torch.tensor([[3]]), cache)
 
 
-def test_decoder_runs_the_forwards_block_code_with_biases_and_untied_values():
+def test_decoder_runs_the_forwards_block_code_with_biases_and_untied_values(monkeypatch):
     """Non-zero biases and LayerNorm parameters: any difference in the order of the additions
-    between the decode step and the forward would show as unequal bits."""
+    between the block-by-block decode step and the forward would show as unequal bits (the
+    whole-model kernel's closeness is tests/models/test_gpt_decode_rows.py's)."""
+    monkeypatch.setattr(gpt_decode, "KERNEL_ROWS", 0)
     torch.manual_seed(1)
     model = GPT(GPTConfig(vocab_size=61, context=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1)).eval()
     for p in model.parameters():

@@ -16,12 +16,15 @@ views, as the single-sequence decoders do. A new prompt is written in the column
 Busy rows are kept at the front (rows 0 .. n - 1, in the order of `self.owners`): a row that
 leaves is replaced by the last one, so every step works on views of the cache, not copies.
 
-On a CPU, a GPT's engine keeps a second copy of the projection and output weights, stored
-transposed (an (out, in) view of (in, out) memory): `F.linear` then runs x W^T as a product of
-two row-major matrices, which the BLAS does markedly faster for a batch of several rows than the
-product with the stored weight's transpose. A step of one row reads the model's own weights,
-whose product (one row against each weight row) is the faster one there. The price is that
-second copy of the weights while serving.
+A GPT's step of up to `KERNEL_ROWS` rows runs through the whole-model C++ step
+(`gpt_decode.rows_step`), where each row's numbers are the same whichever rows share its step.
+Prefills and wider steps (and any step where the kernels are not loaded) run block by block; on
+a CPU they read a second copy of the projection and output weights, stored transposed (an
+(out, in) view of (in, out) memory): `F.linear` then runs x W^T as a product of two row-major
+matrices, which the BLAS does markedly faster for several rows than the product with the stored
+weight's transpose. A step of one row reads the model's own weights, whose product (one row
+against each weight row) is the faster one there. The price is that second copy of the weights
+while serving.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.models.gpt import GPT, Affine, BlockParts, block
-from lmforge.models.gpt_decode import Decoder, decode_block
+from lmforge.models.gpt_decode import Decoder, decode_block, rows_step
 from lmforge.models.llama import Llama, llama_block
 from lmforge.models.llama_decode import LlamaDecoder
 from lmforge.ops.rotary import rms_norm
@@ -55,6 +58,10 @@ class _GPTRows:
 
     def blocks_for(self, rows: int) -> list:
         return self.wide[0] if rows >= WIDE_ROWS else self.blocks
+
+    def whole_step(self, ids: Tensor, positions: Tensor, visible: Tensor | None, k: Tensor, v: Tensor,
+                   t: int) -> Tensor | None:
+        return rows_step(self.p, ids, positions, visible, k, v, t)  # None: the block-by-block step
 
     def inputs(self, ids: Tensor, positions: Tensor) -> tuple[Tensor, None]:
         return F.embedding(ids, self.p.wte) + F.embedding(positions, self.p.wpe), None  # (..., C)
@@ -102,6 +109,9 @@ class _LlamaRows:
 
     def blocks_for(self, rows: int) -> list:
         return self.blocks
+
+    def whole_step(self, *args) -> None:
+        return None  # a Llama's step runs block by block
 
     def head(self, x: Tensor) -> Tensor:
         return F.linear(rms_norm(x, self.p.norm, self.p.eps), self.p.lm_head)
@@ -191,12 +201,17 @@ class BatchDecoder:
             self._pack()
         t = self.t
         ids = torch.as_tensor(list(tokens), dtype=torch.long, device=self.k.device)
-        x, extra = self.rows.inputs(ids, self.positions[:n])  # (n, C): one new position per row
         self.owned[:n, t] = True
         owned = self.owned[:n, None, None, :t + 1]  # (n, 1, 1, t + 1): each row's own columns
         visible = None  # every row owns every column (one request alone): no mask, as generate
         if not bool(owned.all()):  # additive, made once here rather than from the booleans in every layer
-            visible = torch.zeros(owned.shape, dtype=x.dtype, device=x.device).masked_fill_(~owned, float("-inf"))
+            visible = torch.zeros(owned.shape, dtype=self.k.dtype, device=ids.device).masked_fill_(~owned, float("-inf"))
+        logits = self.rows.whole_step(ids, self.positions[:n], visible, self.k, self.v, t)
+        if logits is not None:
+            self.positions[:n] += 1
+            self.t = t + 1
+            return logits.float()
+        x, extra = self.rows.inputs(ids, self.positions[:n])  # (n, C): one new position per row
         for layer, parts in enumerate(self.rows.blocks_for(n)):
             x = self.rows.block(x, parts, extra, visible, (self.k[layer, :n], self.v[layer, :n]), t)  # (n, C)
         self.positions[:n] += 1

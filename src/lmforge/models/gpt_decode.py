@@ -10,7 +10,11 @@ prompt's prefill.
 Where lmforge's CPU kernels are built, `decode_block` runs a whole block's step in one C++ call
 (`decode_gpt_block` in ops/kernels/decode_attention.cpp): the ATen operators `block` calls, in
 the same order (so the same numbers), around the one-call attention of the new position; from
-Python each layer is then one call instead of about fifteen.
+Python each layer is then one call instead of about fifteen. A step of up to `KERNEL_ROWS`
+rows goes further: the whole model in one call (`rows_step`, `decode_gpt_rows` in
+ops/kernels/decode_gpt_rows.cpp), the embeddings, blocks and output layer in the kernel's own
+loops. Its logits are the forward's up to float rounding, and each row's numbers are the same
+whichever rows share its step.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from lmforge.ops.decode import UNFIT, decode_kernel_applies, kernel_mask
 _ACTIVATION_CODES = {ACTIVATIONS["gelu"]: 0, ACTIVATIONS["gelu_new"]: 1, ACTIVATIONS["gelu_pytorch_tanh"]: 1,
                      ACTIVATIONS["relu"]: 2}
 _TENSORS = ("ln_1", "c_attn", "attn_proj", "ln_2", "c_fc", "mlp_proj")
+KERNEL_ROWS = 32
+"""The most rows `rows_step` takes: wider steps are products the BLAS runs faster than its loops."""
 
 
 class Decoder:
@@ -42,12 +48,19 @@ class Decoder:
         self.wte, self.wpe, self.ln_f = t.wte.weight, t.wpe.weight, (t.ln_f.weight, t.ln_f.bias)
         self.lm_head = model.lm_head.weight
         self.blocks = [layer.parts() for layer in t.h]
+        self.n_head = c.n_head
+        self.kernel_parts = _kernel_parts(self)
 
     def step(self, tokens: Tensor, cache: KVCache) -> Tensor:
         pos = cache.length
         if pos >= min(self.context, cache.max_len):
             raise ValueError(f"KV cache is full ({pos} positions); start a new one or slide the window")
-        x = F.embedding(tokens.view(-1), self.wte) + self.wpe[pos]  # (B, C): rows, no reshaping on the way
+        ids = tokens.view(-1)
+        logits = rows_step(self, ids, torch.full_like(ids, pos), None, cache.k, cache.v, pos)
+        if logits is not None:
+            cache.length = pos + 1
+            return logits.unsqueeze(1)  # (B, 1, V)
+        x = F.embedding(ids, self.wte) + self.wpe[pos]  # (B, C): rows, no reshaping on the way
         for parts, kv in zip(self.blocks, cache.layers):
             x = decode_block(x, parts, None, kv, pos)  # (B, C): one new query sees every cached key
         cache.length = pos + 1
@@ -65,3 +78,36 @@ def decode_block(x: Tensor, parts: BlockParts, mask: Tensor | None, kv: tuple[Te
             tensors = [t for name in _TENSORS for t in getattr(parts, name)]  # (weight, bias) pairs
             return kernels.ops().decode_gpt_block(x, tensors, fitted, *kv, start, parts.n_head, parts.eps, code)
     return block(x, parts, mask, False, kv, start)  # (..., C)
+
+
+def _kernel_parts(d: Decoder) -> tuple[list[Tensor], int] | None:
+    """(every block's tensors in `decode_gpt_rows`'s order, the activation's code), or None where the
+    model has something the kernel does not run: adapters, another activation, a non-float32 or
+    non-contiguous tensor."""
+    codes = {_ACTIVATION_CODES.get(parts.act) for parts in d.blocks}
+    if len(codes) != 1 or None in codes or not all(type(getattr(p, n)) is Affine for p in d.blocks for n in _TENSORS):
+        return None
+    tensors = [t for parts in d.blocks for name in _TENSORS for t in getattr(parts, name)]  # (weight, bias) pairs
+    named = [d.wte, d.wpe, d.lm_head, *d.ln_f, *tensors]
+    if not all(t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in named):
+        return None
+    return tensors, codes.pop()
+
+
+def rows_step(d: Decoder, ids: Tensor, positions: Tensor, mask: Tensor | None, k: Tensor, v: Tensor,
+              start: int) -> Tensor | None:
+    """Logits (R, V) of token ids (R,) at positions (R,), one per cache row 0 .. R - 1 of k, v
+    (n_layer, slots, nh, columns, hs), written at column `start`, through the whole model in one
+    C++ call; or None where it does not apply (over `KERNEL_ROWS` rows, kernels not loaded,
+    gradients on, a model `_kernel_parts` refuses, a mask `kernel_mask` cannot take)."""
+    R = ids.numel()
+    if d.kernel_parts is None or not 1 <= R <= KERNEL_ROWS or k.dim() != 5 or not k.is_contiguous() \
+            or not v.is_contiguous() or k.dtype != torch.float32 or torch.is_grad_enabled() \
+            or not kernels.applies_to(d.wte):
+        return None
+    fitted = kernel_mask(mask, R, start + 1, k.dtype)
+    if fitted is UNFIT:
+        return None
+    tensors, code = d.kernel_parts
+    return kernels.ops().decode_gpt_rows(ids.contiguous(), positions.contiguous(), d.wte, d.wpe, tensors, *d.ln_f,
+                                         d.lm_head, fitted, k, v, start, d.n_head, d.eps, code)

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "blas.h"
+#include "decode.h"
 
 namespace lmforge {
 namespace {
@@ -67,6 +68,42 @@ void attend_one(float* y, const float* q, const float* K, const float* V, int64_
   }
 }
 
+}  // namespace
+
+void attend_new_position(const NewPosition& a, int64_t B, float* out) {
+  const int64_t D = a.head_dim, KV = a.n_kv_head, L = a.columns, n_head = a.n_head, start = a.start;
+  const int64_t g = n_head / KV, keys = start + 1;
+  const bool turn = a.cos != nullptr;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  // One task per (row, key / value head): its cache rows first, then its group's queries.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, keys * D * g));
+  at::parallel_for(0, B * KV, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(keys), q(D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / KV, j = task % KV;
+      const float *row = a.qkv + b * a.width, *row_mask = a.mask == nullptr ? nullptr : a.mask + b * keys;
+      const float *c = turn ? a.cos + (b % a.angle_rows) * D : nullptr;
+      const float *s = turn ? a.sin + (b % a.angle_rows) * D : nullptr;
+      float *K = a.k + (b * KV + j) * L * D, *V = a.v + (b * KV + j) * L * D;
+      if (turn)
+        turn_row(K + start * D, row + (n_head + j) * D, c, s, D, 1.f);
+      else
+        std::copy(row + (n_head + j) * D, row + (n_head + j + 1) * D, K + start * D);
+      std::copy(row + (n_head + KV + j) * D, row + (n_head + KV + j + 1) * D, V + start * D);
+      for (int64_t i = 0; i < g; ++i) {
+        const int64_t h = j * g + i;
+        if (turn)
+          turn_row(q.data(), row + h * D, c, s, D, scale);
+        else
+          scale_row(q.data(), row + h * D, D, scale);
+        attend_one(out + b * n_head * D + h * D, q.data(), K, V, keys, D, scores.data(), row_mask);
+      }
+    }
+  });
+}
+
+namespace {
+
 at::Tensor step_attention(const at::Tensor& qkv, const std::optional<at::Tensor>& cos,
                           const std::optional<at::Tensor>& sin, const std::optional<at::Tensor>& mask,
                           at::Tensor& k_cache, at::Tensor& v_cache, int64_t start, int64_t n_head) {
@@ -90,41 +127,16 @@ at::Tensor step_attention(const at::Tensor& qkv, const std::optional<at::Tensor>
                         (angle_rows == 1 || angle_rows == B)),
               "decode_attention: cos / sin must be (1, hs) or one position per row (B, hs)");
   TORCH_CHECK(start >= 0 && start < L, "decode_attention: position ", start, " is outside the cache of ", L);
-  const int64_t g = n_head / KV, width = qkv.size(1), keys = start + 1;
+  const int64_t width = qkv.size(1), keys = start + 1;
   TORCH_CHECK(!mask.has_value() || mask->numel() == B * keys,
               "decode_attention: the mask must hold (B, start + 1) = (", B, ", ", keys, ") values, not ",
               mask->numel());
   auto out = at::empty({B, n_head * D}, qkv.options());
-  const float *in = qkv.data_ptr<float>(), *cos_rows = turn ? cos->data_ptr<float>() : nullptr;
-  const float *sin_rows = turn ? sin->data_ptr<float>() : nullptr;
-  const float* masks = mask.has_value() ? mask->data_ptr<float>() : nullptr;
-  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>(), *o = out.data_ptr<float>();
-  const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  // One task per (row, key / value head): its cache rows first, then its group's queries.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, keys * D * g));
-  at::parallel_for(0, B * KV, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(keys), q(D);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / KV, j = task % KV;
-      const float *row = in + b * width, *row_mask = masks == nullptr ? nullptr : masks + b * keys;
-      const float *c = turn ? cos_rows + (b % angle_rows) * D : nullptr;
-      const float *s = turn ? sin_rows + (b % angle_rows) * D : nullptr;
-      float *K = kc + (b * KV + j) * L * D, *V = vc + (b * KV + j) * L * D;
-      if (turn)
-        turn_row(K + start * D, row + (n_head + j) * D, c, s, D, 1.f);
-      else
-        std::copy(row + (n_head + j) * D, row + (n_head + j + 1) * D, K + start * D);
-      std::copy(row + (n_head + KV + j) * D, row + (n_head + KV + j + 1) * D, V + start * D);
-      for (int64_t i = 0; i < g; ++i) {
-        const int64_t h = j * g + i;
-        if (turn)
-          turn_row(q.data(), row + h * D, c, s, D, scale);
-        else
-          scale_row(q.data(), row + h * D, D, scale);
-        attend_one(o + b * n_head * D + h * D, q.data(), K, V, keys, D, scores.data(), row_mask);
-      }
-    }
-  });
+  attend_new_position({qkv.data_ptr<float>(), width, turn ? cos->data_ptr<float>() : nullptr,
+                       turn ? sin->data_ptr<float>() : nullptr, angle_rows,
+                       mask.has_value() ? mask->data_ptr<float>() : nullptr, k_cache.data_ptr<float>(),
+                       v_cache.data_ptr<float>(), L, start, n_head, KV, D},
+                      B, out.data_ptr<float>());
   return out;
 }
 

@@ -1,0 +1,248 @@
+// A GPT's whole decode step for a few rows, float32 on a CPU, in one call: the embeddings, every
+// block (this library's decode attention in the middle) and the output layer, with plain loops
+// for the rest. A step of a few rows is matrix-vector products that stream every weight through
+// the caches once; what else it does is a few dozen small operators, and after the weights have
+// swept the caches, each of torch's (dispatch, allocation, iteration set-up) runs from cold code
+// at several times its warm cost. Here the step's own code and buffers stay small.
+//
+// The numbers are the forward's up to float rounding (the products sum in another order than the
+// BLAS's), not bit for bit: tests/models/test_gpt_decode_rows.py holds them to 1e-5.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <initializer_list>
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "decode.h"
+
+namespace lmforge {
+namespace {
+
+constexpr int LANES = 16;
+typedef float Lanes __attribute__((vector_size(LANES * sizeof(float))));  // the compiler's widest fit
+typedef float Half __attribute__((vector_size(LANES / 2 * sizeof(float))));
+typedef float Quarter __attribute__((vector_size(LANES / 4 * sizeof(float))));
+
+inline Lanes load(const float* p) {
+  Lanes v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// n < LANES floats from p, zeros after them.
+inline Lanes load_part(const float* p, int64_t n) {
+  float part[LANES] = {};
+  std::copy(p, p + n, part);
+  return load(part);
+}
+
+// The lanes' sum as a tree: halves, quarters, then pairs.
+inline float lane_sum(Lanes v) {
+  Half lo, hi;
+  std::memcpy(&lo, &v, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+  const Half h = lo + hi;
+  Quarter a, b;
+  std::memcpy(&a, &h, sizeof a);
+  std::memcpy(&b, reinterpret_cast<const char*>(&h) + sizeof a, sizeof b);
+  const Quarter q = a + b;
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+// Dot products of ROWS rows of x with four weight rows, each summed in the same order whatever
+// ROWS is (lane j adds the terms i = j mod LANES, then `lane_sum`), so a row's numbers do not
+// depend on the rows computed beside it.
+template <int ROWS>
+inline void dots4(const float* x, int64_t I, const float* w, float (*out)[4]) {
+  Lanes acc[ROWS][4] = {};
+  auto add = [&](const Lanes* ws, auto x_lanes) {
+    for (int r = 0; r < ROWS; ++r) {
+      const Lanes xr = x_lanes(r);
+      acc[r][0] += ws[0] * xr, acc[r][1] += ws[1] * xr, acc[r][2] += ws[2] * xr, acc[r][3] += ws[3] * xr;
+    }
+  };
+  int64_t i = 0;
+  for (; i + LANES <= I; i += LANES) {
+    const Lanes ws[4] = {load(w + i), load(w + I + i), load(w + 2 * I + i), load(w + 3 * I + i)};
+    add(ws, [&](int r) { return load(x + r * I + i); });
+  }
+  if (const int64_t n = I - i) {  // the last lanes, zeros beyond the row
+    const Lanes ws[4] = {load_part(w + i, n), load_part(w + I + i, n), load_part(w + 2 * I + i, n),
+                         load_part(w + 3 * I + i, n)};
+    add(ws, [&](int r) { return load_part(x + r * I + i, n); });
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int k = 0; k < 4; ++k) out[r][k] = lane_sum(acc[r][k]);
+}
+
+// y[r, o] = residual[r, o] + bias[o] + sum_i x[r, i] W[o, i] for r < R, o < O; W (O, I) row-major;
+// residual and bias may be null, and residual may be y itself (x may not).
+void affine_rows(const float* x, int64_t R, int64_t I, const float* W, const float* bias, int64_t O,
+                 const float* residual, float* y) {
+  auto finish = [&](int64_t r, int64_t o, float dot) {
+    y[r * O + o] = (residual ? residual[r * O + o] : 0.f) + (bias ? bias[o] : 0.f) + dot;
+  };
+  const int64_t padded = (O + 3) / 4 * 4;  // a last partial block runs on a copy of its rows
+  std::vector<float> last(O % 4 ? 4 * I : 0, 0.f);
+  if (O % 4) std::copy(W + (O / 4 * 4) * I, W + O * I, last.begin());
+  // Four weight rows at a time, each read once from memory for all R rows.
+  at::parallel_for(0, padded / 4, 32, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin * 4; o < end * 4; o += 4) {
+      const float* w = o + 4 <= O ? W + o * I : last.data();
+      const int64_t n = std::min<int64_t>(4, O - o);
+      for (int64_t r = 0; r < R; r += 4) {  // up to four rows by four outputs: a load feeds four products
+        float dots[4][4];
+        switch (std::min<int64_t>(4, R - r)) {
+          case 1: dots4<1>(x + r * I, I, w, dots); break;
+          case 2: dots4<2>(x + r * I, I, w, dots); break;
+          case 3: dots4<3>(x + r * I, I, w, dots); break;
+          default: dots4<4>(x + r * I, I, w, dots);
+        }
+        for (int64_t a = 0; a < std::min<int64_t>(4, R - r); ++a)
+          for (int64_t k = 0; k < n; ++k) finish(r + a, o + k, dots[a][k]);
+      }
+    }
+  });
+}
+
+// out = (x - mean) / sqrt(var + eps) * weight + bias, row by row over C values (bias may be null).
+void layer_norm_rows(const float* x, int64_t R, int64_t C, const float* weight, const float* bias, float eps,
+                     float* out) {
+  for (int64_t r = 0; r < R; ++r) {
+    const float* xr = x + r * C;
+    float sum = 0.f, squares = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < C; ++i) sum += xr[i];
+    const float mean = sum / static_cast<float>(C);
+#pragma omp simd reduction(+ : squares)
+    for (int64_t i = 0; i < C; ++i) squares += (xr[i] - mean) * (xr[i] - mean);
+    const float rstd = 1.f / std::sqrt(squares / static_cast<float>(C) + eps);
+    float* o = out + r * C;
+#pragma omp simd
+    for (int64_t i = 0; i < C; ++i) o[i] = (xr[i] - mean) * rstd * weight[i] + (bias ? bias[i] : 0.f);
+  }
+}
+
+// In place: 0 = exact GELU, 1 = GPT-2's tanh GELU, 2 = ReLU.
+void activate(float* x, int64_t n, int64_t activation) {
+  if (activation == 0) {
+    for (int64_t i = 0; i < n; ++i) x[i] = 0.5f * x[i] * (1.f + std::erf(x[i] * static_cast<float>(M_SQRT1_2)));
+  } else if (activation == 1) {
+    const float c = std::sqrt(2.f / static_cast<float>(M_PI));
+    for (int64_t i = 0; i < n; ++i) x[i] = 0.5f * x[i] * (1.f + std::tanh(c * (x[i] + 0.044715f * x[i] * x[i] * x[i])));
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) x[i] = x[i] > 0.f ? x[i] : 0.f;
+  }
+}
+
+const float* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+void check_float(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), "decode_gpt_rows: ",
+              what, " must be contiguous float32 on a CPU");
+}
+
+// The shapes of one block's parts: ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj as (weight, bias).
+void check_block(const std::vector<std::optional<at::Tensor>>& p, int64_t C, int64_t F) {
+  const int64_t rows[6] = {C, 3 * C, C, C, F, C}, cols[6] = {0, C, C, 0, C, F};
+  for (int i = 0; i < 6; ++i) {
+    TORCH_CHECK(p[2 * i].has_value(), "decode_gpt_rows: weight ", i, " of a block is missing");
+    check_float(*p[2 * i], "every weight");
+    const bool shaped = cols[i] == 0 ? p[2 * i]->dim() == 1 && p[2 * i]->size(0) == rows[i]
+                                     : p[2 * i]->dim() == 2 && p[2 * i]->size(0) == rows[i] &&
+                                           p[2 * i]->size(1) == cols[i];
+    TORCH_CHECK(shaped, "decode_gpt_rows: weight ", i, " of a block has the wrong shape");
+    if (p[2 * i + 1].has_value()) {
+      check_float(*p[2 * i + 1], "every bias");
+      TORCH_CHECK(p[2 * i + 1]->numel() == rows[i], "decode_gpt_rows: bias ", i, " of a block has the wrong size");
+    }
+  }
+}
+
+// Logits (R, V) of token ids[r] at position positions[r] of each row r < R. parts: 12 tensors per
+// block (`check_block`); the caches (n_layer, slots, n_head, columns, hs), rows 0 .. R - 1 used,
+// written at column `start`; mask: additive (R, start + 1), or none; activation as `activate`.
+at::Tensor decode_gpt_rows(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& wte,
+                           const at::Tensor& wpe, const c10::List<std::optional<at::Tensor>>& parts,
+                           const at::Tensor& ln_f_weight, const std::optional<at::Tensor>& ln_f_bias,
+                           const at::Tensor& lm_head, const std::optional<at::Tensor>& mask, at::Tensor& k_cache,
+                           at::Tensor& v_cache, int64_t start, int64_t n_head, double eps, int64_t activation) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&wte, &wpe, &ln_f_weight, &lm_head, &k_cache, &v_cache})
+    check_float(*t, "every tensor");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && ids.dim() == 1 &&
+                  positions.sizes() == ids.sizes() && ids.is_contiguous() && positions.is_contiguous(),
+              "decode_gpt_rows: ids and positions must be contiguous int64 (R,)");
+  TORCH_CHECK(activation >= 0 && activation <= 2, "decode_gpt_rows: activation must be 0, 1 or 2");
+  const int64_t R = ids.size(0), V = wte.size(0), C = wte.size(1), layers = k_cache.size(0);
+  TORCH_CHECK(k_cache.dim() == 5 && v_cache.sizes() == k_cache.sizes() && R >= 1 && R <= k_cache.size(1) &&
+                  k_cache.size(2) == n_head && n_head * k_cache.size(4) == C,
+              "decode_gpt_rows: the caches must be (n_layer, slots >= R, n_head, columns, C / n_head)");
+  const int64_t slots = k_cache.size(1), columns = k_cache.size(3), hs = k_cache.size(4);
+  TORCH_CHECK(start >= 0 && start < columns, "decode_gpt_rows: column ", start, " is outside the cache");
+  TORCH_CHECK(static_cast<int64_t>(parts.size()) == 12 * layers, "decode_gpt_rows: parts must hold 12 tensors per block");
+  TORCH_CHECK(wpe.dim() == 2 && wpe.size(1) == C && lm_head.dim() == 2 && lm_head.size(1) == C &&
+                  ln_f_weight.numel() == C && (!ln_f_bias.has_value() || ln_f_bias->numel() == C),
+              "decode_gpt_rows: the embeddings, final norm and output layer must be C wide");
+  if (ln_f_bias.has_value()) check_float(*ln_f_bias, "every tensor");
+  if (mask.has_value()) {
+    check_float(*mask, "the mask");
+    TORCH_CHECK(mask->numel() == R * (start + 1), "decode_gpt_rows: the mask must hold (R, start + 1) values");
+  }
+  std::vector<std::vector<std::optional<at::Tensor>>> blocks(layers);
+  for (int64_t l = 0; l < layers; ++l) {
+    for (int i = 0; i < 12; ++i) blocks[l].push_back(parts.get(12 * l + i));
+    TORCH_CHECK(blocks[l][8].has_value() && blocks[l][8]->dim() == 2, "decode_gpt_rows: c_fc's weight is missing");
+    check_block(blocks[l], C, blocks[l][8]->size(0));
+  }
+  const int64_t F = layers ? blocks[0][8]->size(0) : 0;
+  const int64_t *id = ids.data_ptr<int64_t>(), *pos = positions.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(id[r] >= 0 && id[r] < V && pos[r] >= 0 && pos[r] < wpe.size(0), "decode_gpt_rows: row ", r,
+                " has a token id or position outside the embeddings");
+
+  std::vector<float> x(R * C), h(R * C), qkv(R * 3 * C), att(R * C), f(R * std::max<int64_t>(F, 1));
+  const float *te = wte.data_ptr<float>(), *pe = wpe.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t i = 0; i < C; ++i) x[r * C + i] = te[id[r] * C + i] + pe[pos[r] * C + i];
+  const float e = static_cast<float>(eps);
+  for (int64_t l = 0; l < layers; ++l) {
+    const auto& p = blocks[l];
+    const int64_t Fl = p[8]->size(0);
+    TORCH_CHECK(Fl == F, "decode_gpt_rows: every block must have the same MLP width");
+    layer_norm_rows(x.data(), R, C, p[0]->data_ptr<float>(), data_or_null(p[1]), e, h.data());
+    affine_rows(h.data(), R, C, p[2]->data_ptr<float>(), data_or_null(p[3]), 3 * C, nullptr, qkv.data());
+    const int64_t layer = l * slots * n_head * columns * hs;
+    attend_new_position({qkv.data(), 3 * C, nullptr, nullptr, 1, data_or_null(mask),
+                         k_cache.data_ptr<float>() + layer, v_cache.data_ptr<float>() + layer, columns, start, n_head,
+                         n_head, hs},
+                        R, att.data());
+    affine_rows(att.data(), R, C, p[4]->data_ptr<float>(), data_or_null(p[5]), C, x.data(), x.data());
+    layer_norm_rows(x.data(), R, C, p[6]->data_ptr<float>(), data_or_null(p[7]), e, h.data());
+    affine_rows(h.data(), R, C, p[8]->data_ptr<float>(), data_or_null(p[9]), F, nullptr, f.data());
+    activate(f.data(), R * F, activation);
+    affine_rows(f.data(), R, F, p[10]->data_ptr<float>(), data_or_null(p[11]), C, x.data(), x.data());
+  }
+  layer_norm_rows(x.data(), R, C, ln_f_weight.data_ptr<float>(), data_or_null(ln_f_bias), e, h.data());
+  auto logits = at::empty({R, lm_head.size(0)}, wte.options());
+  affine_rows(h.data(), R, C, lm_head.data_ptr<float>(), nullptr, lm_head.size(0), nullptr, logits.data_ptr<float>());
+  return logits;
+}
+
+}  // namespace
+}  // namespace lmforge
+
+TORCH_LIBRARY_FRAGMENT(lmforge, m) {
+  m.def("decode_gpt_rows(Tensor ids, Tensor positions, Tensor wte, Tensor wpe, Tensor?[] parts, Tensor ln_f_weight, "
+        "Tensor? ln_f_bias, Tensor lm_head, Tensor? mask, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, "
+        "int n_head, float eps, int activation) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lmforge, CPU, m) { m.impl("decode_gpt_rows", &lmforge::decode_gpt_rows); }
