@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from lmforge.inference.batch_decode import BatchDecoder
 from lmforge.models.gpt import GPT
 from lmforge.models.gpt_decode import KERNEL_ROWS, Decoder, rows_step
 from lmforge.ops import kernels
@@ -125,3 +126,28 @@ def test_the_kernel_refuses_ids_and_positions_outside_the_embeddings():
         for token, position in ((67, 0), (-1, 0), (0, 32)):
             with pytest.raises(RuntimeError, match="outside the embeddings"):
                 call(token, position)
+
+
+def test_a_requests_logits_in_the_serving_engine_do_not_depend_on_the_requests_beside_it():
+    """The same request alone and with others joining at other steps (longer prompts moving the
+    timeline, so masked columns between its keys) and leaving: the same bits at every step."""
+    model = _model()
+
+    def run(others: bool) -> list[torch.Tensor]:
+        engine, seen = BatchDecoder(model, slots=4), []
+        with torch.inference_mode():
+            seen.append(engine.add("me", [5, 9, 2]))
+            for step in range(8):
+                if others and step == 1:
+                    engine.add("long", list(range(20, 31)))  # longer than the timeline: columns jump
+                if others and step == 3:
+                    engine.add_many(["a", "b"], [[7, 7], [1, 2, 3, 4]])
+                if others and step == 6:
+                    engine.remove("long")
+                rows = list(engine.owners)
+                logits = engine.step([3 + step if row == "me" else 11 for row in rows])
+                seen.append(logits[rows.index("me")])
+        return seen
+
+    for alone, crowded in zip(run(False), run(True)):
+        assert torch.equal(alone, crowded)

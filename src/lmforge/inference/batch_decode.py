@@ -6,7 +6,7 @@ the causal LM families of `lmforge.models.decoding` (GPT, Llama).
 
 The rows do not share a length, so the cache is a timeline of columns rather than positions:
 every step writes the new keys and values of all busy rows at the same column `t`, and a
-boolean mask says which columns each row owns. Position enters as each row's own (GPT's
+mask (0 or -inf, `hidden`) says which columns each row owns. Position enters as each row's own (GPT's
 learned position embedding, added per row; Llama's rotary angles, turned into the keys before
 they are cached), so where a row's keys sit in the timeline does not change its numbers; this
 lets every step run the model's own block function (`block`, `llama_block`) on plain cache
@@ -139,8 +139,9 @@ class BatchDecoder:
         shape = (len(r.blocks), slots, r.kv_heads, self.columns, r.head_dim)  # as KVCache's, a longer timeline
         self.k = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
         self.v = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
-        self.owned = torch.zeros((slots, self.columns), dtype=torch.bool, device=weight.device)
-        self.positions = torch.zeros(slots, dtype=torch.long, device=weight.device)  # next position per row
+        # additive: 0 on the columns a row owns, -inf elsewhere (read in place by the decode step)
+        self.hidden = torch.full((slots, self.columns), float("-inf"), device=weight.device, dtype=weight.dtype)
+        self.lengths: list[int] = []  # tokens held per busy row, in the order of `owners`: the next position
         self.owners: list[object] = []
         self.slots = slots
         self.t = 0  # the column the next step writes
@@ -184,9 +185,9 @@ class BatchDecoder:
         for layer, parts in enumerate(self.rows.blocks_for(R * n)):
             kv = (self.k[layer, first:first + R], self.v[layer, first:first + R])  # (R, nh, columns, hs)
             x = self.rows.block(x, parts, extra, None if plain else visible, kv, start, plain)  # (R, n, C)
-        self.owned[first:first + R] = False
-        self.owned[first:first + R, start:start + n] = real
-        self.positions[first:first + R] = torch.tensor(lengths, device=device)
+        self.hidden[first:first + R] = float("-inf")
+        self.hidden[first:first + R, start:start + n].masked_fill_(real, 0.0)
+        self.lengths.extend(lengths)
         self.owners.extend(keys)
         return self._logits(x[:, -1])  # (R, V)
 
@@ -195,32 +196,33 @@ class BatchDecoder:
         n = len(self.owners)
         if len(tokens) != n or n == 0:
             raise ValueError(f"{len(tokens)} tokens for {n} busy rows")
-        if int(self.positions[:n].max()) >= self.context:
+        if max(self.lengths) >= self.context:
             raise ValueError(f"a row is at the end of the context ({self.context} positions); remove it first")
         if self.t >= self.columns:
             self._pack()
-        t = self.t
-        ids = torch.as_tensor(list(tokens), dtype=torch.long, device=self.k.device)
-        self.owned[:n, t] = True
-        owned = self.owned[:n, None, None, :t + 1]  # (n, 1, 1, t + 1): each row's own columns
-        visible = None  # every row owns every column (one request alone): no mask, as generate
-        if not bool(owned.all()):  # additive, made once here rather than from the booleans in every layer
-            visible = torch.zeros(owned.shape, dtype=self.k.dtype, device=ids.device).masked_fill_(~owned, float("-inf"))
-        logits = self.rows.whole_step(ids, self.positions[:n], visible, self.k, self.v, t)
+        t, device = self.t, self.k.device
+        ids = torch.as_tensor(list(tokens), dtype=torch.long, device=device)
+        positions = torch.as_tensor(self.lengths, dtype=torch.long, device=device)  # (n,): one new position per row
+        self.hidden[:n, t] = 0.0
+        self.lengths = [length + 1 for length in self.lengths]
+        self.t = t + 1
+        # every row's mask, even where all see everything: a row's numbers do not depend on the others
+        logits = self.rows.whole_step(ids, positions, self.hidden[:n, :t + 1], self.k, self.v, t)
         if logits is not None:
-            self.positions[:n] += 1
-            self.t = t + 1
             return logits.float()
-        x, extra = self.rows.inputs(ids, self.positions[:n])  # (n, C): one new position per row
+        visible = self.hidden[:n, None, None, :t + 1]  # (n, 1, 1, t + 1)
+        if not bool((visible == 0).all()):  # one request alone sees every column: no mask, as generate
+            visible = visible.contiguous()
+        else:
+            visible = None
+        x, extra = self.rows.inputs(ids, positions)  # (n, C)
         for layer, parts in enumerate(self.rows.blocks_for(n)):
             x = self.rows.block(x, parts, extra, visible, (self.k[layer, :n], self.v[layer, :n]), t)  # (n, C)
-        self.positions[:n] += 1
-        self.t = t + 1
         return self._logits(x)
 
     def position(self, key: object) -> int:
         """How many tokens the row of `key` holds (prompt + fed tokens)."""
-        return int(self.positions[self.owners.index(key)])
+        return self.lengths[self.owners.index(key)]
 
     def remove(self, key: object) -> None:
         """Free the row of `key`: the last busy row moves into it."""
@@ -228,11 +230,12 @@ class BatchDecoder:
         if row != last:
             self.k[:, row, :, :self.t] = self.k[:, last, :, :self.t]
             self.v[:, row, :, :self.t] = self.v[:, last, :, :self.t]
-            self.owned[row] = self.owned[last]
-            self.positions[row] = self.positions[last]
+            self.hidden[row] = self.hidden[last]
+            self.lengths[row] = self.lengths[last]
             self.owners[row] = self.owners[last]
         self.owners.pop()
-        self.owned[last] = False
+        self.lengths.pop()
+        self.hidden[last] = float("-inf")
         if not self.owners:
             self.t = 0
 
@@ -240,12 +243,12 @@ class BatchDecoder:
         """Move each busy row's columns to the front of the timeline, in order."""
         longest = 0
         for row in range(len(self.owners)):
-            cols = self.owned[row].nonzero().flatten()  # (m,)
+            cols = (self.hidden[row] == 0).nonzero().flatten()  # (m,)
             m = cols.numel()
             self.k[:, row, :, :m] = self.k[:, row, :, cols]
             self.v[:, row, :, :m] = self.v[:, row, :, cols]
-            self.owned[row] = False
-            self.owned[row, :m] = True
+            self.hidden[row] = float("-inf")
+            self.hidden[row, :m] = 0.0
             longest = max(longest, m)
         self.t = longest
 

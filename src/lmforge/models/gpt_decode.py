@@ -99,15 +99,20 @@ def rows_step(d: Decoder, ids: Tensor, positions: Tensor, mask: Tensor | None, k
     """Logits (R, V) of token ids (R,) at positions (R,), one per cache row 0 .. R - 1 of k, v
     (n_layer, slots, nh, columns, hs), written at column `start`, through the whole model in one
     C++ call; or None where it does not apply (over `KERNEL_ROWS` rows, kernels not loaded,
-    gradients on, a model `_kernel_parts` refuses, a mask `kernel_mask` cannot take)."""
+    gradients on, a model `_kernel_parts` refuses, a mask `kernel_mask` cannot take). mask: what
+    each row sees of columns 0 .. start, as `kernel_mask` takes it or additive (R, start + 1) with
+    each row's values contiguous (a view of a wider mask is read in place)."""
     R = ids.numel()
     if d.kernel_parts is None or not 1 <= R <= KERNEL_ROWS or k.dim() != 5 or not k.is_contiguous() \
             or not v.is_contiguous() or k.dtype != torch.float32 or torch.is_grad_enabled() \
             or not kernels.applies_to(d.wte):
         return None
-    fitted = kernel_mask(mask, R, start + 1, k.dtype)
-    if fitted is UNFIT:
-        return None
+    fitted = mask  # (R, start + 1) additive, rows possibly apart: read where it lies
+    if mask is not None and not (mask.dim() == 2 and mask.dtype == k.dtype and mask.stride(-1) == 1):
+        fitted = kernel_mask(mask, R, start + 1, k.dtype)
+        if fitted is UNFIT:
+            return None
+        fitted = None if fitted is None else fitted.view(R, start + 1)
     tensors, code = d.kernel_parts
     return kernels.ops().decode_gpt_rows(ids.contiguous(), positions.contiguous(), d.wte, d.wpe, tensors, *d.ln_f,
                                          d.lm_head, fitted, k, v, start, d.n_head, d.eps, code)

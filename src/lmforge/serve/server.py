@@ -8,7 +8,9 @@ background thread, for tests, benchmarks and notebooks; `stop()` shuts it down t
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 import threading
 import time
 
@@ -19,6 +21,10 @@ from lmforge.serve.state import ServerState
 
 # Requests in flight get this long to finish after Ctrl-C / SIGTERM before connections are cut.
 GRACEFUL_SECONDS = 60
+# The decode thread gives up the GIL inside every torch call and needs it back to go on; while the
+# event loop's thread runs Python, it waits up to Python's switch interval (5 ms by default), which
+# is longer than a whole decode step. The server process asks for shorter turns.
+SWITCH_INTERVAL_SECONDS = float(os.environ.get("LMFORGE_SWITCH", "0.0002"))
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -54,6 +60,7 @@ def _server(state: ServerState, access_log: bool) -> uvicorn.Server:
 
 def serve(state: ServerState, sock: socket.socket, access_log: bool = False) -> None:
     """Serve until Ctrl-C / SIGTERM, then let the requests in flight finish and return."""
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     _server(state, access_log).run(sockets=[sock])
 
 

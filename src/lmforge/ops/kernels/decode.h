@@ -12,7 +12,8 @@ struct NewPosition {
   const float* cos;   // rotary angles (angle_rows, head_dim), or null (no rotary)
   const float* sin;
   int64_t angle_rows;  // 1 (every row at one position) or B
-  const float* mask;  // additive (B, start + 1), or null
+  const float* mask;  // additive, start + 1 values per row, mask_stride apart; or null
+  int64_t mask_stride;
   float* k;           // the layer's caches (B, n_kv_head, columns, head_dim), rows contiguous
   float* v;
   int64_t columns, start, n_head, n_kv_head, head_dim;

@@ -53,12 +53,18 @@ void attend_one(float* y, const float* q, const float* K, const float* V, int64_
 #pragma omp simd
     for (int64_t t = 0; t < keys; ++t) scores[t] += mask[t];
   }
-  float sum = exp_shifted(scores, keys, max_of(scores, keys));
+  const float shift = max_of(scores, keys);
+#pragma omp simd
+  for (int64_t t = 0; t < keys; ++t) scores[t] = exp_nonpositive(scores[t] - shift);
   if (mask != nullptr) {  // the exponential stops at exp(-87.3), not 0: a masked key gets none at all
     constexpr float hidden = -std::numeric_limits<float>::infinity();
-    sum = 0.f;
-    for (int64_t t = 0; t < keys; ++t) sum += (scores[t] = mask[t] == hidden ? 0.f : scores[t]);
+#pragma omp simd
+    for (int64_t t = 0; t < keys; ++t) scores[t] = mask[t] == hidden ? 0.f : scores[t];
   }
+  // One key after another in column order (not in vector lanes): the same bits with a mask or
+  // without, and whatever masked columns lie between a row's keys.
+  float sum = 0.f;
+  for (int64_t t = 0; t < keys; ++t) sum += scores[t];
   std::fill(y, y + hs, 0.f);
   for (int64_t t = 0; t < keys; ++t) {
     if (scores[t] == 0.f) continue;
@@ -81,7 +87,7 @@ void attend_new_position(const NewPosition& a, int64_t B, float* out) {
     std::vector<float> scores(keys), q(D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KV, j = task % KV;
-      const float *row = a.qkv + b * a.width, *row_mask = a.mask == nullptr ? nullptr : a.mask + b * keys;
+      const float *row = a.qkv + b * a.width, *row_mask = a.mask == nullptr ? nullptr : a.mask + b * a.mask_stride;
       const float *c = turn ? a.cos + (b % a.angle_rows) * D : nullptr;
       const float *s = turn ? a.sin + (b % a.angle_rows) * D : nullptr;
       float *K = a.k + (b * KV + j) * L * D, *V = a.v + (b * KV + j) * L * D;
@@ -134,7 +140,7 @@ at::Tensor step_attention(const at::Tensor& qkv, const std::optional<at::Tensor>
   auto out = at::empty({B, n_head * D}, qkv.options());
   attend_new_position({qkv.data_ptr<float>(), width, turn ? cos->data_ptr<float>() : nullptr,
                        turn ? sin->data_ptr<float>() : nullptr, angle_rows,
-                       mask.has_value() ? mask->data_ptr<float>() : nullptr, k_cache.data_ptr<float>(),
+                       mask.has_value() ? mask->data_ptr<float>() : nullptr, keys, k_cache.data_ptr<float>(),
                        v_cache.data_ptr<float>(), L, start, n_head, KV, D},
                       B, out.data_ptr<float>());
   return out;
