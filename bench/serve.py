@@ -7,7 +7,7 @@ with `--continuous-batching` (its paged cache given a size, `CB_CACHE`). Every s
 process of its own, started once; the client (this process, asyncio + httpx) streams `POST
 /v1/completions` with greedy decoding, a 16-token prompt from the tiny Shakespeare validation
 split (a different one per request) and 32 new tokens (`BENCH_SERVE_TOKENS`). With C
-concurrent clients (1, 4, 16), each client sends its requests one after the other; the rate is
+concurrent clients (1, 4, 16), each client sends its requests (4) one after the other; the rate is
 the completion tokens the servers report (`usage`) over the wall time from the first request to
 the last answer. Also measured: the time to first token of each request (its first text chunk)
 and each server's CPU time per token (its process and those under it, all threads, from /proc:
@@ -16,7 +16,8 @@ interleaved, round after round; the ratio is the median of per-round ratios agai
 transformers mode.
 
     python bench/serve.py      # BENCH_ROUNDS=3; BENCH_SERVE_CLIENTS=1,4,16; BENCH_SERVE_TOKENS=32;
-                               # BENCH_SERVE_CAP=90 (s); BENCH_SERVE_THREADS=1 (every server's torch threads)
+                               # BENCH_SERVE_CAP=90 (s); BENCH_SERVE_THREADS=1 (every server's torch threads);
+                               # BENCH_SERVE_REQUESTS=1:4,4:4,16:4 (clients:requests each)
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ CAP = float(os.environ.get("BENCH_SERVE_CAP", "90"))  # seconds: a run's wall-ti
 # step's small operators split over 2 threads wait for a descheduled thread at every barrier
 # (a 16-row step measured 1.8 s instead of 36 ms under a load average of 18), whoever serves.
 THREADS = os.environ.get("BENCH_SERVE_THREADS", "1")
-REQUESTS = {1: 2, 4: 1, 16: 1}  # requests per client at each concurrency: 2, 4, 16 answers per run
+# requests each client sends one after the other, per concurrency: a run measures clients that come
+# back (requests leaving and joining the batch), not one burst of a fraction of a second
+REQUESTS = {int(c): int(n) for c, n in (pair.split(":") for pair in
+                                         os.environ.get("BENCH_SERVE_REQUESTS", "1:4,4:4,16:4").split(","))}
 FOLDER = BENCH_DIR / "serve"
 # Its paged cache sized for this workload (16 requests of up to 16 + 256 tokens, and room to spare): by default it sizes
 # the cache from the machine's memory, and on a shared 23 GB machine the OOM killer stopped it.

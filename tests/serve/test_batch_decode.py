@@ -128,3 +128,33 @@ def test_limits_and_cancellation_free_the_row():
         assert (len(tokens), reason) == (14, "length") and scheduler.decoder.free == 1
     finally:
         scheduler.close(10)
+
+
+def test_a_burst_of_requests_is_held_back_to_be_prefilled_together_and_a_lone_one_never(monkeypatch):
+    from lmforge.inference import scheduler as scheduling
+
+    scheduler = Scheduler(peaked(context=32), max_batch=4)
+    try:
+        clock = [100.0]
+        monkeypatch.setattr(scheduling.time, "monotonic", lambda: clock[0])
+        request = GenerationRequest([1, 2], SamplingConfig(max_new_tokens=2, temperature=0), on_token=print,
+                                    on_finish=print, submitted=100.0)
+        with scheduler._wake:  # the decode thread sleeps on this condition: nothing moves while it is held
+            scheduler._waiting.append(request)
+            scheduler._arrivals.extend([90.0, 100.0])
+            assert scheduler._hold() == 0.0  # the last submission came alone
+            scheduler._arrivals.extend([99.999, 100.0])
+            hold = scheduler._hold()
+            assert 0.0 < hold <= scheduling.BURST_GAP  # another may be on its way
+            clock[0] = 100.0 + scheduling.BURST_GAP
+            assert scheduler._hold() == 0.0  # a quiet gap: the burst is over
+            scheduler._arrivals.extend([100.0 + scheduling.BURST_HOLD, 100.0 + scheduling.BURST_HOLD + 0.001])
+            clock[0] = 100.0 + scheduling.BURST_HOLD + 0.001
+            assert scheduler._hold() == 0.0  # the first waiting has waited long enough
+            clock[0] = 100.0
+            scheduler._arrivals.extend([99.999, 100.0])
+            scheduler._waiting.extend([request] * 3)
+            assert scheduler._hold() == 0.0  # no free row left for more of the burst
+            scheduler._waiting.clear()
+    finally:
+        scheduler.close(10)

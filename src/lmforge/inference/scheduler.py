@@ -14,6 +14,7 @@ request gives the tokens it gives alone (tests/serve/test_batch_decode.py).
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ class GenerationRequest:
     """OpenAI's: subtracted from a token's logit once per time it was generated."""
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
+    submitted: float = 0.0
+    """When the scheduler took it (time.monotonic())."""
     generator: torch.Generator | None = None
 
     def __post_init__(self) -> None:
@@ -60,6 +63,13 @@ class GenerationRequest:
             and not self.frequency_penalty
 
 
+BURST_GAP = 0.003
+"""Seconds: submissions closer together than this are a burst (many clients at once)."""
+BURST_HOLD = 0.015
+"""Seconds a waiting prompt may be held back while a burst is still arriving, so that its prompts
+are prefilled together: one pass over the weights instead of one per arrival."""
+
+
 class Scheduler:
     """Runs requests on `model` in batches of up to `max_batch` rows, on its own thread."""
 
@@ -70,6 +80,7 @@ class Scheduler:
         self.device = self.decoder.k.device
         self.context = model.config.context
         self._waiting: deque[GenerationRequest] = deque()
+        self._arrivals: deque[float] = deque(maxlen=2)  # the last two submission times
         self._wake = threading.Condition()
         self._closing = False
         self._next: dict[GenerationRequest, int] = {}  # the token each busy row is fed next
@@ -98,6 +109,8 @@ class Scheduler:
         with self._wake:
             if self._closing:
                 raise RuntimeError("the scheduler is shutting down")
+            request.submitted = time.monotonic()
+            self._arrivals.append(request.submitted)
             self._waiting.append(request)
             self._wake.notify()
 
@@ -114,14 +127,30 @@ class Scheduler:
             self._wake.notify()
         self._thread.join(timeout)
 
+    def _hold(self) -> float:
+        """Seconds to keep the waiting prompts back (0: prefill them now): while a burst is arriving
+        and rows are free for more of it, until BURST_GAP passes without a submission or the
+        first of them has waited BURST_HOLD. A lone request is never held."""
+        if self._closing or not self._waiting or len(self._waiting) >= self.decoder.free or len(self._arrivals) < 2:
+            return 0.0
+        before, last = self._arrivals
+        if last - before >= BURST_GAP:
+            return 0.0
+        now = time.monotonic()
+        return max(0.0, min(BURST_GAP - (now - last), BURST_HOLD - (now - self._waiting[0].submitted)))
+
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._waiting and not self.decoder.owners and not self._closing:
-                    self._wake.wait()
-                if self._closing and not self._waiting and not self.decoder.owners:
-                    return
-                admitted = [self._waiting.popleft() for _ in range(min(self.decoder.free, len(self._waiting)))]
+                while True:
+                    if self._closing and not self._waiting and not self.decoder.owners:
+                        return
+                    hold = self._hold()
+                    if self.decoder.owners or (self._waiting and not hold):
+                        break  # a step to run (the busy rows go on while a burst is held back)
+                    self._wake.wait(hold or None)
+                count = 0 if hold else min(self.decoder.free, len(self._waiting))
+                admitted = [self._waiting.popleft() for _ in range(count)]
             try:
                 with torch.inference_mode():
                     self._step(admitted)

@@ -8,7 +8,6 @@ background thread, for tests, benchmarks and notebooks; `stop()` shuts it down t
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 import threading
@@ -24,7 +23,7 @@ GRACEFUL_SECONDS = 60
 # The decode thread gives up the GIL inside every torch call and needs it back to go on; while the
 # event loop's thread runs Python, it waits up to Python's switch interval (5 ms by default), which
 # is longer than a whole decode step. The server process asks for shorter turns.
-SWITCH_INTERVAL_SECONDS = float(os.environ.get("LMFORGE_SWITCH", "0.0002"))
+SWITCH_INTERVAL_SECONDS = 0.0002
 
 
 def bind(host: str, port: int) -> socket.socket:
