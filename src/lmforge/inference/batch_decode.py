@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.models.gpt import GPT, Affine, BlockParts, block
-from lmforge.models.gpt_decode import Decoder, decode_block, rows_step
+from lmforge.models.gpt_decode import Decoder, decode_block, rows_step, with_weights
 from lmforge.models.llama import Llama, llama_block
 from lmforge.models.llama_decode import LlamaDecoder
 from lmforge.ops.rotary import rms_norm
@@ -53,15 +53,17 @@ class _GPTRows:
         c = model.config
         self.kv_heads, self.head_dim, self.blocks, self.weight = c.n_head, c.head_dim, self.p.blocks, self.p.wte
         self.wide = (self.blocks, self.p.lm_head)  # what a step of WIDE_ROWS rows or more reads
+        self.stepper = self.p  # what the whole-step kernel reads
         if self.p.wte.device.type == "cpu":  # the CPU BLAS's faster layout for several rows (module docstring)
             self.wide = ([_transposed_weights(parts) for parts in self.blocks], _stored_transposed(self.p.lm_head))
+            self.stepper = with_weights(self.p, *self.wide)
 
     def blocks_for(self, rows: int) -> list:
         return self.wide[0] if rows >= WIDE_ROWS else self.blocks
 
     def whole_step(self, ids: Tensor, positions: Tensor, visible: Tensor | None, k: Tensor, v: Tensor,
                    t: int) -> Tensor | None:
-        return rows_step(self.p, ids, positions, visible, k, v, t)  # None: the block-by-block step
+        return rows_step(self.stepper, ids, positions, visible, k, v, t)  # None: the block-by-block step
 
     def inputs(self, ids: Tensor, positions: Tensor) -> tuple[Tensor, None]:
         return F.embedding(ids, self.p.wte) + F.embedding(positions, self.p.wpe), None  # (..., C)

@@ -111,6 +111,72 @@ void affine_rows(const float* x, int64_t R, int64_t I, const float* W, const flo
   });
 }
 
+// ROWS rows of x against a block of 4 LANES outputs of Wt (I, O) row-major: out[r][j] sums
+// x[r, i] Wt[i, o + j] over i in order, one fused multiply-add after another.
+template <int ROWS>
+inline void outer_block(const float* x, int64_t I, const float* Wt, int64_t O, float (*out)[4 * LANES]) {
+  Lanes acc[ROWS][4] = {};
+  for (int64_t i = 0; i < I; ++i) {
+    const float* w = Wt + i * O;
+    const Lanes w0 = load(w), w1 = load(w + LANES), w2 = load(w + 2 * LANES), w3 = load(w + 3 * LANES);
+    for (int r = 0; r < ROWS; ++r) {
+      const float xi = x[r * I + i];
+      acc[r][0] += xi * w0, acc[r][1] += xi * w1, acc[r][2] += xi * w2, acc[r][3] += xi * w3;
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) std::memcpy(out[r], acc[r], sizeof acc[r]);
+}
+
+// affine_rows with the weight stored transposed, Wt (I, O) row-major: blocks of up to four rows by
+// 4 LANES outputs held in registers, no lanes to sum. Every output sums its terms in the order of i
+// with the same vector operations whatever R is (the last, partial block runs on a zero-padded
+// copy of its columns), so a row's numbers do not depend on the rows beside it.
+void affine_rows_t(const float* x, int64_t R, int64_t I, const float* Wt, const float* bias, int64_t O,
+                   const float* residual, float* y) {
+  constexpr int64_t BLOCK = 4 * LANES;
+  const int64_t full = O / BLOCK * BLOCK;
+  std::vector<float> tail(full < O ? I * BLOCK : 0, 0.f);
+  for (int64_t i = 0; full < O && i < I; ++i) std::copy(Wt + i * O + full, Wt + (i + 1) * O, tail.data() + i * BLOCK);
+  at::parallel_for(0, (O + BLOCK - 1) / BLOCK, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin * BLOCK; o < std::min(end * BLOCK, O); o += BLOCK) {
+      const float* w = o < full ? Wt + o : tail.data();
+      const int64_t stride = o < full ? O : BLOCK, n = std::min(BLOCK, O - o);
+      for (int64_t r = 0; r < R; r += 4) {
+        float dots[4][BLOCK];
+        const int64_t rows = std::min<int64_t>(4, R - r);
+        switch (rows) {
+          case 1: outer_block<1>(x + r * I, I, w, stride, dots); break;
+          case 2: outer_block<2>(x + r * I, I, w, stride, dots); break;
+          case 3: outer_block<3>(x + r * I, I, w, stride, dots); break;
+          default: outer_block<4>(x + r * I, I, w, stride, dots);
+        }
+        for (int64_t a = 0; a < rows; ++a)
+          for (int64_t k = 0; k < n; ++k)
+            y[(r + a) * O + o + k] = (residual ? residual[(r + a) * O + o + k] : 0.f) + (bias ? bias[o + k] : 0.f) +
+                                     dots[a][k];
+      }
+    }
+  });
+}
+
+// A weight (O, I) as the kernel reads it: row-major, or stored transposed ((I, O) memory).
+struct Weight {
+  const float* data;
+  bool transposed;
+};
+
+Weight weight_of(const at::Tensor& t) {
+  return {t.data_ptr<float>(), !t.is_contiguous()};
+}
+
+void project(const float* x, int64_t R, int64_t I, Weight w, const float* bias, int64_t O, const float* residual,
+             float* y) {
+  if (w.transposed)
+    affine_rows_t(x, R, I, w.data, bias, O, residual, y);
+  else
+    affine_rows(x, R, I, w.data, bias, O, residual, y);
+}
+
 // out = (x - mean) / sqrt(var + eps) * weight + bias, row by row over C values (bias may be null).
 void layer_norm_rows(const float* x, int64_t R, int64_t C, const float* weight, const float* bias, float eps,
                      float* out) {
@@ -168,12 +234,22 @@ void check_float(const at::Tensor& t, const char* what) {
               what, " must be contiguous float32 on a CPU");
 }
 
+// A projection's weight (O, I): contiguous, or stored transposed (strides (1, O): (I, O) memory).
+void check_weight(const at::Tensor& t, const char* what) {
+  const bool transposed = t.dim() == 2 && t.stride(0) == 1 && t.stride(1) == t.size(0);
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && (t.is_contiguous() || transposed),
+              "decode_gpt_rows: ", what, " must be float32 on a CPU, contiguous or stored transposed");
+}
+
 // The shapes of one block's parts: ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj as (weight, bias).
 void check_block(const std::vector<std::optional<at::Tensor>>& p, int64_t C, int64_t F) {
   const int64_t rows[6] = {C, 3 * C, C, C, F, C}, cols[6] = {0, C, C, 0, C, F};
   for (int i = 0; i < 6; ++i) {
     TORCH_CHECK(p[2 * i].has_value(), "decode_gpt_rows: weight ", i, " of a block is missing");
-    check_float(*p[2 * i], "every weight");
+    if (cols[i] == 0)
+      check_float(*p[2 * i], "every norm weight");
+    else
+      check_weight(*p[2 * i], "every projection weight");
     const bool shaped = cols[i] == 0 ? p[2 * i]->dim() == 1 && p[2 * i]->size(0) == rows[i]
                                      : p[2 * i]->dim() == 2 && p[2 * i]->size(0) == rows[i] &&
                                            p[2 * i]->size(1) == cols[i];
@@ -194,8 +270,9 @@ at::Tensor decode_gpt_rows(const at::Tensor& ids, const at::Tensor& positions, c
                            const at::Tensor& ln_f_weight, const std::optional<at::Tensor>& ln_f_bias,
                            const at::Tensor& lm_head, const std::optional<at::Tensor>& mask, at::Tensor& k_cache,
                            at::Tensor& v_cache, int64_t start, int64_t n_head, double eps, int64_t activation) {
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&wte, &wpe, &ln_f_weight, &lm_head, &k_cache, &v_cache})
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&wte, &wpe, &ln_f_weight, &k_cache, &v_cache})
     check_float(*t, "every tensor");
+  check_weight(lm_head, "the output layer's weight");
   TORCH_CHECK(ids.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && ids.dim() == 1 &&
                   positions.sizes() == ids.sizes() && ids.is_contiguous() && positions.is_contiguous(),
               "decode_gpt_rows: ids and positions must be contiguous int64 (R,)");
@@ -241,21 +318,21 @@ at::Tensor decode_gpt_rows(const at::Tensor& ids, const at::Tensor& positions, c
     const int64_t Fl = p[8]->size(0);
     TORCH_CHECK(Fl == F, "decode_gpt_rows: every block must have the same MLP width");
     layer_norm_rows(x.data(), R, C, p[0]->data_ptr<float>(), data_or_null(p[1]), e, h.data());
-    affine_rows(h.data(), R, C, p[2]->data_ptr<float>(), data_or_null(p[3]), 3 * C, nullptr, qkv.data());
+    project(h.data(), R, C, weight_of(*p[2]), data_or_null(p[3]), 3 * C, nullptr, qkv.data());
     const int64_t layer = l * slots * n_head * columns * hs;
     attend_new_position({qkv.data(), 3 * C, nullptr, nullptr, 1, data_or_null(mask), mask_stride,
                          k_cache.data_ptr<float>() + layer, v_cache.data_ptr<float>() + layer, columns, start, n_head,
                          n_head, hs},
                         R, att.data());
-    affine_rows(att.data(), R, C, p[4]->data_ptr<float>(), data_or_null(p[5]), C, x.data(), x.data());
+    project(att.data(), R, C, weight_of(*p[4]), data_or_null(p[5]), C, x.data(), x.data());
     layer_norm_rows(x.data(), R, C, p[6]->data_ptr<float>(), data_or_null(p[7]), e, h.data());
-    affine_rows(h.data(), R, C, p[8]->data_ptr<float>(), data_or_null(p[9]), F, nullptr, f.data());
+    project(h.data(), R, C, weight_of(*p[8]), data_or_null(p[9]), F, nullptr, f.data());
     activate(f.data(), R * F, activation);
-    affine_rows(f.data(), R, F, p[10]->data_ptr<float>(), data_or_null(p[11]), C, x.data(), x.data());
+    project(f.data(), R, F, weight_of(*p[10]), data_or_null(p[11]), C, x.data(), x.data());
   }
   layer_norm_rows(x.data(), R, C, ln_f_weight.data_ptr<float>(), data_or_null(ln_f_bias), e, h.data());
   auto logits = at::empty({R, lm_head.size(0)}, wte.options());
-  affine_rows(h.data(), R, C, lm_head.data_ptr<float>(), nullptr, lm_head.size(0), nullptr, logits.data_ptr<float>());
+  project(h.data(), R, C, weight_of(lm_head), nullptr, lm_head.size(0), nullptr, logits.data_ptr<float>());
   return logits;
 }
 
