@@ -21,19 +21,11 @@ HEADS = [(4, 2, 8), (6, 1, 10), (3, 3, 6), (8, 4, 16)]  # (n_head, n_kv_head, he
 
 
 def _layout_reference(qkv, cos, signed_sin, nh, nkv, hs):
-    """The written-out rope + repeat: (B, T, (nh + 2 nkv) hs) -> (B, T, 3 nh hs)."""
-    B, T, _ = qkv.shape
-    q, k, v = qkv.split((nh * hs, nkv * hs, nkv * hs), dim=-1)
-
-    def turn(t):
-        h = t.unflatten(-1, (-1, hs))
-        swapped = torch.cat((h[..., hs // 2:], h[..., :hs // 2]), dim=-1)
-        return (h * cos[:, None] + swapped * signed_sin[:, None]).flatten(-2)
-
-    def repeat(t):
-        return t.unflatten(-1, (nkv, hs)).repeat_interleave(nh // nkv, dim=-2).flatten(-2)
-
-    return torch.cat((turn(q), repeat(turn(k)), repeat(v)), dim=-1)
+    """The written-out rope of q and k: (B, T, (nh + 2 nkv) hs), v as it is."""
+    qk, v = qkv.split(((nh + nkv) * hs, nkv * hs), dim=-1)
+    h = qk.unflatten(-1, (-1, hs))
+    swapped = torch.cat((h[..., hs // 2:], h[..., :hs // 2]), dim=-1)
+    return torch.cat(((h * cos[:, None] + swapped * signed_sin[:, None]).flatten(-2), v), dim=-1)
 
 
 def _tables(hs, T, start=2, dtype=torch.float32):

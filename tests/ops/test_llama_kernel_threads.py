@@ -19,7 +19,7 @@ def _all_kernels(seed: int) -> list[torch.Tensor]:
     cos, sin = (t[:T].contiguous() for t in RopeTables(hs, 10000.0, None, T).get(torch.device("cpu"),
                                                                                    torch.float32, T))
     qkv = torch.randn(B, T, (nh + 2 * nkv) * hs, generator=g)
-    grad_full = torch.randn(B, T, 3 * nh * hs, generator=g)
+    grad_full = torch.randn(B, T, (nh + 2 * nkv) * hs, generator=g)
     x, grad_x = torch.randn(B * T, C, generator=g), torch.randn(B * T, C, generator=g)
     weight = torch.randn(C, generator=g)
     gate_up, grad_up = torch.randn(B * T, 2 * I, generator=g), torch.randn(B * T, I, generator=g)

@@ -1,9 +1,8 @@
 // The elementwise parts of a Llama-class block for float32 on a CPU, forward and backward, each
 // one pass over its rows where torch's ops make several (and keep more for the backward):
-// - rope_qkv: the q | k | v projection's output (B, T, (nh + 2 nkv) hs) -> the attention
-//   kernel's layout (B, T, 3 nh hs): queries and keys turned by their position's angles, each
-//   key / value head written once per query head of its group. Its backward sums each group's
-//   gradients and turns them back.
+// - rope_qkv: the q | k | v projection's output (B, T, (nh + 2 nkv) hs) with queries and keys
+//   turned by their position's angles, values as they are: what the attention kernel reads. Its
+//   backward turns the gradients back.
 // - rotary: the same turn of (B, T, n hs) without the layout change (decode rows).
 // - rms_norm: x / sqrt(mean(x^2) + eps) * weight, keeping 1 / rms per row for the backward.
 // - swiglu: silu(gate) * up of the stacked gate | up projection (N, 2I) -> (N, I).
@@ -58,66 +57,39 @@ struct Heads {
   }
 };
 
-at::Tensor rope_qkv(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t n_head,
-                    int64_t n_kv_head) {
+// x (B, T, (nh + 2 nkv) hs) with its q and k heads turned (backward: turned back), v as it is.
+at::Tensor rope_qk(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t n_head,
+                   int64_t n_kv_head, bool backward) {
   const int64_t D = cos.size(1);
   const Heads s(x, cos, sin, n_head, n_kv_head, (n_head + 2 * n_kv_head) * D);
-  const int64_t C = s.H * s.D, g = s.H / s.KV;
-  auto out = at::empty({x.size(0), s.T, 3 * C}, x.options());
+  const int64_t turned = (s.H + s.KV) * s.D;
+  auto out = at::empty_like(x);
   const float *in = x.data_ptr<float>(), *cs = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
   float* o = out.data_ptr<float>();
   at::parallel_for(0, s.rows, 8, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float *row = in + r * s.width, *c = cs + (r % s.T) * s.D, *sr = sn + (r % s.T) * s.D;
-      float* dst = o + r * 3 * C;
-      for (int64_t h = 0; h < s.H; ++h) turn(dst + h * s.D, row + h * s.D, c, sr, s.D);
-      for (int64_t j = 0; j < s.KV; ++j) {
-        float* k0 = dst + C + j * g * s.D;
-        turn(k0, row + C + j * s.D, c, sr, s.D);
-        const float* v = row + C + (s.KV + j) * s.D;
-        float* v0 = dst + 2 * C + j * g * s.D;
-        for (int64_t i = 0; i < g; ++i) {
-          if (i > 0) std::copy(k0, k0 + s.D, k0 + i * s.D);
-          std::copy(v, v + s.D, v0 + i * s.D);
-        }
+      float* dst = o + r * s.width;
+      for (int64_t h = 0; h < turned; h += s.D) {
+        if (backward)
+          turn_back(dst + h, row + h, c, sr, s.D);
+        else
+          turn(dst + h, row + h, c, sr, s.D);
       }
+      std::copy(row + turned, row + s.width, dst + turned);
     }
   });
   return out;
 }
 
+at::Tensor rope_qkv(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t n_head,
+                    int64_t n_kv_head) {
+  return rope_qk(x, cos, sin, n_head, n_kv_head, false);
+}
+
 at::Tensor rope_qkv_backward(const at::Tensor& grad, const at::Tensor& cos, const at::Tensor& sin, int64_t n_head,
                              int64_t n_kv_head) {
-  const int64_t D = cos.size(1);
-  const Heads s(grad, cos, sin, n_head, n_kv_head, 3 * n_head * D);
-  const int64_t C = s.H * s.D, g = s.H / s.KV, width = (s.H + 2 * s.KV) * s.D;
-  auto out = at::empty({grad.size(0), s.T, width}, grad.options());
-  const float *gin = grad.data_ptr<float>(), *cs = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, s.rows, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> sum(s.D);
-    for (int64_t r = begin; r < end; ++r) {
-      const float *row = gin + r * 3 * C, *c = cs + (r % s.T) * s.D, *sr = sn + (r % s.T) * s.D;
-      float* dst = o + r * width;
-      for (int64_t h = 0; h < s.H; ++h) turn_back(dst + h * s.D, row + h * s.D, c, sr, s.D);
-      for (int64_t j = 0; j < s.KV; ++j) {
-        const float *k0 = row + C + j * g * s.D, *v0 = row + 2 * C + j * g * s.D;
-        float* dv = dst + C + (s.KV + j) * s.D;
-        std::copy(k0, k0 + s.D, sum.data());
-        std::copy(v0, v0 + s.D, dv);
-        for (int64_t i = 1; i < g; ++i) {
-          const float *k = k0 + i * s.D, *v = v0 + i * s.D;
-#pragma omp simd
-          for (int64_t d = 0; d < s.D; ++d) {
-            sum[d] += k[d];
-            dv[d] += v[d];
-          }
-        }
-        turn_back(dst + C + j * s.D, sum.data(), c, sr, s.D);
-      }
-    }
-  });
-  return out;
+  return rope_qk(grad, cos, sin, n_head, n_kv_head, true);
 }
 
 // Every head of hs channels of x (..., W) turned (forward), or turned back (backward = true):
