@@ -1,4 +1,4 @@
-"""The Llama block's C++ kernels (rope_qkv, rotary, rms_norm, swiglu, decode_attention) against
+"""The Llama block's C++ kernels (the attention's rotary, rotary, rms_norm, swiglu, decode_attention) against
 the torch path: the same numbers forward and backward, with grouped (GQA), single (MQA) and
 per-head key / value heads, odd head sizes and widths; and a whole Llama with and without them."""
 
@@ -29,25 +29,29 @@ def _layout_reference(qkv, cos, signed_sin, nh, nkv, hs):
 
 
 def _tables(hs, T, start=2, dtype=torch.float32):
-    cos, sin = RopeTables(hs, 10000.0, None, 64).window(start, T, torch.device("cpu"), dtype)
+    cos, sin = RopeTables(hs, 10000.0, None, 128).window(start, T, torch.device("cpu"), dtype)
     return cos.squeeze(1), sin.squeeze(1)  # (T, hs)
 
 
 @needs_kernels
 @pytest.mark.parametrize("nh,nkv,hs", HEADS)
-def test_rope_qkv_matches_the_written_out_layout_forward_and_backward(nh, nkv, hs):
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_turning_q_and_k_itself_matches_it_on_the_turned_layout(nh, nkv, hs, causal):
     torch.manual_seed(nh)
-    B, T = 3, 7
+    B, T = 3, 70
     x64 = torch.randn(B, T, (nh + 2 * nkv) * hs, dtype=torch.float64, requires_grad=True)
     cos64, sin64 = _tables(hs, T, dtype=torch.float64)
-    want = _layout_reference(x64, cos64, sin64, nh, nkv, hs)
-    grad = torch.randn_like(want)
-    want.backward(grad)
+    turned = _layout_reference(x64, cos64, sin64, nh, nkv, hs)  # q and k turned in float64
+    grad = torch.randn(B, T, nh * hs)
+    want, lse = ops.self_attention(turned.detach().float(), nh, causal, None, 0.0, 0, nkv)
+    grad_turned = ops.self_attention_backward(grad, turned.detach().float(), want, lse, nh, causal, None, 0.0, 0, nkv)
+    (want_grad,) = torch.autograd.grad(turned, x64, grad_turned.double())  # turned back in float64
     cos, sin = _tables(hs, T)
-    got = ops.rope_qkv(x64.detach().float(), cos, sin, nh, nkv)
-    got_grad = ops.rope_qkv_backward(grad.float(), cos, sin, nh, nkv)
-    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(got_grad.double(), x64.grad, atol=1e-5, rtol=1e-5)
+    x = x64.detach().float()
+    got, got_lse = ops.self_attention(x, nh, causal, None, 0.0, 0, nkv, cos, sin)
+    got_grad = ops.self_attention_backward(grad, x, got, got_lse, nh, causal, None, 0.0, 0, nkv, cos, sin)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_grad.double(), want_grad, atol=1e-5, rtol=1e-5)
 
 
 @needs_kernels
@@ -167,9 +171,9 @@ def test_swiglu_kernel_matches_torch_forward_and_gradients_even_far_from_zero(sh
 def test_kernels_refuse_what_they_cannot_read():
     cos, sin = _tables(8, 4)
     with pytest.raises(RuntimeError, match="multiple of n_kv_head"):
-        ops.rope_qkv(torch.zeros(1, 4, 5 * 8), cos, sin, 3, 2)
-    with pytest.raises(RuntimeError, match=r"x must be \(B, T"):
-        ops.rope_qkv(torch.zeros(1, 3, 8 * 8), cos, sin, 4, 2)
+        ops.self_attention(torch.zeros(1, 4, 7 * 8), 3, True, None, 0.0, 0, 2, cos, sin)
+    with pytest.raises(RuntimeError, match=r"rotary tables must be contiguous float32 \(T, hs\)"):
+        ops.self_attention(torch.zeros(1, 3, 8 * 8), 4, True, None, 0.0, 0, 2, cos, sin)
     with pytest.raises(RuntimeError, match="float32"):
         ops.rms_norm(torch.zeros(2, 4, dtype=torch.float64), torch.ones(4), 1e-6)
     with pytest.raises(RuntimeError, match="even"):

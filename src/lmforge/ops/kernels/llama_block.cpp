@@ -1,9 +1,7 @@
 // The elementwise parts of a Llama-class block for float32 on a CPU, forward and backward, each
 // one pass over its rows where torch's ops make several (and keep more for the backward):
-// - rope_qkv: the q | k | v projection's output (B, T, (nh + 2 nkv) hs) with queries and keys
-//   turned by their position's angles, values as they are: what the attention kernel reads. Its
-//   backward turns the gradients back.
-// - rotary: the same turn of (B, T, n hs) without the layout change (decode rows).
+// - rotary: every head of (B, T, n hs) turned by its position's angles (the attention kernel
+//   turns a training step's queries and keys itself: kernels/self_attention.cpp).
 // - rms_norm: x / sqrt(mean(x^2) + eps) * weight, keeping 1 / rms per row for the backward.
 // - swiglu: silu(gate) * up of the stacked gate | up projection (N, 2I) -> (N, I).
 // Angles come as cos and signed sin tables (T, hs) (ops/rotary.py: RopeTables), channel i
@@ -20,76 +18,9 @@
 namespace lmforge {
 namespace {
 
-// out = x cos + swap_halves(x) signed_sin for one head of hs channels.
-inline void turn(float* out, const float* x, const float* c, const float* s, int64_t hs) {
-  const int64_t half = hs / 2;
-#pragma omp simd
-  for (int64_t i = 0; i < half; ++i) out[i] = x[i] * c[i] + x[i + half] * s[i];
-#pragma omp simd
-  for (int64_t i = half; i < hs; ++i) out[i] = x[i] * c[i] + x[i - half] * s[i];
-}
-
-// The transpose of `turn`: dx_j = g_j cos_j + g_swap(j) signed_sin_swap(j).
-inline void turn_back(float* out, const float* g, const float* c, const float* s, int64_t hs) {
-  const int64_t half = hs / 2;
-#pragma omp simd
-  for (int64_t i = 0; i < half; ++i) out[i] = g[i] * c[i] + g[i + half] * s[i + half];
-#pragma omp simd
-  for (int64_t i = half; i < hs; ++i) out[i] = g[i] * c[i] + g[i - half] * s[i - half];
-}
-
 void check_float_cpu(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), what,
               " must be a contiguous float32 CPU tensor");
-}
-
-struct Heads {
-  int64_t rows, T, H, KV, D, width;  // rows = B * T
-  Heads(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t n_head, int64_t n_kv_head,
-        int64_t width_)
-      : rows(x.numel() / width_), T(cos.size(0)), H(n_head), KV(n_kv_head), D(cos.size(1)), width(width_) {
-    check_float_cpu(x, "rope_qkv: x");
-    check_float_cpu(cos, "rope_qkv: cos");
-    check_float_cpu(sin, "rope_qkv: signed_sin");
-    TORCH_CHECK(n_kv_head > 0 && n_head % n_kv_head == 0, "rope_qkv: n_head must be a multiple of n_kv_head");
-    TORCH_CHECK(cos.dim() == 2 && sin.sizes() == cos.sizes() && D % 2 == 0, "rope_qkv: cos / sin must be (T, hs)");
-    TORCH_CHECK(x.dim() == 3 && x.size(1) == T && x.size(2) == width, "rope_qkv: x must be (B, T, ", width, ")");
-  }
-};
-
-// x (B, T, (nh + 2 nkv) hs) with its q and k heads turned (backward: turned back), v as it is.
-at::Tensor rope_qk(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t n_head,
-                   int64_t n_kv_head, bool backward) {
-  const int64_t D = cos.size(1);
-  const Heads s(x, cos, sin, n_head, n_kv_head, (n_head + 2 * n_kv_head) * D);
-  const int64_t turned = (s.H + s.KV) * s.D;
-  auto out = at::empty_like(x);
-  const float *in = x.data_ptr<float>(), *cs = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, s.rows, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float *row = in + r * s.width, *c = cs + (r % s.T) * s.D, *sr = sn + (r % s.T) * s.D;
-      float* dst = o + r * s.width;
-      for (int64_t h = 0; h < turned; h += s.D) {
-        if (backward)
-          turn_back(dst + h, row + h, c, sr, s.D);
-        else
-          turn(dst + h, row + h, c, sr, s.D);
-      }
-      std::copy(row + turned, row + s.width, dst + turned);
-    }
-  });
-  return out;
-}
-
-at::Tensor rope_qkv(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t n_head,
-                    int64_t n_kv_head) {
-  return rope_qk(x, cos, sin, n_head, n_kv_head, false);
-}
-
-at::Tensor rope_qkv_backward(const at::Tensor& grad, const at::Tensor& cos, const at::Tensor& sin, int64_t n_head,
-                             int64_t n_kv_head) {
-  return rope_qk(grad, cos, sin, n_head, n_kv_head, true);
 }
 
 // Every head of hs channels of x (..., W) turned (forward), or turned back (backward = true):
@@ -237,8 +168,6 @@ at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& gate_up) {
 }  // namespace lmforge
 
 TORCH_LIBRARY_FRAGMENT(lmforge, m) {
-  m.def("rope_qkv(Tensor x, Tensor cos, Tensor signed_sin, int n_head, int n_kv_head) -> Tensor");
-  m.def("rope_qkv_backward(Tensor grad, Tensor cos, Tensor signed_sin, int n_head, int n_kv_head) -> Tensor");
   m.def("rotary(Tensor x, Tensor cos, Tensor signed_sin, bool backward) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
@@ -247,8 +176,6 @@ TORCH_LIBRARY_FRAGMENT(lmforge, m) {
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
-  m.impl("rope_qkv", &lmforge::rope_qkv);
-  m.impl("rope_qkv_backward", &lmforge::rope_qkv_backward);
   m.impl("rotary", &lmforge::rotary);
   m.impl("rms_norm", &lmforge::rms_norm);
   m.impl("rms_norm_backward", &lmforge::rms_norm_backward);
