@@ -104,9 +104,10 @@ struct Rope {
     for (int64_t t = t0; t < t0 + n; ++t) turn(dst + (t - t0) * D, src.p + t * src.ld, cos + t * D, sin + t * D, D);
     return {dst, D};
   }
-  // Gradients of turned rows 0 .. n (n, hs) turned back into dst.
-  void back(MutRows dst, const float* src, int64_t n) const {
-    for (int64_t t = 0; t < n; ++t) turn_back(dst.p + t * dst.ld, src + t * D, cos + t * D, sin + t * D, D);
+  // Gradients of turned rows t0 .. t0 + n (n, hs) turned back into those rows of dst.
+  void back(MutRows dst, const float* src, int64_t t0, int64_t n) const {
+    for (int64_t t = t0; t < t0 + n; ++t)
+      turn_back(dst.p + t * dst.ld, src + (t - t0) * D, cos + t * D, sin + t * D, D);
   }
 };
 
@@ -185,18 +186,22 @@ std::tuple<at::Tensor, at::Tensor> self_attention(const at::Tensor& qkv, int64_t
 }
 
 // One query head's share of the backward: dQ of its rows, and dK, dV of its key / value head
-// set (first head of the group: beta 0) or added to. Scratch: two row blocks of scores and T floats.
+// set (first head of the group: beta 0) or added to. Scratch: two row blocks of scores, T
+// floats, and with rotary tables a row block of turned queries and one of their gradients.
 struct HeadBackward {
   const Shape& s;
   const Visibility& visible;
   const Dropout& dropout;
+  const Rope& rope;
   float scale;
-  std::vector<float> probs, grad_scores, out_dot_grad, keep, dropped;
-  HeadBackward(const Shape& s_, const Visibility& v, const Dropout& d)
-      : s(s_), visible(v), dropout(d), scale(1.f / std::sqrt(static_cast<float>(s_.D))),
+  std::vector<float> probs, grad_scores, out_dot_grad, keep, dropped, turned_q, grad_q;
+  HeadBackward(const Shape& s_, const Visibility& v, const Dropout& d, const Rope& r)
+      : s(s_), visible(v), dropout(d), rope(r), scale(1.f / std::sqrt(static_cast<float>(s_.D))),
         probs(kRowBlock * s_.T), grad_scores(kRowBlock * s_.T), out_dot_grad(s_.T),
-        keep(d.on ? kRowBlock * s_.T : 0), dropped(d.on ? kRowBlock * s_.T : 0) {}
+        keep(d.on ? kRowBlock * s_.T : 0), dropped(d.on ? kRowBlock * s_.T : 0),
+        turned_q(r.on() ? kRowBlock * s_.D : 0), grad_q(r.on() ? kRowBlock * s_.D : 0) {}
 
+  // Q and dQ: the head's rows in q | k | v and in its gradient (turned here, block by block).
   void run(int64_t b, int64_t bh, bool first, Rows Q, Rows K, Rows V, const float* O, const float* dO,
            const float* L, MutRows dQ, MutRows dK, MutRows dV) {
     // Softmax backward: dS = P * (dP - rowsum(P * dP)), and rowsum(P * dP) = rowsum(dO * O),
@@ -213,9 +218,9 @@ struct HeadBackward {
     for (int64_t i0 = last; i0 >= 0; i0 -= kRowBlock) {
       const int64_t rows = std::min(kRowBlock, s.T - i0), keys = visible.block_keys(b, i0, rows);
       const float beta = first && i0 == last ? 0.f : 1.f;
-      const float* Qi = Q.p + i0 * Q.ld;
+      const Rows Qi = rope.turned(turned_q.data(), Q, i0, rows);
       float *P = probs.data(), *dS = grad_scores.data();
-      mm(false, true, rows, keys, s.D, scale, Qi, Q.ld, K.p, K.ld, 0.f, P, keys);
+      mm(false, true, rows, keys, s.D, scale, Qi.p, Qi.ld, K.p, K.ld, 0.f, P, keys);
       for (int64_t r = 0; r < rows; ++r) {
         float* row = P + r * keys;
         const int64_t seen = visible.seen(b, i0 + r);
@@ -245,8 +250,13 @@ struct HeadBackward {
           for (int64_t j = 0; j < keys; ++j) g[j] = p[j] * (g[j] - dot);
         }
       }
-      mm(false, false, rows, s.D, keys, scale, dS, keys, K.p, K.ld, 0.f, dQ.p + i0 * dQ.ld, dQ.ld);
-      mm(true, false, keys, s.D, rows, scale, dS, keys, Qi, Q.ld, beta, dK.p, dK.ld);
+      if (rope.on()) {
+        mm(false, false, rows, s.D, keys, scale, dS, keys, K.p, K.ld, 0.f, grad_q.data(), s.D);
+        rope.back(dQ, grad_q.data(), i0, rows);
+      } else {
+        mm(false, false, rows, s.D, keys, scale, dS, keys, K.p, K.ld, 0.f, dQ.p + i0 * dQ.ld, dQ.ld);
+      }
+      mm(true, false, keys, s.D, rows, scale, dS, keys, Qi.p, Qi.ld, beta, dK.p, dK.ld);
     }
   }
 };
@@ -274,8 +284,8 @@ at::Tensor self_attention_backward(const at::Tensor& grad_out_any, const at::Ten
   float* grad_data = grad_qkv.data_ptr<float>();
   const int64_t ld = s.ld, group = s.H / s.KV, turned = rope.on() ? s.T * s.D : 0;
   at::parallel_for(0, s.B * s.KV, 1, [&](int64_t begin, int64_t end) {
-    HeadBackward head(s, visible, dropout);
-    std::vector<float> turned_k(turned), turned_q(turned), grad_k(turned), grad_q(turned);
+    HeadBackward head(s, visible, dropout, rope);
+    std::vector<float> turned_k(turned), grad_k(turned);
     for (int64_t bj = begin; bj < end; ++bj) {
       const int64_t b = bj / s.KV, j = bj % s.KV;
       const float* row0 = qkv_data + b * s.T * ld;
@@ -289,13 +299,10 @@ at::Tensor self_attention_backward(const at::Tensor& grad_out_any, const at::Ten
       }
       for (int64_t h = j * group; h < (j + 1) * group; ++h) {
         const int64_t bh = b * s.H + h, o = b * s.T * s.C + h * s.D;
-        const Rows Q = rope.turned(turned_q.data(), {row0 + h * s.D, ld}, 0, s.T);
-        const MutRows dQ = rope.on() ? MutRows{grad_q.data(), s.D} : MutRows{grad0 + h * s.D, ld};
-        head.run(b, bh, h == j * group, Q, K, {row0 + s.value_offset(j), ld}, out_data + o, grad_out_data + o,
-                 lse_data + bh * s.T, dQ, dK, dV);
-        if (rope.on()) rope.back({grad0 + h * s.D, ld}, grad_q.data(), s.T);
+        head.run(b, bh, h == j * group, {row0 + h * s.D, ld}, K, {row0 + s.value_offset(j), ld}, out_data + o,
+                 grad_out_data + o, lse_data + bh * s.T, {grad0 + h * s.D, ld}, dK, dV);
       }
-      if (rope.on()) rope.back({grad0 + s.key_offset(j), ld}, grad_k.data(), s.T);
+      if (rope.on()) rope.back({grad0 + s.key_offset(j), ld}, grad_k.data(), 0, s.T);
     }
   });
   return grad_qkv;
