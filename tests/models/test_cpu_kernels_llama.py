@@ -12,7 +12,7 @@ from lmforge.models.llama import Llama
 from lmforge.models.llama_config import LlamaConfig
 from lmforge.ops import kernels
 from lmforge.ops.grouped_attention import attend_projected
-from lmforge.ops.rotary import RopeTables, rms_norm
+from lmforge.ops.rotary import RopeTables, rms_norm, rms_norm_residual
 from lmforge.ops.swiglu import swiglu
 
 ops = kernels.ops()
@@ -147,6 +147,23 @@ def test_rms_norm_kernel_matches_float64_forward_and_gradients(shape):
     torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-3, rtol=1e-4)
     with torch.no_grad():  # the inference path (a decode step) takes the same kernel
         torch.testing.assert_close(rms_norm(x, w, 1e-6), got.detach())
+
+
+@needs_kernels
+def test_rms_norm_with_the_residual_adds_both_gradients_of_x_in_its_pass():
+    torch.manual_seed(5)
+    x64 = torch.randn(3, 9, 16, dtype=torch.float64, requires_grad=True)
+    w64 = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    grad_res, grad_norm = torch.randn(2, 3, 9, 16, dtype=torch.float64)
+    want = w64 * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6))
+    torch.autograd.backward((x64, want), (grad_res, grad_norm))
+    x, w = x64.detach().float().requires_grad_(), w64.detach().float().requires_grad_()
+    residual, got = rms_norm_residual(x, w, 1e-6)
+    torch.autograd.backward((residual, got), (grad_res.float(), grad_norm.float()))
+    assert torch.equal(residual, x)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-4, rtol=1e-4)
 
 
 @needs_kernels

@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -76,16 +77,23 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tenso
   return {out, rstd};
 }
 
-// grad_x = r (s - normed mean(s normed)), s = grad * weight, normed = x r; grad_weight =
-// sum over rows of grad * normed, summed per block of rows, then across blocks.
+// grad_x = r (s - normed mean(s normed)) (+ grad_residual, where x also went on as a residual
+// and its gradient from there is added in the same pass), s = grad * weight, normed = x r;
+// grad_weight = sum over rows of grad * normed, summed per block of rows, then across blocks.
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, const at::Tensor& x,
-                                                     const at::Tensor& weight, const at::Tensor& rstd) {
+                                                     const at::Tensor& weight, const at::Tensor& rstd,
+                                                     const std::optional<at::Tensor>& grad_residual) {
   check_float_cpu(grad, "rms_norm_backward: grad");
   check_float_cpu(x, "rms_norm_backward: x");
   check_float_cpu(rstd, "rms_norm_backward: rstd");
   const int64_t C = x.size(-1), rows = x.numel() / C;
   TORCH_CHECK(grad.numel() == x.numel() && rstd.numel() == rows && weight.numel() == C,
               "rms_norm_backward: grad, x, rstd and weight do not match");
+  if (grad_residual) {
+    check_float_cpu(*grad_residual, "rms_norm_backward: grad_residual");
+    TORCH_CHECK(grad_residual->numel() == x.numel(), "rms_norm_backward: grad_residual must have x's size");
+  }
+  const float* res = grad_residual ? grad_residual->data_ptr<float>() : nullptr;
   auto grad_x = at::empty_like(x);
   // A fixed number of row blocks, not one per thread: the same bits on any number of threads.
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(32, rows));
@@ -107,6 +115,10 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, con
         for (int64_t c = 0; c < C; ++c) {
           gx[n * C + c] = r * (gr[c] * w[c] - row[c] * coef);
           acc[c] += gr[c] * row[c] * r;
+        }
+        if (res) {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) gx[n * C + c] += res[n * C + c];
         }
       }
     }
@@ -170,7 +182,8 @@ at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& gate_up) {
 TORCH_LIBRARY_FRAGMENT(lmforge, m) {
   m.def("rotary(Tensor x, Tensor cos, Tensor signed_sin, bool backward) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
-  m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd, Tensor? grad_residual=None) "
+        "-> (Tensor, Tensor)");
   m.def("swiglu(Tensor gate_up) -> Tensor");
   m.def("swiglu_backward(Tensor grad, Tensor gate_up) -> Tensor");
 }
