@@ -57,6 +57,29 @@ def test_self_attention_matches_the_written_out_reference_in_float64(B, T, C, n_
 
 
 @needs_kernels
+@pytest.mark.parametrize("n_head,n_kv_head", [(4, 2), (6, 1), (6, 3)])
+@pytest.mark.parametrize("causal,padded,dropout_p", [(True, False, 0.0), (False, True, 0.3), (True, True, 0.2)])
+def test_grouped_heads_match_the_reference_on_repeated_heads(n_head, n_kv_head, causal, padded, dropout_p):
+    torch.manual_seed(n_head + n_kv_head)
+    B, T, hs, seed = 2, 70, 8, 77
+    lengths = torch.randint(1, T + 1, (B,)) if padded else None
+    qkv64 = torch.randn(B, T, (n_head + 2 * n_kv_head) * hs, dtype=torch.float64, requires_grad=True)
+    q, k, v = qkv64.split((n_head * hs, n_kv_head * hs, n_kv_head * hs), dim=-1)
+    k, v = (t.unflatten(-1, (n_kv_head, hs)).repeat_interleave(n_head // n_kv_head, dim=-2).flatten(-2)
+            for t in (k, v))
+    grad = torch.randn(B, T, n_head * hs, dtype=torch.float64)
+    factors = ops.attention_dropout_factors(B * n_head, T, dropout_p, seed).double() if dropout_p else None
+    expected = reference_attention(torch.cat((q, k, v), dim=-1), n_head, causal, lengths, factors)
+    expected.backward(grad)
+    qkv = qkv64.detach().float()
+    out, lse = ops.self_attention(qkv, n_head, causal, lengths, dropout_p, seed, n_kv_head)
+    grad_qkv = ops.self_attention_backward(grad.float(), qkv, out, lse, n_head, causal, lengths, dropout_p, seed,
+                                           n_kv_head)
+    torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(grad_qkv.double(), qkv64.grad, atol=2e-5, rtol=1e-4)
+
+
+@needs_kernels
 def test_self_attention_through_autograd_and_padding_masks():
     torch.manual_seed(0)
     qkv = torch.randn(3, 20, 48, requires_grad=True)
@@ -103,7 +126,7 @@ def test_gpt_with_dropout_is_reproducible_from_torch_seed():
 def test_self_attention_rejects_what_it_cannot_read():
     with pytest.raises(RuntimeError, match="contiguous float32"):
         ops.self_attention(torch.zeros(2, 4, 24, dtype=torch.float64), 2, True, None, 0.0, 0)
-    with pytest.raises(RuntimeError, match="multiple of 3 \\* n_head"):
+    with pytest.raises(RuntimeError, match="not a multiple of n_head \\+ 2 n_kv_head"):
         ops.self_attention(torch.zeros(2, 4, 24), 5, True, None, 0.0, 0)
     with pytest.raises(RuntimeError, match="dropout_p must be in"):
         ops.self_attention(torch.zeros(2, 4, 24), 2, True, None, 1.0, 0)

@@ -1,4 +1,4 @@
-"""The Llama block's C++ kernels (rope_qkv, rotary, rms_norm, swiglu, decode_attention) against
+"""The Llama block's C++ kernels (the attention's rotary, rotary, rms_norm, swiglu, decode_attention) against
 the torch path: the same numbers forward and backward, with grouped (GQA), single (MQA) and
 per-head key / value heads, odd head sizes and widths; and a whole Llama with and without them."""
 
@@ -12,7 +12,7 @@ from lmforge.models.llama import Llama
 from lmforge.models.llama_config import LlamaConfig
 from lmforge.ops import kernels
 from lmforge.ops.grouped_attention import attend_projected
-from lmforge.ops.rotary import RopeTables, rms_norm
+from lmforge.ops.rotary import RopeTables, rms_norm, rms_norm_residual
 from lmforge.ops.swiglu import swiglu
 
 ops = kernels.ops()
@@ -21,41 +21,37 @@ HEADS = [(4, 2, 8), (6, 1, 10), (3, 3, 6), (8, 4, 16)]  # (n_head, n_kv_head, he
 
 
 def _layout_reference(qkv, cos, signed_sin, nh, nkv, hs):
-    """The written-out rope + repeat: (B, T, (nh + 2 nkv) hs) -> (B, T, 3 nh hs)."""
-    B, T, _ = qkv.shape
-    q, k, v = qkv.split((nh * hs, nkv * hs, nkv * hs), dim=-1)
-
-    def turn(t):
-        h = t.unflatten(-1, (-1, hs))
-        swapped = torch.cat((h[..., hs // 2:], h[..., :hs // 2]), dim=-1)
-        return (h * cos[:, None] + swapped * signed_sin[:, None]).flatten(-2)
-
-    def repeat(t):
-        return t.unflatten(-1, (nkv, hs)).repeat_interleave(nh // nkv, dim=-2).flatten(-2)
-
-    return torch.cat((turn(q), repeat(turn(k)), repeat(v)), dim=-1)
+    """The written-out rope of q and k: (B, T, (nh + 2 nkv) hs), v as it is."""
+    qk, v = qkv.split(((nh + nkv) * hs, nkv * hs), dim=-1)
+    h = qk.unflatten(-1, (-1, hs))
+    swapped = torch.cat((h[..., hs // 2:], h[..., :hs // 2]), dim=-1)
+    return torch.cat(((h * cos[:, None] + swapped * signed_sin[:, None]).flatten(-2), v), dim=-1)
 
 
 def _tables(hs, T, start=2, dtype=torch.float32):
-    cos, sin = RopeTables(hs, 10000.0, None, 64).window(start, T, torch.device("cpu"), dtype)
+    cos, sin = RopeTables(hs, 10000.0, None, 128).window(start, T, torch.device("cpu"), dtype)
     return cos.squeeze(1), sin.squeeze(1)  # (T, hs)
 
 
 @needs_kernels
 @pytest.mark.parametrize("nh,nkv,hs", HEADS)
-def test_rope_qkv_matches_the_written_out_layout_forward_and_backward(nh, nkv, hs):
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_turning_q_and_k_itself_matches_it_on_the_turned_layout(nh, nkv, hs, causal):
     torch.manual_seed(nh)
-    B, T = 3, 7
+    B, T = 3, 70
     x64 = torch.randn(B, T, (nh + 2 * nkv) * hs, dtype=torch.float64, requires_grad=True)
     cos64, sin64 = _tables(hs, T, dtype=torch.float64)
-    want = _layout_reference(x64, cos64, sin64, nh, nkv, hs)
-    grad = torch.randn_like(want)
-    want.backward(grad)
+    turned = _layout_reference(x64, cos64, sin64, nh, nkv, hs)  # q and k turned in float64
+    grad = torch.randn(B, T, nh * hs)
+    want, lse = ops.self_attention(turned.detach().float(), nh, causal, None, 0.0, 0, nkv)
+    grad_turned = ops.self_attention_backward(grad, turned.detach().float(), want, lse, nh, causal, None, 0.0, 0, nkv)
+    (want_grad,) = torch.autograd.grad(turned, x64, grad_turned.double())  # turned back in float64
     cos, sin = _tables(hs, T)
-    got = ops.rope_qkv(x64.detach().float(), cos, sin, nh, nkv)
-    got_grad = ops.rope_qkv_backward(grad.float(), cos, sin, nh, nkv)
-    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(got_grad.double(), x64.grad, atol=1e-5, rtol=1e-5)
+    x = x64.detach().float()
+    got, got_lse = ops.self_attention(x, nh, causal, None, 0.0, 0, nkv, cos, sin)
+    got_grad = ops.self_attention_backward(grad, x, got, got_lse, nh, causal, None, 0.0, 0, nkv, cos, sin)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_grad.double(), want_grad, atol=1e-5, rtol=1e-5)
 
 
 @needs_kernels
@@ -154,6 +150,23 @@ def test_rms_norm_kernel_matches_float64_forward_and_gradients(shape):
 
 
 @needs_kernels
+def test_rms_norm_with_the_residual_adds_both_gradients_of_x_in_its_pass():
+    torch.manual_seed(5)
+    x64 = torch.randn(3, 9, 16, dtype=torch.float64, requires_grad=True)
+    w64 = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    grad_res, grad_norm = torch.randn(2, 3, 9, 16, dtype=torch.float64)
+    want = w64 * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6))
+    torch.autograd.backward((x64, want), (grad_res, grad_norm))
+    x, w = x64.detach().float().requires_grad_(), w64.detach().float().requires_grad_()
+    residual, got = rms_norm_residual(x, w, 1e-6)
+    torch.autograd.backward((residual, got), (grad_res.float(), grad_norm.float()))
+    assert torch.equal(residual, x)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-4, rtol=1e-4)
+
+
+@needs_kernels
 @pytest.mark.parametrize("shape", [(2, 3, 2 * 7), (5, 2 * 704), (1, 2)])
 def test_swiglu_kernel_matches_torch_forward_and_gradients_even_far_from_zero(shape):
     torch.manual_seed(shape[-1])
@@ -175,9 +188,9 @@ def test_swiglu_kernel_matches_torch_forward_and_gradients_even_far_from_zero(sh
 def test_kernels_refuse_what_they_cannot_read():
     cos, sin = _tables(8, 4)
     with pytest.raises(RuntimeError, match="multiple of n_kv_head"):
-        ops.rope_qkv(torch.zeros(1, 4, 5 * 8), cos, sin, 3, 2)
-    with pytest.raises(RuntimeError, match=r"x must be \(B, T"):
-        ops.rope_qkv(torch.zeros(1, 3, 8 * 8), cos, sin, 4, 2)
+        ops.self_attention(torch.zeros(1, 4, 7 * 8), 3, True, None, 0.0, 0, 2, cos, sin)
+    with pytest.raises(RuntimeError, match=r"rotary tables must be contiguous float32 \(T, hs\)"):
+        ops.self_attention(torch.zeros(1, 3, 8 * 8), 4, True, None, 0.0, 0, 2, cos, sin)
     with pytest.raises(RuntimeError, match="float32"):
         ops.rms_norm(torch.zeros(2, 4, dtype=torch.float64), torch.ones(4), 1e-6)
     with pytest.raises(RuntimeError, match="even"):

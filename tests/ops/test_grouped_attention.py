@@ -1,4 +1,4 @@
-"""Grouped-query attention: the kernel path (keys and values repeated into its layout) against
+"""Grouped-query attention: the kernel path (shared key / value heads read in place) against
 SDPA on repeated heads, forward and backward, and the decode step's grouped queries."""
 
 from __future__ import annotations

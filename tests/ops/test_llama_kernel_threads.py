@@ -19,14 +19,16 @@ def _all_kernels(seed: int) -> list[torch.Tensor]:
     cos, sin = (t[:T].contiguous() for t in RopeTables(hs, 10000.0, None, T).get(torch.device("cpu"),
                                                                                    torch.float32, T))
     qkv = torch.randn(B, T, (nh + 2 * nkv) * hs, generator=g)
-    grad_full = torch.randn(B, T, 3 * nh * hs, generator=g)
+    grad_out = torch.randn(B, T, nh * hs, generator=g)
     x, grad_x = torch.randn(B * T, C, generator=g), torch.randn(B * T, C, generator=g)
     weight = torch.randn(C, generator=g)
     gate_up, grad_up = torch.randn(B * T, 2 * I, generator=g), torch.randn(B * T, I, generator=g)
     normed, rstd = ops.rms_norm(x, weight, 1e-6)
     k_cache, v_cache = torch.randn(2, B, nkv, T, hs, generator=g)
     step = ops.decode_attention_masked(qkv[:, 5].contiguous(), cos[5:6], sin[5:6], None, k_cache, v_cache, 5, nh)
-    return [ops.rope_qkv(qkv, cos, sin, nh, nkv), ops.rope_qkv_backward(grad_full, cos, sin, nh, nkv),
+    out, lse = ops.self_attention(qkv, nh, True, None, 0.0, 0, nkv, cos, sin)
+    grad_qkv = ops.self_attention_backward(grad_out, qkv, out, lse, nh, True, None, 0.0, 0, nkv, cos, sin)
+    return [out, lse, grad_qkv,
             ops.rotary(qkv, cos, sin, False), normed, rstd, *ops.rms_norm_backward(grad_x, x, weight, rstd),
             ops.swiglu(gate_up), ops.swiglu_backward(grad_up, gate_up), step, k_cache, v_cache]
 

@@ -35,7 +35,7 @@ from lmforge.ops.grouped_attention import attend_projected
 from lmforge.ops.linear import add_projection
 from lmforge.ops.lm_loss import lm_head_cross_entropy
 from lmforge.ops.lora import LoRALinear, Stacked, project
-from lmforge.ops.rotary import RopeTables, rms_norm
+from lmforge.ops.rotary import RopeTables, rms_norm, rms_norm_residual
 from lmforge.ops.swiglu import swiglu
 from lmforge.models.init import init_normal
 
@@ -68,12 +68,12 @@ def llama_block(x: Tensor, p: LlamaParts, rope: tuple[Tensor, Tensor], attn_mask
     rope: cos, sin of the positions (T, 1, hs) (a decode step: (1, hs)); attn_mask / is_causal /
     kv / start as GPT's `block`.
     """
-    h = rms_norm(x, p.input_norm, p.eps)  # (B, T, C)
+    x, h = rms_norm_residual(x, p.input_norm, p.eps)  # (B, T, C): x goes on as the residual
     qkv = project(h, p.qkv)  # (B, T, (nh + 2 nkv) hs)
     y = attend_projected(qkv, rope, p.n_head, p.n_kv_head, p.head_dim, causal=is_causal, attn_mask=attn_mask,
                          kv=kv, start=start, dropout_p=p.attn_dropout)  # (B, T, nh hs): rotary inside
     x = add_projection(x, p.o, y, p.resid_dropout)  # (B, T, C): x + dropout(o_proj(y))
-    h = rms_norm(x, p.post_norm, p.eps)  # (B, T, C)
+    x, h = rms_norm_residual(x, p.post_norm, p.eps)  # (B, T, C)
     return add_projection(x, p.down, swiglu(project(h, p.gate_up)), p.mlp_dropout)  # x + dropout(down(...))
 
 

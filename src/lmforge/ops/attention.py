@@ -131,11 +131,14 @@ def causal_mask(attention_mask: Tensor | None, start: int, T: int, batch: int,
 
 
 def kernel_attention(qkv: Tensor, n_head: int, *, causal: bool, key_padding: Tensor | None = None,
-                     dropout_p: float = 0.0) -> Tensor | None:
+                     dropout_p: float = 0.0, n_kv_head: int | None = None,
+                     rope: tuple[Tensor, Tensor] | None = None) -> Tensor | None:
     """`attend` through lmforge's CPU kernel, or None where it does not apply: see
     `kernels.applies_to`, padding that is not all at the end of its row, dropout_p outside [0, 1),
     plain causal attention over more than KERNEL_MAX_CONTEXT positions.
-    key_padding: True = real key, any shape that views as (B, T)."""
+    key_padding: True = real key, any shape that views as (B, T). n_kv_head (grouped-query
+    attention): qkv is (B, T, (nh + 2 nkv) hs), query head h reading key / value head h // (nh / nkv).
+    rope: cos and signed sin tables (T, hs) that turn q and k inside the kernel (a Llama's)."""
     if not kernels.applies_to(qkv) or not 0.0 <= dropout_p < 1.0:
         return None
     if dropout_p == 0.0 and key_padding is None and qkv.shape[1] > KERNEL_MAX_CONTEXT:
@@ -146,7 +149,9 @@ def kernel_attention(qkv: Tensor, n_head: int, *, causal: bool, key_padding: Ten
         if lengths is None:
             return None
     seed = int(torch.randint(_SEED_RANGE, (1,))) if dropout_p > 0 else 0
-    return _SelfAttention.apply(qkv.contiguous(), n_head, causal, lengths, float(dropout_p), seed)
+    n_kv_head = n_head if n_kv_head is None else n_kv_head
+    cos, sin = (None, None) if rope is None else (t.contiguous() for t in rope)
+    return _SelfAttention.apply(qkv.contiguous(), n_head, causal, lengths, float(dropout_p), seed, n_kv_head, cos, sin)
 
 
 def right_padded_lengths(real: Tensor) -> Tensor | None:
@@ -184,17 +189,17 @@ def _padded_causal_mask(attention_mask: Tensor, start: int, T: int) -> Tensor:
 class _SelfAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: Tensor, n_head: int, causal: bool, lengths: Tensor | None, dropout_p: float,
-                seed: int) -> Tensor:
-        out, lse = kernels.ops().self_attention(qkv, n_head, causal, lengths, dropout_p, seed)
-        ctx.save_for_backward(qkv, out, lse, lengths)
-        ctx.settings = (n_head, causal, dropout_p, seed)
+                seed: int, n_kv_head: int, cos: Tensor | None, sin: Tensor | None) -> Tensor:
+        out, lse = kernels.ops().self_attention(qkv, n_head, causal, lengths, dropout_p, seed, n_kv_head, cos, sin)
+        ctx.save_for_backward(qkv, out, lse, lengths, cos, sin)
+        ctx.settings = (n_head, causal, dropout_p, seed, n_kv_head)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        qkv, out, lse, lengths = ctx.saved_tensors
-        n_head, causal, dropout_p, seed = ctx.settings
+        qkv, out, lse, lengths, cos, sin = ctx.saved_tensors
+        n_head, causal, dropout_p, seed, n_kv_head = ctx.settings
         grad_qkv = kernels.ops().self_attention_backward(grad_out, qkv, out, lse, n_head, causal, lengths,
-                                                         dropout_p, seed)
-        return grad_qkv, None, None, None, None, None
+                                                         dropout_p, seed, n_kv_head, cos, sin)
+        return grad_qkv, None, None, None, None, None, None, None, None

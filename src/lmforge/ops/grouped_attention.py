@@ -9,11 +9,10 @@ quarter of the size.
 `attend_projected(qkv, rope, ...)` starts one step earlier, from the q | k | v projection's
 output before the rotary step.
 
-- Training and full-sequence forwards go through lmforge's CPU kernel where it applies: the
-  shared heads are repeated into the (B, T, 3C) layout it reads (one copy of k and v, which is
-  small next to the attention itself), and its backward sums the repeated heads' gradients.
-  From the projection's output, one kernel pass (`rope_qkv`) turns q and k and writes that
-  layout, and its backward sums each group and turns the gradients back.
+- Training and full-sequence forwards go through lmforge's CPU kernel where it applies: it reads
+  the shared heads where they are, q | k | v side by side, and its backward sums each group's
+  key / value gradients itself. From the projection's output it turns q and k itself, as it
+  reads them (and their gradients back, as it writes them).
 - One new query per row after the cache (a decode step) needs no repetition: the g = nh / nkv
   query heads of a group are g queries against the group's keys, one SDPA call without a mask.
   From the projection's output, one kernel call (`ops.decode.decode_attention`) turns q and k,
@@ -40,16 +39,6 @@ def repeat_heads(x: Tensor, groups: int, dim: int) -> Tensor:
     return x.repeat_interleave(groups, dim=dim)
 
 
-def _as_full_qkv(qk: Tensor, v: Tensor, q: Tensor, k: Tensor, groups: int, hs: int) -> Tensor:
-    """(B, T, 3 * nh * hs): q, then every query head's key, then its value (the kernel's layout),
-    written in one pass from views that repeat each key / value head for its group."""
-    if groups == 1:
-        return torch.cat((qk, v), dim=-1)
-    shape = (*q.shape[:-1], -1, groups, hs)  # (B, T, nkv, g, hs)
-    shared = [t.unflatten(-1, (-1, 1, hs)).expand(shape) for t in (k, v)]  # 2 x (B, T, nkv, g, hs), no copy
-    return torch.stack((q.unflatten(-1, (-1, groups, hs)), *shared), dim=-4).flatten(-4)  # (B, T, 3 nh hs)
-
-
 def attend_grouped(qk: Tensor, v: Tensor, n_head: int, n_kv_head: int, *, causal: bool,
                    attn_mask: Tensor | None = None, kv: tuple[Tensor, Tensor] | None = None, start: int = 0,
                    dropout_p: float = 0.0) -> Tensor:
@@ -63,7 +52,8 @@ def attend_grouped(qk: Tensor, v: Tensor, n_head: int, n_kv_head: int, *, causal
     groups = n_head // n_kv_head
     q, k = qk.split((n_head * hs, n_kv_head * hs), dim=-1)
     if kv is None and attn_mask is None and qk.dim() == 3 and kernels.applies_to(qk):
-        y = kernel_attention(_as_full_qkv(qk, v, q, k, groups, hs), n_head, causal=causal, dropout_p=dropout_p)
+        y = kernel_attention(torch.cat((qk, v), dim=-1), n_head, causal=causal, dropout_p=dropout_p,
+                             n_kv_head=n_kv_head)
         if y is not None:
             return y  # (B, T, nh * hs)
     B = qk.shape[0]
@@ -98,28 +88,11 @@ def attend_projected(qkv: Tensor, rope: tuple[Tensor, Tensor], n_head: int, n_kv
     if (kv is None and attn_mask is None and qkv.dim() == 3 and 0.0 <= dropout_p < 1.0
             and (dropout_p > 0 or qkv.shape[1] <= KERNEL_MAX_CONTEXT) and rope[0].shape[0] == qkv.shape[1]
             and rope[0].dim() == 3 and kernels.applies_to(qkv)):  # angles (T, 1, hs) shared by the batch
-        full = _RopeQKV.apply(qkv.contiguous(), rope[0].squeeze(1), rope[1].squeeze(1), n_head, n_kv_head)
-        y = kernel_attention(full, n_head, causal=causal, dropout_p=dropout_p)
+        y = kernel_attention(qkv, n_head, causal=causal, dropout_p=dropout_p, n_kv_head=n_kv_head,
+                             rope=(rope[0].squeeze(1), rope[1].squeeze(1)))
         if y is not None:
             return y  # (B, T, nh * hs)
     qk, v = qkv.split(((n_head + n_kv_head) * head_dim, n_kv_head * head_dim), dim=-1)
     qk = apply_rotary(qk, *rope, head_dim)  # queries and keys turned by their position
     return attend_grouped(qk, v, n_head, n_kv_head, causal=causal, attn_mask=attn_mask, kv=kv, start=start,
                           dropout_p=dropout_p)
-
-
-class _RopeQKV(torch.autograd.Function):
-    """(B, T, (nh + 2 nkv) hs) -> (B, T, 3 nh hs): q and k turned, k and v repeated per group (C++)."""
-
-    @staticmethod
-    def forward(ctx, qkv: Tensor, cos: Tensor, signed_sin: Tensor, n_head: int, n_kv_head: int) -> Tensor:
-        ctx.save_for_backward(cos, signed_sin)
-        ctx.heads = (n_head, n_kv_head)
-        return kernels.ops().rope_qkv(qkv, cos.contiguous(), signed_sin.contiguous(), n_head, n_kv_head)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        cos, signed_sin = ctx.saved_tensors
-        grad_qkv = kernels.ops().rope_qkv_backward(grad.contiguous(), cos.contiguous(), signed_sin.contiguous(),
-                                                   *ctx.heads)
-        return grad_qkv, None, None, None, None

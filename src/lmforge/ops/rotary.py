@@ -185,6 +185,18 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * h.to(x.dtype)
 
 
+def rms_norm_residual(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(x, rms_norm(x, weight, eps)) for an x that also goes on as the residual stream.
+
+    On the kernel path with gradients, one Function returns both: its backward adds the
+    gradient arriving through the residual to the norm's own in the kernel's pass over the rows,
+    where autograd would sum the two in a pass of its own."""
+    if (x.dtype == weight.dtype == torch.float32 and weight.device.type == "cpu" and torch.is_grad_enabled()
+            and kernels.applies_to(x)):
+        return _KernelResidualRMSNorm.apply(x.contiguous(), weight.contiguous(), float(eps))
+    return x, rms_norm(x, weight, eps)
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -222,4 +234,21 @@ class _KernelRMSNorm(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, rstd = ctx.saved_tensors
         grad_x, grad_weight = kernels.ops().rms_norm_backward(grad.contiguous(), x, weight, rstd)
+        return grad_x, grad_weight.view(weight.shape), None
+
+
+class _KernelResidualRMSNorm(torch.autograd.Function):
+    """(x, `_KernelRMSNorm`(x)): x's gradient from both uses summed in the norm's backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        out, rstd = kernels.ops().rms_norm(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return x, out  # x returned as it is: autograd passes its gradient to this backward
+
+    @staticmethod
+    def backward(ctx, grad_residual: Tensor, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, rstd = ctx.saved_tensors
+        grad_x, grad_weight = kernels.ops().rms_norm_backward(grad.contiguous(), x, weight, rstd,
+                                                              grad_residual.contiguous())
         return grad_x, grad_weight.view(weight.shape), None

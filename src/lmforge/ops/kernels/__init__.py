@@ -1,8 +1,8 @@
 """lmforge's own CPU kernels (C++), built once per machine and cached, with torch's ops as fallback.
 
 `ops()` returns the `torch.ops.lmforge` namespace (`self_attention`, `softmax_rows_`, and the
-Llama block's `rope_qkv`, `rotary`, `rms_norm`, `swiglu` with their backwards, and the decode
-step's `decode_attention_masked` (rotary and a mask where given), `decode_gpt_block` and
+Llama block's `rotary`, `rms_norm`, `swiglu` with their backwards, and the decode step's
+`decode_attention_masked` (rotary and a mask where given), `decode_gpt_block` and
 `decode_gpt_rows` (a GPT's whole step for a few rows)), or
 None where they cannot be had: off Linux, without a C++ compiler or ninja, without file
 locking (fcntl), with a torch that exports no BLAS for them, or with LMFORGE_CPU_KERNELS=0.

@@ -1,5 +1,6 @@
 // What the CPU kernels share: a row-major matrix product through the BLAS that torch itself
-// is linked with (MKL on x86 Linux), and a row softmax's exponential written to vectorize.
+// is linked with (MKL on x86 Linux), a row softmax's exponential written to vectorize, and the
+// rotary turn of one head.
 #pragma once
 
 #include <cstdint>
@@ -74,6 +75,26 @@ inline void dropout_factors(float* factor, int64_t n, uint32_t salt, uint32_t th
     x ^= x >> 16;
     factor[j] = x >= threshold ? scale : 0.f;
   }
+}
+
+// Rotary embeddings, channel i of a head pairing with channel i + hs / 2 (cos and signed sin
+// tables as ops/rotary.py makes them).
+// out = x cos + swap_halves(x) signed_sin for one head of hs channels.
+inline void turn(float* out, const float* x, const float* c, const float* s, int64_t hs) {
+  const int64_t half = hs / 2;
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) out[i] = x[i] * c[i] + x[i + half] * s[i];
+#pragma omp simd
+  for (int64_t i = half; i < hs; ++i) out[i] = x[i] * c[i] + x[i - half] * s[i];
+}
+
+// The transpose of `turn`: dx_j = g_j cos_j + g_swap(j) signed_sin_swap(j).
+inline void turn_back(float* out, const float* g, const float* c, const float* s, int64_t hs) {
+  const int64_t half = hs / 2;
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) out[i] = g[i] * c[i] + g[i + half] * s[i + half];
+#pragma omp simd
+  for (int64_t i = half; i < hs; ++i) out[i] = g[i] * c[i] + g[i - half] * s[i - half];
 }
 
 inline float max_of(const float* x, int64_t n) {

@@ -1,10 +1,7 @@
 // The elementwise parts of a Llama-class block for float32 on a CPU, forward and backward, each
 // one pass over its rows where torch's ops make several (and keep more for the backward):
-// - rope_qkv: the q | k | v projection's output (B, T, (nh + 2 nkv) hs) -> the attention
-//   kernel's layout (B, T, 3 nh hs): queries and keys turned by their position's angles, each
-//   key / value head written once per query head of its group. Its backward sums each group's
-//   gradients and turns them back.
-// - rotary: the same turn of (B, T, n hs) without the layout change (decode rows).
+// - rotary: every head of (B, T, n hs) turned by its position's angles (the attention kernel
+//   turns a training step's queries and keys itself: kernels/self_attention.cpp).
 // - rms_norm: x / sqrt(mean(x^2) + eps) * weight, keeping 1 / rms per row for the backward.
 // - swiglu: silu(gate) * up of the stacked gate | up projection (N, 2I) -> (N, I).
 // Angles come as cos and signed sin tables (T, hs) (ops/rotary.py: RopeTables), channel i
@@ -13,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -21,103 +19,9 @@
 namespace lmforge {
 namespace {
 
-// out = x cos + swap_halves(x) signed_sin for one head of hs channels.
-inline void turn(float* out, const float* x, const float* c, const float* s, int64_t hs) {
-  const int64_t half = hs / 2;
-#pragma omp simd
-  for (int64_t i = 0; i < half; ++i) out[i] = x[i] * c[i] + x[i + half] * s[i];
-#pragma omp simd
-  for (int64_t i = half; i < hs; ++i) out[i] = x[i] * c[i] + x[i - half] * s[i];
-}
-
-// The transpose of `turn`: dx_j = g_j cos_j + g_swap(j) signed_sin_swap(j).
-inline void turn_back(float* out, const float* g, const float* c, const float* s, int64_t hs) {
-  const int64_t half = hs / 2;
-#pragma omp simd
-  for (int64_t i = 0; i < half; ++i) out[i] = g[i] * c[i] + g[i + half] * s[i + half];
-#pragma omp simd
-  for (int64_t i = half; i < hs; ++i) out[i] = g[i] * c[i] + g[i - half] * s[i - half];
-}
-
 void check_float_cpu(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), what,
               " must be a contiguous float32 CPU tensor");
-}
-
-struct Heads {
-  int64_t rows, T, H, KV, D, width;  // rows = B * T
-  Heads(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t n_head, int64_t n_kv_head,
-        int64_t width_)
-      : rows(x.numel() / width_), T(cos.size(0)), H(n_head), KV(n_kv_head), D(cos.size(1)), width(width_) {
-    check_float_cpu(x, "rope_qkv: x");
-    check_float_cpu(cos, "rope_qkv: cos");
-    check_float_cpu(sin, "rope_qkv: signed_sin");
-    TORCH_CHECK(n_kv_head > 0 && n_head % n_kv_head == 0, "rope_qkv: n_head must be a multiple of n_kv_head");
-    TORCH_CHECK(cos.dim() == 2 && sin.sizes() == cos.sizes() && D % 2 == 0, "rope_qkv: cos / sin must be (T, hs)");
-    TORCH_CHECK(x.dim() == 3 && x.size(1) == T && x.size(2) == width, "rope_qkv: x must be (B, T, ", width, ")");
-  }
-};
-
-at::Tensor rope_qkv(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t n_head,
-                    int64_t n_kv_head) {
-  const int64_t D = cos.size(1);
-  const Heads s(x, cos, sin, n_head, n_kv_head, (n_head + 2 * n_kv_head) * D);
-  const int64_t C = s.H * s.D, g = s.H / s.KV;
-  auto out = at::empty({x.size(0), s.T, 3 * C}, x.options());
-  const float *in = x.data_ptr<float>(), *cs = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, s.rows, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float *row = in + r * s.width, *c = cs + (r % s.T) * s.D, *sr = sn + (r % s.T) * s.D;
-      float* dst = o + r * 3 * C;
-      for (int64_t h = 0; h < s.H; ++h) turn(dst + h * s.D, row + h * s.D, c, sr, s.D);
-      for (int64_t j = 0; j < s.KV; ++j) {
-        float* k0 = dst + C + j * g * s.D;
-        turn(k0, row + C + j * s.D, c, sr, s.D);
-        const float* v = row + C + (s.KV + j) * s.D;
-        float* v0 = dst + 2 * C + j * g * s.D;
-        for (int64_t i = 0; i < g; ++i) {
-          if (i > 0) std::copy(k0, k0 + s.D, k0 + i * s.D);
-          std::copy(v, v + s.D, v0 + i * s.D);
-        }
-      }
-    }
-  });
-  return out;
-}
-
-at::Tensor rope_qkv_backward(const at::Tensor& grad, const at::Tensor& cos, const at::Tensor& sin, int64_t n_head,
-                             int64_t n_kv_head) {
-  const int64_t D = cos.size(1);
-  const Heads s(grad, cos, sin, n_head, n_kv_head, 3 * n_head * D);
-  const int64_t C = s.H * s.D, g = s.H / s.KV, width = (s.H + 2 * s.KV) * s.D;
-  auto out = at::empty({grad.size(0), s.T, width}, grad.options());
-  const float *gin = grad.data_ptr<float>(), *cs = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, s.rows, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> sum(s.D);
-    for (int64_t r = begin; r < end; ++r) {
-      const float *row = gin + r * 3 * C, *c = cs + (r % s.T) * s.D, *sr = sn + (r % s.T) * s.D;
-      float* dst = o + r * width;
-      for (int64_t h = 0; h < s.H; ++h) turn_back(dst + h * s.D, row + h * s.D, c, sr, s.D);
-      for (int64_t j = 0; j < s.KV; ++j) {
-        const float *k0 = row + C + j * g * s.D, *v0 = row + 2 * C + j * g * s.D;
-        float* dv = dst + C + (s.KV + j) * s.D;
-        std::copy(k0, k0 + s.D, sum.data());
-        std::copy(v0, v0 + s.D, dv);
-        for (int64_t i = 1; i < g; ++i) {
-          const float *k = k0 + i * s.D, *v = v0 + i * s.D;
-#pragma omp simd
-          for (int64_t d = 0; d < s.D; ++d) {
-            sum[d] += k[d];
-            dv[d] += v[d];
-          }
-        }
-        turn_back(dst + C + j * s.D, sum.data(), c, sr, s.D);
-      }
-    }
-  });
-  return out;
 }
 
 // Every head of hs channels of x (..., W) turned (forward), or turned back (backward = true):
@@ -173,16 +77,23 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tenso
   return {out, rstd};
 }
 
-// grad_x = r (s - normed mean(s normed)), s = grad * weight, normed = x r; grad_weight =
-// sum over rows of grad * normed, summed per block of rows, then across blocks.
+// grad_x = r (s - normed mean(s normed)) (+ grad_residual, where x also went on as a residual
+// and its gradient from there is added in the same pass), s = grad * weight, normed = x r;
+// grad_weight = sum over rows of grad * normed, summed per block of rows, then across blocks.
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, const at::Tensor& x,
-                                                     const at::Tensor& weight, const at::Tensor& rstd) {
+                                                     const at::Tensor& weight, const at::Tensor& rstd,
+                                                     const std::optional<at::Tensor>& grad_residual) {
   check_float_cpu(grad, "rms_norm_backward: grad");
   check_float_cpu(x, "rms_norm_backward: x");
   check_float_cpu(rstd, "rms_norm_backward: rstd");
   const int64_t C = x.size(-1), rows = x.numel() / C;
   TORCH_CHECK(grad.numel() == x.numel() && rstd.numel() == rows && weight.numel() == C,
               "rms_norm_backward: grad, x, rstd and weight do not match");
+  if (grad_residual) {
+    check_float_cpu(*grad_residual, "rms_norm_backward: grad_residual");
+    TORCH_CHECK(grad_residual->numel() == x.numel(), "rms_norm_backward: grad_residual must have x's size");
+  }
+  const float* res = grad_residual ? grad_residual->data_ptr<float>() : nullptr;
   auto grad_x = at::empty_like(x);
   // A fixed number of row blocks, not one per thread: the same bits on any number of threads.
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(32, rows));
@@ -204,6 +115,10 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, con
         for (int64_t c = 0; c < C; ++c) {
           gx[n * C + c] = r * (gr[c] * w[c] - row[c] * coef);
           acc[c] += gr[c] * row[c] * r;
+        }
+        if (res) {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) gx[n * C + c] += res[n * C + c];
         }
       }
     }
@@ -265,18 +180,15 @@ at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& gate_up) {
 }  // namespace lmforge
 
 TORCH_LIBRARY_FRAGMENT(lmforge, m) {
-  m.def("rope_qkv(Tensor x, Tensor cos, Tensor signed_sin, int n_head, int n_kv_head) -> Tensor");
-  m.def("rope_qkv_backward(Tensor grad, Tensor cos, Tensor signed_sin, int n_head, int n_kv_head) -> Tensor");
   m.def("rotary(Tensor x, Tensor cos, Tensor signed_sin, bool backward) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
-  m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd, Tensor? grad_residual=None) "
+        "-> (Tensor, Tensor)");
   m.def("swiglu(Tensor gate_up) -> Tensor");
   m.def("swiglu_backward(Tensor grad, Tensor gate_up) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
-  m.impl("rope_qkv", &lmforge::rope_qkv);
-  m.impl("rope_qkv_backward", &lmforge::rope_qkv_backward);
   m.impl("rotary", &lmforge::rotary);
   m.impl("rms_norm", &lmforge::rms_norm);
   m.impl("rms_norm_backward", &lmforge::rms_norm_backward);

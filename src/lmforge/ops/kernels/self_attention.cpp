@@ -1,6 +1,11 @@
 // Self-attention for float32 on a CPU, forward and backward, straight from the (B, T, 3C) output
 // of the qkv projection to the (B, T, C) input of the output projection: no (B, nh, T, hs)
-// copies either way. Causal (GPT) or not (BERT), with right padding given as each row's number
+// copies either way. With n_kv_head < n_head (grouped-query attention) the input is
+// (B, T, (nh + 2 nkv) hs), query head h reading key / value head h / (nh / nkv): the shared heads
+// are read where they are, and the backward sums a group's key / value gradients as it goes.
+// Given rotary tables (a Llama's q and k straight from their projection), each head's queries
+// and keys are turned into scratch as a task reads them, and their gradients turned back as it
+// writes them: no turned copy of q | k | v is made or kept. Causal (GPT) or not (BERT), with right padding given as each row's number
 // of real keys. One (batch, head) pair per task; within it, 64-query row blocks see only the
 // keys up to their last query (causal) or the real keys, so the products skip the masked
 // part, and a block's scores (64 x T) stay in cache from the product through the softmax to
@@ -24,10 +29,16 @@ namespace {
 constexpr int64_t kRowBlock = 64;  // 32 was as fast, 128 about 15% slower (T = 256, hs = 64)
 
 struct Shape {
-  int64_t B, T, C, H, D;
-  Shape(const at::Tensor& qkv, int64_t n_head)
-      : B(qkv.size(0)), T(qkv.size(1)), C(qkv.size(2) / 3), H(n_head), D(qkv.size(2) / 3 / n_head) {}
+  int64_t B, T, H, KV, D, C, ld;  // C = H D, the output's width; ld = (H + 2 KV) D, the input's
+  Shape(const at::Tensor& qkv, int64_t n_head, int64_t n_kv_head)
+      : B(qkv.size(0)), T(qkv.size(1)), H(n_head), KV(n_kv_head), D(qkv.size(2) / (n_head + 2 * n_kv_head)),
+        C(H * D), ld(qkv.size(2)) {}
+  int64_t key_offset(int64_t kv_head) const { return C + kv_head * D; }  // from the row's start
+  int64_t value_offset(int64_t kv_head) const { return C + (KV + kv_head) * D; }
 };
+
+// n_kv_head 0 stands for n_head (one key / value head per query head).
+int64_t kv_heads(int64_t n_head, int64_t n_kv_head) { return n_kv_head == 0 ? n_head : n_kv_head; }
 
 // Which keys each query sees: 0 .. i (causal) and only the first `length` keys of its row.
 struct Visibility {
@@ -61,23 +72,68 @@ struct Dropout {
   }
 };
 
-void check(const at::Tensor& qkv, int64_t n_head, double dropout_p) {
+// Rows of one head: row t at p + t * ld.
+struct Rows {
+  const float* p;
+  int64_t ld;
+};
+struct MutRows {
+  float* p;
+  int64_t ld;
+};
+
+// Rotary angles for q and k, as cos and signed sin tables (T, hs), or none.
+struct Rope {
+  const float *cos = nullptr, *sin = nullptr;
+  int64_t D = 0;
+  Rope(const std::optional<at::Tensor>& c, const std::optional<at::Tensor>& s, const Shape& shape) {
+    TORCH_CHECK(c.has_value() == s.has_value(), "self_attention: give both rotary tables or neither");
+    if (!c) return;
+    for (const at::Tensor* t : {&*c, &*s})
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
+                      t->size(0) == shape.T && t->size(1) == shape.D && shape.D % 2 == 0,
+                  "self_attention: rotary tables must be contiguous float32 (T, hs), hs even");
+    cos = c->data_ptr<float>();
+    sin = s->data_ptr<float>();
+    D = shape.D;
+  }
+  bool on() const { return cos != nullptr; }
+  // Rows t0 .. t0 + n of a head turned into dst (n, hs), or as they are without tables.
+  Rows turned(float* dst, Rows src, int64_t t0, int64_t n) const {
+    if (!on()) return {src.p + t0 * src.ld, src.ld};
+    for (int64_t t = t0; t < t0 + n; ++t) turn(dst + (t - t0) * D, src.p + t * src.ld, cos + t * D, sin + t * D, D);
+    return {dst, D};
+  }
+  // Gradients of turned rows t0 .. t0 + n (n, hs) turned back into those rows of dst.
+  void back(MutRows dst, const float* src, int64_t t0, int64_t n) const {
+    for (int64_t t = t0; t < t0 + n; ++t)
+      turn_back(dst.p + t * dst.ld, src + (t - t0) * D, cos + t * D, sin + t * D, D);
+  }
+};
+
+void check(const at::Tensor& qkv, int64_t n_head, int64_t n_kv_head, double dropout_p) {
   TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && qkv.dim() == 3 && qkv.is_contiguous(),
-              "self_attention: qkv must be a contiguous float32 CPU tensor (B, T, 3C)");
-  TORCH_CHECK(n_head > 0 && qkv.size(2) % (3 * n_head) == 0, "self_attention: 3C is not a multiple of 3 * n_head");
+              "self_attention: qkv must be a contiguous float32 CPU tensor (B, T, (nh + 2 nkv) hs)");
+  TORCH_CHECK(n_head > 0 && n_kv_head > 0 && n_head % n_kv_head == 0,
+              "self_attention: n_head must be a positive multiple of n_kv_head");
+  TORCH_CHECK(qkv.size(2) % (n_head + 2 * n_kv_head) == 0,
+              "self_attention: qkv's width is not a multiple of n_head + 2 n_kv_head");
   TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "self_attention: dropout_p must be in [0, 1), got ", dropout_p);
   TORCH_CHECK(has_blas(), "self_attention: torch was built without a BLAS these kernels can call");
 }
 
 // (out, lse): out (B, T, C) = dropout(softmax(q k^T / sqrt(hs) over the visible keys)) v per
-// head; lse (B, nh, T).
+// head; lse (B, nh, T). One (batch, key / value head) pair per task: its group's query heads in turn.
 std::tuple<at::Tensor, at::Tensor> self_attention(const at::Tensor& qkv, int64_t n_head, bool causal,
                                                   const std::optional<at::Tensor>& key_lengths, double dropout_p,
-                                                  int64_t seed) {
-  check(qkv, n_head, dropout_p);
-  const Shape s(qkv, n_head);
+                                                  int64_t seed, int64_t n_kv_head, const std::optional<at::Tensor>& cos,
+                                                  const std::optional<at::Tensor>& signed_sin) {
+  n_kv_head = kv_heads(n_head, n_kv_head);
+  check(qkv, n_head, n_kv_head, dropout_p);
+  const Shape s(qkv, n_head, n_kv_head);
   const Visibility visible(causal, key_lengths, s.B, s.T);
   const Dropout dropout(dropout_p, seed);
+  const Rope rope(cos, signed_sin, s);
   auto out = at::empty({s.B, s.T, s.C}, qkv.options());
   auto lse = at::empty({s.B, s.H, s.T}, qkv.options());
   if (out.numel() == 0) return {out, lse};
@@ -85,127 +141,168 @@ std::tuple<at::Tensor, at::Tensor> self_attention(const at::Tensor& qkv, int64_t
   const float* qkv_data = qkv.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
   float* lse_data = lse.data_ptr<float>();
-  const int64_t ld = 3 * s.C;
-  at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
+  const int64_t ld = s.ld, group = s.H / s.KV;
+  at::parallel_for(0, s.B * s.KV, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(kRowBlock * s.T), keep(dropout.on ? s.T : 0);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / s.H, h = bh % s.H;
-      const float* Q = qkv_data + b * s.T * ld + h * s.D;
-      const float* K = Q + s.C;
-      const float* V = Q + 2 * s.C;
-      float* O = out_data + b * s.T * s.C + h * s.D;
-      float* L = lse_data + bh * s.T;
-      for (int64_t i0 = 0; i0 < s.T; i0 += kRowBlock) {
-        const int64_t rows = std::min(kRowBlock, s.T - i0), keys = visible.block_keys(b, i0, rows);
-        float* S = scores.data();
-        mm(false, true, rows, keys, s.D, scale, Q + i0 * ld, ld, K, ld, 0.f, S, keys);
-        for (int64_t r = 0; r < rows; ++r) {
-          float* row = S + r * keys;
-          const int64_t seen = visible.seen(b, i0 + r);
-          const float peak = max_of(row, seen);
-          const float sum = exp_shifted(row, seen, peak);
-          const float inv = 1.f / sum;
-          if (dropout.on) {
-            dropout.factors(keep.data(), seen, bh, s.T, i0 + r);
-            const float* k = keep.data();
+    std::vector<float> turned_k(rope.on() ? s.T * s.D : 0), turned_q(rope.on() ? kRowBlock * s.D : 0);
+    for (int64_t bj = begin; bj < end; ++bj) {
+      const int64_t b = bj / s.KV, j = bj % s.KV;
+      const float* row0 = qkv_data + b * s.T * ld;
+      const Rows K = rope.turned(turned_k.data(), {row0 + s.key_offset(j), ld}, 0, s.T);
+      const float* V = row0 + s.value_offset(j);
+      for (int64_t h = j * group; h < (j + 1) * group; ++h) {
+        const int64_t bh = b * s.H + h;
+        float* O = out_data + b * s.T * s.C + h * s.D;
+        float* L = lse_data + bh * s.T;
+        for (int64_t i0 = 0; i0 < s.T; i0 += kRowBlock) {
+          const int64_t rows = std::min(kRowBlock, s.T - i0), keys = visible.block_keys(b, i0, rows);
+          const Rows Q = rope.turned(turned_q.data(), {row0 + h * s.D, ld}, i0, rows);
+          float* S = scores.data();
+          mm(false, true, rows, keys, s.D, scale, Q.p, Q.ld, K.p, K.ld, 0.f, S, keys);
+          for (int64_t r = 0; r < rows; ++r) {
+            float* row = S + r * keys;
+            const int64_t seen = visible.seen(b, i0 + r);
+            const float peak = max_of(row, seen);
+            const float sum = exp_shifted(row, seen, peak);
+            const float inv = 1.f / sum;
+            if (dropout.on) {
+              dropout.factors(keep.data(), seen, bh, s.T, i0 + r);
+              const float* k = keep.data();
 #pragma omp simd
-            for (int64_t j = 0; j < seen; ++j) row[j] *= inv * k[j];
-          } else {
+              for (int64_t c = 0; c < seen; ++c) row[c] *= inv * k[c];
+            } else {
 #pragma omp simd
-            for (int64_t j = 0; j < seen; ++j) row[j] *= inv;
+              for (int64_t c = 0; c < seen; ++c) row[c] *= inv;
+            }
+            std::fill(row + seen, row + keys, 0.f);
+            L[i0 + r] = peak + std::log(sum);
           }
-          std::fill(row + seen, row + keys, 0.f);
-          L[i0 + r] = peak + std::log(sum);
+          mm(false, false, rows, s.D, keys, 1.f, S, keys, V, ld, 0.f, O + i0 * s.C, s.C);
         }
-        mm(false, false, rows, s.D, keys, 1.f, S, keys, V, ld, 0.f, O + i0 * s.C, s.C);
       }
     }
   });
   return {out, lse};
 }
 
-// d loss / d qkv (B, T, 3C) from d loss / d out (B, T, C); the other arguments as in the forward.
+// One query head's share of the backward: dQ of its rows, and dK, dV of its key / value head
+// set (first head of the group: beta 0) or added to. Scratch: two row blocks of scores, T
+// floats, and with rotary tables a row block of turned queries and one of their gradients.
+struct HeadBackward {
+  const Shape& s;
+  const Visibility& visible;
+  const Dropout& dropout;
+  const Rope& rope;
+  float scale;
+  std::vector<float> probs, grad_scores, out_dot_grad, keep, dropped, turned_q, grad_q;
+  HeadBackward(const Shape& s_, const Visibility& v, const Dropout& d, const Rope& r)
+      : s(s_), visible(v), dropout(d), rope(r), scale(1.f / std::sqrt(static_cast<float>(s_.D))),
+        probs(kRowBlock * s_.T), grad_scores(kRowBlock * s_.T), out_dot_grad(s_.T),
+        keep(d.on ? kRowBlock * s_.T : 0), dropped(d.on ? kRowBlock * s_.T : 0),
+        turned_q(r.on() ? kRowBlock * s_.D : 0), grad_q(r.on() ? kRowBlock * s_.D : 0) {}
+
+  // Q and dQ: the head's rows in q | k | v and in its gradient (turned here, block by block).
+  void run(int64_t b, int64_t bh, bool first, Rows Q, Rows K, Rows V, const float* O, const float* dO,
+           const float* L, MutRows dQ, MutRows dK, MutRows dV) {
+    // Softmax backward: dS = P * (dP - rowsum(P * dP)), and rowsum(P * dP) = rowsum(dO * O),
+    // with or without dropout (dP being the gradient of the probabilities before dropout).
+    for (int64_t i = 0; i < s.T; ++i) {
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < s.D; ++d) dot += dO[i * s.C + d] * O[i * s.C + d];
+      out_dot_grad[i] = dot;
+    }
+    // The last row block reaches every key its row sees: going backwards from it, its products set
+    // dK and dV (beta 0, first head of the group) and the earlier blocks add to them.
+    const int64_t last = ((s.T - 1) / kRowBlock) * kRowBlock;
+    for (int64_t i0 = last; i0 >= 0; i0 -= kRowBlock) {
+      const int64_t rows = std::min(kRowBlock, s.T - i0), keys = visible.block_keys(b, i0, rows);
+      const float beta = first && i0 == last ? 0.f : 1.f;
+      const Rows Qi = rope.turned(turned_q.data(), Q, i0, rows);
+      float *P = probs.data(), *dS = grad_scores.data();
+      mm(false, true, rows, keys, s.D, scale, Qi.p, Qi.ld, K.p, K.ld, 0.f, P, keys);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* row = P + r * keys;
+        const int64_t seen = visible.seen(b, i0 + r);
+        exp_shifted(row, seen, L[i0 + r]);
+        std::fill(row + seen, row + keys, 0.f);
+        if (dropout.on) {
+          float *k = keep.data() + r * keys, *pd = dropped.data() + r * keys;
+          dropout.factors(k, seen, bh, s.T, i0 + r);
+          std::fill(k + seen, k + keys, 0.f);
+#pragma omp simd
+          for (int64_t j = 0; j < keys; ++j) pd[j] = row[j] * k[j];
+        }
+      }
+      const float* P_used = dropout.on ? dropped.data() : P;  // what multiplied V in the forward
+      mm(true, false, keys, s.D, rows, 1.f, P_used, keys, dO + i0 * s.C, s.C, beta, dV.p, dV.ld);
+      mm(false, true, rows, keys, s.D, 1.f, dO + i0 * s.C, s.C, V.p, V.ld, 0.f, dS, keys);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* p = P + r * keys;
+        float* g = dS + r * keys;
+        const float dot = out_dot_grad[i0 + r];
+        if (dropout.on) {
+          const float* k = keep.data() + r * keys;
+#pragma omp simd
+          for (int64_t j = 0; j < keys; ++j) g[j] = p[j] * (g[j] * k[j] - dot);
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < keys; ++j) g[j] = p[j] * (g[j] - dot);
+        }
+      }
+      if (rope.on()) {
+        mm(false, false, rows, s.D, keys, scale, dS, keys, K.p, K.ld, 0.f, grad_q.data(), s.D);
+        rope.back(dQ, grad_q.data(), i0, rows);
+      } else {
+        mm(false, false, rows, s.D, keys, scale, dS, keys, K.p, K.ld, 0.f, dQ.p + i0 * dQ.ld, dQ.ld);
+      }
+      mm(true, false, keys, s.D, rows, scale, dS, keys, Qi.p, Qi.ld, beta, dK.p, dK.ld);
+    }
+  }
+};
+
+// d loss / d qkv (same layout as qkv) from d loss / d out (B, T, C); the other arguments as in
+// the forward. One (batch, key / value head) pair per task: its group's query heads in turn.
 at::Tensor self_attention_backward(const at::Tensor& grad_out_any, const at::Tensor& qkv, const at::Tensor& out,
                                    const at::Tensor& lse, int64_t n_head, bool causal,
-                                   const std::optional<at::Tensor>& key_lengths, double dropout_p, int64_t seed) {
-  check(qkv, n_head, dropout_p);
+                                   const std::optional<at::Tensor>& key_lengths, double dropout_p, int64_t seed,
+                                   int64_t n_kv_head, const std::optional<at::Tensor>& cos,
+                                   const std::optional<at::Tensor>& signed_sin) {
+  n_kv_head = kv_heads(n_head, n_kv_head);
+  check(qkv, n_head, n_kv_head, dropout_p);
   const at::Tensor grad_out = grad_out_any.contiguous();
-  const Shape s(qkv, n_head);
+  const Shape s(qkv, n_head, n_kv_head);
   const Visibility visible(causal, key_lengths, s.B, s.T);
   const Dropout dropout(dropout_p, seed);
+  const Rope rope(cos, signed_sin, s);
   auto grad_qkv = at::empty_like(qkv);
   if (grad_qkv.numel() == 0) return grad_qkv;
-  const float scale = 1.f / std::sqrt(static_cast<float>(s.D));
   const float* qkv_data = qkv.data_ptr<float>();
   const float* out_data = out.data_ptr<float>();
   const float* grad_out_data = grad_out.data_ptr<float>();
   const float* lse_data = lse.data_ptr<float>();
   float* grad_data = grad_qkv.data_ptr<float>();
-  const int64_t ld = 3 * s.C;
-  // The last row block reaches every key its row sees: going backwards from it, its products set
-  // dK and dV (beta 0) and the earlier blocks add to them; keys no query sees get zeros.
-  const int64_t last = ((s.T - 1) / kRowBlock) * kRowBlock;
-  at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
-    const int64_t block = kRowBlock * s.T;
-    std::vector<float> probs(block), grad_scores(block), out_dot_grad(s.T);
-    std::vector<float> keep(dropout.on ? block : 0), dropped(dropout.on ? block : 0);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / s.H, h = bh % s.H;
-      const int64_t offset = b * s.T * ld + h * s.D;
-      const float *Q = qkv_data + offset, *K = Q + s.C, *V = Q + 2 * s.C;
-      float *dQ = grad_data + offset, *dK = dQ + s.C, *dV = dQ + 2 * s.C;
-      const float* O = out_data + b * s.T * s.C + h * s.D;
-      const float* dO = grad_out_data + b * s.T * s.C + h * s.D;
-      const float* L = lse_data + bh * s.T;
-      // Softmax backward: dS = P * (dP - rowsum(P * dP)), and rowsum(P * dP) = rowsum(dO * O),
-      // with or without dropout (dP being the gradient of the probabilities before dropout).
-      for (int64_t i = 0; i < s.T; ++i) {
-        float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < s.D; ++d) dot += dO[i * s.C + d] * O[i * s.C + d];
-        out_dot_grad[i] = dot;
+  const int64_t ld = s.ld, group = s.H / s.KV, turned = rope.on() ? s.T * s.D : 0;
+  at::parallel_for(0, s.B * s.KV, 1, [&](int64_t begin, int64_t end) {
+    HeadBackward head(s, visible, dropout, rope);
+    std::vector<float> turned_k(turned), grad_k(turned);
+    for (int64_t bj = begin; bj < end; ++bj) {
+      const int64_t b = bj / s.KV, j = bj % s.KV;
+      const float* row0 = qkv_data + b * s.T * ld;
+      float* grad0 = grad_data + b * s.T * ld;
+      const Rows K = rope.turned(turned_k.data(), {row0 + s.key_offset(j), ld}, 0, s.T);
+      const MutRows dK = rope.on() ? MutRows{grad_k.data(), s.D} : MutRows{grad0 + s.key_offset(j), ld};
+      const MutRows dV{grad0 + s.value_offset(j), ld};
+      for (int64_t t = visible.lengths[b]; t < s.T; ++t) {  // keys no query sees get zeros
+        std::fill(dK.p + t * dK.ld, dK.p + t * dK.ld + s.D, 0.f);
+        std::fill(dV.p + t * ld, dV.p + t * ld + s.D, 0.f);
       }
-      for (int64_t j = visible.lengths[b]; j < s.T; ++j) {
-        std::fill(dK + j * ld, dK + j * ld + s.D, 0.f);
-        std::fill(dV + j * ld, dV + j * ld + s.D, 0.f);
+      for (int64_t h = j * group; h < (j + 1) * group; ++h) {
+        const int64_t bh = b * s.H + h, o = b * s.T * s.C + h * s.D;
+        head.run(b, bh, h == j * group, {row0 + h * s.D, ld}, K, {row0 + s.value_offset(j), ld}, out_data + o,
+                 grad_out_data + o, lse_data + bh * s.T, {grad0 + h * s.D, ld}, dK, dV);
       }
-      for (int64_t i0 = last; i0 >= 0; i0 -= kRowBlock) {
-        const int64_t rows = std::min(kRowBlock, s.T - i0), keys = visible.block_keys(b, i0, rows);
-        const float beta = i0 == last ? 0.f : 1.f;
-        float *P = probs.data(), *dS = grad_scores.data();
-        mm(false, true, rows, keys, s.D, scale, Q + i0 * ld, ld, K, ld, 0.f, P, keys);
-        for (int64_t r = 0; r < rows; ++r) {
-          float* row = P + r * keys;
-          const int64_t seen = visible.seen(b, i0 + r);
-          exp_shifted(row, seen, L[i0 + r]);
-          std::fill(row + seen, row + keys, 0.f);
-          if (dropout.on) {
-            float *k = keep.data() + r * keys, *pd = dropped.data() + r * keys;
-            dropout.factors(k, seen, bh, s.T, i0 + r);
-            std::fill(k + seen, k + keys, 0.f);
-#pragma omp simd
-            for (int64_t j = 0; j < keys; ++j) pd[j] = row[j] * k[j];
-          }
-        }
-        const float* P_used = dropout.on ? dropped.data() : P;  // what multiplied V in the forward
-        mm(true, false, keys, s.D, rows, 1.f, P_used, keys, dO + i0 * s.C, s.C, beta, dV, ld);
-        mm(false, true, rows, keys, s.D, 1.f, dO + i0 * s.C, s.C, V, ld, 0.f, dS, keys);
-        for (int64_t r = 0; r < rows; ++r) {
-          const float* p = P + r * keys;
-          float* g = dS + r * keys;
-          const float dot = out_dot_grad[i0 + r];
-          if (dropout.on) {
-            const float* k = keep.data() + r * keys;
-#pragma omp simd
-            for (int64_t j = 0; j < keys; ++j) g[j] = p[j] * (g[j] * k[j] - dot);
-          } else {
-#pragma omp simd
-            for (int64_t j = 0; j < keys; ++j) g[j] = p[j] * (g[j] - dot);
-          }
-        }
-        mm(false, false, rows, s.D, keys, scale, dS, keys, K, ld, 0.f, dQ + i0 * ld, ld);
-        mm(true, false, keys, s.D, rows, scale, dS, keys, Q + i0 * ld, ld, beta, dK, ld);
-      }
+      if (rope.on()) rope.back({grad0 + s.key_offset(j), ld}, grad_k.data(), 0, s.T);
     }
   });
   return grad_qkv;
@@ -229,10 +326,11 @@ at::Tensor attention_dropout_factors(int64_t batch_heads, int64_t T, double drop
 // Schemas here, kernels registered for the CPU key, so the dispatcher (and profilers or
 // dispatch modes) sees them as operators.
 TORCH_LIBRARY_FRAGMENT(lmforge, m) {
-  m.def("self_attention(Tensor qkv, int n_head, bool causal, Tensor? key_lengths, float dropout_p, int seed) "
-        "-> (Tensor, Tensor)");
+  m.def("self_attention(Tensor qkv, int n_head, bool causal, Tensor? key_lengths, float dropout_p, int seed, "
+        "int n_kv_head=0, Tensor? cos=None, Tensor? signed_sin=None) -> (Tensor, Tensor)");
   m.def("self_attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int n_head, bool causal, "
-        "Tensor? key_lengths, float dropout_p, int seed) -> Tensor");
+        "Tensor? key_lengths, float dropout_p, int seed, int n_kv_head=0, Tensor? cos=None, "
+        "Tensor? signed_sin=None) -> Tensor");
   m.def("attention_dropout_factors(int batch_heads, int T, float dropout_p, int seed) -> Tensor",
         &lmforge::attention_dropout_factors);
 }
