@@ -202,3 +202,29 @@ def test_the_same_call_turns_grouped_heads_with_each_rows_angles_under_a_mask(nh
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(k, k_ref, atol=1e-6, rtol=1e-6)
     assert torch.equal(v, v_ref)
+
+
+@needs_kernels
+@pytest.mark.parametrize("activation,bias", [("gelu", True), ("gelu_new", False), ("relu", True)])
+@pytest.mark.parametrize("start,masked", [(0, False), (3, True)])
+def test_a_prefill_block_in_one_call_is_the_forwards_block_bit_for_bit(activation, bias, start, masked, monkeypatch):
+    from lmforge.models.gpt import block
+    from lmforge.models.gpt_decode import prefill_block
+
+    model = _model(activation=activation, bias=bias)
+    parts = model.transformer.h[0].parts()
+    B, T = 2, 5
+    x = torch.randn(B, T, 32, generator=torch.Generator().manual_seed(start))
+    caches = torch.randn(2, B, 4, 16, 8, generator=torch.Generator().manual_seed(9))
+    mask = None
+    if masked:  # each row sees its own earlier columns, causally among the new ones
+        mask = torch.ones(B, 1, T, start + T, dtype=torch.bool).tril(start)
+        mask[1, :, :, 0] = False
+    with torch.inference_mode(), monkeypatch.context() as patch:
+        patch.setattr(gpt_decode, "block", _python_block_called)  # the C++ call, not Python's block
+        k, v = caches.clone()
+        got = prefill_block(x, parts, mask, not masked, (k, v), start)
+    with torch.inference_mode():
+        k_ref, v_ref = caches.clone()
+        want = block(x, parts, mask, not masked, (k_ref, v_ref), start)
+    assert torch.equal(got, want) and torch.equal(k, k_ref) and torch.equal(v, v_ref)

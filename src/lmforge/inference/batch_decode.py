@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.models.gpt import GPT, Affine, BlockParts, block
-from lmforge.models.gpt_decode import Decoder, decode_block, rows_step, with_weights
+from lmforge.models.gpt import GPT, Affine, BlockParts
+from lmforge.models.gpt_decode import Decoder, decode_block, prefill_block, rows_step, with_weights
 from lmforge.models.llama import Llama, llama_block
 from lmforge.models.llama_decode import LlamaDecoder
 from lmforge.ops.rotary import rms_norm
@@ -70,8 +70,8 @@ class _GPTRows:
 
     def block(self, x: Tensor, parts, extra: None, visible: Tensor | None, kv: tuple[Tensor, Tensor], col: int,
               causal: bool = False) -> Tensor:
-        if causal:  # a prefill from column 0
-            return block(x, parts, visible, causal, kv, col)
+        if x.dim() == 3:  # a prefill: one C++ call a layer where it applies
+            return prefill_block(x, parts, visible, causal, kv, col)
         return decode_block(x, parts, visible, kv, col)  # one C++ call for a step's rows where it applies
 
     def head(self, x: Tensor) -> Tensor:

@@ -85,6 +85,19 @@ def decode_block(x: Tensor, parts: BlockParts, mask: Tensor | None, kv: tuple[Te
     return block(x, parts, mask, False, kv, start)  # (..., C)
 
 
+def prefill_block(x: Tensor, parts: BlockParts, mask: Tensor | None, causal: bool, kv: tuple[Tensor, Tensor],
+                  start: int) -> Tensor:
+    """`block` of a prompt's positions x (B, T, C) written into the cache kv at `start`, as one C++
+    call of the same operators (`prefill_gpt_block`) where the kernels are loaded, no gradients,
+    float32, no adapters, an activation the kernel knows; else `block` itself."""
+    code = _ACTIVATION_CODES.get(parts.act)
+    if (code is not None and x.dim() == 3 and parts.attn_dropout == 0.0 and not torch.is_grad_enabled()
+            and kv[0].dim() == 4 and kernels.applies_to(x) and all(type(getattr(parts, n)) is Affine for n in _TENSORS)):
+        tensors = [t for name in _TENSORS for t in getattr(parts, name)]
+        return kernels.ops().prefill_gpt_block(x, tensors, mask, causal, *kv, start, parts.n_head, parts.eps, code)
+    return block(x, parts, mask, causal, kv, start)  # (B, T, C)
+
+
 def _kernel_parts(d: Decoder) -> tuple[list[Tensor], int] | None:
     """(every block's tensors in `decode_gpt_rows`'s order, the activation's code), or None where the
     model has something the kernel does not run: adapters, another activation, a non-float32 or

@@ -178,6 +178,36 @@ at::Tensor decode_gpt_block(const at::Tensor& x, const c10::List<std::optional<a
   return add_projection(mid, f, *p[10], p[11]);
 }
 
+// A GPT block over a prompt's positions x (B, T, C) written into the cache at `start`: the ATen
+// operators models/gpt.py's `block` calls there, in its order (the same numbers), as one call:
+// a prefill takes the interpreter's lock once per layer instead of at each of some fifteen
+// operators, which matters when the server's event loop wants it at the same time.
+at::Tensor prefill_gpt_block(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& parts,
+                             const std::optional<at::Tensor>& mask, bool is_causal, at::Tensor& k_cache,
+                             at::Tensor& v_cache, int64_t start, int64_t n_head, double eps, int64_t activation) {
+  TORCH_CHECK(parts.size() == 12, "prefill_gpt_block: parts must be 6 (weight, bias) pairs");
+  TORCH_CHECK(x.dim() == 3 && n_head > 0 && x.size(2) % n_head == 0, "prefill_gpt_block: x must be (B, T, C)");
+  TORCH_CHECK(activation >= 0 && activation <= 2, "prefill_gpt_block: activation must be 0, 1 or 2");
+  TORCH_CHECK(k_cache.dim() == 4 && start >= 0 && start + x.size(1) <= k_cache.size(2),
+              "prefill_gpt_block: the positions must fit the cache");
+  std::vector<std::optional<at::Tensor>> p;
+  for (size_t i = 0; i < parts.size(); ++i) p.push_back(parts.get(i));
+  for (int i = 0; i < 12; i += 2) TORCH_CHECK(p[i].has_value(), "prefill_gpt_block: weight ", i / 2, " is missing");
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
+  auto h = at::layer_norm(x, {C}, p[0], p[1], eps);
+  auto qkv = at::linear(h, *p[2], p[3]).view({B, T, 3, n_head, C / n_head}).permute({2, 0, 3, 1, 4}).unbind(0);
+  k_cache.narrow(2, start, T).copy_(qkv[1]);
+  v_cache.narrow(2, start, T).copy_(qkv[2]);
+  auto y = at::scaled_dot_product_attention(qkv[0], k_cache.narrow(2, 0, start + T), v_cache.narrow(2, 0, start + T),
+                                            mask, 0.0, is_causal);  // (B, nh, T, hs)
+  y = y.transpose(1, 2).reshape({B, T, C});
+  auto mid = add_projection(x.reshape({B * T, C}), y.reshape({B * T, C}), *p[4], p[5]).view({B, T, C});
+  h = at::layer_norm(mid, {C}, p[6], p[7], eps);
+  auto f = at::linear(h, *p[8], p[9]);  // (B, T, ffn)
+  f = activation == 0 ? at::gelu(f) : activation == 1 ? at::gelu(f, "tanh") : at::relu(f);
+  return add_projection(mid.reshape({B * T, C}), f.reshape({B * T, f.size(2)}), *p[10], p[11]).view({B, T, C});
+}
+
 }  // namespace
 }  // namespace lmforge
 
@@ -186,9 +216,12 @@ TORCH_LIBRARY_FRAGMENT(lmforge, m) {
         "Tensor(b!) v_cache, int start, int n_head) -> Tensor");
   m.def("decode_gpt_block(Tensor x, Tensor?[] parts, Tensor? mask, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "int start, int n_head, float eps, int activation) -> Tensor");
+  m.def("prefill_gpt_block(Tensor x, Tensor?[] parts, Tensor? mask, bool is_causal, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, int start, int n_head, float eps, int activation) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
   m.impl("decode_attention_masked", &lmforge::step_attention);
   m.impl("decode_gpt_block", &lmforge::decode_gpt_block);
+  m.impl("prefill_gpt_block", &lmforge::prefill_gpt_block);
 }
