@@ -118,6 +118,8 @@ inline void outer_block(const float* x, int64_t I, const float* Wt, int64_t O, f
   Lanes acc[ROWS][4] = {};
   for (int64_t i = 0; i < I; ++i) {
     const float* w = Wt + i * O;
+    if (i + 4 < I)  // rows of Wt lie O apart, too far for the hardware to guess: ask four rows ahead
+      for (int k = 0; k < 4; ++k) __builtin_prefetch(w + 4 * O + k * LANES, 0, 3);
     const Lanes w0 = load(w), w1 = load(w + LANES), w2 = load(w + 2 * LANES), w3 = load(w + 3 * LANES);
     for (int r = 0; r < ROWS; ++r) {
       const float xi = x[r * I + i];
