@@ -213,10 +213,7 @@ class BatchDecoder:
         if logits is not None:
             return logits.float()
         visible = self.hidden[:n, None, None, :t + 1]  # (n, 1, 1, t + 1)
-        if not bool((visible == 0).all()):  # one request alone sees every column: no mask, as generate
-            visible = visible.contiguous()
-        else:
-            visible = None
+        visible = None if bool((visible == 0).all()) else visible.contiguous()  # all see all: no mask, as generate
         x, extra = self.rows.inputs(ids, positions)  # (n, C)
         for layer, parts in enumerate(self.rows.blocks_for(n)):
             x = self.rows.block(x, parts, extra, visible, (self.k[layer, :n], self.v[layer, :n]), t)  # (n, C)

@@ -146,6 +146,11 @@ at::Tensor step_attention(const at::Tensor& qkv, const std::optional<at::Tensor>
   return out;
 }
 
+// The MLP's activation as models/activations.py names it: 0 = exact GELU, 1 = tanh GELU, 2 = ReLU.
+at::Tensor activate(const at::Tensor& f, int64_t activation) {
+  return activation == 0 ? at::gelu(f) : activation == 1 ? at::gelu(f, "tanh") : at::relu(f);
+}
+
 // residual + x W^T (+ b), as ops.linear.add_projection writes it for rows.
 at::Tensor add_projection(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias) {
@@ -174,7 +179,7 @@ at::Tensor decode_gpt_block(const at::Tensor& x, const c10::List<std::optional<a
   auto mid = add_projection(x, y, *p[4], p[5]);
   h = at::layer_norm(mid, {C}, p[6], p[7], eps);
   auto f = at::linear(h, *p[8], p[9]);  // (B, ffn)
-  f = activation == 0 ? at::gelu(f) : activation == 1 ? at::gelu(f, "tanh") : at::relu(f);
+  f = activate(f, activation);
   return add_projection(mid, f, *p[10], p[11]);
 }
 
@@ -204,7 +209,7 @@ at::Tensor prefill_gpt_block(const at::Tensor& x, const c10::List<std::optional<
   auto mid = add_projection(x.reshape({B * T, C}), y.reshape({B * T, C}), *p[4], p[5]).view({B, T, C});
   h = at::layer_norm(mid, {C}, p[6], p[7], eps);
   auto f = at::linear(h, *p[8], p[9]);  // (B, T, ffn)
-  f = activation == 0 ? at::gelu(f) : activation == 1 ? at::gelu(f, "tanh") : at::relu(f);
+  f = activate(f, activation);
   return add_projection(mid.reshape({B * T, C}), f.reshape({B * T, f.size(2)}), *p[10], p[11]).view({B, T, C});
 }
 

@@ -81,13 +81,15 @@ inline void dots4(const float* x, int64_t I, const float* w, float (*out)[4]) {
     for (int k = 0; k < 4; ++k) out[r][k] = lane_sum(acc[r][k]);
 }
 
+// Output (r, o) of a projection: residual + bias + the product's sum (residual, bias may be null).
+inline void finish(float* y, const float* residual, const float* bias, int64_t O, int64_t r, int64_t o, float dot) {
+  y[r * O + o] = (residual ? residual[r * O + o] : 0.f) + (bias ? bias[o] : 0.f) + dot;
+}
+
 // y[r, o] = residual[r, o] + bias[o] + sum_i x[r, i] W[o, i] for r < R, o < O; W (O, I) row-major;
 // residual and bias may be null, and residual may be y itself (x may not).
 void affine_rows(const float* x, int64_t R, int64_t I, const float* W, const float* bias, int64_t O,
                  const float* residual, float* y) {
-  auto finish = [&](int64_t r, int64_t o, float dot) {
-    y[r * O + o] = (residual ? residual[r * O + o] : 0.f) + (bias ? bias[o] : 0.f) + dot;
-  };
   const int64_t padded = (O + 3) / 4 * 4;  // a last partial block runs on a copy of its rows
   std::vector<float> last(O % 4 ? 4 * I : 0, 0.f);
   if (O % 4) std::copy(W + (O / 4 * 4) * I, W + O * I, last.begin());
@@ -105,7 +107,7 @@ void affine_rows(const float* x, int64_t R, int64_t I, const float* W, const flo
           default: dots4<4>(x + r * I, I, w, dots);
         }
         for (int64_t a = 0; a < std::min<int64_t>(4, R - r); ++a)
-          for (int64_t k = 0; k < n; ++k) finish(r + a, o + k, dots[a][k]);
+          for (int64_t k = 0; k < n; ++k) finish(y, residual, bias, O, r + a, o + k, dots[a][k]);
       }
     }
   });
@@ -153,9 +155,7 @@ void affine_rows_t(const float* x, int64_t R, int64_t I, const float* Wt, const 
           default: outer_block<4>(x + r * I, I, w, stride, dots);
         }
         for (int64_t a = 0; a < rows; ++a)
-          for (int64_t k = 0; k < n; ++k)
-            y[(r + a) * O + o + k] = (residual ? residual[(r + a) * O + o + k] : 0.f) + (bias ? bias[o + k] : 0.f) +
-                                     dots[a][k];
+          for (int64_t k = 0; k < n; ++k) finish(y, residual, bias, O, r + a, o + k, dots[a][k]);
       }
     }
   });
