@@ -47,9 +47,13 @@ def test_a_client_that_disconnects_frees_its_row(server, monkeypatch):
     scheduler = state.models["bot"].scheduler
     step = scheduler.decoder.step
 
+    _, stop_ids = state.models["bot"].completion_ids("the king")
+
     def slow_step(tokens):  # 48 tokens now take about a second: long after the client has left
         time.sleep(0.02)
-        return step(tokens)
+        logits = step(tokens)
+        logits[:, list(stop_ids)] = float("-inf")  # nor may the model end the reply itself
+        return logits
 
     monkeypatch.setattr(scheduler.decoder, "step", slow_step)
     cancelled = scheduler.finished["cancelled"]
