@@ -8,6 +8,8 @@
 - `lm_loss`: `lm_head_cross_entropy` (the fused output layer and loss) and
   `reference_lm_head_cross_entropy`.
 - `linear`: `add_projection` (a residual projection fused into its product).
+- `product`: `linear` (F.linear whose weight gradient, for a layer wider out than in, is taken in
+  the orientation MKL runs faster).
 - `decode`: `KVCache` and `append_to_cache` (what a decode step does to the cache).
 - `kernels`: the C++ kernels: `ops()` (built by training and `lmforge kernels`, only loaded
   otherwise), `status_line()`, `prepare_for_training(device)`.

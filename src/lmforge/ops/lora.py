@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from lmforge.ops.dropout import Dropout
+from lmforge.ops.product import linear
 
 
 class _LoRAProduct(torch.autograd.Function):
@@ -119,11 +120,11 @@ class Stacked(tuple):
     `project` runs each and concatenates (without adapters the model stacks their weights)."""
 
 
-def project(x: Tensor, linear) -> Tensor:
-    """linear's product x W^T + b, with its adapter's path where it has one; `linear` is a module,
+def project(x: Tensor, layer) -> Tensor:
+    """layer's product x W^T + b, with its adapter's path where it has one; `layer` is a module,
     a `Stacked` of them, or anything with a `weight` (out, in) and a `bias`."""
-    if isinstance(linear, LoRALinear):
-        return linear(x)
-    if isinstance(linear, Stacked):
-        return torch.cat([project(x, one) for one in linear], dim=-1)  # (..., sum of outs)
-    return F.linear(x, linear.weight, linear.bias)
+    if isinstance(layer, LoRALinear):
+        return layer(x)
+    if isinstance(layer, Stacked):
+        return torch.cat([project(x, one) for one in layer], dim=-1)  # (..., sum of outs)
+    return linear(x, layer.weight, layer.bias)
