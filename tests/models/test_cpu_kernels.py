@@ -57,7 +57,7 @@ def test_self_attention_matches_the_written_out_reference_in_float64(B, T, C, n_
 
 
 @needs_kernels
-@pytest.mark.parametrize("n_head,n_kv_head", [(4, 2), (6, 1), (6, 3)])
+@pytest.mark.parametrize("n_head,n_kv_head", [(4, 2), (6, 1), (6, 3), (6, 2)])
 @pytest.mark.parametrize("causal,padded,dropout_p", [(True, False, 0.0), (False, True, 0.3), (True, True, 0.2)])
 def test_grouped_heads_match_the_reference_on_repeated_heads(n_head, n_kv_head, causal, padded, dropout_p):
     torch.manual_seed(n_head + n_kv_head)

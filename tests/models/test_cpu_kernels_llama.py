@@ -17,7 +17,8 @@ from lmforge.ops.swiglu import swiglu
 
 ops = kernels.ops()
 needs_kernels = pytest.mark.skipif(ops is None, reason=f"CPU kernels unavailable: {kernels.unavailable_reason()}")
-HEADS = [(4, 2, 8), (6, 1, 10), (3, 3, 6), (8, 4, 16)]  # (n_head, n_kv_head, head_dim): GQA, MQA, MHA
+# (n_head, n_kv_head, head_dim): GQA, MQA, MHA, and a group of 3 (the kernel's passes: 2 heads, then 1)
+HEADS = [(4, 2, 8), (6, 1, 10), (3, 3, 6), (8, 4, 16), (6, 2, 8)]
 
 
 def _layout_reference(qkv, cos, signed_sin, nh, nkv, hs):

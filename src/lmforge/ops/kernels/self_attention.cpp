@@ -27,6 +27,12 @@ namespace lmforge {
 namespace {
 
 constexpr int64_t kRowBlock = 64;  // 32 was as fast, 128 about 15% slower (T = 256, hs = 64)
+// The query heads of a key / value group share its keys and values: a pass stacks the row
+// blocks of up to this many rows' worth of them into one product (larger products run nearer
+// the BLAS's peak; beyond two blocks the scores outgrow the cache).
+constexpr int64_t kStackRows = 2 * kRowBlock;
+
+int64_t heads_per_pass(int64_t group) { return std::clamp<int64_t>(kStackRows / kRowBlock, 1, group); }
 
 struct Shape {
   int64_t B, T, H, KV, D, C, ld;  // C = H D, the output's width; ld = (H + 2 KV) D, the input's
@@ -111,6 +117,35 @@ struct Rope {
   }
 };
 
+// Rows t0 .. t0 + n of `heads` adjacent heads of hs channels (head g at src.p + g hs) as one
+// (heads n, hs) matrix in dst, head after head, turned by `rope` where it has tables. One head
+// without tables is read where it is.
+Rows stacked(float* dst, Rows src, int64_t heads, int64_t hs, int64_t t0, int64_t n, const Rope* rope) {
+  if (heads == 1 && rope == nullptr) return {src.p + t0 * src.ld, src.ld};
+  for (int64_t g = 0; g < heads; ++g) {
+    const Rows head{src.p + g * hs, src.ld};
+    if (rope != nullptr) {
+      rope->turned(dst + g * n * hs, head, t0, n);
+      continue;
+    }
+    for (int64_t t = 0; t < n; ++t) std::copy_n(head.p + (t0 + t) * head.ld, hs, dst + (g * n + t) * hs);
+  }
+  return {dst, hs};
+}
+
+// The inverse: a stacked (heads n, hs) matrix into rows t0 .. t0 + n of the heads at dst.p +
+// g hs, turned back by `rope` where it has tables (src then being gradients of turned rows).
+void unstack(MutRows dst, const float* src, int64_t heads, int64_t hs, int64_t t0, int64_t n, const Rope* rope) {
+  for (int64_t g = 0; g < heads; ++g) {
+    const MutRows head{dst.p + g * hs, dst.ld};
+    if (rope != nullptr) {
+      rope->back(head, src + g * n * hs, t0, n);
+      continue;
+    }
+    for (int64_t t = 0; t < n; ++t) std::copy_n(src + (g * n + t) * hs, hs, head.p + (t0 + t) * head.ld);
+  }
+}
+
 void check(const at::Tensor& qkv, int64_t n_head, int64_t n_kv_head, double dropout_p) {
   TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && qkv.dim() == 3 && qkv.is_contiguous(),
               "self_attention: qkv must be a contiguous float32 CPU tensor (B, T, (nh + 2 nkv) hs)");
@@ -122,8 +157,28 @@ void check(const at::Tensor& qkv, int64_t n_head, int64_t n_kv_head, double drop
   TORCH_CHECK(has_blas(), "self_attention: torch was built without a BLAS these kernels can call");
 }
 
+// Row r of a block's scores (its first `seen` keys visible, `keys` wide) made probabilities in
+// place, dropped out with `keep` scratch; returns the row's log-sum-exp.
+float softmax_row(float* row, int64_t seen, int64_t keys, const Dropout& dropout, float* keep, int64_t bh,
+                  int64_t T, int64_t i) {
+  const float peak = max_of(row, seen);
+  const float sum = exp_shifted(row, seen, peak);
+  const float inv = 1.f / sum;
+  if (dropout.on) {
+    dropout.factors(keep, seen, bh, T, i);
+#pragma omp simd
+    for (int64_t c = 0; c < seen; ++c) row[c] *= inv * keep[c];
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < seen; ++c) row[c] *= inv;
+  }
+  std::fill(row + seen, row + keys, 0.f);
+  return peak + std::log(sum);
+}
+
 // (out, lse): out (B, T, C) = dropout(softmax(q k^T / sqrt(hs) over the visible keys)) v per
-// head; lse (B, nh, T). One (batch, key / value head) pair per task: its group's query heads in turn.
+// head; lse (B, nh, T). One (batch, key / value head) pair per task: its group's query heads
+// in passes of heads_per_pass, a pass's row blocks stacked into one product.
 std::tuple<at::Tensor, at::Tensor> self_attention(const at::Tensor& qkv, int64_t n_head, bool causal,
                                                   const std::optional<at::Tensor>& key_lengths, double dropout_p,
                                                   int64_t seed, int64_t n_kv_head, const std::optional<at::Tensor>& cos,
@@ -141,43 +196,36 @@ std::tuple<at::Tensor, at::Tensor> self_attention(const at::Tensor& qkv, int64_t
   const float* qkv_data = qkv.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
   float* lse_data = lse.data_ptr<float>();
-  const int64_t ld = s.ld, group = s.H / s.KV;
+  const int64_t ld = s.ld, group = s.H / s.KV, per = heads_per_pass(group), M = per * kRowBlock;
+  const Rope* turn = rope.on() ? &rope : nullptr;
   at::parallel_for(0, s.B * s.KV, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(kRowBlock * s.T), keep(dropout.on ? s.T : 0);
-    std::vector<float> turned_k(rope.on() ? s.T * s.D : 0), turned_q(rope.on() ? kRowBlock * s.D : 0);
+    std::vector<float> scores(M * s.T), keep(dropout.on ? s.T : 0);
+    std::vector<float> turned_k(rope.on() ? s.T * s.D : 0), queries(M * s.D), outs(per > 1 ? M * s.D : 0);
     for (int64_t bj = begin; bj < end; ++bj) {
       const int64_t b = bj / s.KV, j = bj % s.KV;
       const float* row0 = qkv_data + b * s.T * ld;
       const Rows K = rope.turned(turned_k.data(), {row0 + s.key_offset(j), ld}, 0, s.T);
       const float* V = row0 + s.value_offset(j);
-      for (int64_t h = j * group; h < (j + 1) * group; ++h) {
-        const int64_t bh = b * s.H + h;
-        float* O = out_data + b * s.T * s.C + h * s.D;
-        float* L = lse_data + bh * s.T;
+      for (int64_t h0 = j * group; h0 < (j + 1) * group; h0 += per) {
+        const int64_t heads = std::min(per, (j + 1) * group - h0);
+        float* O = out_data + b * s.T * s.C + h0 * s.D;
         for (int64_t i0 = 0; i0 < s.T; i0 += kRowBlock) {
           const int64_t rows = std::min(kRowBlock, s.T - i0), keys = visible.block_keys(b, i0, rows);
-          const Rows Q = rope.turned(turned_q.data(), {row0 + h * s.D, ld}, i0, rows);
+          const Rows Q = stacked(queries.data(), {row0 + h0 * s.D, ld}, heads, s.D, i0, rows, turn);
           float* S = scores.data();
-          mm(false, true, rows, keys, s.D, scale, Q.p, Q.ld, K.p, K.ld, 0.f, S, keys);
-          for (int64_t r = 0; r < rows; ++r) {
-            float* row = S + r * keys;
-            const int64_t seen = visible.seen(b, i0 + r);
-            const float peak = max_of(row, seen);
-            const float sum = exp_shifted(row, seen, peak);
-            const float inv = 1.f / sum;
-            if (dropout.on) {
-              dropout.factors(keep.data(), seen, bh, s.T, i0 + r);
-              const float* k = keep.data();
-#pragma omp simd
-              for (int64_t c = 0; c < seen; ++c) row[c] *= inv * k[c];
-            } else {
-#pragma omp simd
-              for (int64_t c = 0; c < seen; ++c) row[c] *= inv;
-            }
-            std::fill(row + seen, row + keys, 0.f);
-            L[i0 + r] = peak + std::log(sum);
+          mm(false, true, heads * rows, keys, s.D, scale, Q.p, Q.ld, K.p, K.ld, 0.f, S, keys);
+          for (int64_t g = 0; g < heads; ++g) {
+            const int64_t bh = b * s.H + h0 + g;
+            for (int64_t r = 0; r < rows; ++r)
+              lse_data[bh * s.T + i0 + r] = softmax_row(S + (g * rows + r) * keys, visible.seen(b, i0 + r), keys,
+                                                        dropout, keep.data(), bh, s.T, i0 + r);
           }
-          mm(false, false, rows, s.D, keys, 1.f, S, keys, V, ld, 0.f, O + i0 * s.C, s.C);
+          if (heads == 1) {
+            mm(false, false, rows, s.D, keys, 1.f, S, keys, V, ld, 0.f, O + i0 * s.C, s.C);
+          } else {
+            mm(false, false, heads * rows, s.D, keys, 1.f, S, keys, V, ld, 0.f, outs.data(), s.D);
+            unstack({O, s.C}, outs.data(), heads, s.D, i0, rows, nullptr);
+          }
         }
       }
     }
@@ -185,84 +233,101 @@ std::tuple<at::Tensor, at::Tensor> self_attention(const at::Tensor& qkv, int64_t
   return {out, lse};
 }
 
-// One query head's share of the backward: dQ of its rows, and dK, dV of its key / value head
-// set (first head of the group: beta 0) or added to. Scratch: two row blocks of scores, T
-// floats, and with rotary tables a row block of turned queries and one of their gradients.
-struct HeadBackward {
+// A pass of `heads` query heads of one key / value group through the backward: dQ of their
+// rows, and dK, dV of their key / value head set (the task's first pass: beta 0) or added to.
+// Their row blocks are stacked as in the forward. Scratch: two stacked blocks of scores, the
+// heads' T rowsums, and stacked queries, output gradients and query gradients.
+struct GroupBackward {
   const Shape& s;
   const Visibility& visible;
   const Dropout& dropout;
-  const Rope& rope;
+  const Rope* rope;
   float scale;
-  std::vector<float> probs, grad_scores, out_dot_grad, keep, dropped, turned_q, grad_q;
-  HeadBackward(const Shape& s_, const Visibility& v, const Dropout& d, const Rope& r)
-      : s(s_), visible(v), dropout(d), rope(r), scale(1.f / std::sqrt(static_cast<float>(s_.D))),
-        probs(kRowBlock * s_.T), grad_scores(kRowBlock * s_.T), out_dot_grad(s_.T),
-        keep(d.on ? kRowBlock * s_.T : 0), dropped(d.on ? kRowBlock * s_.T : 0),
-        turned_q(r.on() ? kRowBlock * s_.D : 0), grad_q(r.on() ? kRowBlock * s_.D : 0) {}
+  std::vector<float> probs, grad_scores, out_dot_grad, keep, dropped, queries, grad_outs, grad_q;
+  GroupBackward(const Shape& s_, const Visibility& v, const Dropout& d, const Rope& r, int64_t per)
+      : s(s_), visible(v), dropout(d), rope(r.on() ? &r : nullptr), scale(1.f / std::sqrt(static_cast<float>(s_.D))),
+        probs(per * kRowBlock * s_.T), grad_scores(per * kRowBlock * s_.T), out_dot_grad(per * s_.T),
+        keep(d.on ? per * kRowBlock * s_.T : 0), dropped(d.on ? per * kRowBlock * s_.T : 0),
+        queries(per * kRowBlock * s_.D), grad_outs(per * kRowBlock * s_.D), grad_q(per * kRowBlock * s_.D) {}
 
-  // Q and dQ: the head's rows in q | k | v and in its gradient (turned here, block by block).
-  void run(int64_t b, int64_t bh, bool first, Rows Q, Rows K, Rows V, const float* O, const float* dO,
-           const float* L, MutRows dQ, MutRows dK, MutRows dV) {
-    // Softmax backward: dS = P * (dP - rowsum(P * dP)), and rowsum(P * dP) = rowsum(dO * O),
-    // with or without dropout (dP being the gradient of the probabilities before dropout).
-    for (int64_t i = 0; i < s.T; ++i) {
-      float dot = 0.f;
+  // Softmax backward: dS = P * (dP - rowsum(P * dP)), and rowsum(P * dP) = rowsum(dO * O), with
+  // or without dropout (dP being the gradient of the probabilities before dropout).
+  void rowsums(const float* O, const float* dO, int64_t heads) {
+    const int64_t C = s.C, D = s.D;  // locals: read through `s`, the loop was compiled to gathers
+    for (int64_t g = 0; g < heads; ++g)
+      for (int64_t i = 0; i < s.T; ++i) {
+        const float *gr = dO + i * C + g * D, *o = O + i * C + g * D;
+        float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < s.D; ++d) dot += dO[i * s.C + d] * O[i * s.C + d];
-      out_dot_grad[i] = dot;
-    }
-    // The last row block reaches every key its row sees: going backwards from it, its products set
-    // dK and dV (beta 0, first head of the group) and the earlier blocks add to them.
-    const int64_t last = ((s.T - 1) / kRowBlock) * kRowBlock;
-    for (int64_t i0 = last; i0 >= 0; i0 -= kRowBlock) {
-      const int64_t rows = std::min(kRowBlock, s.T - i0), keys = visible.block_keys(b, i0, rows);
-      const float beta = first && i0 == last ? 0.f : 1.f;
-      const Rows Qi = rope.turned(turned_q.data(), Q, i0, rows);
-      float *P = probs.data(), *dS = grad_scores.data();
-      mm(false, true, rows, keys, s.D, scale, Qi.p, Qi.ld, K.p, K.ld, 0.f, P, keys);
+        for (int64_t d = 0; d < D; ++d) dot += gr[d] * o[d];
+        out_dot_grad[g * s.T + i] = dot;
+      }
+  }
+
+  // The forward's probabilities of a stacked block (heads rows, keys) recomputed into P from
+  // its scores, with the dropped ones (what multiplied V) beside them; returns those.
+  const float* probabilities(float* P, int64_t b, int64_t bh0, int64_t heads, int64_t i0, int64_t rows,
+                             int64_t keys, const float* L) {
+    for (int64_t g = 0; g < heads; ++g)
       for (int64_t r = 0; r < rows; ++r) {
-        float* row = P + r * keys;
-        const int64_t seen = visible.seen(b, i0 + r);
-        exp_shifted(row, seen, L[i0 + r]);
+        const int64_t at = (g * rows + r) * keys, seen = visible.seen(b, i0 + r);
+        float* row = P + at;
+        exp_shifted(row, seen, L[g * s.T + i0 + r]);
         std::fill(row + seen, row + keys, 0.f);
-        if (dropout.on) {
-          float *k = keep.data() + r * keys, *pd = dropped.data() + r * keys;
-          dropout.factors(k, seen, bh, s.T, i0 + r);
-          std::fill(k + seen, k + keys, 0.f);
+        if (!dropout.on) continue;
+        float *k = keep.data() + at, *pd = dropped.data() + at;
+        dropout.factors(k, seen, bh0 + g, s.T, i0 + r);
+        std::fill(k + seen, k + keys, 0.f);
 #pragma omp simd
-          for (int64_t j = 0; j < keys; ++j) pd[j] = row[j] * k[j];
-        }
+        for (int64_t j = 0; j < keys; ++j) pd[j] = row[j] * k[j];
       }
-      const float* P_used = dropout.on ? dropped.data() : P;  // what multiplied V in the forward
-      mm(true, false, keys, s.D, rows, 1.f, P_used, keys, dO + i0 * s.C, s.C, beta, dV.p, dV.ld);
-      mm(false, true, rows, keys, s.D, 1.f, dO + i0 * s.C, s.C, V.p, V.ld, 0.f, dS, keys);
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* p = P + r * keys;
-        float* g = dS + r * keys;
-        const float dot = out_dot_grad[i0 + r];
-        if (dropout.on) {
-          const float* k = keep.data() + r * keys;
+    return dropout.on ? dropped.data() : P;
+  }
+
+  // Heads h0 .. h0 + heads of batch row b: Q, O, dO, L and dQ at head h0 (the others follow).
+  void run(int64_t b, int64_t h0, int64_t heads, bool first, Rows Q, Rows K, Rows V, const float* O,
+           const float* dO, const float* L, MutRows dQ, MutRows dK, MutRows dV) {
+    rowsums(O, dO, heads);
+    // The last row block reaches every key its row sees: going backwards from it, its products set
+    // dK and dV (the task's first pass) and the earlier blocks add to them.
+    const int64_t last = ((s.T - 1) / kRowBlock) * kRowBlock, bh0 = b * s.H + h0;
+    for (int64_t i0 = last; i0 >= 0; i0 -= kRowBlock) {
+      const int64_t rows = std::min(kRowBlock, s.T - i0), keys = visible.block_keys(b, i0, rows), n = heads * rows;
+      const float beta = first && i0 == last ? 0.f : 1.f;
+      const Rows Qi = stacked(queries.data(), Q, heads, s.D, i0, rows, rope);
+      const Rows dOi = stacked(grad_outs.data(), {dO, s.C}, heads, s.D, i0, rows, nullptr);
+      float *P = probs.data(), *dS = grad_scores.data();
+      mm(false, true, n, keys, s.D, scale, Qi.p, Qi.ld, K.p, K.ld, 0.f, P, keys);
+      const float* P_used = probabilities(P, b, bh0, heads, i0, rows, keys, L);
+      mm(true, false, keys, s.D, n, 1.f, P_used, keys, dOi.p, dOi.ld, beta, dV.p, dV.ld);
+      mm(false, true, n, keys, s.D, 1.f, dOi.p, dOi.ld, V.p, V.ld, 0.f, dS, keys);
+      for (int64_t g = 0; g < heads; ++g)
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* p = P + (g * rows + r) * keys;
+          float* grad = dS + (g * rows + r) * keys;
+          const float dot = out_dot_grad[g * s.T + i0 + r];
+          if (dropout.on) {
+            const float* k = keep.data() + (g * rows + r) * keys;
 #pragma omp simd
-          for (int64_t j = 0; j < keys; ++j) g[j] = p[j] * (g[j] * k[j] - dot);
-        } else {
+            for (int64_t j = 0; j < keys; ++j) grad[j] = p[j] * (grad[j] * k[j] - dot);
+          } else {
 #pragma omp simd
-          for (int64_t j = 0; j < keys; ++j) g[j] = p[j] * (g[j] - dot);
+            for (int64_t j = 0; j < keys; ++j) grad[j] = p[j] * (grad[j] - dot);
+          }
         }
-      }
-      if (rope.on()) {
-        mm(false, false, rows, s.D, keys, scale, dS, keys, K.p, K.ld, 0.f, grad_q.data(), s.D);
-        rope.back(dQ, grad_q.data(), i0, rows);
-      } else {
+      if (heads == 1 && rope == nullptr) {
         mm(false, false, rows, s.D, keys, scale, dS, keys, K.p, K.ld, 0.f, dQ.p + i0 * dQ.ld, dQ.ld);
+      } else {
+        mm(false, false, n, s.D, keys, scale, dS, keys, K.p, K.ld, 0.f, grad_q.data(), s.D);
+        unstack(dQ, grad_q.data(), heads, s.D, i0, rows, rope);
       }
-      mm(true, false, keys, s.D, rows, scale, dS, keys, Qi.p, Qi.ld, beta, dK.p, dK.ld);
+      mm(true, false, keys, s.D, n, scale, dS, keys, Qi.p, Qi.ld, beta, dK.p, dK.ld);
     }
   }
 };
 
 // d loss / d qkv (same layout as qkv) from d loss / d out (B, T, C); the other arguments as in
-// the forward. One (batch, key / value head) pair per task: its group's query heads in turn.
+// the forward. One (batch, key / value head) pair per task: its group's query heads in passes.
 at::Tensor self_attention_backward(const at::Tensor& grad_out_any, const at::Tensor& qkv, const at::Tensor& out,
                                    const at::Tensor& lse, int64_t n_head, bool causal,
                                    const std::optional<at::Tensor>& key_lengths, double dropout_p, int64_t seed,
@@ -282,9 +347,9 @@ at::Tensor self_attention_backward(const at::Tensor& grad_out_any, const at::Ten
   const float* grad_out_data = grad_out.data_ptr<float>();
   const float* lse_data = lse.data_ptr<float>();
   float* grad_data = grad_qkv.data_ptr<float>();
-  const int64_t ld = s.ld, group = s.H / s.KV, turned = rope.on() ? s.T * s.D : 0;
+  const int64_t ld = s.ld, group = s.H / s.KV, per = heads_per_pass(group), turned = rope.on() ? s.T * s.D : 0;
   at::parallel_for(0, s.B * s.KV, 1, [&](int64_t begin, int64_t end) {
-    HeadBackward head(s, visible, dropout, rope);
+    GroupBackward pass(s, visible, dropout, rope, per);
     std::vector<float> turned_k(turned), grad_k(turned);
     for (int64_t bj = begin; bj < end; ++bj) {
       const int64_t b = bj / s.KV, j = bj % s.KV;
@@ -297,10 +362,11 @@ at::Tensor self_attention_backward(const at::Tensor& grad_out_any, const at::Ten
         std::fill(dK.p + t * dK.ld, dK.p + t * dK.ld + s.D, 0.f);
         std::fill(dV.p + t * ld, dV.p + t * ld + s.D, 0.f);
       }
-      for (int64_t h = j * group; h < (j + 1) * group; ++h) {
-        const int64_t bh = b * s.H + h, o = b * s.T * s.C + h * s.D;
-        head.run(b, bh, h == j * group, {row0 + h * s.D, ld}, K, {row0 + s.value_offset(j), ld}, out_data + o,
-                 grad_out_data + o, lse_data + bh * s.T, {grad0 + h * s.D, ld}, dK, dV);
+      for (int64_t h0 = j * group; h0 < (j + 1) * group; h0 += per) {
+        const int64_t o = b * s.T * s.C + h0 * s.D;
+        pass.run(b, h0, std::min(per, (j + 1) * group - h0), h0 == j * group, {row0 + h0 * s.D, ld}, K,
+                 {row0 + s.value_offset(j), ld}, out_data + o, grad_out_data + o, lse_data + (b * s.H + h0) * s.T,
+                 {grad0 + h0 * s.D, ld}, dK, dV);
       }
       if (rope.on()) rope.back({grad0 + s.key_offset(j), ld}, grad_k.data(), 0, s.T);
     }
