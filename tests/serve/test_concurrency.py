@@ -27,18 +27,27 @@ def _stream(url: str, prompt: str) -> tuple[str, str | None]:
         return text, finish
 
 
+def _slowed_without_stops(monkeypatch, scheduler, stop_ids, seconds: float) -> list[int]:
+    """Make every decode step last `seconds` more and never pick a stop id, so a reply runs to its
+    max_tokens unless it is cancelled; returns the list the steps' row counts are appended to."""
+    step, steps = scheduler.decoder.step, []
+
+    def slowed(tokens):
+        steps.append(len(tokens))
+        time.sleep(seconds)
+        logits = step(tokens)
+        logits[:, list(stop_ids)] = float("-inf")
+        return logits
+
+    monkeypatch.setattr(scheduler.decoder, "step", slowed)
+    return steps
+
+
 def test_sixteen_concurrent_streams_equal_one_at_a_time(server, monkeypatch):
     url, state = server
     scheduler = state.models["bot"].scheduler
-    step, stop_ids = scheduler.decoder.step, list(state.models["bot"].chat_stop_ids())
-
-    def full_length_step(tokens):  # every reply runs its 24 tokens, 2 ms a step at least: the clients overlap
-        time.sleep(0.002)
-        logits = step(tokens)
-        logits[:, stop_ids] = float("-inf")
-        return logits
-
-    monkeypatch.setattr(scheduler.decoder, "step", full_length_step)
+    # every reply runs its 24 tokens, 2 ms a step at least: the clients overlap
+    _slowed_without_stops(monkeypatch, scheduler, state.models["bot"].chat_stop_ids(), 0.002)
     alone = [_stream(url, p) for p in PROMPTS]
     scheduler.peak_batch = 0
     with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
@@ -54,20 +63,9 @@ def test_sixteen_concurrent_streams_equal_one_at_a_time(server, monkeypatch):
 def test_a_client_that_disconnects_frees_its_row(server, monkeypatch):
     url, state = server
     scheduler = state.models["bot"].scheduler
-    step = scheduler.decoder.step
-
     _, stop_ids = state.models["bot"].completion_ids("the king")
-
-    steps = []
-
-    def slow_step(tokens):  # 48 tokens now take about a second: long after the client has left
-        steps.append(len(tokens))
-        time.sleep(0.02)
-        logits = step(tokens)
-        logits[:, list(stop_ids)] = float("-inf")  # nor may the model end the reply itself
-        return logits
-
-    monkeypatch.setattr(scheduler.decoder, "step", slow_step)
+    # 48 tokens now take about a second, long after the client has left, and the model cannot end the reply
+    steps = _slowed_without_stops(monkeypatch, scheduler, stop_ids, 0.02)
     before = dict(scheduler.finished)
     body = {"model": "bot", "prompt": "the king", "max_tokens": 48, "temperature": 0, "stream": True,
             "stop": ["\u2603"]}  # a stop string that never comes: the reply runs to max_tokens unless cancelled

@@ -107,12 +107,12 @@ def _kernel_parts(d: Decoder) -> tuple[list[Tensor], int] | None:
         return None
     tensors = [t for parts in d.blocks for name in _TENSORS for t in getattr(parts, name)]  # (weight, bias) pairs
     named = [d.wte, d.wpe, d.lm_head, *d.ln_f, *tensors]
-    if not all(t is None or (t.dtype == torch.float32 and (t.is_contiguous() or _stored_transposed(t))) for t in named):
+    if not all(t is None or (t.dtype == torch.float32 and (t.is_contiguous() or _is_stored_transposed(t))) for t in named):
         return None
     return tensors, codes.pop()
 
 
-def _stored_transposed(t: Tensor) -> bool:
+def _is_stored_transposed(t: Tensor) -> bool:
     """Whether t (out, in) lies in (in, out) memory order (strides (1, out))."""
     return t.dim() == 2 and t.stride() == (1, t.shape[0])
 
