@@ -100,6 +100,30 @@ def test_a_masked_key_gets_no_weight_at_all():
 
 
 @needs_kernels
+def test_a_rows_hidden_leading_columns_are_not_read():
+    """A serving batch's timeline is wider than a row's own columns (the kernel skips the hidden
+    ones before a row's first visible column): whatever the hidden columns hold, NaN included, the
+    row's numbers are the same bits."""
+    B, nh, hs, start, L = 3, 2, 8, 9, 12
+    torch.manual_seed(5)
+    k, v = torch.randn(2, B, nh, L, hs)
+    mask = torch.zeros(B, start + 1)
+    mask[0, :6] = -math.inf  # row 0 owns columns 6 .. 9
+    mask[1, :2] = -math.inf  # row 1 owns columns 2, 4 .. 9 (a hole after its prefix)
+    mask[1, 3] = -math.inf
+    qkv = torch.randn(B, 3 * nh * hs)
+    outputs = []
+    for fill in (float("nan"), 1e30):
+        k_run, v_run = k.clone(), v.clone()
+        k_run[0, :, :6], v_run[0, :, :6] = fill, fill
+        k_run[1, :, :2], v_run[1, :, :2] = fill, fill
+        with torch.no_grad():
+            outputs.append(decode_attention(qkv, nh, (k_run, v_run), start, mask))
+    assert torch.isfinite(outputs[0]).all()
+    assert torch.equal(outputs[0], outputs[1])
+
+
+@needs_kernels
 def test_kernel_refuses_a_position_outside_the_cache_and_a_mask_of_another_size():
     k, v = torch.zeros(2, 2, 2, 4, 8)  # (B, nh, max_len, hs) each
     qkv = torch.randn(2, 3 * 2 * 8)

@@ -74,6 +74,17 @@ void attend_one(float* y, const float* q, const float* K, const float* V, int64_
   }
 }
 
+// How many leading columns of a row's mask hide their key: the row's own columns start after
+// them (a batch's timeline is wider than any one row's), so its attention need not read them.
+// A row that hides every column reads them all, as before.
+int64_t hidden_prefix(const float* mask, int64_t keys) {
+  if (mask == nullptr) return 0;
+  constexpr float hidden = -std::numeric_limits<float>::infinity();
+  int64_t first = 0;
+  while (first < keys && mask[first] == hidden) ++first;
+  return first < keys ? first : 0;
+}
+
 }  // namespace
 
 void attend_new_position(const NewPosition& a, int64_t B, float* out) {
@@ -88,6 +99,7 @@ void attend_new_position(const NewPosition& a, int64_t B, float* out) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KV, j = task % KV;
       const float *row = a.qkv + b * a.width, *row_mask = a.mask == nullptr ? nullptr : a.mask + b * a.mask_stride;
+      const int64_t first = hidden_prefix(row_mask, keys);
       const float *c = turn ? a.cos + (b % a.angle_rows) * D : nullptr;
       const float *s = turn ? a.sin + (b % a.angle_rows) * D : nullptr;
       float *K = a.k + (b * KV + j) * L * D, *V = a.v + (b * KV + j) * L * D;
@@ -102,7 +114,9 @@ void attend_new_position(const NewPosition& a, int64_t B, float* out) {
           turn_row(q.data(), row + h * D, c, s, D, scale);
         else
           scale_row(q.data(), row + h * D, D, scale);
-        attend_one(out + b * n_head * D + h * D, q.data(), K, V, keys, D, scores.data(), row_mask);
+        // the hidden prefix skipped: its keys would weigh exactly 0, so the same bits
+        attend_one(out + b * n_head * D + h * D, q.data(), K + first * D, V + first * D, keys - first, D,
+                   scores.data(), row_mask == nullptr ? nullptr : row_mask + first);
       }
     }
   });
