@@ -128,6 +128,26 @@ def test_the_kernel_refuses_ids_and_positions_outside_the_embeddings():
                 call(token, position)
 
 
+def test_the_kernel_refuses_slots_columns_and_logit_rows_outside_their_ranges():
+    model = _model()
+    decoder = Decoder(model)
+    cache = model.new_kv_cache(2)
+    tensors, code = decoder.kernel_parts
+    ids = torch.tensor([3, 4, 5])
+
+    def call(slots, columns, logit_rows):
+        joined = [torch.tensor(x) for x in (slots, columns, logit_rows)]
+        return ops.decode_gpt_rows(ids, torch.tensor([2, 0, 1]), decoder.wte, decoder.wpe, tensors, *decoder.ln_f,
+                                   decoder.lm_head, None, cache.k, cache.v, 2, 4, decoder.eps, code, *joined)
+
+    with torch.inference_mode():
+        assert call([0, 1, 1], [2, 1, 2], [0, 2]).shape == (2, 67)  # a prompt of two positions in row 1
+        for args, what in ((([0, 2, 1], [2, 1, 2], [0]), "slots 2 at 1"), (([0, 1, 1], [2, 1, 3], [0]), "columns 3"),
+                           (([0, 1, 1], [2, 1, 2], [3]), "logit_rows 3")):
+            with pytest.raises(RuntimeError, match=what):
+                call(*args)
+
+
 def test_a_requests_logits_in_the_serving_engine_do_not_depend_on_the_requests_beside_it():
     """The same request alone and with others joining at other steps (longer prompts moving the
     timeline, so masked columns between its keys) and leaving: the same bits at every step."""

@@ -8,9 +8,11 @@ import threading
 import pytest
 import torch
 
+from lmforge.inference import batch_decode
 from lmforge.inference.batch_decode import BatchDecoder
 from lmforge.inference.generate import SamplingConfig, generate
 from lmforge.inference.scheduler import GenerationRequest, Scheduler
+from lmforge.ops import kernels
 from tests_serve_helpers import PROMPTS, peaked
 
 
@@ -65,6 +67,57 @@ def test_prompts_of_different_lengths_prefilled_together_decode_as_alone(kind):
             for i, row in zip(list(decoder.owners), logits):
                 got[i].append(int(row.argmax()))
     assert [got[i] for i in range(len(PROMPTS))] == want
+
+
+@pytest.mark.skipif(kernels.ops() is None, reason="the whole-step kernel is not loaded")
+def test_prompts_joining_a_running_step_decode_as_alone():
+    """Prompts prefilled inside the busy rows' step (each its own columns, seeing up to its own
+    position) give the tokens they give alone, and so do the rows they joined."""
+    model = peaked(context=40)
+    new_tokens = 12
+    want = [generate(model, p, SamplingConfig(max_new_tokens=new_tokens, temperature=0)) for p in PROMPTS]
+    decoder = BatchDecoder(model, slots=len(PROMPTS))
+    groups = [[1, 2], [3, 4, 5]]  # they join at later steps, while the rows before them decode
+    got = {0: []}
+    joins = 0
+    with torch.inference_mode():
+        got[0].append(int(decoder.add(0, PROMPTS[0]).argmax()))
+        while decoder.owners:
+            for i in list(decoder.owners):
+                if len(got[i]) == new_tokens:
+                    decoder.remove(i)
+            if not decoder.owners:
+                break
+            tokens = [got[i][-1] for i in decoder.owners]
+            group = groups[0] if groups and decoder.t + 1 >= max(len(PROMPTS[i]) for i in groups[0]) else []
+            rows = list(decoder.owners)
+            joined = decoder.join_step(tokens, group, [PROMPTS[i] for i in group]) if group else None
+            if joined is None:
+                assert not group, "a join that fits was declined"
+                logits, new = decoder.step(tokens), []
+            else:
+                (logits, new), joins = joined, joins + 1
+                groups.pop(0)
+            for i, row in zip(rows, logits):
+                got[i].append(int(row.argmax()))
+            for i, row in zip(group, new):
+                got[i] = [int(row.argmax())]
+    assert joins == 2
+    assert [got[i] for i in range(len(PROMPTS))] == want
+    assert decoder.free == len(PROMPTS)
+
+
+def test_join_step_declines_what_it_does_not_run():
+    model = peaked(context=40)
+    decoder = BatchDecoder(model, slots=4)
+    with torch.inference_mode():
+        assert decoder.join_step([], [1], [[5, 6]]) is None  # no busy rows: a prefill of its own
+        decoder.add(0, [3, 4])
+        assert decoder.join_step([7], [1], [[5] * 4]) is None  # longer than the timeline so far
+        assert decoder.join_step([7], [1], [[5] * (batch_decode.JOIN_TOKENS + 1)]) is None  # the BLAS's job
+        with pytest.raises(ValueError, match="busy rows"):
+            decoder.join_step([7, 8], [1], [[5]])
+        assert decoder.owners == [0] and decoder.t == 2  # nothing changed
 
 
 def test_scheduler_greedy_equals_generate_under_concurrency():

@@ -25,10 +25,16 @@ matrices, which the BLAS does markedly faster for several rows than the product 
 weight's transpose. A step of one row reads the model's own weights, whose product (one row
 against each weight row) is the faster one there. The price is that second copy of the weights
 while serving.
+
+Prompts that come while rows are busy join their step (`join_step`, a GPT's whole-step kernel):
+each of a prompt's positions is one more row of the step, all writing the prompt's cache row,
+each at its own column and seeing the columns up to it. The step then prefills them in the same
+pass over the weights that decodes the busy rows, instead of a pass of its own.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -43,6 +49,12 @@ from lmforge.ops.rotary import rms_norm
 
 WIDE_ROWS = 4
 """From this many rows on, a GPT's step reads the transposed copy of the weights."""
+JOIN_TOKENS = 128
+"""The most prompt tokens that join a running step (`join_step`): up to here the pass over the
+weights it saves outweighs the step's loops being slower than the BLAS's products in a prefill
+of their own."""
+JOIN_ROWS = 160
+"""The most rows (busy rows and joining prompts' positions) of a step that prompts join."""
 
 
 class _GPTRows:
@@ -62,8 +74,9 @@ class _GPTRows:
         return self.wide[0] if rows >= WIDE_ROWS else self.blocks
 
     def whole_step(self, ids: Tensor, positions: Tensor, visible: Tensor | None, k: Tensor, v: Tensor,
-                   t: int) -> Tensor | None:
-        return rows_step(self.stepper, ids, positions, visible, k, v, t)  # None: the block-by-block step
+                   t: int, joined: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor | None:
+        widest = None if joined is None else JOIN_ROWS  # None: gpt_decode's own limit
+        return rows_step(self.stepper, ids, positions, visible, k, v, t, joined, widest)  # None: block by block
 
     def inputs(self, ids: Tensor, positions: Tensor) -> tuple[Tensor, None]:
         return F.embedding(ids, self.p.wte) + F.embedding(positions, self.p.wpe), None  # (..., C)
@@ -112,8 +125,8 @@ class _LlamaRows:
     def blocks_for(self, rows: int) -> list:
         return self.blocks
 
-    def whole_step(self, *args) -> None:
-        return None  # a Llama's step runs block by block
+    def whole_step(self, *args, **kwargs) -> None:
+        return None  # a Llama's step runs block by block (and prompts do not join it)
 
     def head(self, x: Tensor) -> Tensor:
         return F.linear(rms_norm(x, self.p.norm, self.p.eps), self.p.lm_head)
@@ -218,6 +231,51 @@ class BatchDecoder:
         for layer, parts in enumerate(self.rows.blocks_for(n)):
             x = self.rows.block(x, parts, extra, visible, (self.k[layer, :n], self.v[layer, :n]), t)  # (n, C)
         return self._logits(x)
+
+    def join_step(self, tokens: Sequence[int], keys: Sequence[object], prompts: Sequence[Sequence[int]]
+                  ) -> tuple[Tensor, Tensor] | None:
+        """`step(tokens)` with `prompts` prefilled into free rows in the same pass over the weights:
+        (logits (n, V) of the busy rows, logits (R, V) after each prompt); or None, nothing done,
+        where that does not apply (no busy rows, over `JOIN_TOKENS`, a prompt longer than the
+        timeline so far, a model or setting without the whole-step kernel). A prompt of m tokens
+        takes columns t - m + 1 .. t of its row, t being the step's column: it ends where the
+        busy rows' new positions are written, and goes on with them."""
+        n, lengths = len(self.owners), [len(p) for p in prompts]
+        if not n or not prompts or sum(lengths) > JOIN_TOKENS or n + sum(lengths) > JOIN_ROWS:
+            return None
+        if len(tokens) != n or len(keys) != len(prompts) or len(prompts) > self.free or min(lengths) < 1:
+            raise ValueError(f"{len(tokens)} tokens for {n} busy rows and {len(prompts)} prompts for {self.free} "
+                             "free rows, each of at least one token")
+        if self.t >= self.columns:
+            self._pack()
+        t = self.t
+        if max(lengths) > t + 1 or max([*self.lengths, *lengths]) >= self.context:
+            return None
+        slots = [*range(n), *(n + i for i, m in enumerate(lengths) for _ in range(m))]
+        columns = [t] * n + [t - m + 1 + j for m in lengths for j in range(m)]
+        mask = self.hidden.new_full((len(slots), t + 1), float("-inf"))
+        mask[:n] = self.hidden[:n, :t + 1]
+        mask[:n, t] = 0.0
+        ends = [n + m for m in itertools.accumulate(lengths)]  # one past each prompt's rows
+        for m, end in zip(lengths, ends):
+            mask[end - m:end, t - m + 1:] = 0.0  # its own columns (each row sees up to its own)
+        device = self.k.device
+        as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        logits = self.rows.whole_step(
+            as_long([*tokens, *(i for p in prompts for i in p)]),
+            as_long([*self.lengths, *(j for m in lengths for j in range(m))]), mask, self.k, self.v, t,
+            joined=(as_long(slots), as_long(columns), as_long([*range(n), *(end - 1 for end in ends)])))
+        if logits is None:
+            return None
+        self.hidden[:n, t] = 0.0
+        for i, m in enumerate(lengths):
+            self.hidden[n + i] = float("-inf")
+            self.hidden[n + i, t - m + 1:t + 1] = 0.0
+        self.lengths = [length + 1 for length in self.lengths] + lengths
+        self.owners.extend(keys)
+        self.t = t + 1
+        logits = logits.float()
+        return logits[:n], logits[n:]
 
     def position(self, key: object) -> int:
         """How many tokens the row of `key` holds (prompt + fed tokens)."""

@@ -165,6 +165,14 @@ class Scheduler:
         for request in [r for r in admitted if r.cancelled]:
             self._finish(request, "cancelled")
         admitted = [r for r in admitted if not r.cancelled]
+        rows = list(self.decoder.owners)
+        if admitted and rows:  # short prompts join the busy rows' step: one pass over the weights
+            joined = self.decoder.join_step([self._next[r] for r in rows], admitted, [r.prompt_ids for r in admitted])
+            if joined is not None:
+                self.peak_batch = max(self.peak_batch, len(rows) + len(admitted))
+                self._choose(rows, joined[0])
+                self._choose(admitted, joined[1])
+                return
         if admitted:  # the waiting prompts prefilled together, in one forward
             self._choose(admitted, self.decoder.add_many(admitted, [r.prompt_ids for r in admitted]))
         rows = list(self.decoder.owners)

@@ -14,13 +14,17 @@ struct NewPosition {
   int64_t angle_rows;  // 1 (every row at one position) or B
   const float* mask;  // additive, start + 1 values per row, mask_stride apart; or null
   int64_t mask_stride;
-  float* k;           // the layer's caches (B, n_kv_head, columns, head_dim), rows contiguous
+  float* k;           // the layer's caches (slots, n_kv_head, columns, head_dim), rows contiguous
   float* v;
   int64_t columns, start, n_head, n_kv_head, head_dim;
+  const int64_t* slot = nullptr;    // each row's cache row (null: row b is cache row b)
+  const int64_t* column = nullptr;  // each row's column, at most start (null: start for every row)
 };
 
-// Writes each row's new key and value at column `start` of its cache rows, then each query head
-// (scaled by 1 / sqrt(head_dim)) attends over columns 0 .. start: out (B, n_head head_dim).
+// Writes each row's new key and value at its column (`start`) of its cache row, then each query
+// head (scaled by 1 / sqrt(head_dim)) attends over columns 0 .. that column: out (B, n_head
+// head_dim). Rows may share a cache row at different columns (a prompt's positions, joining a
+// step): every row's key and value is written before any row attends.
 void attend_new_position(const NewPosition& step, int64_t B, float* out);
 
 }  // namespace lmforge

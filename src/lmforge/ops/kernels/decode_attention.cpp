@@ -88,30 +88,40 @@ int64_t hidden_prefix(const float* mask, int64_t keys) {
 }  // namespace
 
 void attend_new_position(const NewPosition& a, int64_t B, float* out) {
-  const int64_t D = a.head_dim, KV = a.n_kv_head, L = a.columns, n_head = a.n_head, start = a.start;
-  const int64_t g = n_head / KV, keys = start + 1;
+  const int64_t D = a.head_dim, KV = a.n_kv_head, L = a.columns, n_head = a.n_head;
+  const int64_t g = n_head / KV, widest = a.start + 1;
   const bool turn = a.cos != nullptr;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  // One task per (row, key / value head): its cache rows first, then its group's queries.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, keys * D * g));
-  at::parallel_for(0, B * KV, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(keys), q(D);
+  auto slot = [&](int64_t b) { return a.slot == nullptr ? b : a.slot[b]; };
+  auto column = [&](int64_t b) { return a.column == nullptr ? a.start : a.column[b]; };
+  auto angles = [&](const float* table, int64_t b) { return turn ? table + (b % a.angle_rows) * D : nullptr; };
+  // Every row's key and value written first: the rows of a prompt joining the step read each
+  // other's (each up to its own column).
+  at::parallel_for(0, B * KV, 64, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / KV, j = task % KV;
+      const int64_t b = task / KV, j = task % KV, at = column(b) * D;
+      const float* row = a.qkv + b * a.width;
+      float *K = a.k + (slot(b) * KV + j) * L * D, *V = a.v + (slot(b) * KV + j) * L * D;
+      if (turn)
+        turn_row(K + at, row + (n_head + j) * D, angles(a.cos, b), angles(a.sin, b), D, 1.f);
+      else
+        std::copy(row + (n_head + j) * D, row + (n_head + j + 1) * D, K + at);
+      std::copy(row + (n_head + KV + j) * D, row + (n_head + KV + j + 1) * D, V + at);
+    }
+  });
+  // Then one task per (row, key / value head): its group's queries over columns 0 .. its own.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, widest * D * g));
+  at::parallel_for(0, B * KV, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(widest), q(D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / KV, j = task % KV, keys = column(b) + 1;
       const float *row = a.qkv + b * a.width, *row_mask = a.mask == nullptr ? nullptr : a.mask + b * a.mask_stride;
       const int64_t first = hidden_prefix(row_mask, keys);
-      const float *c = turn ? a.cos + (b % a.angle_rows) * D : nullptr;
-      const float *s = turn ? a.sin + (b % a.angle_rows) * D : nullptr;
-      float *K = a.k + (b * KV + j) * L * D, *V = a.v + (b * KV + j) * L * D;
-      if (turn)
-        turn_row(K + start * D, row + (n_head + j) * D, c, s, D, 1.f);
-      else
-        std::copy(row + (n_head + j) * D, row + (n_head + j + 1) * D, K + start * D);
-      std::copy(row + (n_head + KV + j) * D, row + (n_head + KV + j + 1) * D, V + start * D);
+      const float *K = a.k + (slot(b) * KV + j) * L * D, *V = a.v + (slot(b) * KV + j) * L * D;
       for (int64_t i = 0; i < g; ++i) {
         const int64_t h = j * g + i;
         if (turn)
-          turn_row(q.data(), row + h * D, c, s, D, scale);
+          turn_row(q.data(), row + h * D, angles(a.cos, b), angles(a.sin, b), D, scale);
         else
           scale_row(q.data(), row + h * D, D, scale);
         // the hidden prefix skipped: its keys would weigh exactly 0, so the same bits

@@ -263,15 +263,31 @@ void check_block(const std::vector<std::optional<at::Tensor>>& p, int64_t C, int
   }
 }
 
-// Logits (R, V) of token ids[r] at position positions[r] of each row r < R. parts: 12 tensors per
-// block (`check_block`); the caches (n_layer, slots, n_head, columns, hs), rows 0 .. R - 1 used,
-// written at column `start`; mask: additive (R, start + 1), its rows possibly apart, or none;
-// activation as `activate`.
+// (R,) int64 values of an optional index tensor, each checked to lie in [0, limit); null when absent.
+const int64_t* indices_of(const std::optional<at::Tensor>& t, int64_t R, int64_t limit, const char* what) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->size(0) == R && t->is_contiguous(),
+              "decode_gpt_rows: ", what, " must be contiguous int64 (", R, ",)");
+  const int64_t* data = t->data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(data[r] >= 0 && data[r] < limit, "decode_gpt_rows: ", what, " ", data[r], " at ", r,
+                " is outside [0, ", limit, ")");
+  return data;
+}
+
+// Logits of token ids[r] at position positions[r] of each row r < R. parts: 12 tensors per
+// block (`check_block`); the caches (n_layer, slots, n_head, columns, hs), row r writing cache row
+// slots[r] (default r) at column columns[r] (default `start`, the largest) and attending over its
+// columns up to that one; mask: additive (R, start + 1), its rows possibly apart, or none;
+// activation as `activate`. The logits (L, V) are those of the rows logit_rows (default all R):
+// the rows of a prompt joining a step share its cache row, and only its last needs them.
 at::Tensor decode_gpt_rows(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& wte,
                            const at::Tensor& wpe, const c10::List<std::optional<at::Tensor>>& parts,
                            const at::Tensor& ln_f_weight, const std::optional<at::Tensor>& ln_f_bias,
                            const at::Tensor& lm_head, const std::optional<at::Tensor>& mask, at::Tensor& k_cache,
-                           at::Tensor& v_cache, int64_t start, int64_t n_head, double eps, int64_t activation) {
+                           at::Tensor& v_cache, int64_t start, int64_t n_head, double eps, int64_t activation,
+                           const std::optional<at::Tensor>& slots_of_rows, const std::optional<at::Tensor>& columns_of_rows,
+                           const std::optional<at::Tensor>& logit_rows) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&wte, &wpe, &ln_f_weight, &k_cache, &v_cache})
     check_float(*t, "every tensor");
   check_weight(lm_head, "the output layer's weight");
@@ -280,11 +296,18 @@ at::Tensor decode_gpt_rows(const at::Tensor& ids, const at::Tensor& positions, c
               "decode_gpt_rows: ids and positions must be contiguous int64 (R,)");
   TORCH_CHECK(activation >= 0 && activation <= 2, "decode_gpt_rows: activation must be 0, 1 or 2");
   const int64_t R = ids.size(0), V = wte.size(0), C = wte.size(1), layers = k_cache.size(0);
-  TORCH_CHECK(k_cache.dim() == 5 && v_cache.sizes() == k_cache.sizes() && R >= 1 && R <= k_cache.size(1) &&
-                  k_cache.size(2) == n_head && n_head * k_cache.size(4) == C,
+  TORCH_CHECK(k_cache.dim() == 5 && v_cache.sizes() == k_cache.sizes() && R >= 1 &&
+                  (R <= k_cache.size(1) || slots_of_rows.has_value()) && k_cache.size(2) == n_head &&
+                  n_head * k_cache.size(4) == C,
               "decode_gpt_rows: the caches must be (n_layer, slots >= R, n_head, columns, C / n_head)");
   const int64_t slots = k_cache.size(1), columns = k_cache.size(3), hs = k_cache.size(4);
   TORCH_CHECK(start >= 0 && start < columns, "decode_gpt_rows: column ", start, " is outside the cache");
+  const int64_t* row_slots = indices_of(slots_of_rows, R, slots, "slots");
+  const int64_t* row_columns = indices_of(columns_of_rows, R, start + 1, "columns");
+  const int64_t* logit_row = logit_rows.has_value() ? indices_of(logit_rows, logit_rows->numel(), R, "logit_rows")
+                                                    : nullptr;
+  const int64_t L = logit_row != nullptr ? logit_rows->numel() : R;
+  TORCH_CHECK(L >= 1, "decode_gpt_rows: logit_rows is empty");
   TORCH_CHECK(static_cast<int64_t>(parts.size()) == 12 * layers, "decode_gpt_rows: parts must hold 12 tensors per block");
   TORCH_CHECK(wpe.dim() == 2 && wpe.size(1) == C && lm_head.dim() == 2 && lm_head.size(1) == C &&
                   ln_f_weight.numel() == C && (!ln_f_bias.has_value() || ln_f_bias->numel() == C),
@@ -309,7 +332,7 @@ at::Tensor decode_gpt_rows(const at::Tensor& ids, const at::Tensor& positions, c
     TORCH_CHECK(id[r] >= 0 && id[r] < V && pos[r] >= 0 && pos[r] < wpe.size(0), "decode_gpt_rows: row ", r,
                 " has a token id or position outside the embeddings");
 
-  std::vector<float> x(R * C), h(R * C), qkv(R * 3 * C), att(R * C), f(R * std::max<int64_t>(F, 1));
+  std::vector<float> x(R * C), h(R * C), qkv(R * 3 * C), att(R * C), f(R * std::max<int64_t>(F, C));
   const float *te = wte.data_ptr<float>(), *pe = wpe.data_ptr<float>();
   for (int64_t r = 0; r < R; ++r)
     for (int64_t i = 0; i < C; ++i) x[r * C + i] = te[id[r] * C + i] + pe[pos[r] * C + i];
@@ -324,7 +347,7 @@ at::Tensor decode_gpt_rows(const at::Tensor& ids, const at::Tensor& positions, c
     const int64_t layer = l * slots * n_head * columns * hs;
     attend_new_position({qkv.data(), 3 * C, nullptr, nullptr, 1, data_or_null(mask), mask_stride,
                          k_cache.data_ptr<float>() + layer, v_cache.data_ptr<float>() + layer, columns, start, n_head,
-                         n_head, hs},
+                         n_head, hs, row_slots, row_columns},
                         R, att.data());
     project(att.data(), R, C, weight_of(*p[4]), data_or_null(p[5]), C, x.data(), x.data());
     layer_norm_rows(x.data(), R, C, p[6]->data_ptr<float>(), data_or_null(p[7]), e, h.data());
@@ -332,9 +355,12 @@ at::Tensor decode_gpt_rows(const at::Tensor& ids, const at::Tensor& positions, c
     activate(f.data(), R * F, activation);
     project(f.data(), R, F, weight_of(*p[10]), data_or_null(p[11]), C, x.data(), x.data());
   }
-  layer_norm_rows(x.data(), R, C, ln_f_weight.data_ptr<float>(), data_or_null(ln_f_bias), e, h.data());
-  auto logits = at::empty({R, lm_head.size(0)}, wte.options());
-  project(h.data(), R, C, weight_of(lm_head), nullptr, lm_head.size(0), nullptr, logits.data_ptr<float>());
+  if (logit_row != nullptr)  // the rows that need logits, gathered to the front
+    for (int64_t i = 0; i < L; ++i) std::copy_n(x.data() + logit_row[i] * C, C, h.data() + i * C);
+  layer_norm_rows(logit_row != nullptr ? h.data() : x.data(), L, C, ln_f_weight.data_ptr<float>(),
+                  data_or_null(ln_f_bias), e, f.data());
+  auto logits = at::empty({L, lm_head.size(0)}, wte.options());
+  project(f.data(), L, C, weight_of(lm_head), nullptr, lm_head.size(0), nullptr, logits.data_ptr<float>());
   return logits;
 }
 
@@ -344,7 +370,8 @@ at::Tensor decode_gpt_rows(const at::Tensor& ids, const at::Tensor& positions, c
 TORCH_LIBRARY_FRAGMENT(lmforge, m) {
   m.def("decode_gpt_rows(Tensor ids, Tensor positions, Tensor wte, Tensor wpe, Tensor?[] parts, Tensor ln_f_weight, "
         "Tensor? ln_f_bias, Tensor lm_head, Tensor? mask, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, "
-        "int n_head, float eps, int activation) -> Tensor");
+        "int n_head, float eps, int activation, Tensor? slots=None, Tensor? columns=None, Tensor? logit_rows=None) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) { m.impl("decode_gpt_rows", &lmforge::decode_gpt_rows); }
