@@ -186,6 +186,27 @@ def test_swiglu_kernel_matches_torch_forward_and_gradients_even_far_from_zero(sh
 
 
 @needs_kernels
+def test_swiglu_consuming_its_input_gives_the_same_gradients_and_refuses_a_second_backward():
+    torch.manual_seed(7)
+    x = torch.randn(6, 2 * 704, requires_grad=True)
+    weight = torch.randn(2 * 704, 2 * 704) / 40
+    grads = []
+    for consume in (False, True):
+        x.grad = None
+        swiglu(x @ weight, consume=consume).square().sum().backward()
+        grads.append(x.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+    out = swiglu(x @ weight, consume=True).square().sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()  # the activation was overwritten by its gradient
+    leaf = torch.randn(3, 8, requires_grad=True)
+    before = leaf.detach().clone()
+    swiglu(leaf, consume=True).sum().backward()
+    assert torch.equal(leaf.detach(), before)  # a leaf is never overwritten
+
+
+@needs_kernels
 def test_kernels_refuse_what_they_cannot_read():
     cos, sin = _tables(8, 4)
     with pytest.raises(RuntimeError, match="multiple of n_kv_head"):

@@ -74,7 +74,8 @@ def llama_block(x: Tensor, p: LlamaParts, rope: tuple[Tensor, Tensor], attn_mask
                          kv=kv, start=start, dropout_p=p.attn_dropout)  # (B, T, nh hs): rotary inside
     x = add_projection(x, p.o, y, p.resid_dropout)  # (B, T, C): x + dropout(o_proj(y))
     x, h = rms_norm_residual(x, p.post_norm, p.eps)  # (B, T, C)
-    return add_projection(x, p.down, swiglu(project(h, p.gate_up)), p.mlp_dropout)  # x + dropout(down(...))
+    gate_up = project(h, p.gate_up)  # (B, T, 2 I), read by the gate alone
+    return add_projection(x, p.down, swiglu(gate_up, consume=True), p.mlp_dropout)  # x + dropout(down(...))
 
 
 def _stacked(*linears: nn.Linear) -> Affine | Stacked:

@@ -152,13 +152,13 @@ at::Tensor swiglu(const at::Tensor& gate_up) {
   return out;
 }
 
-// d gate = grad up silu'(gate), silu'(a) = sigmoid(a) (1 + a (1 - sigmoid(a))); d up = grad silu(gate).
-at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& gate_up) {
+// d gate = grad up silu'(gate), silu'(a) = sigmoid(a) (1 + a (1 - sigmoid(a))); d up = grad silu(gate),
+// into out (N, 2I), which may be gate_up itself: each element is read before its place is written.
+void swiglu_backward_into(const at::Tensor& grad, const at::Tensor& gate_up, at::Tensor& out) {
   check_float_cpu(grad, "swiglu_backward: grad");
   check_float_cpu(gate_up, "swiglu_backward: gate_up");
   const int64_t I = gate_up.size(-1) / 2, rows = gate_up.numel() / (2 * I);
   TORCH_CHECK(grad.numel() == rows * I, "swiglu_backward: grad must be gate_up's rows by half its width");
-  auto out = at::empty_like(gate_up);
   const float *g = grad.data_ptr<float>(), *in = gate_up.data_ptr<float>();
   float* o = out.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
@@ -167,13 +167,25 @@ at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& gate_up) {
       float *d_gate = o + n * 2 * I, *d_up = d_gate + I;
 #pragma omp simd
       for (int64_t i = 0; i < I; ++i) {
-        const float a = gate[i], sg = sigmoid(a);
+        const float a = gate[i], u = up[i], sg = sigmoid(a);
         d_up[i] = gr[i] * a * sg;
-        d_gate[i] = gr[i] * up[i] * sg * (1.f + a * (1.f - sg));
+        d_gate[i] = gr[i] * u * sg * (1.f + a * (1.f - sg));
       }
     }
   });
+}
+
+at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& gate_up) {
+  auto out = at::empty_like(gate_up);
+  swiglu_backward_into(grad, gate_up, out);
   return out;
+}
+
+// The same, written over gate_up (training's backward, gate_up needed no more): no new tensor of
+// its size to fill, and its rows written while they are in cache from being read.
+at::Tensor& swiglu_backward_(const at::Tensor& grad, at::Tensor& gate_up) {
+  swiglu_backward_into(grad, gate_up, gate_up);
+  return gate_up;
 }
 
 }  // namespace
@@ -186,6 +198,7 @@ TORCH_LIBRARY_FRAGMENT(lmforge, m) {
         "-> (Tensor, Tensor)");
   m.def("swiglu(Tensor gate_up) -> Tensor");
   m.def("swiglu_backward(Tensor grad, Tensor gate_up) -> Tensor");
+  m.def("swiglu_backward_(Tensor grad, Tensor(a!) gate_up) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
@@ -194,4 +207,5 @@ TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
   m.impl("rms_norm_backward", &lmforge::rms_norm_backward);
   m.impl("swiglu", &lmforge::swiglu);
   m.impl("swiglu_backward", &lmforge::swiglu_backward);
+  m.impl("swiglu_backward_", &lmforge::swiglu_backward_);
 }
