@@ -275,6 +275,41 @@ const int64_t* indices_of(const std::optional<at::Tensor>& t, int64_t R, int64_t
   return data;
 }
 
+// The shapes, types and ranges `decode_gpt_rows` reads (its blocks' tensors aside: `check_block`).
+void check_step(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& wte, const at::Tensor& wpe,
+                const at::Tensor& ln_f_weight, const std::optional<at::Tensor>& ln_f_bias, const at::Tensor& lm_head,
+                const std::optional<at::Tensor>& mask, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                int64_t start, int64_t n_head, int64_t activation, bool rows_share_slots) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&wte, &wpe, &ln_f_weight, &k_cache, &v_cache})
+    check_float(*t, "every tensor");
+  check_weight(lm_head, "the output layer's weight");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && ids.dim() == 1 &&
+                  positions.sizes() == ids.sizes() && ids.is_contiguous() && positions.is_contiguous(),
+              "decode_gpt_rows: ids and positions must be contiguous int64 (R,)");
+  TORCH_CHECK(activation >= 0 && activation <= 2, "decode_gpt_rows: activation must be 0, 1 or 2");
+  const int64_t R = ids.size(0), V = wte.size(0), C = wte.size(1);
+  TORCH_CHECK(k_cache.dim() == 5 && v_cache.sizes() == k_cache.sizes() && R >= 1 &&
+                  (R <= k_cache.size(1) || rows_share_slots) && k_cache.size(2) == n_head &&
+                  n_head * k_cache.size(4) == C,
+              "decode_gpt_rows: the caches must be (n_layer, slots >= R, n_head, columns, C / n_head)");
+  TORCH_CHECK(start >= 0 && start < k_cache.size(3), "decode_gpt_rows: column ", start, " is outside the cache");
+  TORCH_CHECK(wpe.dim() == 2 && wpe.size(1) == C && lm_head.dim() == 2 && lm_head.size(1) == C &&
+                  ln_f_weight.numel() == C && (!ln_f_bias.has_value() || ln_f_bias->numel() == C),
+              "decode_gpt_rows: the embeddings, final norm and output layer must be C wide");
+  if (ln_f_bias.has_value()) check_float(*ln_f_bias, "every tensor");
+  if (mask.has_value()) {  // rows may lie apart (a view of a wider mask), each row's values together
+    TORCH_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kFloat && mask->dim() == 2 &&
+                    mask->size(0) == R && mask->size(1) == start + 1 && mask->stride(1) == 1 &&
+                    (R == 1 || mask->stride(0) >= start + 1),
+                "decode_gpt_rows: the mask must be float32 (R, start + 1) = (", R, ", ", start + 1,
+                ") with each row's values contiguous");
+  }
+  const int64_t *id = ids.data_ptr<int64_t>(), *pos = positions.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(id[r] >= 0 && id[r] < V && pos[r] >= 0 && pos[r] < wpe.size(0), "decode_gpt_rows: row ", r,
+                " has a token id or position outside the embeddings");
+}
+
 // Logits of token ids[r] at position positions[r] of each row r < R. parts: 12 tensors per
 // block (`check_block`); the caches (n_layer, slots, n_head, columns, hs), row r writing cache row
 // slots[r] (default r) at column columns[r] (default `start`, the largest) and attending over its
@@ -288,20 +323,10 @@ at::Tensor decode_gpt_rows(const at::Tensor& ids, const at::Tensor& positions, c
                            at::Tensor& v_cache, int64_t start, int64_t n_head, double eps, int64_t activation,
                            const std::optional<at::Tensor>& slots_of_rows, const std::optional<at::Tensor>& columns_of_rows,
                            const std::optional<at::Tensor>& logit_rows) {
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&wte, &wpe, &ln_f_weight, &k_cache, &v_cache})
-    check_float(*t, "every tensor");
-  check_weight(lm_head, "the output layer's weight");
-  TORCH_CHECK(ids.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && ids.dim() == 1 &&
-                  positions.sizes() == ids.sizes() && ids.is_contiguous() && positions.is_contiguous(),
-              "decode_gpt_rows: ids and positions must be contiguous int64 (R,)");
-  TORCH_CHECK(activation >= 0 && activation <= 2, "decode_gpt_rows: activation must be 0, 1 or 2");
-  const int64_t R = ids.size(0), V = wte.size(0), C = wte.size(1), layers = k_cache.size(0);
-  TORCH_CHECK(k_cache.dim() == 5 && v_cache.sizes() == k_cache.sizes() && R >= 1 &&
-                  (R <= k_cache.size(1) || slots_of_rows.has_value()) && k_cache.size(2) == n_head &&
-                  n_head * k_cache.size(4) == C,
-              "decode_gpt_rows: the caches must be (n_layer, slots >= R, n_head, columns, C / n_head)");
+  check_step(ids, positions, wte, wpe, ln_f_weight, ln_f_bias, lm_head, mask, k_cache, v_cache, start, n_head,
+             activation, slots_of_rows.has_value());
+  const int64_t R = ids.size(0), C = wte.size(1), layers = k_cache.size(0);
   const int64_t slots = k_cache.size(1), columns = k_cache.size(3), hs = k_cache.size(4);
-  TORCH_CHECK(start >= 0 && start < columns, "decode_gpt_rows: column ", start, " is outside the cache");
   const int64_t* row_slots = indices_of(slots_of_rows, R, slots, "slots");
   const int64_t* row_columns = indices_of(columns_of_rows, R, start + 1, "columns");
   const int64_t* logit_row = logit_rows.has_value() ? indices_of(logit_rows, logit_rows->numel(), R, "logit_rows")
@@ -309,17 +334,6 @@ at::Tensor decode_gpt_rows(const at::Tensor& ids, const at::Tensor& positions, c
   const int64_t L = logit_row != nullptr ? logit_rows->numel() : R;
   TORCH_CHECK(L >= 1, "decode_gpt_rows: logit_rows is empty");
   TORCH_CHECK(static_cast<int64_t>(parts.size()) == 12 * layers, "decode_gpt_rows: parts must hold 12 tensors per block");
-  TORCH_CHECK(wpe.dim() == 2 && wpe.size(1) == C && lm_head.dim() == 2 && lm_head.size(1) == C &&
-                  ln_f_weight.numel() == C && (!ln_f_bias.has_value() || ln_f_bias->numel() == C),
-              "decode_gpt_rows: the embeddings, final norm and output layer must be C wide");
-  if (ln_f_bias.has_value()) check_float(*ln_f_bias, "every tensor");
-  if (mask.has_value()) {  // rows may lie apart (a view of a wider mask), each row's values together
-    TORCH_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kFloat && mask->dim() == 2 &&
-                    mask->size(0) == R && mask->size(1) == start + 1 && mask->stride(1) == 1 &&
-                    (R == 1 || mask->stride(0) >= start + 1),
-                "decode_gpt_rows: the mask must be float32 (R, start + 1) = (", R, ", ", start + 1,
-                ") with each row's values contiguous");
-  }
   std::vector<std::vector<std::optional<at::Tensor>>> blocks(layers);
   for (int64_t l = 0; l < layers; ++l) {
     for (int i = 0; i < 12; ++i) blocks[l].push_back(parts.get(12 * l + i));
@@ -328,9 +342,6 @@ at::Tensor decode_gpt_rows(const at::Tensor& ids, const at::Tensor& positions, c
   }
   const int64_t F = layers ? blocks[0][8]->size(0) : 0;
   const int64_t *id = ids.data_ptr<int64_t>(), *pos = positions.data_ptr<int64_t>();
-  for (int64_t r = 0; r < R; ++r)
-    TORCH_CHECK(id[r] >= 0 && id[r] < V && pos[r] >= 0 && pos[r] < wpe.size(0), "decode_gpt_rows: row ", r,
-                " has a token id or position outside the embeddings");
 
   std::vector<float> x(R * C), h(R * C), qkv(R * 3 * C), att(R * C), f(R * std::max<int64_t>(F, C));
   const float *te = wte.data_ptr<float>(), *pe = wpe.data_ptr<float>();
