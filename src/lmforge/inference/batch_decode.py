@@ -75,8 +75,7 @@ class _GPTRows:
 
     def whole_step(self, ids: Tensor, positions: Tensor, visible: Tensor | None, k: Tensor, v: Tensor,
                    t: int, joined: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor | None:
-        widest = None if joined is None else JOIN_ROWS  # None: gpt_decode's own limit
-        return rows_step(self.stepper, ids, positions, visible, k, v, t, joined, widest)  # None: block by block
+        return rows_step(self.stepper, ids, positions, visible, k, v, t, joined)  # None: block by block
 
     def inputs(self, ids: Tensor, positions: Tensor) -> tuple[Tensor, None]:
         return F.embedding(ids, self.p.wte) + F.embedding(positions, self.p.wpe), None  # (..., C)
@@ -259,8 +258,9 @@ class BatchDecoder:
         ends = [n + m for m in itertools.accumulate(lengths)]  # one past each prompt's rows
         for m, end in zip(lengths, ends):
             mask[end - m:end, t - m + 1:] = 0.0  # its own columns (each row sees up to its own)
-        device = self.k.device
-        as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        def as_long(values) -> Tensor:
+            return torch.tensor(values, dtype=torch.long, device=self.k.device)
+
         logits = self.rows.whole_step(
             as_long([*tokens, *(i for p in prompts for i in p)]),
             as_long([*self.lengths, *(j for m in lengths for j in range(m))]), mask, self.k, self.v, t,

@@ -127,20 +127,19 @@ def with_weights(d: Decoder, blocks: list[BlockParts], lm_head: Tensor) -> Decod
 
 
 def rows_step(d: Decoder, ids: Tensor, positions: Tensor, mask: Tensor | None, k: Tensor, v: Tensor,
-              start: int, joined: tuple[Tensor, Tensor, Tensor] | None = None, max_rows: int | None = None
-              ) -> Tensor | None:
+              start: int, joined: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor | None:
     """Logits (R, V) of token ids (R,) at positions (R,), one per cache row 0 .. R - 1 of k, v
     (n_layer, slots, nh, columns, hs), written at column `start`, through the whole model in one
-    C++ call; or None where it does not apply (over `max_rows` rows, by default `KERNEL_ROWS`,
-    kernels not loaded, gradients on, a model `_kernel_parts` refuses, a mask `kernel_mask` cannot
-    take). mask: what each row sees of columns 0 .. start, as `kernel_mask` takes it or additive
+    C++ call; or None where it does not apply (a plain step over `KERNEL_ROWS` rows, kernels not
+    loaded, gradients on, a model `_kernel_parts` refuses, a mask `kernel_mask` cannot take). mask: what each row sees of columns 0 .. start, as `kernel_mask` takes it or additive
     (R, start + 1) with each row's values contiguous (a view of a wider mask is read in place).
 
     joined: (slots (R,), columns (R,), logit_rows (L,)) for a step that prompts join: row r writes
     cache row slots[r] at column columns[r] (at most `start`) and sees its columns up to that one
-    (a prompt's positions share a cache row); the logits (L, V) are those of rows logit_rows."""
+    (a prompt's positions share a cache row); the logits (L, V) are those of rows logit_rows. The
+    caller sizes such a step (`batch_decode.JOIN_ROWS`)."""
     R = ids.numel()
-    widest = KERNEL_ROWS if max_rows is None else max_rows
+    widest = KERNEL_ROWS if joined is None else R
     if d.kernel_parts is None or not 1 <= R <= widest or k.dim() != 5 or not k.is_contiguous() \
             or not v.is_contiguous() or k.dtype != torch.float32 or torch.is_grad_enabled() \
             or not kernels.applies_to(d.wte):
