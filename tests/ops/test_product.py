@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.ops import product
+from lmforge.ops import kernels, product
 from lmforge.ops.product import linear
 
 
@@ -46,3 +46,29 @@ def test_the_wide_function_runs_only_where_it_is_faster(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         linear(torch.randn(4, 8), weight, None)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("shape", [(256, 1408), (37, 5), (1, 16), (16, 1), (0, 3)])
+def test_the_tiled_transpose_is_exact(shape):
+    library = kernels.ops()
+    if library is None:
+        pytest.skip(f"CPU kernels unavailable: {kernels.unavailable_reason()}")
+    m = torch.randn(shape)
+    for threads in (1, 2):  # the suite runs on one thread: the tiles split over two here
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            out = library.transposed(m)
+        finally:
+            torch.set_num_threads(before)
+        assert out.is_contiguous() and torch.equal(out, m.t())
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        library.transposed(m.t() if min(shape) > 1 else m.double())
+
+
+def test_the_wide_gradient_is_the_same_without_the_kernels(monkeypatch):
+    torch.manual_seed(0)
+    x, weight = torch.randn(6, 8), torch.randn(24, 8)
+    with_kernels = _grads(linear, x, weight, None)
+    monkeypatch.setattr(kernels, "ops", lambda **_: None)
+    assert torch.equal(_grads(linear, x, weight, None)[2], with_kernels[2])
