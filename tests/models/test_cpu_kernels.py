@@ -39,8 +39,10 @@ CASES = [(1, 1, 8, 2), (2, 5, 8, 2), (3, 100, 48, 3), (2, 64, 32, 1), (1, 300, 6
 @pytest.mark.parametrize("B,T,C,n_head", CASES)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_self_attention_matches_the_written_out_reference_in_float64(B, T, C, n_head, causal, padded, dropout_p):
+@pytest.mark.parametrize("dropout_p,keep", [(0.0, False), (0.0, True), (0.3, False)])
+def test_self_attention_matches_the_written_out_reference_in_float64(B, T, C, n_head, causal, padded, dropout_p,
+                                                                      keep):
+    """keep: the forward keeps its probabilities and the backward reads them instead of recomputing."""
     torch.manual_seed(T)
     seed = 1234
     lengths = torch.randint(1, T + 1, (B,)) if padded else None
@@ -50,16 +52,20 @@ def test_self_attention_matches_the_written_out_reference_in_float64(B, T, C, n_
     factors = ops.attention_dropout_factors(B * n_head, T, dropout_p, seed).double() if dropout_p else None
     expected = reference_attention(qkv64, n_head, causal, lengths, factors)
     expected.backward(grad)
-    out, lse = ops.self_attention(qkv, n_head, causal, lengths, dropout_p, seed)
-    grad_qkv = ops.self_attention_backward(grad.float(), qkv, out, lse, n_head, causal, lengths, dropout_p, seed)
+    probs = torch.empty(0) if keep else None
+    out, lse = ops.self_attention(qkv, n_head, causal, lengths, dropout_p, seed, probs=probs)
+    grad_qkv = ops.self_attention_backward(grad.float(), qkv, out, lse, n_head, causal, lengths, dropout_p, seed,
+                                           probs=probs)
     torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(grad_qkv.double(), qkv64.grad, atol=2e-5, rtol=1e-4)
 
 
 @needs_kernels
 @pytest.mark.parametrize("n_head,n_kv_head", [(4, 2), (6, 1), (6, 3), (6, 2)])
-@pytest.mark.parametrize("causal,padded,dropout_p", [(True, False, 0.0), (False, True, 0.3), (True, True, 0.2)])
-def test_grouped_heads_match_the_reference_on_repeated_heads(n_head, n_kv_head, causal, padded, dropout_p):
+@pytest.mark.parametrize("causal,padded,dropout_p,keep", [(True, False, 0.0, False), (True, False, 0.0, True),
+                                                          (False, True, 0.0, True), (False, True, 0.3, False),
+                                                          (True, True, 0.2, False)])
+def test_grouped_heads_match_the_reference_on_repeated_heads(n_head, n_kv_head, causal, padded, dropout_p, keep):
     torch.manual_seed(n_head + n_kv_head)
     B, T, hs, seed = 2, 70, 8, 77
     lengths = torch.randint(1, T + 1, (B,)) if padded else None
@@ -72,9 +78,10 @@ def test_grouped_heads_match_the_reference_on_repeated_heads(n_head, n_kv_head, 
     expected = reference_attention(torch.cat((q, k, v), dim=-1), n_head, causal, lengths, factors)
     expected.backward(grad)
     qkv = qkv64.detach().float()
-    out, lse = ops.self_attention(qkv, n_head, causal, lengths, dropout_p, seed, n_kv_head)
+    probs = torch.empty(0) if keep else None
+    out, lse = ops.self_attention(qkv, n_head, causal, lengths, dropout_p, seed, n_kv_head, probs=probs)
     grad_qkv = ops.self_attention_backward(grad.float(), qkv, out, lse, n_head, causal, lengths, dropout_p, seed,
-                                           n_kv_head)
+                                           n_kv_head, probs=probs)
     torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(grad_qkv.double(), qkv64.grad, atol=2e-5, rtol=1e-4)
 
@@ -132,6 +139,12 @@ def test_self_attention_rejects_what_it_cannot_read():
         ops.self_attention(torch.zeros(2, 4, 24), 2, True, None, 1.0, 0)
     with pytest.raises(RuntimeError, match="one entry per batch row"):
         ops.self_attention(torch.zeros(2, 4, 24), 2, False, torch.tensor([4]), 0.0, 0)
+    with pytest.raises(RuntimeError, match="kept only without dropout"):
+        ops.self_attention(torch.zeros(2, 4, 24), 2, True, None, 0.1, 0, probs=torch.empty(0))
+    qkv, kept = torch.zeros(2, 4, 24), torch.empty(0)
+    out, lse = ops.self_attention(qkv, 2, True, None, 0.0, 0, probs=kept)
+    with pytest.raises(RuntimeError, match="not what the forward kept"):
+        ops.self_attention_backward(out, qkv, out, lse, 2, True, None, 0.0, 0, probs=kept[1:])
 
 
 def test_self_attention_declines_what_it_does_not_cover():

@@ -36,8 +36,9 @@ def _tables(hs, T, start=2, dtype=torch.float32):
 
 @needs_kernels
 @pytest.mark.parametrize("nh,nkv,hs", HEADS)
-@pytest.mark.parametrize("causal", [True, False])
-def test_attention_turning_q_and_k_itself_matches_it_on_the_turned_layout(nh, nkv, hs, causal):
+@pytest.mark.parametrize("causal,keep", [(True, False), (True, True), (False, False)])
+def test_attention_turning_q_and_k_itself_matches_it_on_the_turned_layout(nh, nkv, hs, causal, keep):
+    """keep: the forward keeps its probabilities for the backward."""
     torch.manual_seed(nh)
     B, T = 3, 70
     x64 = torch.randn(B, T, (nh + 2 * nkv) * hs, dtype=torch.float64, requires_grad=True)
@@ -49,8 +50,9 @@ def test_attention_turning_q_and_k_itself_matches_it_on_the_turned_layout(nh, nk
     (want_grad,) = torch.autograd.grad(turned, x64, grad_turned.double())  # turned back in float64
     cos, sin = _tables(hs, T)
     x = x64.detach().float()
-    got, got_lse = ops.self_attention(x, nh, causal, None, 0.0, 0, nkv, cos, sin)
-    got_grad = ops.self_attention_backward(grad, x, got, got_lse, nh, causal, None, 0.0, 0, nkv, cos, sin)
+    probs = torch.empty(0) if keep else None
+    got, got_lse = ops.self_attention(x, nh, causal, None, 0.0, 0, nkv, cos, sin, probs)
+    got_grad = ops.self_attention_backward(grad, x, got, got_lse, nh, causal, None, 0.0, 0, nkv, cos, sin, probs)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_grad.double(), want_grad, atol=1e-5, rtol=1e-5)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmforge.ops import kernels
-from lmforge.ops.attention import attend, attend_projections, causal_mask, sdpa
+from lmforge.ops.attention import attend, attend_projections, causal_mask, keeps_probabilities, sdpa
 from lmforge.ops.decode import append_to_cache
 from lmforge.ops.dropout import Dropout
 from lmforge.ops.linear import add_projection
@@ -115,3 +115,9 @@ def test_fused_output_layer_equals_its_reference_forward_and_backward():
         loss_sum.backward()
         results.append((loss_sum.detach(), correct, counted, h.grad, w.grad))
     _assert_same(*results)
+
+
+def test_the_kernel_keeps_probabilities_only_for_short_contexts_without_dropout():
+    assert keeps_probabilities(torch.empty(8, 256, 512), 4, 0.0)  # the Llama benchmark's shape: 1.25x qkv
+    assert not keeps_probabilities(torch.empty(8, 256, 512), 4, 0.1)
+    assert not keeps_probabilities(torch.empty(8, 1024, 3 * 768), 12, 0.0)  # GPT-2 small: 225 MB a layer

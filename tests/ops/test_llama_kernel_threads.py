@@ -28,7 +28,10 @@ def _all_kernels(seed: int) -> list[torch.Tensor]:
     step = ops.decode_attention_masked(qkv[:, 5].contiguous(), cos[5:6], sin[5:6], None, k_cache, v_cache, 5, nh)
     out, lse = ops.self_attention(qkv, nh, True, None, 0.0, 0, nkv, cos, sin)
     grad_qkv = ops.self_attention_backward(grad_out, qkv, out, lse, nh, True, None, 0.0, 0, nkv, cos, sin)
-    return [out, lse, grad_qkv,
+    probs = torch.empty(0)  # the forward's probabilities kept for the backward
+    ops.self_attention(qkv, nh, True, None, 0.0, 0, nkv, cos, sin, probs)
+    grad_kept = ops.self_attention_backward(grad_out, qkv, out, lse, nh, True, None, 0.0, 0, nkv, cos, sin, probs)
+    return [out, lse, grad_qkv, probs, grad_kept,
             ops.rotary(qkv, cos, sin, False), normed, rstd, *ops.rms_norm_backward(grad_x, x, weight, rstd),
             ops.swiglu(gate_up), ops.swiglu_backward(grad_up, gate_up), step, k_cache, v_cache]
 

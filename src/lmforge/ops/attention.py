@@ -15,7 +15,8 @@ no fused CPU kernel at all and materialises the (B, nh, T, T) probabilities. The
 (`kernels/self_attention.cpp`) reads the projection's output as it is, writes the next one's
 input, skips the keys a query cannot see (the future, the padding), and drops probabilities
 with a mask it regenerates in the backward from a seed drawn from torch's generator (so
-torch.manual_seed still fixes a run).
+torch.manual_seed still fixes a run). For short contexts without dropout its forward keeps the
+probabilities for the backward instead of the backward recomputing them (`keeps_probabilities`).
 
 Why dropout is written out: `F.scaled_dot_product_attention` with dropout has no fast CPU
 kernel; torch falls back to its math path, which took 3x the time of the flash kernel per
@@ -186,20 +187,29 @@ def _padded_causal_mask(attention_mask: Tensor, start: int, T: int) -> Tensor:
     return allowed & causal  # (B, 1, T, S)
 
 
+def keeps_probabilities(qkv: Tensor, n_head: int, dropout_p: float) -> bool:
+    """Whether the kernel's forward keeps its probabilities for the backward (which then skips a
+    product and an exponential per block): without dropout, and where they take at most twice
+    the memory of q | k | v (B nh T^2 floats against B T width: short contexts)."""
+    return dropout_p == 0.0 and n_head * qkv.shape[1] <= 2 * qkv.shape[2]
+
+
 class _SelfAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: Tensor, n_head: int, causal: bool, lengths: Tensor | None, dropout_p: float,
                 seed: int, n_kv_head: int, cos: Tensor | None, sin: Tensor | None) -> Tensor:
-        out, lse = kernels.ops().self_attention(qkv, n_head, causal, lengths, dropout_p, seed, n_kv_head, cos, sin)
-        ctx.save_for_backward(qkv, out, lse, lengths, cos, sin)
+        probs = qkv.new_empty(0) if ctx.needs_input_grad[0] and keeps_probabilities(qkv, n_head, dropout_p) else None
+        out, lse = kernels.ops().self_attention(qkv, n_head, causal, lengths, dropout_p, seed, n_kv_head, cos, sin,
+                                                probs)
+        ctx.save_for_backward(qkv, out, lse, lengths, cos, sin, probs)
         ctx.settings = (n_head, causal, dropout_p, seed, n_kv_head)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        qkv, out, lse, lengths, cos, sin = ctx.saved_tensors
+        qkv, out, lse, lengths, cos, sin, probs = ctx.saved_tensors
         n_head, causal, dropout_p, seed, n_kv_head = ctx.settings
         grad_qkv = kernels.ops().self_attention_backward(grad_out, qkv, out, lse, n_head, causal, lengths,
-                                                         dropout_p, seed, n_kv_head, cos, sin)
+                                                         dropout_p, seed, n_kv_head, cos, sin, probs)
         return grad_qkv, None, None, None, None, None, None, None, None

@@ -10,8 +10,10 @@
 // keys up to their last query (causal) or the real keys, so the products skip the masked
 // part, and a block's scores (64 x T) stay in cache from the product through the softmax to
 // the next product.
-// The forward keeps the log-sum-exp of each row; the backward recomputes the probabilities,
-// and regenerates the dropout mask from its seed (blas.h: dropout_factors).
+// The forward keeps the log-sum-exp of each row. Given a `probs` tensor (without dropout), it
+// also writes each block's probabilities there instead of into scratch, and the backward reads
+// them back; otherwise the backward recomputes them (one product and one exponential per block
+// more), and regenerates the dropout mask from its seed (blas.h: dropout_factors).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -146,6 +148,37 @@ void unstack(MutRows dst, const float* src, int64_t heads, int64_t hs, int64_t t
   }
 }
 
+// Where the forward keeps the probabilities for the backward: per (batch, query head) a region
+// holding each row block at its widest (rows x the keys its last row can see), and a pass's
+// stacked block of `heads` heads at `heads` times its offset in the region of its first head.
+struct KeptProbs {
+  float* data = nullptr;
+  int64_t per_head = 0, H = 0;
+  std::vector<int64_t> offsets;  // per row block
+  // probs: resized here (forward) or checked (backward) to B nh per_head floats.
+  KeptProbs(const std::optional<at::Tensor>& probs, const Shape& s, bool causal, double dropout_p, bool resize)
+      : H(s.H) {
+    if (!probs) return;
+    TORCH_CHECK(dropout_p == 0, "self_attention: probabilities are kept only without dropout");
+    for (int64_t i0 = 0; i0 < s.T; i0 += kRowBlock) {
+      const int64_t rows = std::min(kRowBlock, s.T - i0);
+      offsets.push_back(per_head);
+      per_head += rows * (causal ? i0 + rows : s.T);
+    }
+    at::Tensor kept = *probs;
+    TORCH_CHECK(kept.device().is_cpu() && kept.scalar_type() == at::kFloat,
+                "self_attention: probs must be a float32 CPU tensor");
+    if (resize) kept.resize_({s.B * s.H * per_head});
+    TORCH_CHECK(kept.is_contiguous() && kept.numel() == s.B * s.H * per_head,
+                "self_attention_backward: probs is not what the forward kept for this shape");
+    data = kept.data_ptr<float>();
+  }
+  bool on() const { return data != nullptr; }
+  float* block(int64_t b, int64_t h0, int64_t heads, int64_t i0) const {
+    return data + (b * H + h0) * per_head + heads * offsets[i0 / kRowBlock];
+  }
+};
+
 void check(const at::Tensor& qkv, int64_t n_head, int64_t n_kv_head, double dropout_p) {
   TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && qkv.dim() == 3 && qkv.is_contiguous(),
               "self_attention: qkv must be a contiguous float32 CPU tensor (B, T, (nh + 2 nkv) hs)");
@@ -182,13 +215,15 @@ float softmax_row(float* row, int64_t seen, int64_t keys, const Dropout& dropout
 std::tuple<at::Tensor, at::Tensor> self_attention(const at::Tensor& qkv, int64_t n_head, bool causal,
                                                   const std::optional<at::Tensor>& key_lengths, double dropout_p,
                                                   int64_t seed, int64_t n_kv_head, const std::optional<at::Tensor>& cos,
-                                                  const std::optional<at::Tensor>& signed_sin) {
+                                                  const std::optional<at::Tensor>& signed_sin,
+                                                  const std::optional<at::Tensor>& probs) {
   n_kv_head = kv_heads(n_head, n_kv_head);
   check(qkv, n_head, n_kv_head, dropout_p);
   const Shape s(qkv, n_head, n_kv_head);
   const Visibility visible(causal, key_lengths, s.B, s.T);
   const Dropout dropout(dropout_p, seed);
   const Rope rope(cos, signed_sin, s);
+  const KeptProbs kept(probs, s, causal, dropout_p, true);
   auto out = at::empty({s.B, s.T, s.C}, qkv.options());
   auto lse = at::empty({s.B, s.H, s.T}, qkv.options());
   if (out.numel() == 0) return {out, lse};
@@ -199,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor> self_attention(const at::Tensor& qkv, int64_t
   const int64_t ld = s.ld, group = s.H / s.KV, per = heads_per_pass(group), M = per * kRowBlock;
   const Rope* turn = rope.on() ? &rope : nullptr;
   at::parallel_for(0, s.B * s.KV, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(M * s.T), keep(dropout.on ? s.T : 0);
+    std::vector<float> scores(kept.on() ? 0 : M * s.T), keep(dropout.on ? s.T : 0);
     std::vector<float> turned_k(rope.on() ? s.T * s.D : 0), queries(M * s.D), outs(per > 1 ? M * s.D : 0);
     for (int64_t bj = begin; bj < end; ++bj) {
       const int64_t b = bj / s.KV, j = bj % s.KV;
@@ -212,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor> self_attention(const at::Tensor& qkv, int64_t
         for (int64_t i0 = 0; i0 < s.T; i0 += kRowBlock) {
           const int64_t rows = std::min(kRowBlock, s.T - i0), keys = visible.block_keys(b, i0, rows);
           const Rows Q = stacked(queries.data(), {row0 + h0 * s.D, ld}, heads, s.D, i0, rows, turn);
-          float* S = scores.data();
+          float* S = kept.on() ? kept.block(b, h0, heads, i0) : scores.data();
           mm(false, true, heads * rows, keys, s.D, scale, Q.p, Q.ld, K.p, K.ld, 0.f, S, keys);
           for (int64_t g = 0; g < heads; ++g) {
             const int64_t bh = b * s.H + h0 + g;
@@ -242,11 +277,13 @@ struct GroupBackward {
   const Visibility& visible;
   const Dropout& dropout;
   const Rope* rope;
+  const KeptProbs& kept;
   float scale;
   std::vector<float> probs, grad_scores, out_dot_grad, keep, dropped, queries, grad_outs, grad_q;
-  GroupBackward(const Shape& s_, const Visibility& v, const Dropout& d, const Rope& r, int64_t per)
-      : s(s_), visible(v), dropout(d), rope(r.on() ? &r : nullptr), scale(1.f / std::sqrt(static_cast<float>(s_.D))),
-        probs(per * kRowBlock * s_.T), grad_scores(per * kRowBlock * s_.T), out_dot_grad(per * s_.T),
+  GroupBackward(const Shape& s_, const Visibility& v, const Dropout& d, const Rope& r, const KeptProbs& k,
+                int64_t per)
+      : s(s_), visible(v), dropout(d), rope(r.on() ? &r : nullptr), kept(k),
+        scale(1.f / std::sqrt(static_cast<float>(s_.D))), probs(k.on() ? 0 : per * kRowBlock * s_.T), grad_scores(per * kRowBlock * s_.T), out_dot_grad(per * s_.T),
         keep(d.on ? per * kRowBlock * s_.T : 0), dropped(d.on ? per * kRowBlock * s_.T : 0),
         queries(per * kRowBlock * s_.D), grad_outs(per * kRowBlock * s_.D), grad_q(per * kRowBlock * s_.D) {}
 
@@ -296,9 +333,9 @@ struct GroupBackward {
       const float beta = first && i0 == last ? 0.f : 1.f;
       const Rows Qi = stacked(queries.data(), Q, heads, s.D, i0, rows, rope);
       const Rows dOi = stacked(grad_outs.data(), {dO, s.C}, heads, s.D, i0, rows, nullptr);
-      float *P = probs.data(), *dS = grad_scores.data();
-      mm(false, true, n, keys, s.D, scale, Qi.p, Qi.ld, K.p, K.ld, 0.f, P, keys);
-      const float* P_used = probabilities(P, b, bh0, heads, i0, rows, keys, L);
+      float *P = kept.on() ? kept.block(b, h0, heads, i0) : probs.data(), *dS = grad_scores.data();
+      if (!kept.on()) mm(false, true, n, keys, s.D, scale, Qi.p, Qi.ld, K.p, K.ld, 0.f, P, keys);
+      const float* P_used = kept.on() ? P : probabilities(P, b, bh0, heads, i0, rows, keys, L);
       mm(true, false, keys, s.D, n, 1.f, P_used, keys, dOi.p, dOi.ld, beta, dV.p, dV.ld);
       mm(false, true, n, keys, s.D, 1.f, dOi.p, dOi.ld, V.p, V.ld, 0.f, dS, keys);
       for (int64_t g = 0; g < heads; ++g)
@@ -332,7 +369,8 @@ at::Tensor self_attention_backward(const at::Tensor& grad_out_any, const at::Ten
                                    const at::Tensor& lse, int64_t n_head, bool causal,
                                    const std::optional<at::Tensor>& key_lengths, double dropout_p, int64_t seed,
                                    int64_t n_kv_head, const std::optional<at::Tensor>& cos,
-                                   const std::optional<at::Tensor>& signed_sin) {
+                                   const std::optional<at::Tensor>& signed_sin,
+                                   const std::optional<at::Tensor>& probs) {
   n_kv_head = kv_heads(n_head, n_kv_head);
   check(qkv, n_head, n_kv_head, dropout_p);
   const at::Tensor grad_out = grad_out_any.contiguous();
@@ -340,6 +378,7 @@ at::Tensor self_attention_backward(const at::Tensor& grad_out_any, const at::Ten
   const Visibility visible(causal, key_lengths, s.B, s.T);
   const Dropout dropout(dropout_p, seed);
   const Rope rope(cos, signed_sin, s);
+  const KeptProbs kept(probs, s, causal, dropout_p, false);
   auto grad_qkv = at::empty_like(qkv);
   if (grad_qkv.numel() == 0) return grad_qkv;
   const float* qkv_data = qkv.data_ptr<float>();
@@ -349,7 +388,7 @@ at::Tensor self_attention_backward(const at::Tensor& grad_out_any, const at::Ten
   float* grad_data = grad_qkv.data_ptr<float>();
   const int64_t ld = s.ld, group = s.H / s.KV, per = heads_per_pass(group), turned = rope.on() ? s.T * s.D : 0;
   at::parallel_for(0, s.B * s.KV, 1, [&](int64_t begin, int64_t end) {
-    GroupBackward pass(s, visible, dropout, rope, per);
+    GroupBackward pass(s, visible, dropout, rope, kept, per);
     std::vector<float> turned_k(turned), grad_k(turned);
     for (int64_t bj = begin; bj < end; ++bj) {
       const int64_t b = bj / s.KV, j = bj % s.KV;
@@ -393,10 +432,10 @@ at::Tensor attention_dropout_factors(int64_t batch_heads, int64_t T, double drop
 // dispatch modes) sees them as operators.
 TORCH_LIBRARY_FRAGMENT(lmforge, m) {
   m.def("self_attention(Tensor qkv, int n_head, bool causal, Tensor? key_lengths, float dropout_p, int seed, "
-        "int n_kv_head=0, Tensor? cos=None, Tensor? signed_sin=None) -> (Tensor, Tensor)");
+        "int n_kv_head=0, Tensor? cos=None, Tensor? signed_sin=None, Tensor(a!)? probs=None) -> (Tensor, Tensor)");
   m.def("self_attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int n_head, bool causal, "
         "Tensor? key_lengths, float dropout_p, int seed, int n_kv_head=0, Tensor? cos=None, "
-        "Tensor? signed_sin=None) -> Tensor");
+        "Tensor? signed_sin=None, Tensor? probs=None) -> Tensor");
   m.def("attention_dropout_factors(int batch_heads, int T, float dropout_p, int seed) -> Tensor",
         &lmforge::attention_dropout_factors);
 }
