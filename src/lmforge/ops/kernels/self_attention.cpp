@@ -389,17 +389,17 @@ at::Tensor self_attention_backward(const at::Tensor& grad_out_any, const at::Ten
   const int64_t ld = s.ld, group = s.H / s.KV, per = heads_per_pass(group), turned = rope.on() ? s.T * s.D : 0;
   at::parallel_for(0, s.B * s.KV, 1, [&](int64_t begin, int64_t end) {
     GroupBackward pass(s, visible, dropout, rope, kept, per);
-    std::vector<float> turned_k(turned), grad_k(turned);
+    std::vector<float> turned_k(turned), grad_k(turned), grad_v(s.T * s.D);
     for (int64_t bj = begin; bj < end; ++bj) {
       const int64_t b = bj / s.KV, j = bj % s.KV;
       const float* row0 = qkv_data + b * s.T * ld;
       float* grad0 = grad_data + b * s.T * ld;
       const Rows K = rope.turned(turned_k.data(), {row0 + s.key_offset(j), ld}, 0, s.T);
       const MutRows dK = rope.on() ? MutRows{grad_k.data(), s.D} : MutRows{grad0 + s.key_offset(j), ld};
-      const MutRows dV{grad0 + s.value_offset(j), ld};
+      const MutRows dV{grad_v.data(), s.D};  // summed in cache over the group, written once
       for (int64_t t = visible.lengths[b]; t < s.T; ++t) {  // keys no query sees get zeros
         std::fill(dK.p + t * dK.ld, dK.p + t * dK.ld + s.D, 0.f);
-        std::fill(dV.p + t * ld, dV.p + t * ld + s.D, 0.f);
+        std::fill(dV.p + t * dV.ld, dV.p + t * dV.ld + s.D, 0.f);
       }
       for (int64_t h0 = j * group; h0 < (j + 1) * group; h0 += per) {
         const int64_t o = b * s.T * s.C + h0 * s.D;
@@ -408,6 +408,7 @@ at::Tensor self_attention_backward(const at::Tensor& grad_out_any, const at::Ten
                  {grad0 + h0 * s.D, ld}, dK, dV);
       }
       if (rope.on()) rope.back({grad0 + s.key_offset(j), ld}, grad_k.data(), 0, s.T);
+      for (int64_t t = 0; t < s.T; ++t) std::copy_n(dV.p + t * s.D, s.D, grad0 + s.value_offset(j) + t * ld);
     }
   });
   return grad_qkv;
