@@ -3,6 +3,7 @@
 // rotary turn of one head.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 // Weak, so that a torch built without a Fortran-style BLAS still loads this library; the
@@ -42,15 +43,36 @@ inline float exp_nonpositive(float a) {
   return p * __builtin_bit_cast(float, two_to_k);
 }
 
+// Row reductions keep 16 partial results (one 512-bit register) and fold them in halves at the
+// end: an omp simd reduction's last step came out as 16 dependent scalar operations per row,
+// which cost as much as the row itself at attention's row lengths.
+constexpr int64_t kLanes = 16;
+
+inline float fold_sum(float* acc) {
+  for (int64_t width = kLanes / 2; width > 0; width /= 2)
+#pragma omp simd
+    for (int64_t k = 0; k < width; ++k) acc[k] += acc[k + width];
+  return acc[0];
+}
+
 // x[j] = exp(x[j] - shift) for j < n, for arguments at most 0 (shift is the row maximum or
 // the log-sum-exp); returns their sum.
 inline float exp_shifted(float* x, int64_t n, float shift) {
+  alignas(64) float acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) x[j] = exp_nonpositive(x[j] - shift);
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) sum += x[j];
-  return sum;
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const float e = exp_nonpositive(x[j + k] - shift);
+      x[j + k] = e;
+      acc[k] += e;
+    }
+  float tail = 0.f;
+  for (; j < n; ++j) {
+    x[j] = exp_nonpositive(x[j] - shift);
+    tail += x[j];
+  }
+  return fold_sum(acc) + tail;
 }
 
 // Dropout's keep/drop decision for element j of score row `row`: a counter-based hash of
@@ -99,8 +121,19 @@ inline void turn_back(float* out, const float* g, const float* c, const float* s
 
 inline float max_of(const float* x, int64_t n) {
   float m = x[0];
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 1; j < n; ++j) m = x[j] > m ? x[j] : m;
+  int64_t j = 1;
+  if (n >= kLanes) {
+    alignas(64) float acc[kLanes];
+    std::copy_n(x, kLanes, acc);
+    for (j = kLanes; j + kLanes <= n; j += kLanes)
+#pragma omp simd
+      for (int64_t k = 0; k < kLanes; ++k) acc[k] = x[j + k] > acc[k] ? x[j + k] : acc[k];
+    for (int64_t width = kLanes / 2; width > 0; width /= 2)
+#pragma omp simd
+      for (int64_t k = 0; k < width; ++k) acc[k] = acc[k + width] > acc[k] ? acc[k + width] : acc[k];
+    m = acc[0];
+  }
+  for (; j < n; ++j) m = x[j] > m ? x[j] : m;
   return m;
 }
 
