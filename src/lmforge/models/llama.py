@@ -11,7 +11,9 @@ rotary angles from `ops.rotary`, and the output layer fused with the loss in tra
 `llama_block` is that block as one function of its tensors (`LlamaParts`): `LlamaBlock.forward`
 calls it with the modules' tensors at every call, the decode step (models/llama_decode.py)
 with tensors read once. q, k and v run as one product over their stacked weights, and gate and
-up as another: the same numbers as three and two products, in fewer, larger calls.
+up as another: the same numbers as three and two products, in fewer, larger calls. Their weights
+lie side by side in one buffer (`ops.joined`), so the stacked weight is that buffer, not a copy
+made at every forward.
 
 Parameter names are transformers' `LlamaForCausalLM` (model.embed_tokens, model.layers.0.self_attn.q_proj,
 ..., model.norm, lm_head), in the same (out, in) layout: the Hugging Face map is the identity.
@@ -32,6 +34,7 @@ from lmforge.models.llama_config import LlamaConfig
 from lmforge.ops.decode import KVCache
 from lmforge.ops.dropout import Dropout
 from lmforge.ops.grouped_attention import attend_projected
+from lmforge.ops.joined import joined_rows, share_rows
 from lmforge.ops.linear import add_projection
 from lmforge.ops.lm_loss import lm_head_cross_entropy
 from lmforge.ops.lora import LoRALinear, Stacked, project
@@ -81,9 +84,14 @@ def llama_block(x: Tensor, p: LlamaParts, rope: tuple[Tensor, Tensor], attn_mask
 def _stacked(*linears: nn.Linear) -> Affine | Stacked:
     if any(isinstance(lin, LoRALinear) for lin in linears):  # each with its adapter (train.lora)
         return Stacked(linears)
-    weight = torch.cat([lin.weight for lin in linears])
-    biases = [lin.bias for lin in linears]
-    return Affine(weight, None if biases[0] is None else torch.cat(biases))
+    return Affine(_rows([lin.weight for lin in linears]),
+                  None if linears[0].bias is None else _rows([lin.bias for lin in linears]))
+
+
+def _rows(tensors: list[Tensor]) -> Tensor:
+    """The tensors stacked: their shared buffer where they still lie in it (`share_rows`), else a copy."""
+    joined = joined_rows(tensors)
+    return torch.cat(tensors) if joined is None else joined
 
 
 def _affine(linear: nn.Linear) -> Affine | LoRALinear:
@@ -112,6 +120,7 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(c.n_embd, c.kv_heads * c.hs, bias=qkv_bias)
         self.v_proj = nn.Linear(c.n_embd, c.kv_heads * c.hs, bias=qkv_bias)
         self.o_proj = nn.Linear(c.n_head * c.hs, c.n_embd, bias=o_bias)
+        share_rows(self.q_proj, self.k_proj, self.v_proj)  # the stacked product reads them in place
         self.dropout = c.dropout
         self.resid_dropout = Dropout(c.dropout)
 
@@ -124,6 +133,7 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(c.n_embd, c.ffn, bias=c.mlp_bias)
         self.up_proj = nn.Linear(c.n_embd, c.ffn, bias=c.mlp_bias)
         self.down_proj = nn.Linear(c.ffn, c.n_embd, bias=c.mlp_bias)
+        share_rows(self.gate_proj, self.up_proj)
         self.dropout = Dropout(c.dropout)
 
 

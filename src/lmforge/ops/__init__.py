@@ -10,6 +10,8 @@
 - `linear`: `add_projection` (a residual projection fused into its product).
 - `product`: `linear` (F.linear whose weight gradient, for a layer wider out than in, is taken in
   the orientation MKL runs faster).
+- `joined`: `share_rows` / `joined_rows` (layers' weights side by side in one buffer, so a
+  stacked product reads them without a copy).
 - `decode`: `KVCache` and `append_to_cache` (what a decode step does to the cache).
 - `kernels`: the C++ kernels: `ops()` (built by training and `lmforge kernels`, only loaded
   otherwise), `status_line()`, `prepare_for_training(device)`.

@@ -1,0 +1,68 @@
+"""Weights that lie side by side in one buffer, so that a stacked product reads them without a copy.
+
+A Llama block multiplies by q_proj | k_proj | v_proj stacked, and by gate_proj | up_proj: one
+product each, over their weights concatenated. Concatenating them at every forward copies
+every such weight once per step. `share_rows` puts a group of linear layers' weights (and
+biases) into consecutive rows of one buffer, each parameter a view of its rows; `joined_rows`
+then hands the product that buffer itself, and its backward gives each parameter its rows of
+the gradient. The parameters keep their names, shapes and values: state dicts, checkpoints
+and the Hugging Face map are unchanged.
+
+Whatever separates them again (moving the model to another device or dtype, loading with
+`assign=True`, FSDP's sharding) only makes `joined_rows` return None: the caller concatenates,
+as before. The same numbers either way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+
+def share_rows(*linears: nn.Linear) -> None:
+    """Give the layers' weights (and their biases, where every layer has one) one buffer each,
+    in this order, with the values they have now."""
+    for name in ("weight", "bias"):
+        tensors = [getattr(lin, name) for lin in linears]
+        if any(t is None for t in tensors):
+            continue
+        buffer = torch.cat([t.detach() for t in tensors])
+        start = 0
+        for lin, t in zip(linears, tensors):
+            rows = buffer[start:start + t.shape[0]]
+            setattr(lin, name, nn.Parameter(rows, requires_grad=t.requires_grad))
+            start += t.shape[0]
+
+
+def joined_rows(tensors: list[Tensor]) -> Tensor | None:
+    """torch.cat(tensors) without the copy where the tensors are consecutive rows of one buffer
+    (`share_rows`), else None. Differentiable: each tensor gets its rows of the gradient."""
+    first = tensors[0]
+    if torch.compiler.is_compiling() or not all(type(t) in (nn.Parameter, Tensor) for t in tensors):
+        return None  # storage pointers are not traced; DTensor shards and subclasses lie elsewhere
+    offset = first.storage_offset()
+    storage = first.untyped_storage().data_ptr()
+    row = first[0].numel() if first.dim() > 0 and first.shape[0] > 0 else 0
+    for t in tensors:
+        if (t.untyped_storage().data_ptr() != storage or t.storage_offset() != offset or not t.is_contiguous()
+                or t.dtype != first.dtype or t.shape[1:] != first.shape[1:]):
+            return None
+        offset += t.numel()
+    if row == 0:
+        return None
+    return _JoinedRows.apply(*tensors)
+
+
+class _JoinedRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *tensors: Tensor) -> Tensor:
+        ctx.rows = [t.shape[0] for t in tensors]
+        first = tensors[0]
+        width = first[0].numel()
+        return first.as_strided((sum(ctx.rows), *first.shape[1:]), (width, *first.stride()[1:]), first.storage_offset())
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, ...]:
+        return tuple(grad.split(ctx.rows))
