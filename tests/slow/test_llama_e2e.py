@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from train.test_distributed import TORCHRUN, _run
 from train.test_llama_training import _config, _lmforge, _weights
 
 
@@ -20,8 +21,8 @@ def test_two_ddp_processes_equal_one_with_the_same_global_batch(lm_data: Path, t
     quiet = {"model": {"dropout": 0.0}, "lr": 1e-4, "warmup_steps": 0, "schedule": "constant", "max_steps": 4}
     one = _lmforge(["train", str(_config(lm_data, tmp_path, "one", batch_size=8, **quiet)), "--quiet"], tmp_path)
     assert one.returncode == 0, one.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    two = _lmforge(["train", str(_config(lm_data, tmp_path, "two", batch_size=4, **quiet))], tmp_path, torchrun)
+    two = _run([*TORCHRUN, "-m", "lmforge", "train", str(_config(lm_data, tmp_path, "two", batch_size=4, **quiet))],
+               tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "global batch 8 (micro 4 x accum 1 x world 2)" in two.stdout
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
