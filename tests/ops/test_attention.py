@@ -103,11 +103,14 @@ def test_add_projection_on_rows_is_the_same_product_as_on_a_sequence():
                            add_projection(residual, linear, x, dropout).view(5, 8))
 
 
-def test_fused_output_layer_equals_its_reference_forward_and_backward():
+@pytest.mark.parametrize("ignored_every", [None, 100, 9])
+def test_fused_output_layer_equals_its_reference_forward_and_backward(ignored_every):
+    """Every row with a target; one row in 100 ignored (kept in the product, masked); one in 9 (left out)."""
     g = torch.Generator().manual_seed(0)
-    hidden, weight = torch.randn(70, 16, generator=g), torch.randn(50, 16, generator=g)
-    targets = torch.randint(0, 50, (70,), generator=g)
-    targets[::9] = -100
+    hidden, weight = torch.randn(200, 16, generator=g), torch.randn(50, 16, generator=g)
+    targets = torch.randint(0, 50, (200,), generator=g)
+    if ignored_every is not None:
+        targets[::ignored_every] = -100
     results = []
     for loss_fn in (lm_head_cross_entropy, reference_lm_head_cross_entropy):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()

@@ -80,6 +80,7 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
                 grad_hidden_needed: bool, grad_weight_needed: bool) -> tuple[Tensor, Tensor, Tensor]:
         h, w = hidden.to(dtype), weight.to(dtype)  # the copies autocast would make for F.linear
         valid = targets != IGNORE_INDEX
+        every_row = h.device.type == "cpu" and bool(valid.all())  # no rows to mask (on a CPU: no sync)
         index = targets.clamp(min=0)
         n = h.shape[0]
         target_logit = torch.empty(n, device=h.device)
@@ -110,9 +111,10 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
             if grad_w is not None:
                 _product_into(grad_w, block.t(), (h[start:end].float() * scale).to(dtype), accumulate=start > 0)
         if grad_h is not None:
-            grad_h.sub_(valid[:, None] * w[index].float())
+            picked = w[index].float()
+            grad_h.sub_(picked if every_row else picked.mul_(valid[:, None]))
         if grad_w is not None:
-            grad_w.index_add_(0, index, hidden.float() * valid[:, None], alpha=-1)
+            grad_w.index_add_(0, index, hidden.float() if every_row else hidden.float() * valid[:, None], alpha=-1)
         loss_sum = torch.where(valid, sum_exp.log() + row_max - target_logit, 0.0).sum()
         correct = ((target_logit >= row_max) & valid).sum()
         counted = valid.sum()
