@@ -46,7 +46,7 @@ from lmforge.base.runtime import autocast_dtype
 
 SOURCES = ("library.cpp", "self_attention.cpp", "softmax_rows.cpp", "llama_block.cpp", "decode_attention.cpp",
            "decode_gpt_rows.cpp", "transpose.cpp")
-HEADERS = ("blas.h", "decode.h")
+HEADERS = ("blas.h", "decode.h", "self_attention.h")
 # -fno-trapping-math lets the compiler vectorize the exponential's clamp and rounding; on x86,
 # full-width AVX-512 where the processor has it (gcc otherwise stops at 256 bits).
 CFLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp"]
