@@ -1,5 +1,5 @@
-"""A Llama-class model end to end: two DDP processes equal one process with the same global
-batch, and `lmforge quickstart --arch llama` learns the play's shape."""
+"""A Llama-class model end to end: two DDP or FSDP processes equal one process with the same
+global batch, and `lmforge quickstart --arch llama` learns the play's shape."""
 
 from __future__ import annotations
 
@@ -16,13 +16,16 @@ from train.test_llama_training import _config, _lmforge, _weights
 
 
 @pytest.mark.slow
-def test_two_ddp_processes_equal_one_with_the_same_global_batch(lm_data: Path, tmp_path: Path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_equal_one_with_the_same_global_batch(lm_data: Path, tmp_path: Path, strategy: str):
+    """FSDP shards the block's q | k | v and gate | up weights out of their shared buffers
+    (ops/joined.py): its stacked products then concatenate the shards' gathered weights."""
     # dropout off and a small constant learning rate: only float summation order may differ
     quiet = {"model": {"dropout": 0.0}, "lr": 1e-4, "warmup_steps": 0, "schedule": "constant", "max_steps": 4}
     one = _lmforge(["train", str(_config(lm_data, tmp_path, "one", batch_size=8, **quiet)), "--quiet"], tmp_path)
     assert one.returncode == 0, one.stderr
-    two = _run([*TORCHRUN, "-m", "lmforge", "train", str(_config(lm_data, tmp_path, "two", batch_size=4, **quiet))],
-               tmp_path)
+    two_config = _config(lm_data, tmp_path, "two", batch_size=4, strategy=strategy, **quiet)
+    two = _run([*TORCHRUN, "-m", "lmforge", "train", str(two_config)], tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "global batch 8 (micro 4 x accum 1 x world 2)" in two.stdout
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
