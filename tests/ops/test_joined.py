@@ -55,6 +55,9 @@ def test_separated_or_reordered_tensors_are_not_joined():
     layers[1].weight = nn.Parameter(weights[1].detach().clone())
     assert joined_rows([lin.weight for lin in layers]) is None
     assert joined_rows([w.double() for w in weights]) is None
+    assert joined_rows([w.detach() for w in weights]) is None  # adjacent, but not share_rows' parameters
+    standing_in = [nn.Parameter(w.detach()) for w in weights]  # as FSDP's gathered copies would
+    assert joined_rows(standing_in) is None
 
 
 def test_a_llama_reads_its_stacked_weights_in_place_and_not_after_a_dtype_change():

@@ -8,9 +8,10 @@ then hands the product that buffer itself, and its backward gives each parameter
 the gradient. The parameters keep their names, shapes and values: state dicts, checkpoints
 and the Hugging Face map are unchanged.
 
-Whatever separates them again (moving the model to another device or dtype, loading with
-`assign=True`, FSDP's sharding) only makes `joined_rows` return None: the caller concatenates,
-as before. The same numbers either way.
+Only the parameters `share_rows` made are joined, and only while they still lie side by side:
+whatever separates them or stands in for them (moving the model to another device or dtype,
+loading with `assign=True`, FSDP's shards and gathered copies, a deep copy) makes `joined_rows`
+return None, and the caller concatenates, as before. The same numbers either way.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ def share_rows(*linears: nn.Linear) -> None:
         if any(t is None for t in tensors):
             continue
         buffer = torch.cat([t.detach() for t in tensors])
+        group = object()  # marks the parameters made here: only they are joined
         start = 0
         for lin, t in zip(linears, tensors):
-            rows = buffer[start:start + t.shape[0]]
-            setattr(lin, name, nn.Parameter(rows, requires_grad=t.requires_grad))
+            param = nn.Parameter(buffer[start:start + t.shape[0]], requires_grad=t.requires_grad)
+            param._lmforge_rows_of = group
+            setattr(lin, name, param)
             start += t.shape[0]
 
 
@@ -39,8 +42,10 @@ def joined_rows(tensors: list[Tensor]) -> Tensor | None:
     """torch.cat(tensors) without the copy where the tensors are consecutive rows of one buffer
     (`share_rows`), else None. Differentiable: each tensor gets its rows of the gradient."""
     first = tensors[0]
-    if torch.compiler.is_compiling() or not all(type(t) in (nn.Parameter, Tensor) for t in tensors):
-        return None  # storage pointers are not traced; DTensor shards and subclasses lie elsewhere
+    group = getattr(first, "_lmforge_rows_of", None)
+    if (torch.compiler.is_compiling() or group is None  # storage pointers are not traced
+            or not all(type(t) is nn.Parameter and getattr(t, "_lmforge_rows_of", None) is group for t in tensors)):
+        return None  # not share_rows' parameters: FSDP's gathered copies, DTensor shards, other tensors
     offset = first.storage_offset()
     storage = first.untyped_storage().data_ptr()
     row = first[0].numel() if first.dim() > 0 and first.shape[0] > 0 else 0
