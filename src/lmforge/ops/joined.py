@@ -48,14 +48,11 @@ def joined_rows(tensors: list[Tensor]) -> Tensor | None:
         return None  # not share_rows' parameters: FSDP's gathered copies, DTensor shards, other tensors
     offset = first.storage_offset()
     storage = first.untyped_storage().data_ptr()
-    row = first[0].numel() if first.dim() > 0 and first.shape[0] > 0 else 0
     for t in tensors:
-        if (t.untyped_storage().data_ptr() != storage or t.storage_offset() != offset or not t.is_contiguous()
-                or t.dtype != first.dtype or t.shape[1:] != first.shape[1:]):
+        if (t.numel() == 0 or t.untyped_storage().data_ptr() != storage or t.storage_offset() != offset
+                or not t.is_contiguous() or t.dtype != first.dtype or t.shape[1:] != first.shape[1:]):
             return None
         offset += t.numel()
-    if row == 0:
-        return None
     return _JoinedRows.apply(*tensors)
 
 
@@ -64,8 +61,8 @@ class _JoinedRows(torch.autograd.Function):
     def forward(ctx, *tensors: Tensor) -> Tensor:
         ctx.rows = [t.shape[0] for t in tensors]
         first = tensors[0]
-        width = first[0].numel()
-        return first.as_strided((sum(ctx.rows), *first.shape[1:]), (width, *first.stride()[1:]), first.storage_offset())
+        shape = (sum(ctx.rows), *first.shape[1:])
+        return first.as_strided(shape, (first[0].numel(), *first.stride()[1:]), first.storage_offset())
 
     @staticmethod
     @once_differentiable
