@@ -107,7 +107,8 @@ def _kernel_parts(d: Decoder) -> tuple[list[Tensor], int] | None:
         return None
     tensors = [t for parts in d.blocks for name in _TENSORS for t in getattr(parts, name)]  # (weight, bias) pairs
     named = [d.wte, d.wpe, d.lm_head, *d.ln_f, *tensors]
-    if not all(t is None or (t.dtype == torch.float32 and (t.is_contiguous() or _is_stored_transposed(t))) for t in named):
+    if not all(t.dtype == torch.float32 and (t.is_contiguous() or _is_stored_transposed(t))
+               for t in named if t is not None):
         return None
     return tensors, codes.pop()
 
@@ -131,7 +132,8 @@ def rows_step(d: Decoder, ids: Tensor, positions: Tensor, mask: Tensor | None, k
     """Logits (R, V) of token ids (R,) at positions (R,), one per cache row 0 .. R - 1 of k, v
     (n_layer, slots, nh, columns, hs), written at column `start`, through the whole model in one
     C++ call; or None where it does not apply (a plain step over `KERNEL_ROWS` rows, kernels not
-    loaded, gradients on, a model `_kernel_parts` refuses, a mask `kernel_mask` cannot take). mask: what each row sees of columns 0 .. start, as `kernel_mask` takes it or additive
+    loaded, gradients on, a model `_kernel_parts` refuses, a mask `kernel_mask` cannot take).
+    mask: what each row sees of columns 0 .. start, as `kernel_mask` takes it or additive
     (R, start + 1) with each row's values contiguous (a view of a wider mask is read in place).
 
     joined: (slots (R,), columns (R,), logit_rows (L,)) for a step that prompts join: row r writes

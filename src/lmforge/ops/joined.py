@@ -48,9 +48,8 @@ def joined_rows(tensors: list[Tensor]) -> Tensor | None:
         return None  # not share_rows' parameters: FSDP's gathered copies, DTensor shards, other tensors
     offset = first.storage_offset()
     storage = first.untyped_storage().data_ptr()
-    for t in tensors:
-        if (t.numel() == 0 or t.untyped_storage().data_ptr() != storage or t.storage_offset() != offset
-                or not t.is_contiguous() or t.dtype != first.dtype or t.shape[1:] != first.shape[1:]):
+    for t in tensors:  # share_rows made them contiguous rows of one dtype; what moves them changes storage
+        if t.numel() == 0 or t.untyped_storage().data_ptr() != storage or t.storage_offset() != offset:
             return None
         offset += t.numel()
     return _JoinedRows.apply(*tensors)

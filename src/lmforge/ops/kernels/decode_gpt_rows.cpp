@@ -321,7 +321,8 @@ at::Tensor decode_gpt_rows(const at::Tensor& ids, const at::Tensor& positions, c
                            const at::Tensor& ln_f_weight, const std::optional<at::Tensor>& ln_f_bias,
                            const at::Tensor& lm_head, const std::optional<at::Tensor>& mask, at::Tensor& k_cache,
                            at::Tensor& v_cache, int64_t start, int64_t n_head, double eps, int64_t activation,
-                           const std::optional<at::Tensor>& slots_of_rows, const std::optional<at::Tensor>& columns_of_rows,
+                           const std::optional<at::Tensor>& slots_of_rows,
+                           const std::optional<at::Tensor>& columns_of_rows,
                            const std::optional<at::Tensor>& logit_rows) {
   check_step(ids, positions, wte, wpe, ln_f_weight, ln_f_bias, lm_head, mask, k_cache, v_cache, start, n_head,
              activation, slots_of_rows.has_value());
@@ -333,7 +334,8 @@ at::Tensor decode_gpt_rows(const at::Tensor& ids, const at::Tensor& positions, c
                                                     : nullptr;
   const int64_t L = logit_row != nullptr ? logit_rows->numel() : R;
   TORCH_CHECK(L >= 1, "decode_gpt_rows: logit_rows is empty");
-  TORCH_CHECK(static_cast<int64_t>(parts.size()) == 12 * layers, "decode_gpt_rows: parts must hold 12 tensors per block");
+  TORCH_CHECK(static_cast<int64_t>(parts.size()) == 12 * layers,
+              "decode_gpt_rows: parts must hold 12 tensors per block");
   std::vector<std::vector<std::optional<at::Tensor>>> blocks(layers);
   for (int64_t l = 0; l < layers; ++l) {
     for (int i = 0; i < 12; ++i) blocks[l].push_back(parts.get(12 * l + i));

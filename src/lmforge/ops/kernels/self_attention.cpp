@@ -124,7 +124,8 @@ struct GroupBackward {
   GroupBackward(const Shape& s_, const Visibility& v, const Dropout& d, const Rope& r, const KeptProbs& k,
                 int64_t per)
       : s(s_), visible(v), dropout(d), rope(r.on() ? &r : nullptr), kept(k),
-        scale(1.f / std::sqrt(static_cast<float>(s_.D))), probs(k.on() ? 0 : per * kRowBlock * s_.T), grad_scores(per * kRowBlock * s_.T), out_dot_grad(per * s_.T),
+        scale(1.f / std::sqrt(static_cast<float>(s_.D))), probs(k.on() ? 0 : per * kRowBlock * s_.T),
+        grad_scores(per * kRowBlock * s_.T), out_dot_grad(per * s_.T),
         keep(d.on ? per * kRowBlock * s_.T : 0), dropped(d.on ? per * kRowBlock * s_.T : 0),
         queries(per * kRowBlock * s_.D), grad_outs(per * kRowBlock * s_.D), grad_q(per * kRowBlock * s_.D) {}
 
