@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lmforge.base.distributed import all_reduce_sum
+from lmforge.ops.grad_norm import total_norm
 from lmforge.ops.torch_private import clear_step_inputs, set_found_inf, set_grad_scale
 
 
@@ -170,5 +171,5 @@ def _gradient_norm(model: nn.Module, optimizer, scaler) -> tuple[list[torch.Tens
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    norm = total_norm([p.grad for p in params])
     return params, norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
