@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.train.data_order import DataPosition
+from lmforge.train.data_order import DataPosition, epoch_permutation
 from lmforge.train.state import LoopState, RngState, upgrade_training_state
 
 
@@ -40,3 +40,12 @@ def test_a_training_state_with_the_flat_rng_keys_of_earlier_versions_still_loads
     assert torch.equal(upgrade_training_state(old)["rng"]["torch"], old["rng_torch"])
     new = {"loop": {}, "rng": {"torch": torch.get_rng_state()}}
     assert upgrade_training_state(new) is new
+
+
+def test_an_epoch_s_order_is_drawn_once_and_is_the_seeded_permutation():
+    first = epoch_permutation(1000, 7, 2)
+    assert epoch_permutation(1000, 7, 2) is first  # every step of the epoch reads the same tensor
+    assert torch.equal(first, torch.randperm(1000, generator=torch.Generator().manual_seed(7 * 1_000_003 + 2)))
+    following = epoch_permutation(1000, 7, 3)
+    assert not torch.equal(following, first) and sorted(following.tolist()) == list(range(1000))
+    assert torch.equal(epoch_permutation(1000, 7, 2), first)  # drawn again: the same order

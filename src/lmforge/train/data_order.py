@@ -7,12 +7,16 @@ instead of replaying the batches before it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 
+@functools.lru_cache(maxsize=1)
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The epoch's sample order. Kept between calls, since every step reads it and a large
+    corpus's is slow to draw (millions of samples): read it, never write it."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_samples, generator=generator)
 
