@@ -14,7 +14,8 @@ The forward computes them with w = 1 on the rows that have a target; the backwar
 them by d loss / d loss_sum. Only one block of logits ever exists, and the gradients are
 computed only when autograd will ask for them. For float32 on a CPU the row pass (target
 logit, maximum, exponentials, sum) is lmforge's C++ kernel (`kernels/softmax_rows.cpp`), one
-sweep per row instead of torch's four.
+sweep per row instead of torch's four, and the weight is packed once for the blocks' logits and
+input-gradient products instead of by MKL at each of them (`ops/packed.py`).
 
 Rows without a target (prompts and padding in fine-tuning, the last position of each row in
 pretraining) are left out before the projection once they are at least 1/64 of the rows, on
@@ -32,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lmforge.ops import kernels
+from lmforge.ops import kernels, packed
+from lmforge.ops.packed import PackedOperand
 from lmforge.base.metrics import IGNORE_INDEX, count_correct
 from lmforge.base.runtime import autocast_dtype
 
@@ -91,10 +93,17 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
         rows = _block_rows(n, w.shape[0], h.device)
         logits = torch.empty(min(n, rows), w.shape[0], device=h.device, dtype=dtype)  # reused by every block
         row_pass = _cpu_row_pass(logits, build=grad_hidden_needed or grad_weight_needed)
+        # W packed once for the full blocks' products where the BLAS can (ops/packed.py)
+        w_t = packed.right_operand(w, transposed=True, rows=rows, uses=n // rows)
+        w_right = packed.right_operand(w, transposed=False, rows=rows, uses=n // rows) if grad_h is not None else None
         for start in range(0, n, rows):
             end = min(n, start + rows)
             with torch.autocast(h.device.type, enabled=False):
-                block = torch.mm(h[start:end], w.t(), out=logits[:end - start])
+                block = logits[:end - start]
+                if w_t is not None and w_t.fits(block):
+                    w_t.product_into(h[start:end], block)
+                else:
+                    torch.mm(h[start:end], w.t(), out=block)
             if row_pass is not None:  # the same four steps in one pass over each row
                 row_pass(block, index[start:end], target_logit[start:end], row_max[start:end], sum_exp[start:end])
             else:
@@ -107,7 +116,7 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
                     block.copy_(exp)  # E in the products' dtype, as autocast would cast the logits' gradient
             scale = (valid[start:end] / sum_exp[start:end])[:, None]  # softmax = exp * scale
             if grad_h is not None:
-                _product_into(grad_h[start:end], block, w, accumulate=False).mul_(scale)
+                _product_into(grad_h[start:end], block, w, w_right).mul_(scale)
             if grad_w is not None:
                 _product_into(grad_w, block.t(), (h[start:end].float() * scale).to(dtype), accumulate=start > 0)
         if grad_h is not None:
@@ -152,8 +161,12 @@ def _rows_with_targets(targets: Tensor) -> Tensor | None:
     return valid.nonzero().squeeze(1)
 
 
-def _product_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> Tensor:
-    """out (float32) = a @ b, or out += a @ b; a and b float32 or bf16 (accumulated in float32)."""
+def _product_into(out: Tensor, a: Tensor, b: Tensor, packed_b: PackedOperand | None = None,
+                  accumulate: bool = False) -> Tensor:
+    """out (float32) = a @ b, or out += a @ b; a and b float32 or bf16 (accumulated in float32).
+    packed_b: b packed for products of its number of rows (a shorter last block goes without)."""
+    if packed_b is not None and not accumulate and packed_b.fits(a):
+        return packed_b.product_into(a, out)
     if a.dtype == torch.float32:
         return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
     return out.add_(a @ b) if accumulate else out.copy_(a @ b)

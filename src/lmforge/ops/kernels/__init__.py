@@ -3,8 +3,9 @@
 `ops()` returns the `torch.ops.lmforge` namespace (`self_attention`, `softmax_rows_`, and the
 Llama block's `rotary`, `rms_norm`, `swiglu` with their backwards, and the decode step's
 `decode_attention_masked` (rotary and a mask where given), `decode_gpt_block` and
-`decode_gpt_rows` (a GPT's whole step for a few rows), `transposed` (a matrix's transpose) and
-`sum_of_squares` (of many tensors at once: the gradient norm)), or
+`decode_gpt_rows` (a GPT's whole step for a few rows), `transposed` (a matrix's transpose),
+`sum_of_squares` (of many tensors at once: the gradient norm) and `pack_right_operand` /
+`packed_product_out` (a weight packed once by MKL for several products)), or
 None where they cannot be had: off Linux, without a C++ compiler or ninja, without file
 locking (fcntl), with a torch that exports no BLAS for them, or with LMFORGE_CPU_KERNELS=0.
 Callers then use torch's ops, which give the same numbers more slowly.
@@ -46,7 +47,7 @@ from torch import Tensor
 from lmforge.base.runtime import autocast_dtype
 
 SOURCES = ("library.cpp", "self_attention.cpp", "softmax_rows.cpp", "llama_block.cpp", "decode_attention.cpp",
-           "decode_gpt_rows.cpp", "transpose.cpp", "squares.cpp")
+           "decode_gpt_rows.cpp", "transpose.cpp", "squares.cpp", "packed_product.cpp")
 HEADERS = ("blas.h", "decode.h", "self_attention.h")
 # -fno-trapping-math lets the compiler vectorize the exponential's clamp and rounding; on x86,
 # full-width AVX-512 where the processor has it (gcc otherwise stops at 256 bits).
