@@ -43,12 +43,13 @@ MODEL = os.environ.get("BENCH_BREAKDOWN_MODEL", "gpt")
 PRECISION = os.environ.get("BENCH_BREAKDOWN_PRECISION", "fp32")
 WARMUP = 3
 MATMULS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul"}
-OPTIMIZER_PREFIXES = ("_fused_adam", "_foreach_")
+PACKED = {"packed_product_out", "pack_right_operand"}  # lmforge's products of a packed weight, and its packing
+OPTIMIZER_PREFIXES = ("_fused_adam", "_foreach_", "sum_of_squares")
 
 
 def category(op: str) -> str:
-    base = op.split(".")[1] if op.startswith("aten.") else op
-    if base in MATMULS:
+    base = op.split(".")[1]
+    if base in MATMULS or base in PACKED:
         return "matrix products"
     if "scaled_dot_product" in base or "attention" in base:
         return "attention kernels"
@@ -58,7 +59,10 @@ def category(op: str) -> str:
 
 
 def matmul_flops(op: str, shapes: list[list[int]]) -> float:
-    """2 M K N of a product from its operands' shapes (the last two of a batched product)."""
+    """2 M K N of a product from its operands' shapes (the last two of a batched product; a packed
+    product's are its left operand (M, K) and its output (M, N))."""
+    if "pack_right_operand" in op:
+        return 0.0
     mats = [s for s in shapes if len(s) >= 2][-2:]
     if len(mats) < 2:
         return 0.0
