@@ -174,19 +174,23 @@ def test_gpt_gives_the_same_loss_and_gradients_with_and_without_kernels(monkeypa
 
 
 @needs_kernels
-def test_softmax_rows_matches_torch():
+@pytest.mark.parametrize("subtract_target", [False, True])
+def test_softmax_rows_matches_torch(subtract_target):
     torch.manual_seed(1)
     logits = torch.randn(37, 1001) * 30
     targets = torch.randint(0, 1001, (37,))
     expected_max = logits.amax(dim=1)
     expected_exp = (logits - expected_max[:, None]).exp()
+    expected_sum = expected_exp.sum(dim=1)
     target_logit, row_max, sum_exp = torch.empty(37), torch.empty(37), torch.empty(37)
     expected_target = logits.gather(1, targets[:, None]).squeeze(1)
-    ops.softmax_rows_(logits, targets, target_logit, row_max, sum_exp)
+    ops.softmax_rows_(logits, targets, target_logit, row_max, sum_exp, subtract_target)
     torch.testing.assert_close(target_logit, expected_target)
     torch.testing.assert_close(row_max, expected_max)
-    torch.testing.assert_close(logits, expected_exp, rtol=2e-6, atol=1e-30)
-    torch.testing.assert_close(sum_exp, expected_exp.sum(dim=1), rtol=1e-5, atol=0)
+    torch.testing.assert_close(sum_exp, expected_sum, rtol=1e-5, atol=0)
+    if subtract_target:  # E - sum onehot: scaled by 1 / sum, the logits' gradient softmax - onehot
+        expected_exp[torch.arange(37), targets] -= expected_sum
+    torch.testing.assert_close(logits, expected_exp, rtol=2e-6, atol=1e-30 if not subtract_target else 1e-5)
 
 
 @needs_kernels

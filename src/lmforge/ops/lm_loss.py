@@ -9,7 +9,9 @@ Fused, the forward takes the rows in blocks: it projects a block, turns it in pl
 E = exp(logits - row max) (row max, sum of exponentials s, target logit; the max also decides
 accuracy), and while the block is still in cache multiplies it into both gradients, which
 never need the logits' gradient G = diag(w / s) E - onehot * w (w: d loss / d row):
-G @ W = (w / s) * (E @ W) - w * W[targets] and G^T @ H = E^T @ ((w / s) * H) - onehot^T (w * H).
+G @ W = (w / s) * (E @ W) - w * W[targets] and G^T @ H = E^T @ ((w / s) * H) - onehot^T (w * H)
+(the float32 CPU row pass below takes s off E's target places instead, E - s onehot, so the
+products give the whole of both).
 The forward computes them with w = 1 on the rows that have a target; the backward only scales
 them by d loss / d loss_sum. Only one block of logits ever exists, and the gradients are
 computed only when autograd will ask for them. For float32 on a CPU the row pass (target
@@ -104,26 +106,22 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
                     w_t.product_into(h[start:end], block)
                 else:
                     torch.mm(h[start:end], w.t(), out=block)
-            if row_pass is not None:  # the same four steps in one pass over each row
-                row_pass(block, index[start:end], target_logit[start:end], row_max[start:end], sum_exp[start:end])
+            stats = (index[start:end], target_logit[start:end], row_max[start:end], sum_exp[start:end])
+            if row_pass is not None:  # the same steps in one pass over each row, the target term folded in
+                row_pass(block, *stats, True)
             else:
-                target_logit[start:end] = block.gather(1, index[start:end, None]).squeeze(1)
-                exp = block.float()  # the block itself when the logits are float32
-                peak = exp.amax(dim=1)
-                row_max[start:end] = peak
-                sum_exp[start:end] = exp.sub_(peak[:, None]).exp_().sum(dim=1)
-                if exp.data_ptr() != block.data_ptr():
-                    block.copy_(exp)  # E in the products' dtype, as autocast would cast the logits' gradient
+                _torch_row_pass(block, *stats)
             scale = (valid[start:end] / sum_exp[start:end])[:, None]  # softmax = exp * scale
             if grad_h is not None:
                 _product_into(grad_h[start:end], block, w, w_right).mul_(scale)
             if grad_w is not None:
                 _product_into(grad_w, block.t(), (h[start:end].float() * scale).to(dtype), accumulate=start > 0)
-        if grad_h is not None:
-            picked = w[index].float()
-            grad_h.sub_(picked if every_row else picked.mul_(valid[:, None]))
-        if grad_w is not None:
-            grad_w.index_add_(0, index, hidden.float() if every_row else hidden.float() * valid[:, None], alpha=-1)
+        if row_pass is None:  # the target term (- onehot in G), which the kernel's row pass folds into E
+            if grad_h is not None:
+                picked = w[index].float()
+                grad_h.sub_(picked if every_row else picked.mul_(valid[:, None]))
+            if grad_w is not None:
+                grad_w.index_add_(0, index, hidden.float() if every_row else hidden.float() * valid[:, None], alpha=-1)
         loss_sum = torch.where(valid, sum_exp.log() + row_max - target_logit, 0.0).sum()
         correct = ((target_logit >= row_max) & valid).sum()
         counted = valid.sum()
@@ -137,6 +135,18 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         return (None if grad_h is None else grad_h * grad_loss, None if grad_w is None else grad_w * grad_loss,
                 None, None, None, None)
+
+
+def _torch_row_pass(block: Tensor, index: Tensor, target_logit: Tensor, row_max: Tensor, sum_exp: Tensor) -> None:
+    """The row pass in torch's ops: target logits, row maxima, E = exp(logits - max) in place and
+    its row sums."""
+    target_logit.copy_(block.gather(1, index[:, None]).squeeze(1))
+    exp = block.float()  # the block itself when the logits are float32
+    peak = exp.amax(dim=1)
+    row_max.copy_(peak)
+    sum_exp.copy_(exp.sub_(peak[:, None]).exp_().sum(dim=1))
+    if exp.data_ptr() != block.data_ptr():
+        block.copy_(exp)  # E in the products' dtype, as autocast would cast the logits' gradient
 
 
 def _cpu_row_pass(logits: Tensor, build: bool):

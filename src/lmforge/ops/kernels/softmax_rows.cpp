@@ -1,6 +1,9 @@
-// The row pass of the fused output layer (lmforge/models/lm_loss.py) for float32 logits on a
+// The row pass of the fused output layer (lmforge/ops/lm_loss.py) for float32 logits on a
 // CPU: per row, the target's logit, the maximum, then exp(logit - maximum) in place and its sum.
 // One read and one write of each row while it sits in cache, where torch's ops make four passes.
+// With subtract_target, the sum is also taken off the target's place (E - sum onehot): the row
+// scaled by 1 / sum is then the logits' whole gradient, target term included, and the products
+// that follow need no separate pass for it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -11,7 +14,7 @@ namespace lmforge {
 namespace {
 
 void softmax_rows_(at::Tensor& logits, const at::Tensor& targets, at::Tensor& target_logit, at::Tensor& row_max,
-                   at::Tensor& sum_exp) {
+                   at::Tensor& sum_exp, bool subtract_target) {
   TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == at::kFloat && logits.dim() == 2 &&
                   logits.stride(1) == 1,
               "softmax_rows_: logits must be a float32 CPU matrix with contiguous rows");
@@ -34,6 +37,7 @@ void softmax_rows_(at::Tensor& logits, const at::Tensor& targets, at::Tensor& ta
       target_out[i] = row[t];
       max_out[i] = max_of(row, vocab);
       sum_out[i] = exp_shifted(row, vocab, max_out[i]);
+      if (subtract_target) row[t] -= sum_out[i];
     }
   });
 }
@@ -43,7 +47,7 @@ void softmax_rows_(at::Tensor& logits, const at::Tensor& targets, at::Tensor& ta
 
 TORCH_LIBRARY_FRAGMENT(lmforge, m) {
   m.def("softmax_rows_(Tensor(a!) logits, Tensor targets, Tensor(b!) target_logit, Tensor(c!) row_max, "
-        "Tensor(d!) sum_exp) -> ()");
+        "Tensor(d!) sum_exp, bool subtract_target=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) { m.impl("softmax_rows_", &lmforge::softmax_rows_); }
