@@ -164,3 +164,20 @@ def test_logged_train_loss_and_accuracy_match_a_direct_computation(lm_data: Path
         stats = task.loss_and_metrics(model, task.collate([dataset[i] for i in first]))
     assert logged["loss"] == pytest.approx(stats.loss_sum.item() / stats.targets.item(), rel=1e-6)
     assert logged["accuracy"] == pytest.approx(stats.correct.item() / stats.targets.item(), rel=1e-9)
+
+
+def test_the_collector_is_paused_while_training_and_young_garbage_collected_every_few_steps(
+        lm_data: Path, tmp_path: Path, monkeypatch):
+    import gc
+
+    from lmforge.train import loop
+
+    monkeypatch.setattr(loop, "YOUNG_GARBAGE_EVERY", 2)
+    enabled_in_steps, collections = [], []
+    real_step, real_collect = loop.Trainer.step, gc.collect
+    monkeypatch.setattr(loop.Trainer, "step", lambda self: enabled_in_steps.append(gc.isenabled()) or real_step(self))
+    monkeypatch.setattr(loop.gc, "collect", lambda *generation: collections.append(generation) or real_collect(*generation))
+    assert gc.isenabled()
+    train(load_config(None, base=tiny_run(lm_data, tmp_path, max_steps=5)), quiet=True)
+    assert enabled_in_steps == [False] * 5 and collections == [(1,), (1,)]  # after steps 2 and 4
+    assert gc.isenabled()  # as it was before the run

@@ -12,6 +12,7 @@ and `fault_point` are looked up in this module when called, so the tests can rep
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from lmforge.base.config import Config
 from lmforge.base.distributed import all_reduce_sum, barrier, world_from_env
 from lmforge.base.faults import fault_point
-from lmforge.base.runtime import setup_runtime
+from lmforge.base.runtime import YOUNG_GARBAGE_EVERY, collector_paused, setup_runtime
 from lmforge.base.tokenizer_config import settings_files
 from lmforge.checkpoint import prune_epochs, save_checkpoint
 from lmforge.data.store import read_meta
@@ -169,7 +170,7 @@ class Trainer:
             return TrainResult(run_dir=self.run_dir, steps=self.state.step, reason="finished", is_main=self.rt.is_main,
                                best_val_loss=self.state.best_val_loss,
                                detail=finished_detail(self.cfg.train, self.run_dir, self.state.step, self.total_steps))
-        with StopSignal(handle_signals) as self.stop:
+        with StopSignal(handle_signals) as self.stop, collector_paused():
             self._start()
             reason = "max_steps"
             while self.state.step < self.total_steps:
@@ -212,6 +213,8 @@ class Trainer:
         sums, flags, grad_norm = self._update(micro_batches, targets, flags)
         tokens = int(flags["tokens"])
         state.step += 1
+        if state.step % YOUNG_GARBAGE_EVERY == 0:
+            gc.collect(1)  # the automatic collector is off while training (`collector_paused`)
         state.position.epoch_sample += self.window
         state.tokens += tokens
         state.examples += self.window
