@@ -37,6 +37,10 @@ def test_products_that_do_not_fit_the_packing_are_refused():
         operand.product_into(torch.randn(16, 40), torch.empty(16, 95))
     with pytest.raises(RuntimeError, match="must come from pack_right_operand"):
         library.packed_product_out(torch.randn(16, 40), torch.empty(4), torch.empty(16, 96))
+    forged = torch.zeros(32)  # a header that names (16, 96, 40) over too short a buffer
+    forged[:6].view(torch.int64)[:] = torch.tensor([16, 96, 40])
+    with pytest.raises(RuntimeError, match="must come from pack_right_operand"):
+        library.packed_product_out(torch.randn(16, 40), forged, torch.empty(16, 96))
     with pytest.raises(RuntimeError, match="float32 CPU matrix"):
         library.pack_right_operand(w.double(), True, 16)
 
@@ -55,7 +59,8 @@ def test_the_fused_output_layer_takes_its_full_blocks_through_the_packed_weight(
     monkeypatch.setattr(lm_loss, "_BLOCK_BYTES", 1000)
     calls = []
     real = packed.PackedOperand.product_into
-    monkeypatch.setattr(packed.PackedOperand, "product_into", lambda self, a, out: calls.append(a.shape) or real(self, a, out))
+    monkeypatch.setattr(packed.PackedOperand, "product_into",
+                        lambda self, a, out: calls.append(a.shape) or real(self, a, out))
     g = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(300, 24, generator=g), torch.randn(97, 24, generator=g)
     targets = torch.randint(0, 97, (300,), generator=g)

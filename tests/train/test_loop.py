@@ -176,7 +176,8 @@ def test_the_collector_is_paused_while_training_and_young_garbage_collected_ever
     enabled_in_steps, collections = [], []
     real_step, real_collect = loop.Trainer.step, gc.collect
     monkeypatch.setattr(loop.Trainer, "step", lambda self: enabled_in_steps.append(gc.isenabled()) or real_step(self))
-    monkeypatch.setattr(loop.gc, "collect", lambda *generation: collections.append(generation) or real_collect(*generation))
+    monkeypatch.setattr(loop.gc, "collect",
+                        lambda *generation: collections.append(generation) or real_collect(*generation))
     assert gc.isenabled()
     train(load_config(None, base=tiny_run(lm_data, tmp_path, max_steps=5)), quiet=True)
     assert enabled_in_steps == [False] * 5 and collections == [(1,), (1,)]  # after steps 2 and 4

@@ -42,7 +42,8 @@ at::Tensor pack_right_operand(const at::Tensor& w, bool transposed, int64_t rows
   TORCH_CHECK(has_packed_products(), "pack_right_operand: torch's BLAS has no packed products");
   check_matrix(w, "pack_right_operand: w");
   const int64_t n = transposed ? w.size(0) : w.size(1), k = transposed ? w.size(1) : w.size(0);
-  TORCH_CHECK(rows > 0 && n > 0 && k > 0, "pack_right_operand: rows and w's sizes must be positive");
+  TORCH_CHECK(rows > 0 && n > 0 && k > 0 && rows <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX,
+              "pack_right_operand: rows and w's sizes must be positive and fit the BLAS's 32-bit sizes");
   const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, rows, n, k);
   auto packed = at::empty({kHeaderFloats + static_cast<int64_t>((bytes + 3) / 4)}, w.options());
   int64_t* header = reinterpret_cast<int64_t*>(packed.data_ptr<float>());
@@ -59,8 +60,13 @@ at::Tensor& packed_product_out(const at::Tensor& a, const at::Tensor& packed, at
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kFloat && packed.dim() == 1 &&
                   packed.is_contiguous() && packed.numel() > kHeaderFloats,
               "packed_product_out: packed must come from pack_right_operand");
+  TORCH_CHECK(has_packed_products(), "packed_product_out: torch's BLAS has no packed products");
   const int64_t* header = reinterpret_cast<const int64_t*>(packed.data_ptr<float>());
   const int64_t rows = header[0], n = header[1], k = header[2];
+  const bool sizes_fit = rows > 0 && n > 0 && k > 0 && rows <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX;
+  TORCH_CHECK(sizes_fit && packed.numel() >= kHeaderFloats + static_cast<int64_t>(
+                                                  cblas_sgemm_pack_get_size(kBMatrix, rows, n, k) / 4),
+              "packed_product_out: packed must come from pack_right_operand");
   TORCH_CHECK(a.size(0) == rows && a.size(1) == k && out.size(0) == rows && out.size(1) == n,
               "packed_product_out: a must be (", rows, ", ", k, ") and out (", rows, ", ", n, ") for this packing");
   cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, rows, n, k, a.data_ptr<float>(), a.stride(0),
