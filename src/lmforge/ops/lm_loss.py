@@ -84,7 +84,6 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
                 grad_hidden_needed: bool, grad_weight_needed: bool) -> tuple[Tensor, Tensor, Tensor]:
         h, w = hidden.to(dtype), weight.to(dtype)  # the copies autocast would make for F.linear
         valid = targets != IGNORE_INDEX
-        every_row = h.device.type == "cpu" and bool(valid.all())  # no rows to mask (on a CPU: no sync)
         index = targets.clamp(min=0)
         n = h.shape[0]
         target_logit = torch.empty(n, device=h.device)
@@ -117,6 +116,7 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
             if grad_w is not None:
                 _product_into(grad_w, block.t(), (h[start:end].float() * scale).to(dtype), accumulate=start > 0)
         if row_pass is None:  # the target term (- onehot in G), which the kernel's row pass folds into E
+            every_row = h.device.type == "cpu" and bool(valid.all())  # no rows to mask (on a CPU: no sync)
             if grad_h is not None:
                 picked = w[index].float()
                 grad_h.sub_(picked if every_row else picked.mul_(valid[:, None]))

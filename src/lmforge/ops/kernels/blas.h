@@ -55,6 +55,13 @@ inline float fold_sum(float* acc) {
   return acc[0];
 }
 
+inline float fold_max(float* acc) {
+  for (int64_t width = kLanes / 2; width > 0; width /= 2)
+#pragma omp simd
+    for (int64_t k = 0; k < width; ++k) acc[k] = acc[k + width] > acc[k] ? acc[k + width] : acc[k];
+  return acc[0];
+}
+
 // x[j] = exp(x[j] - shift) for j < n, for arguments at most 0 (shift is the row maximum or
 // the log-sum-exp); returns their sum.
 inline float exp_shifted(float* x, int64_t n, float shift) {
@@ -128,10 +135,7 @@ inline float max_of(const float* x, int64_t n) {
     for (j = kLanes; j + kLanes <= n; j += kLanes)
 #pragma omp simd
       for (int64_t k = 0; k < kLanes; ++k) acc[k] = x[j + k] > acc[k] ? x[j + k] : acc[k];
-    for (int64_t width = kLanes / 2; width > 0; width /= 2)
-#pragma omp simd
-      for (int64_t k = 0; k < width; ++k) acc[k] = acc[k + width] > acc[k] ? acc[k + width] : acc[k];
-    m = acc[0];
+    m = fold_max(acc);
   }
   for (; j < n; ++j) m = x[j] > m ? x[j] : m;
   return m;
